@@ -1,0 +1,76 @@
+"""The contract between the streaming engine and a tensor-wise fusion method.
+
+The engine hands a method one tensor (or, for element-wise methods, one slice of a tensor) at a time, already
+upcast to the compute dtype on the compute device; the method returns the fused values. A method that needs a
+model-wide statistic (TIES' global magnitude threshold) computes it in :meth:`TensorMerge.prepare` by asking the
+engine for extra read-only passes over the same inputs.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, Generic, Sequence, TypeVar
+
+import pydantic
+import torch
+
+P = TypeVar("P", bound=pydantic.BaseModel)
+
+
+@dataclass(frozen=True)
+class TensorInputs:
+    """One tensor (or a row slice of it) from every model, ready for the math.
+
+    ``base`` is ``None`` when the recipe has no base. ``experts`` follow the recipe's model order. For a slice,
+    ``flat_offset`` is the index of its first element in the flattened full tensor, so element-keyed randomness
+    (DARE) and statistics do not depend on how the engine slices.
+    """
+
+    name: str
+    base: torch.Tensor | None
+    experts: Sequence[torch.Tensor]
+    full_shape: tuple[int, ...]
+    flat_offset: int = 0
+
+    @property
+    def is_whole(self) -> bool:
+        return tuple(self.experts[0].shape) == self.full_shape
+
+    @property
+    def is_last_slice(self) -> bool:
+        return self.flat_offset + self.experts[0].numel() == _numel(self.full_shape)
+
+
+Visitor = Callable[[TensorInputs], None]
+Scan = Callable[[Visitor], None]
+"""Runs one read-only pass over every fused tensor, calling the visitor on each tensor or slice."""
+
+
+class TensorMerge(ABC, Generic[P]):
+    """A configured tensor-wise method: ``merge`` is called once per tensor (or slice) by the engine.
+
+    ``elementwise`` methods compute each output element from the same element of the inputs (given the statistics
+    from :meth:`prepare`), so the engine may feed them row slices and keep memory flat in tensor size.
+    """
+
+    elementwise: bool = True
+
+    def __init__(self, params: P, *, num_models: int, has_base: bool) -> None:
+        self.params = params
+        self.num_models = num_models
+        self.has_base = has_base
+
+    def prepare(self, scan: Scan) -> None:
+        """Computes model-wide statistics before the merge pass; the default needs none."""
+
+    @abstractmethod
+    def merge(self, inputs: TensorInputs) -> torch.Tensor:
+        """Returns the fused tensor for ``inputs`` (same shape as each expert, compute dtype)."""
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

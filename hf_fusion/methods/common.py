@@ -1,0 +1,48 @@
+"""Parameter fields and pool checks shared by several methods, declared once so their defaults never drift."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pydantic
+
+from hf_fusion.errors import RecipeError
+
+FROZEN = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+
+def scaling_factor_field(default: float) -> Any:
+    return pydantic.Field(
+        default,
+        ge=-10.0,
+        le=10.0,
+        description="lambda: how much of the (combined) task vector is added to the base",
+        json_schema_extra={"ui_range": (0.0, 1.5)},
+    )
+
+
+def interpolation_field() -> Any:
+    return pydantic.Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="t: 0 returns the first model, 1 the second",
+        json_schema_extra={"ui_range": (0.0, 1.0)},
+    )
+
+
+def check_two_models(params: Any, num_models: int, has_base: bool) -> None:
+    """Two-model methods take either a base and one model, or two models and no base."""
+    expected = 1 if has_base else 2
+    if num_models != expected:
+        raise RecipeError(
+            "this method interpolates exactly two models: give a base and one model, or two models without a base "
+            f"(got {num_models} model(s){' and a base' if has_base else ''})."
+        )
+
+
+def two_model_endpoints(inputs: Any) -> tuple[Any, Any]:
+    """(start, end) of a two-model method: the base and the model, or the first and second model."""
+    if inputs.base is not None:
+        return inputs.base, inputs.experts[0]
+    return inputs.experts[0], inputs.experts[1]

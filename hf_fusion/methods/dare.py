@@ -1,0 +1,151 @@
+"""DARE (drop and rescale) on top of simple averaging, task arithmetic and TIES (Yu et al. 2024).
+
+Each task vector element is dropped with probability ``sparsity_ratio`` and the survivors are divided by
+``1 - sparsity_ratio`` (the paper, FusionBench). mergekit instead rescales each tensor to keep its L1 norm;
+``rescale="l1"`` selects that. The drop mask is a pure function of ``seed``, the model's position and the tensor
+name (see :func:`hf_fusion.methods.sparsify.keyed_uniform`), so a recipe is reproducible on any device.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pydantic
+import torch
+
+from hf_fusion.methods.base import TensorInputs, TensorMerge
+from hf_fusion.methods.common import FROZEN, scaling_factor_field
+from hf_fusion.methods.sparsify import Rescale, random_drop
+from hf_fusion.methods.ties_merging import TiesMerging, TiesParams
+from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
+
+DARE_PAPER = Paper(
+    "Language models are Super Mario: absorbing abilities from homologous models as a free lunch (DARE, Yu et al., "
+    "2024)",
+    "https://arxiv.org/abs/2311.03099",
+)
+
+
+class DareOptions(pydantic.BaseModel):
+    model_config = FROZEN
+    sparsity_ratio: float = pydantic.Field(
+        0.5, ge=0.0, lt=1.0, description="p: probability of dropping each task-vector element",
+        json_schema_extra={"ui_range": (0.0, 0.99)},
+    )
+    rescale: Rescale = pydantic.Field(
+        "inverse",
+        description="inverse: divide survivors by 1-p (paper); l1: keep each tensor's L1 norm (mergekit); none",
+    )
+    seed: int = pydantic.Field(0, ge=0, description="seed of the drop masks")
+
+    @pydantic.field_validator("rescale", mode="before")
+    @classmethod
+    def _rescale_from_bool(cls, value: Any) -> Any:
+        """FusionBench spells the paper's rescaling ``rescale: true``."""
+        if value is True:
+            return "inverse"
+        if value is False:
+            return "none"
+        return value
+
+
+class DareTaskArithmeticParams(DareOptions):
+    scaling_factor: float = scaling_factor_field(0.3)
+
+
+class DareTiesParams(TiesParams, DareOptions):
+    scaling_factor: float = scaling_factor_field(0.5)
+
+
+def dropped_task_vectors(inputs: TensorInputs, options: DareOptions) -> list[torch.Tensor]:
+    """DARE applied to each model's task vector of one tensor (slice)."""
+    assert inputs.base is not None
+    return [
+        random_drop(
+            expert - inputs.base,
+            options.sparsity_ratio,
+            seed=options.seed,
+            stream=f"{index}\x1f{inputs.name}",
+            flat_offset=inputs.flat_offset,
+            rescale=options.rescale,
+        )
+        for index, expert in enumerate(inputs.experts)
+    ]
+
+
+class DareTaskArithmetic(TensorMerge[DareTaskArithmeticParams]):
+    """theta = theta_0 + lambda sum_t DARE(theta_t - theta_0)."""
+
+    def __init__(self, params: Any, *, num_models: int, has_base: bool) -> None:
+        super().__init__(params, num_models=num_models, has_base=has_base)
+        self.elementwise = params.rescale != "l1"
+
+    def scale(self) -> float:
+        return self.params.scaling_factor
+
+    def merge(self, inputs: TensorInputs) -> torch.Tensor:
+        assert inputs.base is not None
+        deltas = dropped_task_vectors(inputs, self.params)
+        total = deltas[0]
+        for d in deltas[1:]:
+            total = total.add_(d)
+        return torch.add(inputs.base, total, alpha=self.scale())
+
+
+class DareSimpleAverage(DareTaskArithmetic):
+    """theta = theta_0 + (1/n) sum_t DARE(theta_t - theta_0), FusionBench's DARE on simple averaging."""
+
+    def scale(self) -> float:
+        return 1.0 / self.num_models
+
+
+class DareTiesMerging(TiesMerging):
+    """TIES on DARE-dropped task vectors (FusionBench's dare/ties_merging; mergekit's dare_ties)."""
+
+    def __init__(self, params: Any, *, num_models: int, has_base: bool) -> None:
+        super().__init__(params, num_models=num_models, has_base=has_base)
+        self.elementwise = params.rescale != "l1"
+
+    def task_vectors(self, inputs: TensorInputs) -> torch.Tensor:
+        return torch.stack(dropped_task_vectors(inputs, self.params))
+
+
+register(
+    MethodSpec(
+        name="dare_simple_average",
+        summary="Drop and rescale each task vector, then average: base + mean of DARE task vectors.",
+        family=Family.MERGE,
+        data=DataNeed.NONE,
+        base=BaseUse.REQUIRED,
+        implementation=DareSimpleAverage,
+        params_model=DareOptions,
+        aliases=("dare_average", "dare_mean"),
+        paper=DARE_PAPER,
+    )
+)
+register(
+    MethodSpec(
+        name="dare_task_arithmetic",
+        summary="Drop and rescale each task vector, then task arithmetic.",
+        family=Family.MERGE,
+        data=DataNeed.NONE,
+        base=BaseUse.REQUIRED,
+        implementation=DareTaskArithmetic,
+        params_model=DareTaskArithmeticParams,
+        aliases=("dare_linear", "dare_ta", "dare"),
+        paper=DARE_PAPER,
+    )
+)
+register(
+    MethodSpec(
+        name="dare_ties_merging",
+        summary="Drop and rescale each task vector, then TIES-merge them.",
+        family=Family.MERGE,
+        data=DataNeed.NONE,
+        base=BaseUse.REQUIRED,
+        implementation=DareTiesMerging,
+        params_model=DareTiesParams,
+        aliases=("dare_ties",),
+        paper=DARE_PAPER,
+    )
+)

@@ -1,0 +1,45 @@
+"""Linear interpolation between two models (weight interpolation, Wortsman et al. 2022 WiSE-FT)."""
+
+from __future__ import annotations
+
+import pydantic
+import torch
+
+from hf_fusion.methods.base import TensorInputs, TensorMerge
+from hf_fusion.methods.common import FROZEN, check_two_models, interpolation_field, two_model_endpoints
+from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
+
+
+class LinearInterpolationParams(pydantic.BaseModel):
+    model_config = FROZEN
+    t: float = interpolation_field()
+
+
+def linear_interpolation(start: torch.Tensor, end: torch.Tensor, t: float) -> torch.Tensor:
+    """theta = (1 - t) theta_0 + t theta_1."""
+    return torch.add(start * (1.0 - t), end, alpha=t)
+
+
+class LinearInterpolation(TensorMerge[LinearInterpolationParams]):
+    def merge(self, inputs: TensorInputs) -> torch.Tensor:
+        start, end = two_model_endpoints(inputs)
+        return linear_interpolation(start, end, self.params.t)
+
+
+SPEC = register(
+    MethodSpec(
+        name="linear_interpolation",
+        summary="(1 - t) * first + t * second, between the base and one model or between two models.",
+        family=Family.MERGE,
+        data=DataNeed.NONE,
+        base=BaseUse.OPTIONAL,
+        implementation=LinearInterpolation,
+        params_model=LinearInterpolationParams,
+        aliases=("lerp", "interpolation", "wise_ft"),
+        paper=Paper(
+            "Robust fine-tuning of zero-shot models (WiSE-FT, Wortsman et al., 2022)",
+            "https://arxiv.org/abs/2109.01903",
+        ),
+        check_pool=check_two_models,
+    )
+)

@@ -1,0 +1,111 @@
+"""Exact magnitude quantiles over data that arrives in slices: TIES' model-wide top-k without holding the model.
+
+TIES keeps, per task vector, every element whose magnitude is at least the k-th smallest magnitude of the whole
+flattened vector (``k = D - int(D * keep)``, as ``torch.kthvalue`` in the paper's code). Sorting a model-sized
+vector needs memory proportional to the model; this selects the same value in two streaming passes with two
+fixed-size histograms. Pass 1 bins magnitudes by their bfloat16 rounding (a monotone map, 32,768 bins) and finds
+the bin holding the k-th value; pass 2 histograms the exact float32 bit patterns inside that bin (at most 65,537
+values), which pins the k-th value exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Hashable
+
+import torch
+
+_COARSE_BINS = 1 << 15
+_FINE_BINS = (1 << 16) + 1
+
+
+@dataclass
+class _Group:
+    count: int = 0
+    coarse: torch.Tensor | None = None
+    bin: int = -1
+    rank: int = 0
+    fine: torch.Tensor | None = None
+    threshold: float | None = None
+
+
+def _coarse_bins(mags: torch.Tensor) -> torch.Tensor:
+    return mags.to(torch.bfloat16).view(torch.int16)
+
+
+def keep_count_rank(total: int, keep_fraction: float) -> int:
+    """The 1-based rank (ascending) of the threshold element, as ``kthvalue`` in the TIES code; 0 keeps all."""
+    return total - int(total * keep_fraction)
+
+
+class MagnitudeQuantile:
+    """The exact threshold magnitude of each group (a task vector, or one tensor of it) for a keep fraction."""
+
+    def __init__(self, keep_fraction: float) -> None:
+        if not 0.0 < keep_fraction <= 1.0:
+            raise ValueError(f"keep fraction must be in (0, 1], got {keep_fraction}")
+        self.keep_fraction = keep_fraction
+        self._groups: dict[Hashable, _Group] = {}
+
+    # pass 1 -------------------------------------------------------------------------------------------------
+    def count(self, key: Hashable, mags: torch.Tensor) -> None:
+        """Adds non-negative float32 magnitudes to the coarse histogram of ``key``."""
+        group = self._groups.setdefault(key, _Group())
+        hist = torch.bincount(_coarse_bins(mags).reshape(-1).to(torch.int32), minlength=_COARSE_BINS).cpu()
+        group.coarse = hist if group.coarse is None else group.coarse.add_(hist)
+        group.count += mags.numel()
+
+    def end_count(self, key: Hashable) -> None:
+        """Locates the bin holding the threshold for ``key`` and frees its coarse histogram."""
+        group = self._groups[key]
+        k = keep_count_rank(group.count, self.keep_fraction)
+        if k <= 0 or group.coarse is None:
+            group.bin, group.threshold = -1, 0.0
+        else:
+            cumulative = torch.cumsum(group.coarse, 0)
+            group.bin = int(torch.searchsorted(cumulative, torch.tensor(k, dtype=cumulative.dtype)).item())
+            group.rank = k - (int(cumulative[group.bin - 1]) if group.bin > 0 else 0)
+        group.coarse = None
+
+    # pass 2 -------------------------------------------------------------------------------------------------
+    def classify(self, key: Hashable, mags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks of elements surely kept (above the threshold's bin) and undecided (inside it) after pass 1."""
+        bins = _coarse_bins(mags)
+        b = self._groups[key].bin
+        return bins > b, bins == b
+
+    def refine(self, key: Hashable, mags: torch.Tensor) -> None:
+        """Adds the exact bit patterns of the elements in the threshold's bin to the fine histogram of ``key``."""
+        group = self._groups[key]
+        if group.threshold is not None:
+            return
+        inside = mags[_coarse_bins(mags) == group.bin]
+        if inside.numel() == 0:
+            return
+        offsets = inside.view(torch.int32).to(torch.int64) - self._fine_base(group.bin)
+        hist = torch.bincount(offsets, minlength=_FINE_BINS).cpu()
+        group.fine = hist if group.fine is None else group.fine.add_(hist)
+
+    def end_refine(self, key: Hashable) -> float:
+        """Returns the exact threshold of ``key``: elements with magnitude >= it are kept."""
+        group = self._groups[key]
+        if group.threshold is None:
+            if group.fine is None:
+                raise RuntimeError(f"no values reached the threshold bin of {key!r}: the passes saw different data")
+            cumulative = torch.cumsum(group.fine, 0)
+            offset = int(torch.searchsorted(cumulative, torch.tensor(group.rank, dtype=cumulative.dtype)).item())
+            bits = torch.tensor([self._fine_base(group.bin) + offset], dtype=torch.int64).to(torch.int32)
+            group.threshold = float(bits.view(torch.float32).item())
+            group.fine = None
+        return group.threshold
+
+    def threshold(self, key: Hashable) -> float:
+        value = self._groups[key].threshold
+        if value is None:
+            raise RuntimeError(f"threshold of {key!r} is not known yet")
+        return value
+
+    @staticmethod
+    def _fine_base(bf16_bits: int) -> int:
+        """Smallest float32 bit pattern that can round to the bfloat16 pattern ``bf16_bits``."""
+        return max(0, (bf16_bits << 16) - 0x8000)

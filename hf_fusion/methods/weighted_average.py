@@ -1,0 +1,70 @@
+"""Weighted averaging of the fine-tuned models (FusionBench's weighted_average, mergekit's linear)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import pydantic
+import torch
+
+from hf_fusion.errors import RecipeError
+from hf_fusion.methods.base import TensorInputs, TensorMerge
+from hf_fusion.methods.common import FROZEN
+from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
+
+
+class WeightedAverageParams(pydantic.BaseModel):
+    model_config = FROZEN
+    weights: list[float] | None = pydantic.Field(
+        None, description="one weight per model, in recipe order; null gives every model the same weight"
+    )
+    normalize: bool = pydantic.Field(True, description="divide by the sum of the weights")
+
+
+def weighted_average(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
+    """theta = sum_t w_t theta_t, divided by sum_t w_t when ``normalize``."""
+    total = tensors[0] * weights[0]
+    for t, w in zip(tensors[1:], weights[1:]):
+        total.add_(t, alpha=w)
+    if normalize:
+        total.div_(sum(weights))
+    return total
+
+
+class WeightedAverage(TensorMerge[WeightedAverageParams]):
+    def __init__(self, params: WeightedAverageParams, *, num_models: int, has_base: bool) -> None:
+        super().__init__(params, num_models=num_models, has_base=has_base)
+        self.weights = list(params.weights) if params.weights is not None else [1.0] * num_models
+
+    def merge(self, inputs: TensorInputs) -> torch.Tensor:
+        return weighted_average(inputs.experts, self.weights, self.params.normalize)
+
+
+def _check_weights(params: Any, num_models: int, has_base: bool) -> None:
+    if params.weights is None:
+        return
+    if len(params.weights) != num_models:
+        raise RecipeError(
+            f"weighted_average got {len(params.weights)} weight(s) for {num_models} model(s): give one per model."
+        )
+    if params.normalize and abs(sum(params.weights)) < 1e-12:
+        raise RecipeError("weighted_average with normalize=true needs weights that do not sum to zero.")
+
+
+SPEC = register(
+    MethodSpec(
+        name="weighted_average",
+        summary="Weighted mean of the models' weights, optionally normalised by the sum of the weights.",
+        family=Family.MERGE,
+        data=DataNeed.NONE,
+        base=BaseUse.UNUSED,
+        implementation=WeightedAverage,
+        params_model=WeightedAverageParams,
+        aliases=("linear", "weighted_averaging"),
+        paper=Paper(
+            "Model soups (Wortsman et al., 2022); mergekit's `linear`",
+            "https://arxiv.org/abs/2203.05482",
+        ),
+        check_pool=_check_weights,
+    )
+)

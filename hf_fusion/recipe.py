@@ -1,0 +1,148 @@
+"""The recipe: what to fuse and how, one object whether it comes from CLI flags, YAML, Python or the Space form.
+
+A recipe serialises back to YAML (a copy is written next to the fused weights and into the model card), so any
+fused model can be reproduced with ``hf-fusion merge --config``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+
+from hf_fusion.engine.dtypes import OUTPUT_DTYPES
+from hf_fusion.errors import RecipeError
+
+RECIPE_FILENAME = "fusion_recipe.yaml"
+
+
+class ModelRef(pydantic.BaseModel):
+    """A model by local path or Hub repo id, with an optional revision (``repo@rev``)."""
+
+    model_config = pydantic.ConfigDict(frozen=True)
+
+    path: str
+    revision: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "ModelRef":
+        """``org/name@rev`` splits at the last ``@`` unless the whole text is an existing local path."""
+        text = text.strip()
+        if not text:
+            raise RecipeError("empty model reference.")
+        if "@" in text and not Path(text).exists():
+            path, _, revision = text.rpartition("@")
+            if not path or not revision:
+                raise RecipeError(f"model reference {text!r} should look like `org/name@revision`.")
+            return cls(path=path, revision=revision)
+        return cls(path=text)
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.path).expanduser().exists()
+
+    def __str__(self) -> str:
+        return f"{self.path}@{self.revision}" if self.revision else self.path
+
+
+def _model_ref(value: Any) -> Any:
+    if isinstance(value, str):
+        return ModelRef.parse(value)
+    if isinstance(value, Path):
+        return ModelRef(path=str(value))
+    return value
+
+
+class Recipe(pydantic.BaseModel):
+    """Everything needed to reproduce a fused model."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    method: str
+    models: list[ModelRef] = pydantic.Field(min_length=1)
+    base: ModelRef | None = None
+    parameters: dict[str, Any] = pydantic.Field(default_factory=dict)
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    exclude: list[str] = pydantic.Field(default_factory=list)
+    device: str = "cpu"
+    output: str | None = None
+
+    @pydantic.field_validator("models", mode="before")
+    @classmethod
+    def _parse_models(cls, value: Any) -> Any:
+        if isinstance(value, (str, Path)):
+            value = [value]
+        return [_model_ref(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    @pydantic.field_validator("base", mode="before")
+    @classmethod
+    def _parse_base(cls, value: Any) -> Any:
+        return _model_ref(value)
+
+    @pydantic.field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_alias(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.lower() in OUTPUT_DTYPES:
+            code = OUTPUT_DTYPES[value.lower()]
+            return {None: "auto", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}[code]
+        return value
+
+    @pydantic.field_validator("parameters", mode="before")
+    @classmethod
+    def _no_null_parameters(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @classmethod
+    def build(cls, **fields: Any) -> "Recipe":
+        """Validates fields into a recipe; raises :class:`RecipeError` with every problem spelled out."""
+        known = list(cls.model_fields)
+        for key in fields:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise RecipeError(f"unknown recipe field {key!r}.{hint} Fields: {', '.join(known)}.")
+        try:
+            return cls(**fields)
+        except pydantic.ValidationError as err:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'recipe'}: {e['msg']}" for e in err.errors()
+            )
+            raise RecipeError(f"invalid recipe: {problems}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Recipe":
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as err:
+            raise RecipeError(f"cannot read recipe {path}: {err.strerror or err}.") from None
+        except yaml.YAMLError as err:
+            raise RecipeError(f"recipe {path} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"recipe {path} must be a YAML mapping with at least `method` and `models`.")
+        return cls.build(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "method": self.method,
+            "models": [str(m) for m in self.models],
+            "base": str(self.base) if self.base else None,
+            "parameters": dict(self.parameters),
+            "dtype": self.dtype,
+        }
+        if self.exclude:
+            data["exclude"] = list(self.exclude)
+        if self.device != "cpu":
+            data["device"] = self.device
+        if self.output:
+            data["output"] = self.output
+        return {k: v for k, v in data.items() if v is not None}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+    def replace(self, **changes: Any) -> "Recipe":
+        return Recipe.build(**{**self.model_dump(), **changes})

@@ -1,0 +1,241 @@
+"""The method registry: one entry per fusion method, the single source of truth for names, parameters and metadata.
+
+The CLI (`hf-fusion methods`, `--param`), recipe validation, the Space form and the model card are all generated from
+these entries. Parameters are pydantic models, so defaults, types and ranges are declared once, next to the math.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Callable, Mapping
+
+import annotated_types
+import pydantic
+
+from hf_fusion.errors import ParameterError, RecipeError, UnknownMethodError
+
+
+class Family(str, Enum):
+    """FusionBench's three kinds of deep model fusion."""
+
+    ENSEMBLE = "ensemble"
+    MERGE = "merge"
+    MIX = "mix"
+
+
+class DataNeed(str, Enum):
+    """What data a method needs beyond the weights."""
+
+    NONE = "none"
+    UNLABELLED = "unlabelled"
+    LABELLED = "labelled"
+
+
+class BaseUse(str, Enum):
+    """Whether a method needs the pretrained base model."""
+
+    REQUIRED = "required"
+    OPTIONAL = "optional"
+    UNUSED = "unused"
+
+
+@dataclass(frozen=True)
+class Paper:
+    title: str
+    url: str
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """A parameter as the CLI, the Space form and the card see it."""
+
+    name: str
+    type: str
+    default: Any
+    description: str
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    exclusive_maximum: bool = False
+    choices: tuple[Any, ...] | None = None
+    ui_range: tuple[float, float] | None = None
+
+    def range_text(self) -> str:
+        if self.choices:
+            return "|".join(str(c) for c in self.choices)
+        if self.minimum is None and self.maximum is None:
+            return ""
+        lo = "" if self.minimum is None else f"{self.minimum:g}"
+        hi = "" if self.maximum is None else f"{self.maximum:g}"
+        left = "(" if self.exclusive_minimum or self.minimum is None else "["
+        right = ")" if self.exclusive_maximum or self.maximum is None else "]"
+        return f"{left}{lo}, {hi}{right}"
+
+
+class NoParams(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Everything known about a method before it runs."""
+
+    name: str
+    summary: str
+    family: Family
+    data: DataNeed
+    base: BaseUse
+    implementation: type
+    params_model: type[pydantic.BaseModel] = NoParams
+    aliases: tuple[str, ...] = ()
+    paper: Paper | None = None
+    min_models: int = 1
+    max_models: int | None = None
+    check_pool: Callable[[Any, int, bool], None] | None = field(default=None, compare=False)
+
+    def parameters(self) -> list[ParamInfo]:
+        return [_param_info(name, f) for name, f in self.params_model.model_fields.items()]
+
+    def defaults(self) -> dict[str, Any]:
+        return self.params_model().model_dump()
+
+    def validate_params(self, raw: Mapping[str, Any]) -> pydantic.BaseModel:
+        """Checks names (with a did-you-mean), types and ranges; raises :class:`ParameterError`."""
+        known = list(self.params_model.model_fields)
+        accepted = set(known) | _alias_spellings(self.params_model)
+        for key in raw:
+            if key not in accepted:
+                hint = _did_you_mean(key, known)
+                listing = ", ".join(known) if known else "none"
+                raise ParameterError(
+                    f"unknown parameter {key!r} for method {self.name!r}.{hint} Its parameters: {listing}."
+                )
+        try:
+            return self.params_model(**raw)
+        except pydantic.ValidationError as err:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'parameters'}: {e['msg']} (got {e.get('input')!r})"
+                for e in err.errors()
+            )
+            raise ParameterError(f"invalid parameters for method {self.name!r}: {problems}") from None
+
+    def validate_pool(self, params: pydantic.BaseModel, num_models: int, has_base: bool) -> None:
+        """Checks the number of models and the base against what the method needs; raises :class:`RecipeError`."""
+        if self.base is BaseUse.REQUIRED and not has_base:
+            raise RecipeError(
+                f"method {self.name!r} needs a base (pretrained) model: pass --base (recipe field `base`)."
+            )
+        if num_models < self.min_models:
+            raise RecipeError(f"method {self.name!r} needs at least {self.min_models} model(s), got {num_models}.")
+        if self.max_models is not None and num_models > self.max_models:
+            raise RecipeError(f"method {self.name!r} takes at most {self.max_models} model(s), got {num_models}.")
+        if self.check_pool is not None:
+            self.check_pool(params, num_models, has_base)
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def _normalise(name: str) -> str:
+    return name.strip().lower().replace("-", "_").replace(" ", "_")
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    """Adds a method; names and aliases must be unique across the registry."""
+    for key in (spec.name, *spec.aliases):
+        norm = _normalise(key)
+        owner = _ALIASES.get(norm)
+        if owner is not None and owner != spec.name:
+            raise ValueError(f"method name {key!r} is already taken by {owner!r}")
+        _ALIASES[norm] = spec.name
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _load_builtin() -> None:
+    import hf_fusion.methods  # noqa: F401  (registers every built-in method)
+
+
+def get_method(name: str) -> MethodSpec:
+    """Looks a method up by name or alias (FusionBench's and mergekit's spellings included)."""
+    _load_builtin()
+    canonical = _ALIASES.get(_normalise(name))
+    if canonical is None:
+        hint = _did_you_mean(_normalise(name), list(_ALIASES))
+        raise UnknownMethodError(
+            f"unknown method {name!r}.{hint} Run `hf-fusion methods` to list them."
+        )
+    return _REGISTRY[canonical]
+
+
+def all_methods() -> list[MethodSpec]:
+    _load_builtin()
+    return sorted(_REGISTRY.values(), key=lambda s: (s.family.value, s.name))
+
+
+def _did_you_mean(word: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(word, candidates, n=3, cutoff=0.6)
+    if not close:
+        return ""
+    names = " or ".join(repr(_ALIASES.get(c, c)) if c in _ALIASES else repr(c) for c in close)
+    return f" Did you mean {names}?"
+
+
+def _alias_spellings(model: type[pydantic.BaseModel]) -> set[str]:
+    """Other accepted spellings of parameter names (FusionBench's ``DOT_THRESHOLD``)."""
+    names: set[str] = set()
+    for f in model.model_fields.values():
+        alias = f.validation_alias
+        if isinstance(alias, str):
+            names.add(alias)
+        elif isinstance(alias, pydantic.AliasChoices):
+            names.update(c for c in alias.choices if isinstance(c, str))
+    return names
+
+
+def _type_name(annotation: Any) -> tuple[str, tuple[Any, ...] | None]:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Literal:
+        return "choice", tuple(args)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        name, choices = _type_name(inner[0]) if len(inner) == 1 else ("|".join(_type_name(a)[0] for a in inner), None)
+        return (f"{name} | null", choices)
+    if origin in (list, tuple):
+        return f"list[{_type_name(args[0])[0]}]" if args else "list", None
+    return getattr(annotation, "__name__", str(annotation)), None
+
+
+def _param_info(name: str, f: pydantic.fields.FieldInfo) -> ParamInfo:
+    type_name, choices = _type_name(f.annotation)
+    lo = hi = None
+    lo_ex = hi_ex = False
+    for m in f.metadata:
+        if isinstance(m, annotated_types.Ge):
+            lo = float(m.ge)
+        elif isinstance(m, annotated_types.Gt):
+            lo, lo_ex = float(m.gt), True
+        elif isinstance(m, annotated_types.Le):
+            hi = float(m.le)
+        elif isinstance(m, annotated_types.Lt):
+            hi, hi_ex = float(m.lt), True
+    extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+    ui = extra.get("ui_range")
+    return ParamInfo(
+        name=name,
+        type=type_name,
+        default=f.get_default(call_default_factory=True),
+        description=f.description or "",
+        minimum=lo,
+        maximum=hi,
+        exclusive_minimum=lo_ex,
+        exclusive_maximum=hi_ex,
+        choices=choices,
+        ui_range=tuple(ui) if ui else None,
+    )

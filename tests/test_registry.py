@@ -1,0 +1,57 @@
+"""The registry is the single source of method metadata: names, aliases, parameters, defaults."""
+
+from __future__ import annotations
+
+import pytest
+
+from hf_fusion.errors import ParameterError, UnknownMethodError
+from hf_fusion.registry import BaseUse, all_methods, get_method
+
+FUSIONBENCH_DEFAULTS = {
+    "task_arithmetic": {"scaling_factor": 0.3},
+    "ties_merging": {"scaling_factor": 0.3, "threshold": 20, "merge_func": "sum"},
+    "dare_simple_average": {"sparsity_ratio": 0.5, "rescale": "inverse"},
+    "dare_task_arithmetic": {"scaling_factor": 0.3, "sparsity_ratio": 0.5, "rescale": "inverse"},
+    "dare_ties_merging": {"scaling_factor": 0.5, "threshold": 20, "sparsity_ratio": 0.5, "merge_func": "sum"},
+    "linear_interpolation": {"t": 0.5},
+    "slerp": {"t": 0.5, "dot_threshold": 0.9995, "epsilon": 1e-8},
+    "expo": {"extrapolation_factor": 0.1},
+    "weighted_average": {"normalize": True},
+}
+
+
+@pytest.mark.parametrize("name", list(FUSIONBENCH_DEFAULTS))
+def test_fusionbench_defaults(name: str) -> None:
+    defaults = get_method(name).defaults()
+    for key, value in FUSIONBENCH_DEFAULTS[name].items():
+        assert defaults[key] == value
+
+
+@pytest.mark.parametrize("alias, canonical", [
+    ("ties", "ties_merging"), ("TIES-merging", "ties_merging"), ("dare_ties", "dare_ties_merging"),
+    ("dare_linear", "dare_task_arithmetic"), ("linear", "weighted_average"), ("lerp", "linear_interpolation"),
+    ("ExPO", "expo"),
+])
+def test_aliases_of_fusionbench_and_mergekit(alias: str, canonical: str) -> None:
+    assert get_method(alias).name == canonical
+
+
+def test_every_method_is_documented() -> None:
+    for spec in all_methods():
+        assert spec.summary and spec.paper and spec.paper.url.startswith("https://")
+        for p in spec.parameters():
+            assert p.description, (spec.name, p.name)
+        assert spec.base in BaseUse
+
+
+def test_fusionbench_spellings_of_parameters() -> None:
+    assert get_method("slerp").validate_params({"DOT_THRESHOLD": 0.9}).dot_threshold == 0.9
+    assert get_method("dare_ties").validate_params({"rescale": True}).rescale == "inverse"
+    assert get_method("dare_ties").validate_params({"rescale": False}).rescale == "none"
+
+
+def test_unknown_names_suggest() -> None:
+    with pytest.raises(UnknownMethodError, match="Did you mean 'task_arithmetic'"):
+        get_method("task_arithmatic")
+    with pytest.raises(ParameterError, match="Did you mean 'extrapolation_factor'"):
+        get_method("expo").validate_params({"extrapolation": 1})

@@ -1,0 +1,77 @@
+"""Tiny random models of several architectures, and 'fine-tuned' variants of them, built in a few milliseconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    CLIPConfig,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+)
+
+
+def bert(num_labels: int = 3) -> PreTrainedModel:
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=48, max_position_embeddings=32, num_labels=num_labels)
+    return BertForSequenceClassification(cfg)
+
+
+def gpt2() -> PreTrainedModel:
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32))
+
+
+def _clip_vision_config() -> CLIPVisionConfig:
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=32, patch_size=8, projection_dim=16)
+
+
+def clip_vision() -> PreTrainedModel:
+    return CLIPVisionModel(_clip_vision_config())
+
+
+def clip_full() -> PreTrainedModel:
+    text = CLIPTextConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=16, projection_dim=16)
+    return CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=_clip_vision_config().to_dict(),
+                                projection_dim=16))
+
+
+ARCHITECTURES: dict[str, Callable[[], PreTrainedModel]] = {"bert": bert, "gpt2": gpt2, "clip_vision": clip_vision}
+
+
+def example_inputs(arch: str) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    if arch == "clip_vision":
+        return {"pixel_values": torch.randn(2, 3, 32, 32, generator=g)}
+    return {"input_ids": torch.randint(0, 64, (2, 12), generator=g)}
+
+
+def make_pool(root: Path, arch: str, num_experts: int = 3, *, seed: int = 0, noise: float = 0.02,
+              dtype: torch.dtype = torch.float32, **save_kwargs) -> tuple[Path, list[Path]]:
+    """Saves a random base and ``num_experts`` variants (base + Gaussian noise on every float tensor)."""
+    torch.manual_seed(seed)
+    base = ARCHITECTURES[arch]().to(dtype)
+    base_dir = root / f"{arch}_base"
+    base.save_pretrained(base_dir, **save_kwargs)
+    experts = []
+    for i in range(num_experts):
+        model = ARCHITECTURES[arch]().to(dtype)
+        model.load_state_dict(base.state_dict())
+        g = torch.Generator().manual_seed(seed * 100 + i + 1)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_((torch.randn(p.shape, generator=g) * noise * (1 + i)).to(dtype))
+        path = root / f"{arch}_ft{i}"
+        model.save_pretrained(path, **save_kwargs)
+        experts.append(path)
+    return base_dir, experts
