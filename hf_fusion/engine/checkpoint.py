@@ -1,0 +1,276 @@
+"""Lazy, bounded-memory access to the tensors of a checkpoint folder.
+
+A safetensors file is an 8-byte header length, a JSON header and raw little-endian data. Reading the header gives
+names, dtypes, shapes and offsets for a few KB; tensor data is then read with ``pread`` straight into the engine's
+reusable buffers, row range by row range. (``safetensors.safe_open`` memory-maps the file instead, which makes the
+resident set grow with every byte touched; the engine's peak memory must not grow with model size.)
+
+Pickle checkpoints (``.bin``/``.pt``) can run code when loaded, so they are refused unless the caller opts in; even
+then they are loaded with ``torch.load(weights_only=True, mmap=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from hf_fusion.engine.dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS, itemsize
+from hf_fusion.errors import CheckpointError, PickleCheckpointError
+
+log = logging.getLogger(__name__)
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+NOT_WEIGHTS = {"training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth", "scaler.pt"}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives: ``start`` is its absolute byte offset in ``file``."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    start: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_numel(self) -> int:
+        return self.numel // self.rows if self.rows else 0
+
+
+class Checkpoint(ABC):
+    """The tensors of one model, by name, in storage order."""
+
+    def __init__(self, label: str, entries: dict[str, TensorEntry], weight_files: list[Path]) -> None:
+        self.label = label
+        self.entries = entries
+        self.weight_files = weight_files
+
+    @property
+    def weights_stem(self) -> str:
+        """``model`` for ``model.safetensors`` / ``model.safetensors.index.json``; used to name the output."""
+        first = self.weight_files[0].name
+        stem = first.split(".safetensors")[0].split(".bin")[0]
+        if "-of-" in stem:
+            stem = stem.rsplit("-", 3)[0]
+        return stem
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+    @abstractmethod
+    def read_rows(self, name: str, row_start: int, row_stop: int, out: torch.Tensor) -> None:
+        """Copies rows ``[row_start, row_stop)`` of tensor ``name`` as raw bytes into the uint8 tensor ``out``."""
+
+    def close(self) -> None:
+        """Releases open files."""
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    def __init__(self, label: str, files: list[Path], weight_map: dict[str, str] | None = None) -> None:
+        entries: dict[str, TensorEntry] = {}
+        for path in files:
+            for entry in read_safetensors_entries(path):
+                if weight_map is not None and weight_map.get(entry.name, path.name) != path.name:
+                    continue
+                if entry.name in entries:
+                    raise CheckpointError(f"{label}: tensor {entry.name!r} is stored in two shards of the checkpoint.")
+                entries[entry.name] = entry
+        if weight_map is not None:
+            missing = sorted(set(weight_map) - set(entries))
+            if missing:
+                raise CheckpointError(
+                    f"{label}: the index names {len(missing)} tensor(s) that its shards do not hold, "
+                    f"e.g. {missing[0]!r} in {weight_map[missing[0]]!r}."
+                )
+        super().__init__(label, entries, files)
+        self._fds: dict[Path, int] = {}
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def read_rows(self, name: str, row_start: int, row_stop: int, out: torch.Tensor) -> None:
+        entry = self.entries[name]
+        row_bytes = entry.nbytes // entry.rows if entry.rows else 0
+        offset = entry.start + row_start * row_bytes
+        view = memoryview(out.numpy()).cast("B")[: (row_stop - row_start) * row_bytes]
+        fd = self._fd(entry.file)
+        done = 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise CheckpointError(f"{self.label}: {entry.file.name} ended while reading tensor {name!r}.")
+            done += got
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+class PickleCheckpoint(Checkpoint):
+    """A ``torch.save`` checkpoint, loaded with ``weights_only=True`` and memory-mapped (opt-in only)."""
+
+    def __init__(self, label: str, files: list[Path]) -> None:
+        self._tensors: dict[str, torch.Tensor] = {}
+        entries: dict[str, TensorEntry] = {}
+        for path in files:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as err:  # torch raises many types for a corrupt pickle
+                raise CheckpointError(f"{label}: cannot load {path.name} as a weights-only checkpoint: {err}") from err
+            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+                state = state["state_dict"]
+            if not isinstance(state, dict):
+                raise CheckpointError(f"{label}: {path.name} does not hold a state dict.")
+            for name, tensor in state.items():
+                if not isinstance(tensor, torch.Tensor):
+                    continue
+                code = TORCH_TO_SAFETENSORS.get(tensor.dtype)
+                if code is None:
+                    raise CheckpointError(f"{label}: tensor {name!r} has unsupported dtype {tensor.dtype}.")
+                self._tensors[name] = tensor
+                entries[name] = TensorEntry(
+                    name, code, tuple(tensor.shape), path, 0, tensor.numel() * tensor.element_size()
+                )
+        super().__init__(label, entries, files)
+
+    def read_rows(self, name: str, row_start: int, row_stop: int, out: torch.Tensor) -> None:
+        tensor = self._tensors[name]
+        rows = tensor.reshape(1) if tensor.dim() == 0 else tensor[row_start:row_stop]
+        raw = rows.contiguous().reshape(-1).view(torch.uint8)
+        out[: raw.numel()].copy_(raw)
+
+
+def read_safetensors_entries(path: Path) -> Iterator[TensorEntry]:
+    """Parses and checks a safetensors header; raises :class:`CheckpointError` for a malformed or truncated file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{path}: file is truncated (shorter than a safetensors header).")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                raise CheckpointError(
+                    f"{path}: not a valid safetensors file (header of {header_len} bytes in a {size}-byte file); "
+                    "it may be truncated or not safetensors at all."
+                )
+            raw = f.read(header_len)
+    except PermissionError as err:
+        raise CheckpointError(f"{path}: cannot be read ({err.strerror}).") from err
+    except IsADirectoryError as err:
+        raise CheckpointError(f"{path}: is a folder, expected a safetensors file.") from err
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({err}).") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object.")
+    data_start = 8 + header_len
+    data_size = size - data_start
+    items = [(k, v) for k, v in header.items() if k != "__metadata__"]
+    items.sort(key=lambda kv: kv[1].get("data_offsets", [0])[0] if isinstance(kv[1], dict) else 0)
+    for name, info in items:
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: header entry for {name!r} is malformed: {info!r}.") from None
+        if dtype not in SAFETENSORS_TO_TORCH:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}.")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if end - begin != numel * itemsize(dtype) or begin < 0:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} declares shape {list(shape)} {dtype} but {end - begin} bytes of data."
+            )
+        if end > data_size:
+            raise CheckpointError(
+                f"{path}: file is truncated: tensor {name!r} needs data up to byte {data_start + end}, "
+                f"the file has {size} bytes."
+            )
+        yield TensorEntry(name, dtype, shape, path, data_start + begin, end - begin)
+
+
+def find_weight_files(folder: Path) -> tuple[str, list[Path], dict[str, str] | None]:
+    """Finds a folder's weights: ``("safetensors" | "pickle", files, weight_map or None)``.
+
+    Prefers ``model.safetensors[.index.json]``, then any single safetensors index or file (diffusers and peft name
+    theirs differently), then pickles.
+    """
+    def from_index(index: Path) -> tuple[list[Path], dict[str, str]]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index}: not a valid weights index ({err}).") from None
+        shards = []
+        for shard in dict.fromkeys(weight_map.values()):
+            path = folder / shard
+            if not path.is_file():
+                raise CheckpointError(f"{index}: names shard {shard!r}, which is missing from {folder}.")
+            shards.append(path)
+        return shards, weight_map
+
+    for kind, suffix in (("safetensors", ".safetensors"), ("pickle", ".bin")):
+        preferred = folder / f"model{suffix}.index.json" if kind == "safetensors" else folder / "pytorch_model.bin.index.json"
+        if preferred.is_file():
+            return (kind, *from_index(preferred))
+        single = folder / ("model.safetensors" if kind == "safetensors" else "pytorch_model.bin")
+        if single.is_file():
+            return kind, [single], None
+        indexes = sorted(folder.glob(f"*{suffix}.index.json"))
+        if len(indexes) == 1:
+            return (kind, *from_index(indexes[0]))
+        suffixes = (suffix,) if kind == "safetensors" else PICKLE_SUFFIXES
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in suffixes and p.name not in NOT_WEIGHTS)
+        if len(files) == 1:
+            return kind, files, None
+        if len(files) > 1 or len(indexes) > 1:
+            names = ", ".join(p.name for p in (indexes or files))
+            raise CheckpointError(f"{folder}: several {kind} weight files and no index to tell them apart ({names}).")
+    raise CheckpointError(f"{folder}: no weights found (looked for *.safetensors and *.bin).")
+
+
+def open_checkpoint(path: Path, label: str, *, allow_pickle: bool = False) -> Checkpoint:
+    """Opens a model folder (or a single weights file) for lazy reading; only headers are read here."""
+    if not path.exists():
+        raise CheckpointError(f"{label}: {path} does not exist.")
+    if path.is_file():
+        kind, files, weight_map = ("safetensors" if path.suffix == ".safetensors" else "pickle"), [path], None
+    else:
+        kind, files, weight_map = find_weight_files(path)
+    if kind == "pickle":
+        if not allow_pickle:
+            raise PickleCheckpointError(
+                f"{label}: weights are a pickle ({files[0].name}), which can run arbitrary code when loaded. "
+                "Convert the model to safetensors, or pass --allow-pickle (allow_pickle=True) if you trust it."
+            )
+        log.warning("%s: loading pickle checkpoint %s (weights only)", label, files[0].name)
+        return PickleCheckpoint(label, files)
+    return SafetensorsCheckpoint(label, files, weight_map)

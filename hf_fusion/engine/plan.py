@@ -1,0 +1,338 @@
+"""The fusion plan: which tensors are fused, which are copied, in what dtype and order, checked from headers alone.
+
+Rules:
+- The models being fused must hold the same tensor names and shapes; the first difference is reported by model and
+  tensor name. The base may hold more tensors (a full CLIP model as the base of vision-tower experts); those extra
+  tensors are left out of the output.
+- Floating-point tensors are fused. Integer and boolean tensors (position ids, masks) and tensors matching an
+  ``exclude`` pattern are copied unchanged from the base (or, without one, from the first model).
+- Tied tensors: a checkpoint may store two names with identical bytes (tied embeddings saved twice), or one model
+  may store a tied copy that another omits. Names whose bytes are identical in every model that stores both are
+  treated as aliases: a model lacking the alias reads its primary instead, and both are fused under the primary's
+  name, so randomness and statistics agree and tied weights stay identical.
+- Output order and default dtypes follow the reference model (the base when it is the same architecture as the
+  models, otherwise the first model).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from hf_fusion.engine.checkpoint import Checkpoint, TensorEntry
+from hf_fusion.engine.dtypes import is_floating
+from hf_fusion.engine.writer import OutputTensor
+from hf_fusion.errors import IncompatibleModelsError
+
+log = logging.getLogger(__name__)
+
+_FINGERPRINT_BYTES = 64
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One output tensor. ``reads`` maps a checkpoint index to the tensor name to read there."""
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: str
+    fuse: bool
+    key: str
+    reads: dict[int, str] = field(hash=False)
+
+    @property
+    def output(self) -> OutputTensor:
+        return OutputTensor(self.name, self.out_dtype, self.shape)
+
+
+@dataclass
+class FusionPlan:
+    checkpoints: list[Checkpoint]
+    base: int | None
+    experts: list[int]
+    reference: int
+    tensors: list[PlannedTensor]
+    aliases: dict[str, str]
+    dropped_base_tensors: list[str]
+
+    @property
+    def fused(self) -> list[PlannedTensor]:
+        return [t for t in self.tensors if t.fuse]
+
+    def output_tensors(self) -> list[OutputTensor]:
+        return [t.output for t in self.tensors]
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(t.output.nbytes for t in self.tensors)
+
+    def input_bytes(self, uses_base: bool) -> int:
+        sources = self.experts + ([self.base] if uses_base and self.base is not None else [])
+        total = 0
+        for t in self.tensors:
+            for index in sources if t.fuse else [next(iter(t.reads))]:
+                if index in t.reads:
+                    total += self.checkpoints[index].entries[t.reads[index]].nbytes
+        return total
+
+
+def _entry_bytes(ckpt: Checkpoint, entry: TensorEntry, start: int, length: int) -> bytes:
+    """Raw bytes ``[start, start+length)`` of a tensor, read through the row reader (rows are whole)."""
+    out = torch.empty(entry.nbytes, dtype=torch.uint8)
+    ckpt.read_rows(entry.name, 0, entry.rows, out)
+    return bytes(out[start : start + length].numpy())
+
+
+def _fingerprint(ckpt: Checkpoint, entry: TensorEntry) -> bytes:
+    if entry.nbytes <= 3 * _FINGERPRINT_BYTES:
+        return _entry_bytes(ckpt, entry, 0, entry.nbytes)
+    row_bytes = entry.nbytes // entry.rows
+    picks = sorted({0, entry.rows // 2, entry.rows - 1})
+    chunks = []
+    for row in picks:
+        buf = torch.empty(row_bytes, dtype=torch.uint8)
+        ckpt.read_rows(entry.name, row, row + 1, buf)
+        chunks.append(bytes(buf[:_FINGERPRINT_BYTES].numpy()))
+    return b"".join(chunks)
+
+
+def _identical(ckpt: Checkpoint, a: str, b: str) -> bool:
+    ea, eb = ckpt.entries[a], ckpt.entries[b]
+    if ea.dtype != eb.dtype or ea.shape != eb.shape:
+        return False
+    step = max(1, (16 << 20) // max(1, ea.nbytes // max(1, ea.rows)))
+    for row in range(0, ea.rows, step):
+        stop = min(ea.rows, row + step)
+        size = (stop - row) * (ea.nbytes // max(1, ea.rows))
+        ba, bb = torch.empty(size, dtype=torch.uint8), torch.empty(size, dtype=torch.uint8)
+        ckpt.read_rows(a, row, stop, ba)
+        ckpt.read_rows(b, row, stop, bb)
+        if not torch.equal(ba, bb):
+            return False
+    return True
+
+
+def find_aliases(checkpoints: Sequence[Checkpoint], models: Sequence[int]) -> dict[str, str]:
+    """Maps every tied name to its class's primary: names byte-identical in every model that stores both.
+
+    The primary is the member most models store, so that statistics and random streams key on a stable name.
+    """
+    candidates: list[tuple[str, str]] = []
+    for index in models:
+        ckpt = checkpoints[index]
+        groups: dict[tuple[str, tuple[int, ...]], list[str]] = {}
+        for entry in ckpt.entries.values():
+            if is_floating(entry.dtype) and entry.numel > 0:
+                groups.setdefault((entry.dtype, entry.shape), []).append(entry.name)
+        for names in groups.values():
+            if len(names) < 2:
+                continue
+            by_print: dict[bytes, list[str]] = {}
+            for name in names:
+                by_print.setdefault(_fingerprint(ckpt, ckpt.entries[name]), []).append(name)
+            for same in by_print.values():
+                candidates += [(same[0], other) for other in same[1:]]
+    parent: dict[str, str] = {}
+
+    def find(name: str) -> str:
+        while parent.get(name, name) != name:
+            name = parent[name]
+        return name
+
+    for a, b in dict.fromkeys(candidates):
+        holders = [i for i in models if a in checkpoints[i].entries and b in checkpoints[i].entries]
+        if holders and all(_identical(checkpoints[i], a, b) for i in holders):
+            parent[find(b)] = find(a)
+    classes: dict[str, list[str]] = {}
+    for name in parent:
+        classes.setdefault(find(name), []).append(name)
+    aliases: dict[str, str] = {}
+    for root, members in classes.items():
+        members = list(dict.fromkeys([root, *members]))
+        primary = max(members, key=lambda n: sum(n in checkpoints[i].entries for i in models))
+        aliases.update({m: primary for m in members})
+    return aliases
+
+
+def match_base_names(base: Checkpoint, names: Sequence[str]) -> dict[str, str]:
+    """Maps the models' tensor names to the base's, allowing one common prefix to be added or removed.
+
+    transformers saves a task model's backbone under a prefix its bare model lacks (``bert.`` in
+    ``BertForSequenceClassification`` but not in ``BertModel``; ``vision_model.`` in ``CLIPModel`` but not in a
+    transformers-5 ``CLIPVisionModel``). Names found as-is are kept; otherwise the prefix that matches the most
+    names wins.
+    """
+    entries = base.entries
+    direct = {n: n for n in names if n in entries}
+    missing = [n for n in names if n not in entries]
+    if not missing:
+        return direct
+    candidates: set[tuple[str, str]] = set()
+    for probe in missing[:20]:  # a few probes: the first missing name may be a head the base never had
+        for other in entries:
+            if other.endswith("." + probe):
+                candidates.add(("add", other[: -len(probe)]))
+        parts = probe.split(".")
+        for i in range(1, len(parts)):
+            prefix = ".".join(parts[:i]) + "."
+            if probe[len(prefix):] in entries:
+                candidates.add(("strip", prefix))
+
+    def apply(kind: str, prefix: str, name: str) -> str | None:
+        if kind == "add":
+            return prefix + name if prefix + name in entries else None
+        return name[len(prefix):] if name.startswith(prefix) and name[len(prefix):] in entries else None
+
+    best: dict[str, str] = direct
+    for kind, prefix in sorted(candidates):
+        mapped = {n: m for n in names if (m := direct.get(n) or apply(kind, prefix, n)) is not None}
+        if len(mapped) > len(best):
+            best = mapped
+    if best is not direct:
+        log.info("base tensor names differ from the models' by a prefix; matched %d of %d", len(best), len(names))
+    return best
+
+
+def _names_differ(a: Checkpoint, b: Checkpoint, missing: list[str], extra: list[str]) -> IncompatibleModelsError:
+    if missing:
+        first = sorted(missing)[0]
+        what = f"{b.label} has no tensor {first!r}, which {a.label} has"
+    else:
+        first = sorted(extra)[0]
+        what = f"{b.label} has tensor {first!r}, which {a.label} lacks"
+    more = len(missing) + len(extra) - 1
+    return IncompatibleModelsError(
+        f"the models do not have the same tensors: {what}"
+        + (f" ({more} more difference(s))" if more else "")
+        + ". Models fused together must share an architecture."
+    )
+
+
+def build_plan(
+    checkpoints: Sequence[Checkpoint],
+    *,
+    base: int | None,
+    experts: Sequence[int],
+    uses_base: bool,
+    reference: int,
+    exclude: Sequence[str] = (),
+    out_dtype: str | None = None,
+) -> FusionPlan:
+    """Checks the models against each other and lays out the output; raises :class:`IncompatibleModelsError`."""
+    ckpts = list(checkpoints)
+    first = ckpts[experts[0]]
+    for index in experts[1:]:  # headers only: shapes of the names every model has
+        for name, entry in ckpts[index].entries.items():
+            theirs = first.entries.get(name)
+            if theirs is not None and theirs.shape != entry.shape:
+                raise IncompatibleModelsError(
+                    f"tensor {name!r} has shape {list(entry.shape)} in {ckpts[index].label} but {list(theirs.shape)} "
+                    f"in {first.label}. Models fused together must share an architecture and sizes."
+                )
+    aliases = find_aliases(ckpts, [*experts, *([base] if base is not None else [])])
+
+    members: dict[str, list[str]] = {}
+    for alias, primary in aliases.items():
+        members.setdefault(primary, []).append(alias)
+
+    def resolve(index: int, name: str) -> str | None:
+        """The name to read in model ``index`` for output tensor ``name`` (a tied twin if it lacks the name)."""
+        entries = ckpts[index].entries
+        if name in entries:
+            return name
+        twins = members.get(aliases.get(name, ""), [])
+        return next((t for t in twins if t in entries), None)
+
+    names = list(first.entries)
+    for index in experts[1:]:
+        other = ckpts[index]
+        missing = [n for n in names if resolve(index, n) is None]
+        extra = [n for n in other.entries if n not in first.entries and resolve(experts[0], n) is None]
+        if missing or extra:
+            raise _names_differ(first, other, missing, extra)
+        extra_aliases = [n for n in other.entries if n not in first.entries]
+        names += extra_aliases
+    for name in names:
+        shape = _entry(ckpts, experts[0], name, resolve).shape
+        for index in experts[1:]:
+            entry = _entry(ckpts, index, name, resolve)
+            if entry.shape != shape:
+                raise IncompatibleModelsError(
+                    f"tensor {name!r} has shape {list(entry.shape)} in {ckpts[index].label} but {list(shape)} in "
+                    f"{first.label}. Models fused together must share an architecture and sizes."
+                )
+
+    base_names = match_base_names(ckpts[base], names) if base is not None else {}
+
+    def resolve_base(name: str) -> str | None:
+        for candidate in [name, *members.get(aliases.get(name, ""), [])]:
+            if candidate in base_names:
+                return base_names[candidate]
+        return None
+
+    ref = ckpts[reference]
+    order = [n for n in ref.entries if n in set(names)] + [n for n in names if n not in ref.entries]
+    planned: list[PlannedTensor] = []
+    for name in order:
+        entry = _entry(ckpts, experts[0], name, resolve)
+        floating = all(is_floating(_entry(ckpts, i, name, resolve).dtype) for i in experts)
+        excluded = any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude)
+        copy_from = base if base is not None and resolve_base(name) is not None else experts[0]
+        ref_name = resolve_base(name) if reference == base else resolve(reference, name)
+        default_dtype = ckpts[reference].entries[ref_name].dtype if ref_name else entry.dtype
+        if not floating or excluded:
+            source_name = resolve_base(name) if copy_from == base else resolve(copy_from, name)
+            source_entry = ckpts[copy_from].entries[source_name]  # type: ignore[index]
+            if source_entry.shape != entry.shape:
+                raise IncompatibleModelsError(
+                    f"tensor {name!r} has shape {list(source_entry.shape)} in the base {ckpts[copy_from].label} but "
+                    f"{list(entry.shape)} in {first.label}."
+                )
+            dtype = out_dtype if (out_dtype and is_floating(source_entry.dtype)) else source_entry.dtype
+            reads = {copy_from: source_name}
+            planned.append(PlannedTensor(name, entry.shape, dtype, False, aliases.get(name, name), reads))  # type: ignore[arg-type]
+            continue
+        reads = {i: resolve(i, name) for i in experts}
+        if uses_base and base is not None:
+            base_name = resolve_base(name)
+            if base_name is None:
+                raise IncompatibleModelsError(
+                    f"the base {ckpts[base].label} has no tensor {name!r}, which the models have; the base must be "
+                    "the model they were fine-tuned from. To keep such tensors unfused, list them in `exclude`."
+                )
+            base_entry = ckpts[base].entries[base_name]
+            if base_entry.shape != entry.shape:
+                raise IncompatibleModelsError(
+                    f"tensor {name!r} has shape {list(base_entry.shape)} in the base {ckpts[base].label} but "
+                    f"{list(entry.shape)} in {first.label}; the base must be the model they were fine-tuned from."
+                )
+            if not is_floating(base_entry.dtype):
+                raise IncompatibleModelsError(
+                    f"tensor {name!r} is {base_entry.dtype} in the base {ckpts[base].label} but floating-point in "
+                    f"{first.label}."
+                )
+            reads[base] = base_name
+        dtype = out_dtype or default_dtype
+        planned.append(PlannedTensor(name, entry.shape, dtype, True, aliases.get(name, name), reads))  # type: ignore[arg-type]
+
+    dropped: list[str] = []
+    if base is not None:
+        wanted = {r for t in planned for i, r in t.reads.items() if i == base}
+        dropped = [n for n in ckpts[base].entries if n not in wanted and n not in base_names.values()]
+        if dropped:
+            log.info("the base has %d tensor(s) the models lack (e.g. %s); they are not in the output", len(dropped),
+                     dropped[0])
+    if not any(t.fuse for t in planned):
+        raise IncompatibleModelsError("no floating-point tensor is left to fuse (check `exclude`).")
+    return FusionPlan(ckpts, base, list(experts), reference, planned, aliases, dropped)
+
+
+def _entry(ckpts: Sequence[Checkpoint], index: int, name: str, resolve) -> TensorEntry:  # type: ignore[no-untyped-def]
+    resolved = resolve(index, name)
+    if resolved is None:
+        raise IncompatibleModelsError(f"{ckpts[index].label} has no tensor {name!r}.")
+    return ckpts[index].entries[resolved]

@@ -1,0 +1,229 @@
+"""The streaming executor: read slices ahead on a thread, fuse on the compute device, write in order.
+
+Memory is bounded by the slice budget, not by the model: an element-wise method sees row slices of at most
+``budget_elements / number_of_inputs`` elements per model, so the working set stays the same as models grow in
+size or number. Read buffers come from a pool and are reused, because touching fresh memory costs more than
+reading the data on small machines.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from hf_fusion.engine.checkpoint import TensorEntry
+from hf_fusion.engine.dtypes import SAFETENSORS_TO_TORCH
+from hf_fusion.engine.plan import FusionPlan, PlannedTensor
+from hf_fusion.engine.writer import ShardedSafetensorsWriter
+from hf_fusion.methods.base import TensorInputs, TensorMerge, Visitor
+from hf_fusion.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUDGET_ELEMENTS = 8 << 20
+"""Elements read per slice across all inputs: 32 MB of float32, inside glibc's reuse window for freed blocks."""
+
+
+@dataclass(frozen=True)
+class SliceJob:
+    tensor: PlannedTensor
+    sources: tuple[int, ...]
+    row_start: int
+    row_stop: int
+    flat_offset: int
+
+
+def _rows_nbytes(entry: TensorEntry, rows: int) -> int:
+    """Bytes of ``rows`` leading rows of a tensor (the whole tensor for a scalar)."""
+    return entry.nbytes * rows // entry.rows if entry.rows else entry.nbytes
+
+
+class _BufferPool:
+    """Fixed-size byte buffers, recycled so that slices do not fault in fresh pages."""
+
+    def __init__(self, block_bytes: int, pin: bool) -> None:
+        self.block_bytes = block_bytes
+        self.pin = pin
+        self._free: list[torch.Tensor] = []
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        if nbytes > self.block_bytes:
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+        block = self._free.pop() if self._free else torch.empty(self.block_bytes, dtype=torch.uint8, pin_memory=self.pin)
+        return block
+
+    def give(self, block: torch.Tensor) -> None:
+        if block.numel() == self.block_bytes:
+            self._free.append(block)
+
+
+class StreamingEngine:
+    """Runs one tensor-wise method over a plan; see :meth:`run`."""
+
+    def __init__(
+        self,
+        plan: FusionPlan,
+        method: TensorMerge,
+        *,
+        uses_base: bool,
+        device: str | torch.device = "cpu",
+        budget_elements: int = DEFAULT_BUDGET_ELEMENTS,
+        prefetch: int = 2,
+        show_progress: bool = True,
+    ) -> None:
+        self.plan = plan
+        self.method = method
+        self.device = torch.device(device)
+        self.prefetch = max(1, prefetch)
+        self.show_progress = show_progress
+        base = [plan.base] if uses_base and plan.base is not None else []
+        self.merge_sources = tuple(base + plan.experts)
+        self.has_base = bool(base)
+        self.budget_elements = budget_elements
+        any_f64 = any(
+            plan.checkpoints[i].entries[name].dtype == "F64" for t in plan.fused for i, name in t.reads.items()
+        )
+        self.compute_dtype = torch.float64 if any_f64 else torch.float32
+        self.passes = 0
+        block = max((self._slice_bytes(j) for j in self._jobs(plan.tensors)), default=1)
+        self._pool = _BufferPool(block, pin=self.device.type == "cuda")
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-fusion-read")
+
+    # slicing ------------------------------------------------------------------------------------------------
+    def _rows_per_slice(self, tensor: PlannedTensor, num_sources: int) -> int:
+        entry = self.plan.checkpoints[next(iter(tensor.reads))].entries[next(iter(tensor.reads.values()))]
+        if tensor.fuse and not self.method.elementwise:
+            return max(1, entry.rows)
+        per_source = max(1, self.budget_elements // max(1, num_sources))
+        return max(1, per_source // max(1, entry.row_numel))
+
+    def _jobs(self, tensors: list[PlannedTensor]) -> Iterator[SliceJob]:
+        for tensor in tensors:
+            sources = self.merge_sources if tensor.fuse else (next(iter(tensor.reads)),)
+            entry = self.plan.checkpoints[sources[0]].entries[tensor.reads[sources[0]]]
+            step = self._rows_per_slice(tensor, len(sources))
+            rows = entry.rows
+            for start in range(0, max(rows, 1), step):
+                stop = min(rows, start + step)
+                yield SliceJob(tensor, sources, start, stop, start * entry.row_numel)
+
+    def _slice_bytes(self, job: SliceJob) -> int:
+        return max(
+            _rows_nbytes(self.plan.checkpoints[i].entries[job.tensor.reads[i]], job.row_stop - job.row_start)
+            for i in job.sources
+        )
+
+    # reading ------------------------------------------------------------------------------------------------
+    def _read(self, job: SliceJob) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Reads the slice from every source; returns (buffer, typed view) pairs."""
+        out = []
+        for index in job.sources:
+            ckpt = self.plan.checkpoints[index]
+            entry = ckpt.entries[job.tensor.reads[index]]
+            rows = job.row_stop - job.row_start
+            nbytes = _rows_nbytes(entry, rows)
+            buffer = self._pool.take(nbytes)
+            ckpt.read_rows(entry.name, job.row_start, job.row_stop, buffer)
+            shape = (rows, *entry.shape[1:]) if entry.shape else ()
+            typed = buffer[:nbytes].view(SAFETENSORS_TO_TORCH[entry.dtype]).view(shape)
+            out.append((buffer, typed))
+        return out
+
+    def _prefetched(self, jobs: Iterator[SliceJob]) -> Iterator[tuple[SliceJob, list[tuple[torch.Tensor, torch.Tensor]]]]:
+        pending: deque[tuple[SliceJob, Future]] = deque()
+        jobs = iter(jobs)
+
+        def top_up() -> None:
+            while len(pending) < self.prefetch:
+                job = next(jobs, None)
+                if job is None:
+                    return
+                pending.append((job, self._reader.submit(self._read, job)))
+
+        try:
+            top_up()
+            while pending:
+                job, future = pending.popleft()
+                slices = future.result()
+                top_up()
+                try:
+                    yield job, slices
+                finally:
+                    for buffer, _ in slices:
+                        self._pool.give(buffer)
+        finally:
+            for _, future in pending:
+                future.cancel()
+            for _, future in pending:
+                if not future.cancelled():
+                    try:
+                        for buffer, _ in future.result():
+                            self._pool.give(buffer)
+                    except Exception:  # the error that stopped us is already propagating
+                        pass
+
+    def _inputs(self, job: SliceJob, slices: list[tuple[torch.Tensor, torch.Tensor]]) -> TensorInputs:
+        values = [
+            typed.to(self.device, non_blocking=True).to(self.compute_dtype) for _, typed in slices
+        ]
+        base = values[0] if self.has_base else None
+        experts = values[1:] if self.has_base else values
+        return TensorInputs(job.tensor.key, base, experts, job.tensor.shape, job.flat_offset)
+
+    # passes -------------------------------------------------------------------------------------------------
+    def scan(self, visitor: Visitor) -> None:
+        """One read-only pass over every fused tensor (the method's statistics passes)."""
+        self.passes += 1
+        fused: list[PlannedTensor] = []
+        seen: set[str] = set()
+        for tensor in self.plan.fused:  # tied aliases share their primary's key: visit it once
+            if tensor.key not in seen:
+                seen.add(tensor.key)
+                fused.append(tensor)
+        with progress_bar(total=len(fused), desc=f"statistics pass {self.passes}", unit="tensor",
+                          disable=not self.show_progress) as bar:
+            for job, slices in self._prefetched(self._jobs(fused)):
+                visitor(self._inputs(job, slices))
+                if job.row_stop >= self._rows(job):
+                    bar.update(1)
+
+    def _rows(self, job: SliceJob) -> int:
+        return job.tensor.shape[0] if job.tensor.shape else 1
+
+    def run(self, writer: ShardedSafetensorsWriter, on_tensor: Callable[[int, int], None] | None = None) -> None:
+        """Computes statistics if the method needs them, then fuses or copies every planned tensor into ``writer``."""
+        try:
+            self.method.prepare(self.scan)
+            total = len(self.plan.tensors)
+            done = 0
+            with progress_bar(total=total, desc="fusing", unit="tensor", disable=not self.show_progress) as bar:
+                current = None
+                for job, slices in self._prefetched(self._jobs(self.plan.tensors)):
+                    if job.tensor is not current:
+                        current = job.tensor
+                        writer.begin(current.name)
+                    out_dtype = SAFETENSORS_TO_TORCH[job.tensor.out_dtype]
+                    if job.tensor.fuse:
+                        result = self.method.merge(self._inputs(job, slices))
+                        expected = (job.row_stop - job.row_start, *job.tensor.shape[1:]) if job.tensor.shape else ()
+                        if tuple(result.shape) != expected:
+                            raise RuntimeError(
+                                f"method returned shape {list(result.shape)} for {job.tensor.name!r}, "
+                                f"expected {list(expected)}"
+                            )
+                        writer.write(result.to(out_dtype).cpu())
+                    else:
+                        typed = slices[0][1]
+                        writer.write(typed if typed.dtype == out_dtype else typed.to(out_dtype))
+                    if job.row_stop >= self._rows(job):
+                        done += 1
+                        bar.update(1)
+                        if on_tensor is not None:
+                            on_tensor(done, total)
+        finally:
+            self._reader.shutdown(wait=True, cancel_futures=True)
