@@ -1,0 +1,201 @@
+"""The ``hf-fusion`` command line. Heavy modules (torch, transformers) are imported only by the commands that run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import signal
+import sys
+from typing import Any, Sequence
+
+from hf_fusion import __version__
+
+log = logging.getLogger("hf_fusion")
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+          "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``5GB`` -> 5e9 bytes, ``500MiB`` -> 500 * 2**20; a bare number is bytes."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 5GB or 500MB)")
+    unit = (match.group(2) or "").upper().rstrip("B")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+    """``NAME=VALUE`` with VALUE read as YAML, so numbers, booleans and lists keep their types."""
+    import yaml
+
+    name, sep, raw = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"--param takes NAME=VALUE, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return name.strip(), value
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each step (DEBUG level)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, only errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-fusion",
+        description="Fuse fine-tuned models (ensemble, merge, mix) into one that loads with from_pretrained.",
+    )
+    parser.add_argument("--version", action="version", version=f"hf-fusion {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    methods = sub.add_parser("methods", help="list fusion methods with their parameters and defaults")
+    methods.add_argument("name", nargs="?", help="show one method in detail")
+    methods.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_common(methods)
+
+    merge = sub.add_parser(
+        "merge",
+        help="fuse models into an output folder",
+        description="Fuse models with a data-free method. Flags override the fields of --config.",
+    )
+    merge.add_argument("--config", metavar="RECIPE.yaml", help="recipe file (the output keeps a copy)")
+    merge.add_argument("--repo-ids", nargs="+", metavar="MODEL", help="models to fuse: local folders (path[@rev])")
+    merge.add_argument("--base", metavar="MODEL", help="the pretrained model the others were fine-tuned from")
+    merge.add_argument("--method", help="fusion method (see `hf-fusion methods`)")
+    merge.add_argument("--param", action="append", type=parse_param, default=[], metavar="NAME=VALUE",
+                       help="method parameter, repeatable (e.g. --param scaling_factor=0.3)")
+    merge.add_argument("--output", metavar="FOLDER", help="where to write the fused model")
+    merge.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16"],
+                       help="output dtype of floating-point tensors (default: as the reference model)")
+    merge.add_argument("--device", help="compute device: cpu (default), cuda, cuda:N")
+    merge.add_argument("--exclude", nargs="+", metavar="PATTERN",
+                       help="tensor-name globs copied unfused from the base (e.g. 'classifier.*')")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    merge.add_argument("--allow-pickle", action="store_true",
+                       help="load .bin/.pt pickle checkpoints (can run code; only for models you trust)")
+    merge.add_argument("--max-shard-size", type=parse_size, default=None, metavar="SIZE",
+                       help="largest output shard (default 5GB)")
+    _add_common(merge)
+    return parser
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s" if level == logging.DEBUG
+                        else "%(message)s")
+    if getattr(args, "quiet", False):
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+
+
+def _format_default(value: Any) -> str:
+    return "null" if value is None else json.dumps(value) if isinstance(value, (list, dict, str)) else str(value)
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from hf_fusion.registry import all_methods, get_method
+
+    specs = [get_method(args.name)] if args.name else all_methods()
+    if args.json:
+        out = [
+            {
+                "name": s.name, "aliases": list(s.aliases), "family": s.family.value, "data": s.data.value,
+                "base": s.base.value, "summary": s.summary, "paper": s.paper.url if s.paper else None,
+                "parameters": [
+                    {"name": p.name, "type": p.type, "default": p.default, "range": p.range_text(),
+                     "description": p.description}
+                    for p in s.parameters()
+                ],
+            }
+            for s in specs
+        ]
+        print(json.dumps(out, indent=2))
+        return 0
+    if args.name:
+        s = specs[0]
+        print(f"{s.name}  ({s.family.value}; data: {s.data.value}; base: {s.base.value})")
+        print(f"  {s.summary}")
+        if s.aliases:
+            print(f"  aliases: {', '.join(s.aliases)}")
+        if s.paper:
+            print(f"  paper: {s.paper.title}\n         {s.paper.url}")
+        for p in s.parameters():
+            rng = f" {p.range_text()}" if p.range_text() else ""
+            print(f"  --param {p.name}={_format_default(p.default)}  ({p.type}{rng}) {p.description}")
+        return 0
+    rows = [("METHOD", "FAMILY", "DATA", "BASE", "PARAMETERS (defaults)")]
+    for s in specs:
+        params = " ".join(f"{p.name}={_format_default(p.default)}" for p in s.parameters()) or "-"
+        rows.append((s.name, s.family.value, s.data.value, s.base.value, params))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+    print("\n`hf-fusion methods NAME` shows ranges, aliases and the paper.")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from hf_fusion.pipeline import merge
+
+    kwargs: dict[str, Any] = dict(args.param)
+    if args.max_shard_size:
+        kwargs["max_shard_bytes"] = args.max_shard_size
+    if not args.config and not args.repo_ids:
+        raise SystemExit("hf-fusion merge: give --repo-ids (and --method, --output) or --config RECIPE.yaml")
+    result = merge(
+        args.config,
+        models=args.repo_ids,
+        base=args.base,
+        method=args.method,
+        output=args.output,
+        dtype=args.dtype,
+        device=args.device,
+        exclude=args.exclude,
+        overwrite=args.overwrite,
+        allow_pickle=args.allow_pickle,
+        show_progress=not args.quiet,
+        **kwargs,
+    )
+    if not args.quiet:
+        n = len(result.recipe.models)
+        print(
+            f"Fused {n} model{'s' if n != 1 else ''} with {result.recipe.method} into {result.output} "
+            f"({result.fused_tensors} tensors fused, {result.copied_tensors} copied, "
+            f"{result.output_bytes / 1e6:.1f} MB) in {result.seconds:.1f} s"
+        )
+    return 0
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    _configure_logging(args)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    from hf_fusion.errors import FusionError
+
+    try:
+        return {"methods": cmd_methods, "merge": cmd_merge}[args.command](args)
+    except FusionError as err:
+        print(f"hf-fusion: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("hf-fusion: interrupted; nothing was written to the output folder.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""TIES details random weights never reach: exact sign cancellations, ties at the threshold, the third pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import reference as ref
+
+import hf_fusion
+from hf_fusion.methods.ties_merging import disjoint_merge, elect_sign
+
+
+def test_elect_sign_and_disjoint_merge_by_hand() -> None:
+    trimmed = torch.tensor([[1.0, -2.0, 0.0, 3.0], [2.0, 1.0, 0.0, -3.0], [0.0, -1.0, 0.0, 1.0]])
+    sign = elect_sign(trimmed, zero_sign=-1.0)
+    assert sign.tolist() == [1.0, -1.0, -1.0, 1.0]  # column sums 3, -2, 0 (-> fallback), 1
+    assert disjoint_merge(trimmed, sign, "sum").tolist() == [3.0, -3.0, 0.0, 4.0]
+    assert disjoint_merge(trimmed, sign, "mean").tolist() == [1.5, -1.5, 0.0, 2.0]
+    assert disjoint_merge(trimmed, sign, "max").tolist() == [2.0, -2.0, -0.0, 3.0]
+
+
+def _crafted_pool(root: Path, negative_majority: bool, seed: int) -> tuple[Path, list[Path]]:
+    """Integer-valued task vectors: many exact cancellations and many ties at the magnitude threshold."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"a.weight": (40, 30), "b.weight": (64,), "c.bias": (7, 3, 5)}
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    paths = []
+    save_dir = root / "base"
+    save_dir.mkdir(parents=True)
+    save_file(base, save_dir / "model.safetensors")
+    for i in range(3):
+        tv = {k: torch.randint(-2, 3, s, generator=g).float() for k, s in shapes.items()}
+        if negative_majority:
+            tv = {k: torch.where(v > 0, v * torch.randint(0, 2, v.shape, generator=g), v) for k, v in tv.items()}
+        folder = root / f"ft{i}"
+        folder.mkdir()
+        save_file({k: base[k] + tv[k] for k in shapes}, folder / "model.safetensors")
+        paths.append(folder)
+    return save_dir, paths
+
+
+@pytest.mark.parametrize("negative_majority", [False, True])
+@pytest.mark.parametrize("scope", ["model", "tensor"])
+@pytest.mark.parametrize("merge_func", ["sum", "mean", "max"])
+def test_cancellations_and_threshold_ties_match_reference(
+    tmp_path: Path, negative_majority: bool, scope: str, merge_func: str
+) -> None:
+    base, experts = _crafted_pool(tmp_path, negative_majority, seed=int(negative_majority))
+    base_sd, expert_sds = ref.load_state(base), [ref.load_state(e) for e in experts]
+    tvs = [{k: e[k] - base_sd[k] for k in base_sd} for e in expert_sds]
+    zero_sums = sum(int(((sum(tv[k] for tv in tvs) == 0) & (tvs[0][k] != 0)).sum()) for k in base_sd)
+    assert zero_sums > 0, "the crafted pool must contain exact cancellations"
+    result = hf_fusion.merge(models=[str(e) for e in experts], base=str(base), method="ties_merging",
+                             output=tmp_path / "out", threshold=40, merge_func=merge_func, threshold_scope=scope,
+                             scaling_factor=1.0, show_progress=False, budget_elements=50)
+    expected = ref.ties(base_sd, expert_sds, 1.0, 40, merge_func, scope=scope)
+    fused = ref.load_state(tmp_path / "out")
+    for name, value in expected.items():
+        torch.testing.assert_close(fused[name].double(), value, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert result.statistics_passes in (2, 3)
+
+
+def test_third_pass_only_when_two_cannot_decide(tmp_path: Path, bert_pool: tuple[Path, list[Path]]) -> None:
+    base, experts = _crafted_pool(tmp_path / "crafted", False, seed=5)
+    crafted = hf_fusion.merge(models=[str(e) for e in experts], base=str(base), method="ties", threshold=40,
+                              output=tmp_path / "a", show_progress=False)
+    base, experts = bert_pool
+    smooth = hf_fusion.merge(models=[str(e) for e in experts], base=str(base), method="ties",
+                             output=tmp_path / "b", show_progress=False)
+    assert crafted.statistics_passes == 3  # integer task vectors: the threshold bin is huge, votes undecided
+    assert smooth.statistics_passes == 2
