@@ -192,6 +192,18 @@ class StreamingEngine:
                 if job.row_stop >= self._rows(job):
                     bar.update(1)
 
+    def _revisit(self, writer: ShardedSafetensorsWriter) -> None:
+        """Fuses again the slices the method asks for once the merge pass is over, overwriting them in place."""
+        stale = self.method.revisit()
+        if not stale:
+            return
+        jobs = [j for j in self._jobs(self.plan.fused) if (j.tensor.key, j.flat_offset) in stale]
+        log.debug("fusing %d slice(s) again after the merge pass", len(jobs))
+        for job, slices in self._prefetched(iter(jobs)):
+            out_dtype = SAFETENSORS_TO_TORCH[job.tensor.out_dtype]
+            result = self.method.merge(self._inputs(job, slices)).to(out_dtype).cpu()
+            writer.overwrite(job.tensor.name, job.flat_offset * result.element_size(), result)
+
     def _rows(self, job: SliceJob) -> int:
         return job.tensor.shape[0] if job.tensor.shape else 1
 
@@ -225,5 +237,6 @@ class StreamingEngine:
                         bar.update(1)
                         if on_tensor is not None:
                             on_tensor(done, total)
+            self._revisit(writer)
         finally:
             self._reader.shutdown(wait=True, cancel_futures=True)

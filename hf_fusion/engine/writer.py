@@ -128,6 +128,27 @@ class ShardedSafetensorsWriter:
         self._write_all(memoryview(raw.numpy()))
         self._remaining -= raw.numel()
 
+    def overwrite(self, name: str, byte_offset: int, data: torch.Tensor) -> None:
+        """Rewrites bytes of an already written tensor in place (a slice fused again after the merge pass)."""
+        for shard_index, shard in enumerate(self.shards):
+            start = len(_header_bytes(shard, self.metadata))
+            for t in shard:
+                if t.name == name:
+                    raw = data.contiguous().reshape(-1).view(torch.uint8)
+                    if byte_offset < 0 or byte_offset + raw.numel() > t.nbytes:
+                        raise RuntimeError(f"overwrite outside tensor {name!r}")
+                    fd = os.open(self.folder / self.file_names[shard_index], os.O_WRONLY)
+                    try:
+                        view = memoryview(raw.numpy())
+                        done = 0
+                        while done < len(view):
+                            done += os.pwrite(fd, view[done:], start + byte_offset + done)
+                    finally:
+                        os.close(fd)
+                    return
+                start += t.nbytes
+        raise KeyError(name)
+
     def _close_fd(self) -> None:
         if self._fd is not None:
             os.close(self._fd)

@@ -68,6 +68,14 @@ class TensorMerge(ABC, Generic[P]):
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         """Returns the fused tensor for ``inputs`` (same shape as each expert, compute dtype)."""
 
+    def revisit(self) -> set[tuple[str, int]]:
+        """Slices, as (tensor name, flat offset), to fuse again once every tensor has been fused.
+
+        For statistics only known at the end of the merge pass (TIES' fallback sign); the engine calls this once,
+        re-fuses the listed slices and overwrites their output in place. The default revisits nothing.
+        """
+        return set()
+
 
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1

@@ -68,12 +68,6 @@ class MagnitudeQuantile:
         group.coarse = None
 
     # pass 2 -------------------------------------------------------------------------------------------------
-    def classify(self, key: Hashable, mags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masks of elements surely kept (above the threshold's bin) and undecided (inside it) after pass 1."""
-        bins = _coarse_bins(mags)
-        b = self._groups[key].bin
-        return bins > b, bins == b
-
     def refine(self, key: Hashable, mags: torch.Tensor) -> None:
         """Adds the exact bit patterns of the elements in the threshold's bin to the fine histogram of ``key``."""
         group = self._groups[key]

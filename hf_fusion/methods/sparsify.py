@@ -67,10 +67,9 @@ def random_drop(
     return dropped
 
 
-def magnitude_trim(delta: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
-    """TIES' trim step: zero the elements whose magnitude is below ``threshold`` (ties at the threshold are kept).
+def magnitude_trim_(delta: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
+    """TIES' trim step, in place: zero the elements whose magnitude is below ``threshold`` (ties are kept).
 
     ``delta`` is ``(num_models, ...)``; ``threshold`` is a scalar or broadcasts against it (one value per model).
     """
-    zero = torch.zeros((), dtype=delta.dtype, device=delta.device)
-    return torch.where(delta.abs() >= threshold, delta, zero)
+    return delta.mul_(delta.abs() >= threshold)

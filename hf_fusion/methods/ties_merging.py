@@ -3,9 +3,10 @@
 Trimming keeps the top ``threshold`` percent of each task vector by magnitude. The paper's code (and FusionBench)
 ranks over the whole flattened model (``threshold_scope="model"``, the default here); mergekit and peft rank within
 each tensor (``threshold_scope="tensor"``). Either way the engine never holds the model: the threshold comes from
-two streaming passes (:mod:`hf_fusion.methods.quantile`). Where the elected sign sum is exactly zero, the paper's
-code falls back to the sign of the sum of all elected signs (over the model, or the tensor for tensor scope); that
-too is computed in the passes, with a third pass only when the first two cannot decide it.
+two streaming passes (:mod:`hf_fusion.methods.quantile`). Where the elected sign sum is exactly zero with non-zero
+values, the paper's code falls back to the sign of the sum of all elected signs (over the model, or the tensor for
+tensor scope), which is only known once everything is merged: the merge pass assumes +1, counts the votes, and the
+engine re-fuses just the slices that held such positions when the vote says otherwise.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from hf_fusion.methods.base import Scan, TensorInputs, TensorMerge
 from hf_fusion.methods.common import FROZEN, scaling_factor_field
 from hf_fusion.methods.quantile import MagnitudeQuantile
-from hf_fusion.methods.sparsify import magnitude_trim
+from hf_fusion.methods.sparsify import magnitude_trim_
 from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
 
 MergeFunc = Literal["sum", "mean", "max"]
@@ -41,92 +42,52 @@ class TiesParams(pydantic.BaseModel):
     )
 
 
-def elect_sign(trimmed: torch.Tensor, zero_sign: float) -> torch.Tensor:
-    """gamma_m = sgn(sum_t trimmed_t); positions whose sum is exactly 0 take ``zero_sign``.  Shapes: (n, ...) -> (...)."""
-    sign = torch.sign(trimmed.sum(dim=0))
+def elected_sign(trimmed: torch.Tensor) -> torch.Tensor:
+    """gamma_m = sgn(sum_t trimmed_t), the sign with the larger total mass.  Shapes: (n, ...) -> (...)."""
+    return torch.sign(trimmed.sum(dim=0))
+
+
+def fill_zero_sign(sign: torch.Tensor, zero_sign: float) -> torch.Tensor:
+    """Positions whose elected sum is exactly 0 take ``zero_sign`` (the paper's model-wide majority)."""
     return torch.where(sign == 0, torch.tensor(zero_sign, dtype=sign.dtype, device=sign.device), sign)
 
 
-def disjoint_merge(trimmed: torch.Tensor, sign: torch.Tensor, merge_func: MergeFunc) -> torch.Tensor:
+def signed_sums(trimmed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums of the positive and of the negative values per position, each in model order.  (n, ...) -> 2 x (...)."""
+    return trimmed.clamp(min=0).sum(dim=0), trimmed.clamp(max=0).sum(dim=0)
+
+
+def disjoint_merge(
+    trimmed: torch.Tensor,
+    sign: torch.Tensor,
+    merge_func: MergeFunc,
+    sums: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Combine, per position, the values whose sign agrees with the elected one.  Shapes: (n, ...), (...) -> (...).
 
-    ``mean`` divides by the number of agreeing non-zero values (the paper's disjoint mean), ``sum`` adds them
-    (FusionBench's default), ``max`` keeps the largest magnitude with the elected sign.
+    ``mean`` divides by the number of agreeing values (the paper's disjoint mean), ``sum`` adds them (FusionBench's
+    default), ``max`` keeps the largest magnitude with the elected sign. As in the paper's code, a zero elected sign
+    selects the negative values. Summing the positive and negative parts separately in model order gives the same
+    bits as masking then summing, with fewer passes over memory; pass ``sums`` if :func:`signed_sums` was computed.
     """
-    agrees = torch.where(sign > 0, trimmed > 0, trimmed < 0)
-    selected = trimmed * agrees
-    if merge_func == "sum":
-        return selected.sum(dim=0)
-    if merge_func == "mean":
-        count = (selected != 0).sum(dim=0).clamp_(min=1)
-        return selected.sum(dim=0) / count
     if merge_func == "max":
-        return selected.abs().amax(dim=0) * sign
-    raise ValueError(f"unknown merge_func {merge_func!r}")
+        top = trimmed.amax(dim=0).clamp_(min=0)
+        bottom = trimmed.amin(dim=0).clamp_(max=0)
+        return torch.where(sign > 0, top, torch.where(sign < 0, bottom, torch.zeros_like(bottom)))
+    positive, negative = sums if sums is not None else signed_sums(trimmed)
+    if merge_func == "mean":
+        positive = positive / (trimmed > 0).sum(dim=0).clamp_(min=1)
+        negative = negative / (trimmed < 0).sum(dim=0).clamp_(min=1)
+    elif merge_func != "sum":
+        raise ValueError(f"unknown merge_func {merge_func!r}")
+    return torch.where(sign > 0, positive, negative)
 
 
-def ties_merge(
-    task_vectors: torch.Tensor, thresholds: torch.Tensor, merge_func: MergeFunc, zero_sign: float
-) -> torch.Tensor:
-    """The merged task vector of TIES: trim each row at its threshold, elect signs, disjoint merge."""
-    trimmed = magnitude_trim(task_vectors, thresholds)
-    return disjoint_merge(trimmed, elect_sign(trimmed, zero_sign), merge_func)
-
-
-_MAX_ENUMERATED_MODELS = 12
+_PROVISIONAL_SIGN = 1.0
 
 
 def _vote_sign(votes: int) -> float:
     return float((votes > 0) - (votes < 0))
-
-
-class _SignTally:
-    """What pass 2 knows about the fallback sign before the exact thresholds are known.
-
-    Elements above the threshold's bin are surely kept, those inside it are undecided. ``votes`` sums the elected
-    signs of positions without undecided elements; ``undecided`` counts the others. The fallback sign only matters
-    where the elected sum is exactly zero with non-zero values: ``zero_sums`` counts such decided positions and
-    ``maybe_zero_sums`` the undecided positions that could end up so (both possible sums are computed in the same
-    order as the merge pass, so rounding cannot hide one).
-    """
-
-    def __init__(self) -> None:
-        self.votes = self.undecided = self.zero_sums = self.maybe_zero_sums = 0
-
-    def add(self, tvs: torch.Tensor, kept: torch.Tensor, unsure: torch.Tensor) -> None:
-        zero = torch.zeros((), dtype=tvs.dtype, device=tvs.device)
-        low = torch.where(kept, tvs, zero).sum(dim=0)
-        high = torch.where(kept | unsure, tvs, zero).sum(dim=0)
-        nonzero_low = (kept & (tvs != 0)).any(dim=0)
-        nonzero_high = ((kept | unsure) & (tvs != 0)).any(dim=0)
-        count = unsure.sum(dim=0)
-        decided = count == 0
-        self.votes += int(torch.sign(low)[decided].sum())
-        self.undecided += int((~decided).sum())
-        self.zero_sums += int(((low == 0) & nonzero_low & decided).sum())
-        single = count == 1
-        maybe = single & (((low == 0) & nonzero_low) | ((high == 0) & nonzero_high))
-        self.maybe_zero_sums += int(maybe.sum()) + self._multi_undecided_zero_sums(tvs, kept, unsure, count >= 2)
-
-    @staticmethod
-    def _multi_undecided_zero_sums(
-        tvs: torch.Tensor, kept: torch.Tensor, unsure: torch.Tensor, multi: torch.Tensor
-    ) -> int:
-        """Positions with several undecided values: try every keep/drop combination (they are rare)."""
-        if not bool(multi.any()):
-            return 0
-        n = tvs.shape[0]
-        flat = multi.reshape(-1).nonzero().squeeze(1)
-        t, k, u = (x.reshape(n, -1)[:, flat] for x in (tvs, kept, unsure))
-        if n > _MAX_ENUMERATED_MODELS:
-            return int(flat.numel())
-        zero = torch.zeros((), dtype=t.dtype, device=t.device)
-        possible = torch.zeros(t.shape[1], dtype=torch.bool, device=t.device)
-        bits = torch.arange(n, device=t.device).view(n, 1)
-        for subset in range(1 << n):
-            mask = k | (u & ((subset >> bits) & 1).bool())
-            possible |= (torch.where(mask, t, zero).sum(dim=0) == 0) & (mask & (t != 0)).any(dim=0)
-        return int(possible.sum())
 
 
 class TiesMerging(TensorMerge[TiesParams]):
@@ -136,12 +97,18 @@ class TiesMerging(TensorMerge[TiesParams]):
         super().__init__(params, num_models=num_models, has_base=has_base)
         self._quantile = MagnitudeQuantile(params.threshold / 100.0)
         self._zero_sign: dict[Hashable, float] = {}
+        self._votes: dict[Hashable, int] = {}
+        self._voted: set[tuple[str, int]] = set()
+        self._needs_fallback: dict[Hashable, set[tuple[str, int]]] = {}
         self._thresholds: dict[tuple[Hashable, int], torch.Tensor] = {}
 
     def task_vectors(self, inputs: TensorInputs) -> torch.Tensor:
-        """Stacked task vectors ``(n, ...)`` of one tensor (slice); DARE-TIES drops elements here first."""
+        """Stacked task vectors ``(n, ...)`` of one tensor (slice), a new tensor; DARE-TIES drops elements first."""
         assert inputs.base is not None
-        return torch.stack([e - inputs.base for e in inputs.experts])
+        out = torch.empty((len(inputs.experts), *inputs.base.shape), dtype=inputs.base.dtype, device=inputs.base.device)
+        for i, expert in enumerate(inputs.experts):
+            torch.sub(expert, inputs.base, out=out[i])
+        return out
 
     def _key(self, name: str, model: int) -> Hashable:
         return model if self.params.threshold_scope == "model" else (name, model)
@@ -150,6 +117,7 @@ class TiesMerging(TensorMerge[TiesParams]):
         return None if self.params.threshold_scope == "model" else name
 
     def prepare(self, scan: Scan) -> None:
+        """Two read-only passes give each group's exact magnitude threshold."""
         q, per_tensor = self._quantile, self.params.threshold_scope == "tensor"
 
         def count(inputs: TensorInputs) -> None:
@@ -159,52 +127,21 @@ class TiesMerging(TensorMerge[TiesParams]):
                 if per_tensor and inputs.is_last_slice:
                     q.end_count(self._key(inputs.name, i))
 
+        def refine(inputs: TensorInputs) -> None:
+            mags = self.task_vectors(inputs).abs_()
+            for i in range(len(mags)):
+                q.refine(self._key(inputs.name, i), mags[i])
+                if per_tensor and inputs.is_last_slice:
+                    q.end_refine(self._key(inputs.name, i))
+
         scan(count)
         if not per_tensor:
             for i in range(self.num_models):
                 q.end_count(i)
-
-        tally: dict[Hashable, _SignTally] = {}
-
-        def refine(inputs: TensorInputs) -> None:
-            tvs = self.task_vectors(inputs)
-            mags = tvs.abs()
-            kept, unsure = [], []
-            for i in range(len(tvs)):
-                key = self._key(inputs.name, i)
-                sure, maybe = q.classify(key, mags[i])
-                q.refine(key, mags[i])
-                kept.append(sure)
-                unsure.append(maybe)
-                if per_tensor and inputs.is_last_slice:
-                    q.end_refine(key)
-            tally.setdefault(self._sign_key(inputs.name), _SignTally()).add(tvs, torch.stack(kept), torch.stack(unsure))
-
         scan(refine)
         if not per_tensor:
             for i in range(self.num_models):
                 q.end_refine(i)
-
-        open_keys = set()
-        for key, t in tally.items():
-            if t.zero_sums == 0 and t.maybe_zero_sums == 0:
-                self._zero_sign[key] = 0.0  # no position needs the fallback sign
-            elif abs(t.votes) > t.undecided:
-                self._zero_sign[key] = _vote_sign(t.votes)
-            else:
-                open_keys.add(key)
-        if open_keys:
-            exact: dict[Hashable, int] = {k: 0 for k in open_keys}
-
-            def vote(inputs: TensorInputs) -> None:
-                skey = self._sign_key(inputs.name)
-                if skey in exact:
-                    trimmed = magnitude_trim(self.task_vectors(inputs), self._threshold_tensor(inputs))
-                    exact[skey] += int(torch.sign(trimmed.sum(dim=0)).sum())
-
-            scan(vote)
-            for key, total in exact.items():
-                self._zero_sign[key] = _vote_sign(total)
 
     def _threshold_tensor(self, inputs: TensorInputs) -> torch.Tensor:
         """Per-model thresholds shaped ``(n, 1, ..., 1)`` to broadcast against the stacked task vectors."""
@@ -219,13 +156,29 @@ class TiesMerging(TensorMerge[TiesParams]):
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         assert inputs.base is not None
-        merged = ties_merge(
-            self.task_vectors(inputs),
-            self._threshold_tensor(inputs),
-            self.params.merge_func,
-            self._zero_sign[self._sign_key(inputs.name)],
-        )
+        trimmed = magnitude_trim_(self.task_vectors(inputs), self._threshold_tensor(inputs))
+        elected = elected_sign(trimmed)
+        sums = signed_sums(trimmed)
+        sign_key = self._sign_key(inputs.name)
+        slice_id = (inputs.name, inputs.flat_offset)
+        if slice_id not in self._voted:  # tied copies and revisits must not vote twice
+            self._voted.add(slice_id)
+            self._votes[sign_key] = self._votes.get(sign_key, 0) + int(elected.sum())
+            if bool(((elected == 0) & ((sums[0] > 0) | (sums[1] < 0))).any()):  # exact cancellation of values
+                self._needs_fallback.setdefault(sign_key, set()).add(slice_id)
+        sign = fill_zero_sign(elected, self._zero_sign.get(sign_key, _PROVISIONAL_SIGN))
+        merged = disjoint_merge(trimmed, sign, self.params.merge_func, sums)
         return torch.add(inputs.base, merged, alpha=self.params.scaling_factor)
+
+    def revisit(self) -> set[tuple[str, int]]:
+        """Settles the fallback sign from the exact votes; returns the slices merged with the wrong provisional one."""
+        stale: set[tuple[str, int]] = set()
+        for sign_key, votes in self._votes.items():
+            final = _vote_sign(votes)
+            self._zero_sign[sign_key] = final
+            if final != _PROVISIONAL_SIGN:
+                stale |= self._needs_fallback.get(sign_key, set())
+        return stale
 
 
 SPEC = register(

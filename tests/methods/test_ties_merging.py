@@ -11,19 +11,24 @@ from safetensors.torch import save_file
 import reference as ref
 
 import hf_fusion
-from hf_fusion.methods.ties_merging import disjoint_merge, elect_sign
+from hf_fusion.methods.ties_merging import disjoint_merge, elected_sign, fill_zero_sign
 
 
 def test_elect_sign_and_disjoint_merge_by_hand() -> None:
     trimmed = torch.tensor([[1.0, -2.0, 0.0, 3.0], [2.0, 1.0, 0.0, -3.0], [0.0, -1.0, 0.0, 1.0]])
-    sign = elect_sign(trimmed, zero_sign=-1.0)
+    assert elected_sign(trimmed).tolist() == [1.0, -1.0, 0.0, 1.0]
+    sign = fill_zero_sign(elected_sign(trimmed), zero_sign=-1.0)
     assert sign.tolist() == [1.0, -1.0, -1.0, 1.0]  # column sums 3, -2, 0 (-> fallback), 1
     assert disjoint_merge(trimmed, sign, "sum").tolist() == [3.0, -3.0, 0.0, 4.0]
     assert disjoint_merge(trimmed, sign, "mean").tolist() == [1.5, -1.5, 0.0, 2.0]
-    assert disjoint_merge(trimmed, sign, "max").tolist() == [2.0, -2.0, -0.0, 3.0]
+    assert disjoint_merge(trimmed, sign, "max").tolist() == [2.0, -2.0, 0.0, 3.0]
+    zero = torch.zeros(4)  # a zero elected sign selects the negative values, as in the paper's code
+    assert disjoint_merge(trimmed, zero, "sum").tolist() == [0.0, -3.0, 0.0, -3.0]
+    assert disjoint_merge(trimmed, zero, "max").tolist() == [0.0, 0.0, 0.0, 0.0]
 
 
 def _crafted_pool(root: Path, negative_majority: bool, seed: int) -> tuple[Path, list[Path]]:
+    """Values in {-2..2}; half of one sign is zeroed so the model-wide vote leans the other way."""
     """Integer-valued task vectors: many exact cancellations and many ties at the magnitude threshold."""
     g = torch.Generator().manual_seed(seed)
     shapes = {"a.weight": (40, 30), "b.weight": (64,), "c.bias": (7, 3, 5)}
@@ -34,8 +39,8 @@ def _crafted_pool(root: Path, negative_majority: bool, seed: int) -> tuple[Path,
     save_file(base, save_dir / "model.safetensors")
     for i in range(3):
         tv = {k: torch.randint(-2, 3, s, generator=g).float() for k, s in shapes.items()}
-        if negative_majority:
-            tv = {k: torch.where(v > 0, v * torch.randint(0, 2, v.shape, generator=g), v) for k, v in tv.items()}
+        lean = (lambda v: v > 0) if negative_majority else (lambda v: v < 0)
+        tv = {k: torch.where(lean(v), v * torch.randint(0, 2, v.shape, generator=g), v) for k, v in tv.items()}
         folder = root / f"ft{i}"
         folder.mkdir()
         save_file({k: base[k] + tv[k] for k in shapes}, folder / "model.safetensors")
@@ -64,12 +69,21 @@ def test_cancellations_and_threshold_ties_match_reference(
     assert result.statistics_passes in (2, 3)
 
 
-def test_third_pass_only_when_two_cannot_decide(tmp_path: Path, bert_pool: tuple[Path, list[Path]]) -> None:
-    base, experts = _crafted_pool(tmp_path / "crafted", False, seed=5)
-    crafted = hf_fusion.merge(models=[str(e) for e in experts], base=str(base), method="ties", threshold=40,
-                              output=tmp_path / "a", show_progress=False)
-    base, experts = bert_pool
-    smooth = hf_fusion.merge(models=[str(e) for e in experts], base=str(base), method="ties",
-                             output=tmp_path / "b", show_progress=False)
-    assert crafted.statistics_passes == 3  # integer task vectors: the threshold bin is huge, votes undecided
-    assert smooth.statistics_passes == 2
+def test_two_passes_and_revisits_only_when_the_vote_is_negative(tmp_path: Path, monkeypatch) -> None:
+    from hf_fusion.methods.ties_merging import TiesMerging
+
+    revisited: list[set] = []
+    original = TiesMerging.revisit
+
+    def spy(self):  # noqa: ANN001, ANN202
+        revisited.append(original(self))
+        return revisited[-1]
+
+    monkeypatch.setattr(TiesMerging, "revisit", spy)
+    for negative in (False, True):
+        base, experts = _crafted_pool(tmp_path / str(negative), negative, seed=3)
+        result = hf_fusion.merge(models=[str(e) for e in experts], base=str(base), method="ties", threshold=40,
+                                 output=tmp_path / f"out{negative}", budget_elements=60, show_progress=False)
+        assert result.statistics_passes == 2
+    assert revisited[0] == set()  # provisional +1 was right
+    assert len(revisited[1]) > 1  # several slices held exact cancellations and were fused again
