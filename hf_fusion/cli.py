@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     methods = sub.add_parser("methods", help="list fusion methods with their parameters and defaults")
     methods.add_argument("name", nargs="?", help="show one method in detail")
     methods.add_argument("--json", action="store_true", help="machine-readable output")
+    methods.add_argument("--markdown", action="store_true", help="the README's methods table")
     _add_common(methods)
 
     merge = sub.add_parser(
@@ -84,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--max-shard-size", type=parse_size, default=None, metavar="SIZE",
                        help="largest output shard (default 5GB)")
     _add_common(merge)
+
+    demo = sub.add_parser("demo", help="fuse a tiny local pool with several methods (no network needed)")
+    demo.add_argument("--output", default="demo", metavar="FOLDER", help="where the pool and results go")
+    _add_common(demo)
     return parser
 
 
@@ -97,6 +102,17 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 def _format_default(value: Any) -> str:
     return "null" if value is None else json.dumps(value) if isinstance(value, (list, dict, str)) else str(value)
+
+
+def methods_markdown(specs: Sequence[Any]) -> str:
+    """One table row per method: name and aliases, what it needs, parameters with defaults, the paper."""
+    rows = ["| method (aliases) | family | data | base | parameters (defaults) | paper |", "|---|---|---|---|---|---|"]
+    for s in specs:
+        names = f"`{s.name}`" + (f" ({', '.join(s.aliases)})" if s.aliases else "")
+        params = ", ".join(f"`{p.name}={_format_default(p.default)}`" for p in s.parameters()) or "-"
+        paper = f"[{s.paper.title.split(' (')[0]}]({s.paper.url})" if s.paper else ""
+        rows.append(f"| {names} | {s.family.value} | {s.data.value} | {s.base.value} | {params} | {paper} |")
+    return "\n".join(rows)
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -117,6 +133,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
             for s in specs
         ]
         print(json.dumps(out, indent=2))
+        return 0
+    if args.markdown:
+        print(methods_markdown(specs))
         return 0
     if args.name:
         s = specs[0]
@@ -173,6 +192,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hf_fusion.demo import format_rows, run_demo
+
+    rows = run_demo(Path(args.output), show_progress=not args.quiet)
+    print(format_rows(rows))
+    return 0 if all(r["reloads with from_pretrained"] for r in rows) else 1
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -188,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hf_fusion.errors import FusionError
 
     try:
-        return {"methods": cmd_methods, "merge": cmd_merge}[args.command](args)
+        return {"methods": cmd_methods, "merge": cmd_merge, "demo": cmd_demo}[args.command](args)
     except FusionError as err:
         print(f"hf-fusion: error: {err}", file=sys.stderr)
         return 1

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
 
-from tiny_models import make_pool  # noqa: E402
+from hf_fusion.toy import make_pool  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, CLIPVisionModel, GPT2LMHeadModel
 
 import reference as ref
-from tiny_models import clip_full, example_inputs, make_pool
+from hf_fusion.toy import clip_full, example_inputs, make_pool
 
 import hf_fusion
 from hf_fusion.recipe import RECIPE_FILENAME

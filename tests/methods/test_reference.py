@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig
 
 import reference as ref
-from tiny_models import ARCHITECTURES, example_inputs
+from hf_fusion.toy import ARCHITECTURES, example_inputs
 
 import hf_fusion
 
