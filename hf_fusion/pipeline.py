@@ -137,6 +137,7 @@ def merge(
         raise RecipeError("no output folder: pass --output (output=...).")
     target = Path(checked.recipe.output).expanduser()
     check_output_folder(target, overwrite=overwrite)
+    _check_output_is_not_an_input(target, checked.recipe)
 
     started = time.perf_counter()
     checkpoints: list[Checkpoint] = []
@@ -179,6 +180,17 @@ def merge(
         statistics_passes=engine.passes,
         output_bytes=plan.output_bytes,
     )
+
+
+def _check_output_is_not_an_input(target: Path, recipe: Recipe) -> None:
+    """Refuses an output folder that is, or contains, one of the models being read."""
+    out = target.resolve()
+    for ref in [*recipe.models, *([recipe.base] if recipe.base else [])]:
+        path = Path(ref.path).expanduser()
+        if path.exists():
+            model = path.resolve()
+            if model == out or out in model.parents:
+                raise RecipeError(f"the output folder {target} would replace the input model {ref}; choose another.")
 
 
 def _open_and_plan(
@@ -233,7 +245,7 @@ def _check_memory(plan: FusionPlan, elementwise: bool, budget_elements: int) -> 
         largest = max(plan.checkpoints[i].entries[n].numel for t in plan.fused for i, n in t.reads.items())
         needed = 4 * largest * sources * 4
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
-    log.info("estimated working memory: %.2f GB", needed / 1e9)
+    log.debug("estimated working memory: %.2f GB", needed / 1e9)
     if total and needed > total:
         raise InsufficientResourcesError(
             f"this method processes whole tensors: about {needed / 1e9:.1f} GB of working memory for the largest "

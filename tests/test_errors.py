@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tiny_models import make_pool
+from hf_fusion.toy import make_pool
 
 import hf_fusion
 from hf_fusion.engine import checkpoint as checkpoint_module
@@ -79,7 +79,7 @@ def test_different_architectures_are_named(tmp_path: Path, pools, no_tensor_read
 
 def test_different_shapes_name_model_and_tensor(tmp_path: Path, no_tensor_reads) -> None:
     base, experts = make_pool(tmp_path / "a", "bert", 2)
-    from tiny_models import bert
+    from hf_fusion.toy import bert
 
     torch.manual_seed(0)
     bert(num_labels=5).save_pretrained(tmp_path / "five_labels")
@@ -171,3 +171,13 @@ def test_crash_mid_merge_leaves_no_output(tmp_path: Path, bert_pool, monkeypatch
         _merge(tmp_path, models=[str(e) for e in experts], base=str(base), method="task_arithmetic")
     assert calls["n"] == 5
     _assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("which", ["model", "parent of a model"])
+def test_output_cannot_replace_an_input(tmp_path: Path, which: str, no_tensor_reads) -> None:
+    base, experts = make_pool(tmp_path / "pool", "bert", 2)
+    target = experts[0] if which == "model" else tmp_path / "pool"
+    with pytest.raises(RecipeError, match="would replace the input model"):
+        hf_fusion.merge(models=[str(e) for e in experts], base=str(base), method="ties", output=target,
+                        overwrite=True, show_progress=False)
+    assert (experts[0] / "model.safetensors").is_file()
