@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import torch
 
 from hf_fusion import __version__
+from hf_fusion.architecture import parameter_module_types
 from hf_fusion.engine.checkpoint import Checkpoint, open_checkpoint
 from hf_fusion.engine.dtypes import OUTPUT_DTYPES, TORCH_NAMES
 from hf_fusion.engine.plan import FusionPlan, build_plan
@@ -148,9 +149,12 @@ def merge(
             checked.params, num_models=len(plan.experts), has_base=checked.uses_base
         )
         _check_memory(plan, method_impl.elementwise, budget_elements)
+        module_types = None
+        if method_impl.needs_module_types:
+            module_types = parameter_module_types(folders[plan.experts[0]], [t.key for t in plan.fused])
         engine = StreamingEngine(
             plan, method_impl, uses_base=checked.uses_base, device=checked.recipe.device,
-            budget_elements=budget_elements, show_progress=show_progress,
+            budget_elements=budget_elements, show_progress=show_progress, module_types=module_types,
         )
         atomic = AtomicFolder(target, overwrite=overwrite)
         with atomic as temp:

@@ -127,13 +127,17 @@ def dare_keep_mask(seed: int, model_index: int, name: str, numel: int, p: float)
     return torch.cat(draws)[:numel] >= p
 
 
-def dare_task_vectors(base: StateDict, experts: list[StateDict], p: float, seed: int, rescale: str = "inverse"
-                      ) -> list[StateDict]:
+def dare_task_vectors(base: StateDict, experts: list[StateDict], p: float, seed: int, rescale: str = "inverse",
+                      only: set[str] | None = None) -> list[StateDict]:
+    """``only``: the tensor names DARE applies to (all when None); the others keep their whole task vector."""
     out = []
     for i, e in enumerate(experts):
         tv = {}
         for k in floating(e):
             delta = e[k].float() - base[k].float()
+            if only is not None and k not in only:
+                tv[k] = delta
+                continue
             mask = dare_keep_mask(seed, i, k, delta.numel(), p).view(delta.shape)
             dropped = torch.where(mask, delta, torch.zeros(()))
             if rescale == "inverse":
@@ -146,6 +150,6 @@ def dare_task_vectors(base: StateDict, experts: list[StateDict], p: float, seed:
 
 
 def dare_task_arithmetic(base: StateDict, experts: list[StateDict], lam: float, p: float, seed: int,
-                         rescale: str = "inverse") -> StateDict:
-    tvs = dare_task_vectors(base, experts, p, seed, rescale)
+                         rescale: str = "inverse", only: set[str] | None = None) -> StateDict:
+    tvs = dare_task_vectors(base, experts, p, seed, rescale, only)
     return {k: base[k].double() + lam * sum(tv[k].double() for tv in tvs) for k in tvs[0]}

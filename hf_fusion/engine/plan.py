@@ -19,7 +19,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Collection, Sequence
 
 import torch
 
@@ -158,34 +158,34 @@ def find_aliases(checkpoints: Sequence[Checkpoint], models: Sequence[int]) -> di
     return aliases
 
 
-def match_base_names(base: Checkpoint, names: Sequence[str]) -> dict[str, str]:
-    """Maps the models' tensor names to the base's, allowing one common prefix to be added or removed.
+def align_names(names: Sequence[str], available: Collection[str]) -> dict[str, str]:
+    """Maps ``names`` onto ``available``, allowing one common prefix to be added or removed.
 
     transformers saves a task model's backbone under a prefix its bare model lacks (``bert.`` in
     ``BertForSequenceClassification`` but not in ``BertModel``; ``vision_model.`` in ``CLIPModel`` but not in a
     transformers-5 ``CLIPVisionModel``). Names found as-is are kept; otherwise the prefix that matches the most
-    names wins.
+    names wins. Names that match nothing are left out.
     """
-    entries = base.entries
-    direct = {n: n for n in names if n in entries}
-    missing = [n for n in names if n not in entries]
+    available = set(available)
+    direct = {n: n for n in names if n in available}
+    missing = [n for n in names if n not in available]
     if not missing:
         return direct
     candidates: set[tuple[str, str]] = set()
-    for probe in missing[:20]:  # a few probes: the first missing name may be a head the base never had
-        for other in entries:
+    for probe in missing[:20]:  # a few probes: the first missing name may be a head the other side never had
+        for other in available:
             if other.endswith("." + probe):
                 candidates.add(("add", other[: -len(probe)]))
         parts = probe.split(".")
         for i in range(1, len(parts)):
             prefix = ".".join(parts[:i]) + "."
-            if probe[len(prefix):] in entries:
+            if probe[len(prefix):] in available:
                 candidates.add(("strip", prefix))
 
     def apply(kind: str, prefix: str, name: str) -> str | None:
         if kind == "add":
-            return prefix + name if prefix + name in entries else None
-        return name[len(prefix):] if name.startswith(prefix) and name[len(prefix):] in entries else None
+            return prefix + name if prefix + name in available else None
+        return name[len(prefix):] if name.startswith(prefix) and name[len(prefix):] in available else None
 
     best: dict[str, str] = direct
     for kind, prefix in sorted(candidates):
@@ -193,7 +193,7 @@ def match_base_names(base: Checkpoint, names: Sequence[str]) -> dict[str, str]:
         if len(mapped) > len(best):
             best = mapped
     if best is not direct:
-        log.info("base tensor names differ from the models' by a prefix; matched %d of %d", len(best), len(names))
+        log.info("tensor names differ by a prefix; matched %d of %d", len(best), len(names))
     return best
 
 
@@ -266,7 +266,7 @@ def build_plan(
                     f"{first.label}. Models fused together must share an architecture and sizes."
                 )
 
-    base_names = match_base_names(ckpts[base], names) if base is not None else {}
+    base_names = align_names(names, ckpts[base].entries) if base is not None else {}
 
     def resolve_base(name: str) -> str | None:
         for candidate in [name, *members.get(aliases.get(name, ""), [])]:

@@ -75,8 +75,10 @@ class StreamingEngine:
         budget_elements: int = DEFAULT_BUDGET_ELEMENTS,
         prefetch: int = 2,
         show_progress: bool = True,
+        module_types: dict[str, str] | None = None,
     ) -> None:
         self.plan = plan
+        self.module_types = module_types or {}
         self.method = method
         self.device = torch.device(device)
         self.prefetch = max(1, prefetch)
@@ -173,7 +175,8 @@ class StreamingEngine:
         ]
         base = values[0] if self.has_base else None
         experts = values[1:] if self.has_base else values
-        return TensorInputs(job.tensor.key, base, experts, job.tensor.shape, job.flat_offset)
+        return TensorInputs(job.tensor.key, base, experts, job.tensor.shape, job.flat_offset,
+                            self.module_types.get(job.tensor.key))
 
     # passes -------------------------------------------------------------------------------------------------
     def scan(self, visitor: Visitor) -> None:

@@ -32,6 +32,8 @@ class TensorInputs:
     experts: Sequence[torch.Tensor]
     full_shape: tuple[int, ...]
     flat_offset: int = 0
+    module_type: str | None = None
+    """Class name of the module owning the tensor (``Linear``, ``LayerNorm``...), for methods that ask for it."""
 
     @property
     def is_whole(self) -> bool:
@@ -52,9 +54,12 @@ class TensorMerge(ABC, Generic[P]):
 
     ``elementwise`` methods compute each output element from the same element of the inputs (given the statistics
     from :meth:`prepare`), so the engine may feed them row slices and keep memory flat in tensor size.
+    ``needs_module_types`` asks the pipeline to look up which module type owns each tensor.
     """
 
     elementwise: bool = True
+    needs_module_types: bool = False
+    """Set by methods that act on a kind of layer only; the pipeline then fills ``TensorInputs.module_type``."""
 
     def __init__(self, params: P, *, num_models: int, has_base: bool) -> None:
         self.params = params

@@ -10,6 +10,9 @@ from hf_fusion.errors import RecipeError
 
 FROZEN = pydantic.ConfigDict(extra="forbid", frozen=True)
 
+LINEAR_MODULES = frozenset({"Linear", "Conv1D", "NonDynamicallyQuantizableLinear"})
+"""Module types whose ``weight`` is a linear map (transformers' Conv1D is GPT-2's transposed Linear)."""
+
 
 def scaling_factor_field(default: float) -> Any:
     return pydantic.Field(

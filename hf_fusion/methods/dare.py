@@ -14,7 +14,7 @@ import pydantic
 import torch
 
 from hf_fusion.methods.base import TensorInputs, TensorMerge
-from hf_fusion.methods.common import FROZEN, scaling_factor_field
+from hf_fusion.methods.common import FROZEN, LINEAR_MODULES, scaling_factor_field
 from hf_fusion.methods.sparsify import Rescale, random_drop
 from hf_fusion.methods.ties_merging import TiesMerging, TiesParams
 from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
@@ -37,6 +37,9 @@ class DareOptions(pydantic.BaseModel):
         description="inverse: divide survivors by 1-p (paper); l1: keep each tensor's L1 norm (mergekit); none",
     )
     seed: int = pydantic.Field(0, ge=0, description="seed of the drop masks")
+    only_on_linear_weights: bool = pydantic.Field(
+        False, description="drop only in the weights of linear layers (others keep their full task vector)"
+    )
 
     @pydantic.field_validator("rescale", mode="before")
     @classmethod
@@ -60,6 +63,10 @@ class DareTiesParams(TiesParams, DareOptions):
 def dropped_task_vectors(inputs: TensorInputs, options: DareOptions) -> list[torch.Tensor]:
     """DARE applied to each model's task vector of one tensor (slice)."""
     assert inputs.base is not None
+    if options.only_on_linear_weights and not (
+        inputs.module_type in LINEAR_MODULES and inputs.name.endswith("weight")
+    ):
+        return [expert - inputs.base for expert in inputs.experts]
     return [
         random_drop(
             expert - inputs.base,
@@ -79,6 +86,7 @@ class DareTaskArithmetic(TensorMerge[DareTaskArithmeticParams]):
     def __init__(self, params: Any, *, num_models: int, has_base: bool) -> None:
         super().__init__(params, num_models=num_models, has_base=has_base)
         self.elementwise = params.rescale != "l1"
+        self.needs_module_types = params.only_on_linear_weights
 
     def scale(self) -> float:
         return self.params.scaling_factor
@@ -105,6 +113,7 @@ class DareTiesMerging(TiesMerging):
     def __init__(self, params: Any, *, num_models: int, has_base: bool) -> None:
         super().__init__(params, num_models=num_models, has_base=has_base)
         self.elementwise = params.rescale != "l1"
+        self.needs_module_types = params.only_on_linear_weights
 
     def task_vectors(self, inputs: TensorInputs) -> torch.Tensor:
         return torch.stack(dropped_task_vectors(inputs, self.params))

@@ -93,3 +93,21 @@ def test_slicing_does_not_change_a_single_bit(case: str, pools: dict, tmp_path: 
     whole, _ = _run(case, "gpt2", pools, tmp_path / "whole")
     sliced, _ = _run(case, "gpt2", pools, tmp_path / "sliced", budget_elements=97)
     assert (whole / "model.safetensors").read_bytes() == (sliced / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_dare_only_on_linear_weights(arch: str, pools: dict, tmp_path: Path) -> None:
+    """FusionBench's only_on_linear_weights: linear-layer weights are dropped, everything else is plain TA."""
+    from transformers.pytorch_utils import Conv1D
+
+    base, experts = pools[arch]
+    model = ARCHITECTURES[arch]()
+    linear = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D))}
+    hf_fusion.merge(models=[str(e) for e in experts], base=str(base), method="dare_task_arithmetic",
+                    only_on_linear_weights=True, output=tmp_path / "o", show_progress=False)
+    base_sd, expert_sds = ref.load_state(base), [ref.load_state(e) for e in experts]
+    expected = ref.dare_task_arithmetic(base_sd, expert_sds, 0.3, 0.5, 0, only=linear)
+    fused = ref.load_state(tmp_path / "o")
+    assert linear & set(fused) and set(fused) - linear  # both kinds are present
+    for name, value in expected.items():
+        torch.testing.assert_close(fused[name].double(), value, rtol=2e-5, atol=2e-6, msg=lambda m: f"{name}: {m}")
