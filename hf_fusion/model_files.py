@@ -23,9 +23,7 @@ def local_folder(ref: ModelRef) -> Path:
     """The local folder (or weights file) of ``ref``; raises when it does not exist."""
     path = Path(ref.path).expanduser()
     if not path.exists():
-        looks_local = ref.path.startswith((".", "/", "~")) or path.suffix in WEIGHT_SUFFIXES
-        kind = "local folder" if looks_local else "local folder (Hub repo ids are not fetched by this command)"
-        raise RecipeError(f"model {ref} not found: no such {kind}.")
+        raise RecipeError(f"model {ref} not found: no such local folder.")
     if ref.revision:
         raise RecipeError(f"model {ref}: a revision only applies to Hub repo ids, not to the local path {path}.")
     return path
@@ -71,15 +69,20 @@ def same_architecture(a: dict[str, Any] | None, b: dict[str, Any] | None) -> boo
     return a.get("model_type") == b.get("model_type") and a.get("architectures") == b.get("architectures")
 
 
-def _is_side_file(path: Path) -> bool:
+def is_side_file(name: str) -> bool:
+    """Config, generation config, tokenizer and processor files: what travels with fused weights."""
     return (
-        path.is_file()
-        and not path.name.startswith(".")
-        and path.name not in SKIPPED_FILES
-        and not path.name.endswith(WEIGHT_SUFFIXES)
-        and not path.name.endswith(".index.json")
-        and path.suffix != ".py"
+        "/" not in name
+        and not name.startswith(".")
+        and name not in SKIPPED_FILES
+        and not name.endswith(WEIGHT_SUFFIXES)
+        and not name.endswith(".index.json")
+        and not name.endswith(".py")
     )
+
+
+def _is_side_file(path: Path) -> bool:
+    return path.is_file() and is_side_file(path.name)
 
 
 def copy_side_files(reference: Path, others: Sequence[Path], dest: Path) -> list[str]:

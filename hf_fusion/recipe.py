@@ -20,12 +20,17 @@ RECIPE_FILENAME = "fusion_recipe.yaml"
 
 
 class ModelRef(pydantic.BaseModel):
-    """A model by local path or Hub repo id, with an optional revision (``repo@rev``)."""
+    """A model by local path or Hub repo id, with an optional revision (``repo@rev``).
 
-    model_config = pydantic.ConfigDict(frozen=True)
+    ``commit`` is the commit the revision resolved to when the model was fetched; a recipe that records it
+    reproduces a fusion exactly even after the branch moves.
+    """
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
 
     path: str
     revision: str | None = None
+    commit: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> "ModelRef":
@@ -33,7 +38,7 @@ class ModelRef(pydantic.BaseModel):
         text = text.strip()
         if not text:
             raise RecipeError("empty model reference.")
-        if "@" in text and not Path(text).exists():
+        if "@" in text and not Path(text).expanduser().exists():
             path, _, revision = text.rpartition("@")
             if not path or not revision:
                 raise RecipeError(f"model reference {text!r} should look like `org/name@revision`.")
@@ -42,7 +47,18 @@ class ModelRef(pydantic.BaseModel):
 
     @property
     def is_local(self) -> bool:
-        return Path(self.path).expanduser().exists()
+        """Local when the path exists, or is spelled like a path (``./x``, ``/x``, ``~/x``) rather than a repo id."""
+        return self.path.startswith((".", "/", "~")) or Path(self.path).expanduser().exists()
+
+    @property
+    def pinned(self) -> str | None:
+        """The revision to fetch: the recorded commit if any, else the requested revision."""
+        return self.commit or self.revision
+
+    def to_yaml_value(self) -> str | dict[str, str]:
+        if self.commit:
+            return {k: v for k, v in (("path", self.path), ("revision", self.revision), ("commit", self.commit)) if v}
+        return str(self)
 
     def __str__(self) -> str:
         return f"{self.path}@{self.revision}" if self.revision else self.path
@@ -128,8 +144,8 @@ class Recipe(pydantic.BaseModel):
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
             "method": self.method,
-            "models": [str(m) for m in self.models],
-            "base": str(self.base) if self.base else None,
+            "models": [m.to_yaml_value() for m in self.models],
+            "base": self.base.to_yaml_value() if self.base else None,
             "parameters": dict(self.parameters),
             "dtype": self.dtype,
         }

@@ -31,6 +31,17 @@ def test_yaml_round_trip(tmp_path: Path) -> None:
     assert again.models[0].revision == "r1" and again.dtype == "bfloat16"
 
 
+def test_resolved_commits_round_trip(tmp_path: Path) -> None:
+    recipe = Recipe.build(method="ties", models=[{"path": "a/x", "revision": "main", "commit": "0" * 40}, "a/y"])
+    text = recipe.to_yaml()
+    assert "commit: '0000" in text or "commit: 0000" in text
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    again = Recipe.from_yaml(path)
+    assert again.models[0].commit == "0" * 40 and again.models[0].pinned == "0" * 40
+    assert again.models[1].pinned is None
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"method": "ties", "models": []}, "models"),
     ({"method": "ties", "models": ["a"], "dtype": "int8"}, "dtype"),

@@ -218,43 +218,63 @@ def read_safetensors_entries(path: Path) -> Iterator[TensorEntry]:
         yield TensorEntry(name, dtype, shape, path, data_start + begin, end - begin)
 
 
-def find_weight_files(folder: Path) -> tuple[str, list[Path], dict[str, str] | None]:
-    """Finds a folder's weights: ``("safetensors" | "pickle", files, weight_map or None)``.
+def choose_weight_files(names: list[str]) -> tuple[str, list[str], str | None]:
+    """Picks a model's weights from its file names: ``("safetensors" | "pickle", files, index or None)``.
 
     Prefers ``model.safetensors[.index.json]``, then any single safetensors index or file (diffusers and peft name
-    theirs differently), then pickles.
+    theirs differently), then pickles. With an index, ``files`` is empty: the index lists the shards. Only top-level
+    files count.
     """
-    def from_index(index: Path) -> tuple[list[Path], dict[str, str]]:
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{index}: not a valid weights index ({err}).") from None
-        shards = []
-        for shard in dict.fromkeys(weight_map.values()):
-            path = folder / shard
-            if not path.is_file():
-                raise CheckpointError(f"{index}: names shard {shard!r}, which is missing from {folder}.")
-            shards.append(path)
-        return shards, weight_map
-
-    for kind, suffix in (("safetensors", ".safetensors"), ("pickle", ".bin")):
-        preferred = folder / f"model{suffix}.index.json" if kind == "safetensors" else folder / "pytorch_model.bin.index.json"
-        if preferred.is_file():
-            return (kind, *from_index(preferred))
-        single = folder / ("model.safetensors" if kind == "safetensors" else "pytorch_model.bin")
-        if single.is_file():
-            return kind, [single], None
-        indexes = sorted(folder.glob(f"*{suffix}.index.json"))
+    top = sorted(n for n in names if "/" not in n)
+    for kind, suffix, preferred_index, preferred in (
+        ("safetensors", ".safetensors", "model.safetensors.index.json", "model.safetensors"),
+        ("pickle", ".bin", "pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
+        if preferred_index in top:
+            return kind, [], preferred_index
+        if preferred in top:
+            return kind, [preferred], None
+        indexes = [n for n in top if n.endswith(f"{suffix}.index.json")]
         if len(indexes) == 1:
-            return (kind, *from_index(indexes[0]))
+            return kind, [], indexes[0]
         suffixes = (suffix,) if kind == "safetensors" else PICKLE_SUFFIXES
-        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in suffixes and p.name not in NOT_WEIGHTS)
+        files = [n for n in top if n.endswith(suffixes) and n not in NOT_WEIGHTS]
         if len(files) == 1:
             return kind, files, None
         if len(files) > 1 or len(indexes) > 1:
-            names = ", ".join(p.name for p in (indexes or files))
-            raise CheckpointError(f"{folder}: several {kind} weight files and no index to tell them apart ({names}).")
-    raise CheckpointError(f"{folder}: no weights found (looked for *.safetensors and *.bin).")
+            raise CheckpointError(
+                f"several {kind} weight files and no index to tell them apart ({', '.join(indexes or files)})."
+            )
+    raise CheckpointError("no weights found (looked for *.safetensors and *.bin).")
+
+
+def read_weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a sharded checkpoint's index file."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{index}: not a valid weights index ({err}).") from None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: not a valid weights index (weight_map is not a mapping).")
+    return weight_map
+
+
+def find_weight_files(folder: Path) -> tuple[str, list[Path], dict[str, str] | None]:
+    """A folder's weights: ``("safetensors" | "pickle", files, weight_map or None)``."""
+    try:
+        kind, files, index = choose_weight_files([p.name for p in folder.iterdir() if p.is_file()])
+    except CheckpointError as err:
+        raise CheckpointError(f"{folder}: {err}") from None
+    if index is None:
+        return kind, [folder / f for f in files], None
+    weight_map = read_weight_map(folder / index)
+    shards = []
+    for shard in dict.fromkeys(weight_map.values()):
+        path = folder / shard
+        if not path.is_file():
+            raise CheckpointError(f"{folder / index}: names shard {shard!r}, which is missing from {folder}.")
+        shards.append(path)
+    return kind, shards, weight_map
 
 
 def open_checkpoint(path: Path, label: str, *, allow_pickle: bool = False) -> Checkpoint:

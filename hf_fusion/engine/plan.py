@@ -212,6 +212,61 @@ def _names_differ(a: Checkpoint, b: Checkpoint, missing: list[str], extra: list[
     )
 
 
+def _could_be_tied(ckpt: Checkpoint, like: TensorEntry) -> bool:
+    """Whether ``ckpt`` holds a tensor that could be a tied twin of ``like`` (same shape and dtype)."""
+    return any(e.shape == like.shape and e.dtype == like.dtype and e.name != like.name for e in ckpt.entries.values())
+
+
+def check_headers(
+    checkpoints: Sequence[Checkpoint],
+    *,
+    base: int | None,
+    experts: Sequence[int],
+    uses_base: bool,
+    exclude: Sequence[str] = (),
+) -> None:
+    """What headers alone can refute: different shapes, missing tensors, a base that lacks the models' tensors.
+
+    Runs before any weight is downloaded. A name missing from one model passes only when that model holds a tensor
+    of the same shape and dtype that may be its tied twin; :func:`build_plan` settles that from the bytes.
+    """
+    first = checkpoints[experts[0]]
+    for index in experts[1:]:
+        other = checkpoints[index]
+        for name, entry in other.entries.items():
+            theirs = first.entries.get(name)
+            if theirs is not None and theirs.shape != entry.shape:
+                raise IncompatibleModelsError(
+                    f"tensor {name!r} has shape {list(entry.shape)} in {other.label} but {list(theirs.shape)} "
+                    f"in {first.label}. Models fused together must share an architecture and sizes."
+                )
+        missing = [n for n, e in first.entries.items() if n not in other.entries and not _could_be_tied(other, e)]
+        extra = [n for n, e in other.entries.items() if n not in first.entries and not _could_be_tied(first, e)]
+        if missing or extra:
+            raise _names_differ(first, other, missing, extra)
+    if not uses_base or base is None:
+        return
+    base_ckpt = checkpoints[base]
+    fused = [n for n, e in first.entries.items()
+             if is_floating(e.dtype) and not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
+    matched = align_names(fused, base_ckpt.entries)
+    for name in fused:
+        entry = first.entries[name]
+        if name not in matched:
+            if _could_be_tied(base_ckpt, entry):
+                continue
+            raise IncompatibleModelsError(
+                f"the base {base_ckpt.label} has no tensor {name!r}, which the models have; the base must be "
+                "the model they were fine-tuned from. To keep such tensors unfused, list them in `exclude`."
+            )
+        base_entry = base_ckpt.entries[matched[name]]
+        if base_entry.shape != entry.shape:
+            raise IncompatibleModelsError(
+                f"tensor {name!r} has shape {list(base_entry.shape)} in the base {base_ckpt.label} but "
+                f"{list(entry.shape)} in {first.label}; the base must be the model they were fine-tuned from."
+            )
+
+
 def build_plan(
     checkpoints: Sequence[Checkpoint],
     *,
@@ -225,14 +280,7 @@ def build_plan(
     """Checks the models against each other and lays out the output; raises :class:`IncompatibleModelsError`."""
     ckpts = list(checkpoints)
     first = ckpts[experts[0]]
-    for index in experts[1:]:  # headers only: shapes of the names every model has
-        for name, entry in ckpts[index].entries.items():
-            theirs = first.entries.get(name)
-            if theirs is not None and theirs.shape != entry.shape:
-                raise IncompatibleModelsError(
-                    f"tensor {name!r} has shape {list(entry.shape)} in {ckpts[index].label} but {list(theirs.shape)} "
-                    f"in {first.label}. Models fused together must share an architecture and sizes."
-                )
+    check_headers(ckpts, base=base, experts=experts, uses_base=uses_base, exclude=exclude)
     aliases = find_aliases(ckpts, [*experts, *([base] if base is not None else [])])
 
     members: dict[str, list[str]] = {}
