@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["merge", "Recipe", "MergeResult", "list_methods", "get_method", "__version__"]
+__all__ = ["merge", "Recipe", "MergeResult", "PushTarget", "list_methods", "get_method", "__version__"]
 
 if TYPE_CHECKING:
     from hf_fusion.pipeline import MergeResult, merge
+    from hf_fusion.hub.push import PushTarget
     from hf_fusion.recipe import Recipe
     from hf_fusion.registry import all_methods as list_methods
     from hf_fusion.registry import get_method
@@ -24,6 +25,10 @@ def __getattr__(name: str) -> Any:
         from hf_fusion import pipeline
 
         return getattr(pipeline, name)
+    if name == "PushTarget":
+        from hf_fusion.hub.push import PushTarget
+
+        return PushTarget
     if name == "Recipe":
         from hf_fusion.recipe import Recipe
 

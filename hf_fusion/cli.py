@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fuse models with a data-free method. Flags override the fields of --config.",
     )
     merge.add_argument("--config", metavar="RECIPE.yaml", help="recipe file (the output keeps a copy)")
-    merge.add_argument("--repo-ids", nargs="+", metavar="MODEL", help="models to fuse: local folders (path[@rev])")
+    merge.add_argument("--repo-ids", nargs="+", metavar="MODEL",
+                       help="models to fuse: Hub repo ids (org/name[@revision]) or local folders")
     merge.add_argument("--base", metavar="MODEL", help="the pretrained model the others were fine-tuned from")
     merge.add_argument("--method", help="fusion method (see `hf-fusion methods`)")
     merge.add_argument("--param", action="append", type=parse_param, default=[], metavar="NAME=VALUE",
@@ -79,17 +80,57 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--device", help="compute device: cpu (default), cuda, cuda:N")
     merge.add_argument("--exclude", nargs="+", metavar="PATTERN",
                        help="tensor-name globs copied unfused from the base (e.g. 'classifier.*')")
-    merge.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    merge.add_argument("--overwrite", action="store_true",
+                       help="replace an existing output folder, and files on an existing Hub branch with --push")
     merge.add_argument("--allow-pickle", action="store_true",
                        help="load .bin/.pt pickle checkpoints (can run code; only for models you trust)")
     merge.add_argument("--max-shard-size", type=parse_size, default=None, metavar="SIZE",
                        help="largest output shard (default 5GB)")
+    merge.add_argument("--push", metavar="REPO", help="push the fused model to this Hub repo (org/name or name)")
+    _add_push_options(merge)
     _add_common(merge)
+
+    push = sub.add_parser("push", help="push a fused model folder to the Hub (writes its card if missing)")
+    push.add_argument("folder", help="a folder written by `hf-fusion merge`")
+    push.add_argument("repo", help="target repo (org/name, or name under your account)")
+    push.add_argument("--overwrite", action="store_true", help="commit over files already on the target branch")
+    _add_push_options(push)
+    _add_common(push)
+
+    card = sub.add_parser("card", help="(re)write a fused model's README.md from its recipe and evaluation report")
+    card.add_argument("folder", help="a folder written by `hf-fusion merge`")
+    card.add_argument("--repo-id", help="the repo the card's usage snippet loads (default: the folder)")
+    _add_common(card)
 
     demo = sub.add_parser("demo", help="fuse a tiny local pool with several methods (no network needed)")
     demo.add_argument("--output", default="demo", metavar="FOLDER", help="where the pool and results go")
     _add_common(demo)
     return parser
+
+
+def _add_push_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--private", action="store_true", help="create the repo as private")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--revision", metavar="BRANCH", help="push to this branch (created from main if needed)")
+    where.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    parser.add_argument("--commit-message", help="default: 'Fuse N models with METHOD (hf-fusion)'")
+    parser.add_argument("--token", help="Hub token (default: HF_TOKEN, then `hf auth login`); never printed")
+
+
+def _push_target(args: argparse.Namespace, repo: str | None) -> Any:
+    if not repo:
+        return None
+    from hf_fusion.hub.push import PushTarget
+
+    return PushTarget(repo, private=args.private, revision=args.revision, create_pr=args.create_pr,
+                      overwrite=args.overwrite, commit_message=args.commit_message)
+
+
+def _print_push(result: Any) -> None:
+    if result.pr_url:
+        print(f"Opened a pull request on {result.repo_id}: {result.pr_url}")
+    else:
+        print(f"Pushed to {result.url} ({result.commit_url})")
 
 
 def _configure_logging(args: argparse.Namespace) -> None:
@@ -168,6 +209,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         kwargs["max_shard_bytes"] = args.max_shard_size
     if not args.config and not args.repo_ids:
         raise SystemExit("hf-fusion merge: give --repo-ids (and --method, --output) or --config RECIPE.yaml")
+    if args.token:
+        kwargs["token"] = args.token
     result = merge(
         args.config,
         models=args.repo_ids,
@@ -179,6 +222,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         exclude=args.exclude,
         overwrite=args.overwrite,
         allow_pickle=args.allow_pickle,
+        push=_push_target(args, args.push),
         show_progress=not args.quiet,
         **kwargs,
     )
@@ -189,6 +233,39 @@ def cmd_merge(args: argparse.Namespace) -> int:
             f"({result.fused_tensors} tensors fused, {result.copied_tensors} copied, "
             f"{result.output_bytes / 1e6:.1f} MB) in {result.seconds:.1f} s"
         )
+    if result.push is not None:
+        _print_push(result.push)
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hf_fusion.cards import CARD_FILENAME, write_card
+    from hf_fusion.errors import FusionError
+    from hf_fusion.hub.push import check_target, push_folder
+    from hf_fusion.recipe import RECIPE_FILENAME, Recipe
+
+    folder = Path(args.folder)
+    if not (folder / RECIPE_FILENAME).is_file():
+        raise FusionError(f"{folder} is not a folder written by hf-fusion merge (no {RECIPE_FILENAME}).")
+    target = check_target(_push_target(args, args.repo), args.token)
+    if not (folder / CARD_FILENAME).is_file():
+        write_card(folder, repo_id=target.repo_id)
+    recipe = Recipe.from_yaml(folder / RECIPE_FILENAME)
+    message = f"Fuse {len(recipe.models)} models with {recipe.method} (hf-fusion)"
+    _print_push(push_folder(folder, target, token=args.token, default_message=message))
+    return 0
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hf_fusion.cards import write_card
+
+    path = write_card(Path(args.folder), repo_id=args.repo_id)
+    if not args.quiet:
+        print(f"Wrote {path}")
     return 0
 
 
@@ -217,7 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hf_fusion.errors import FusionError
 
     try:
-        return {"methods": cmd_methods, "merge": cmd_merge, "demo": cmd_demo}[args.command](args)
+        commands = {"methods": cmd_methods, "merge": cmd_merge, "demo": cmd_demo, "push": cmd_push, "card": cmd_card}
+        return commands[args.command](args)
     except FusionError as err:
         print(f"hf-fusion: error: {err}", file=sys.stderr)
         return 1

@@ -1,14 +1,16 @@
-"""The one path every fused model takes: recipe -> validate -> fuse -> write.
+"""The one path every fused model takes: recipe -> validate -> fetch -> fuse -> write -> card -> push.
 
-Everything that can be checked without reading weights is checked first (method, parameters, model count, output
-folder, device), then headers and configs (architectures, tensor names and shapes, disk space), and only then is
-any tensor data read.
+Everything that can be checked without weights is checked first: method, parameters, model count, output folder,
+device, then the push target (token, namespace, existing files), then each input's config and safetensors headers
+(read remotely for Hub models: architectures, tensor names and shapes) and the disk space for downloads and output.
+Only then are weights downloaded and read.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,23 +20,20 @@ import torch
 
 from hf_fusion import __version__
 from hf_fusion.architecture import parameter_module_types
+from hf_fusion.cards import write_card
 from hf_fusion.engine.checkpoint import Checkpoint, open_checkpoint
 from hf_fusion.engine.dtypes import OUTPUT_DTYPES, TORCH_NAMES
-from hf_fusion.engine.plan import FusionPlan, build_plan
+from hf_fusion.engine.plan import FusionPlan, build_plan, check_headers
 from hf_fusion.engine.stream import DEFAULT_BUDGET_ELEMENTS, StreamingEngine
 from hf_fusion.engine.writer import DEFAULT_MAX_SHARD_BYTES, ShardedSafetensorsWriter
 from hf_fusion.errors import InsufficientResourcesError, RecipeError
-from hf_fusion.model_files import (
-    check_same_architecture,
-    copy_side_files,
-    local_folder,
-    read_config,
-    same_architecture,
-    set_config_dtype,
-)
+from hf_fusion.hub.auth import resolve_token
+from hf_fusion.hub.push import PushResult, PushTarget, check_target, push_folder
+from hf_fusion.model_files import check_same_architecture, copy_side_files, same_architecture, set_config_dtype
 from hf_fusion.output import AtomicFolder, check_free_space, check_output_folder
 from hf_fusion.recipe import RECIPE_FILENAME, Recipe
 from hf_fusion.registry import BaseUse, MethodSpec, get_method
+from hf_fusion.sources import Source, check_download_space, fetch, header_checkpoint, resolve
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +50,7 @@ class MergeResult:
     copied_tensors: int
     statistics_passes: int
     output_bytes: int
+    push: PushResult | None = None
 
 
 @dataclass(frozen=True)
@@ -119,41 +119,56 @@ def merge(
     exclude: list[str] | None = None,
     overwrite: bool = False,
     allow_pickle: bool = False,
+    push: str | PushTarget | None = None,
+    token: str | None = None,
     show_progress: bool = True,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     budget_elements: int = DEFAULT_BUDGET_ELEMENTS,
     **parameters: Any,
 ) -> MergeResult:
-    """Fuses models into a ``from_pretrained``-ready folder.
+    """Fuses models into a ``from_pretrained``-ready folder, and optionally pushes it to the Hub.
 
     ``merge(recipe)`` takes a :class:`Recipe`, a YAML path or a mapping; ``merge(models=[...], base=..., method=...,
-    output=..., **params)`` builds one from keywords (keywords also override a given recipe).
+    output=..., **params)`` builds one from keywords (keywords also override a given recipe). Models are local
+    folders or Hub repo ids (``org/name@revision``). ``push`` is a repo id or a :class:`PushTarget`; without
+    ``output`` the fused folder is then built in a temporary folder, removed after a successful push.
     """
     overrides = {
         "models": models, "base": base, "method": method, "output": str(output) if output else None,
         "dtype": dtype, "device": device, "exclude": exclude, "parameters": parameters,
     }
     checked = validate_recipe(as_recipe(recipe, overrides))
+    target_spec = PushTarget(push) if isinstance(push, str) else push
+    scratch = None
     if not checked.recipe.output:
-        raise RecipeError("no output folder: pass --output (output=...).")
-    target = Path(checked.recipe.output).expanduser()
+        if target_spec is None:
+            raise RecipeError("no output folder: pass --output (output=...).")
+        scratch = Path(tempfile.mkdtemp(prefix="hf-fusion-"))
+    target = Path(checked.recipe.output).expanduser() if checked.recipe.output else scratch / "fused"  # type: ignore[operator]
     check_output_folder(target, overwrite=overwrite)
     _check_output_is_not_an_input(target, checked.recipe)
+    token = resolve_token(token)
+    if target_spec is not None:
+        target_spec = check_target(target_spec, token)
 
     started = time.perf_counter()
     checkpoints: list[Checkpoint] = []
     try:
-        plan, folders = _open_and_plan(checked, checkpoints, allow_pickle=allow_pickle)
-        check_free_space(target, plan.output_bytes)
         method_impl = checked.spec.implementation(
-            checked.params, num_models=len(plan.experts), has_base=checked.uses_base
+            checked.params, num_models=len(checked.recipe.models), has_base=checked.uses_base
         )
-        _check_memory(plan, method_impl.elementwise, budget_elements)
+        sources, headers = _resolve_and_check(checked, allow_pickle=allow_pickle, token=token)
+        check_memory(headers, method_impl.elementwise, budget_elements)
+        check_download_space(sources)
+        sources = [fetch(s, token=token, show_progress=show_progress) for s in sources]
+        recipe = _pin(checked.recipe, sources, checked.uses_base)
+        plan = _plan(checked, sources, checkpoints, allow_pickle=allow_pickle)
+        check_free_space(target, plan.output_bytes)
         module_types = None
         if method_impl.needs_module_types:
-            module_types = parameter_module_types(folders[plan.experts[0]], [t.key for t in plan.fused])
+            module_types = parameter_module_types(sources[plan.experts[0]].folder, [t.key for t in plan.fused])  # type: ignore[arg-type]
         engine = StreamingEngine(
-            plan, method_impl, uses_base=checked.uses_base, device=checked.recipe.device,
+            plan, method_impl, uses_base=checked.uses_base, device=recipe.device,
             budget_elements=budget_elements, show_progress=show_progress, module_types=module_types,
         )
         atomic = AtomicFolder(target, overwrite=overwrite)
@@ -168,22 +183,56 @@ def merge(
             except BaseException:
                 writer.abort()
                 raise
-            _write_side_files(checked.recipe, plan, folders, temp)
+            _write_side_files(recipe, plan, [s.folder for s in sources], temp)  # type: ignore[misc]
+            repo_id = target_spec.repo_id if target_spec else None
+            write_card(temp, repo_id=repo_id, load_path=repo_id or str(target))
             files = sorted(os.listdir(temp))
             atomic.commit()
     finally:
         for ckpt in checkpoints:
             ckpt.close()
+    pushed = None
+    if target_spec is not None:
+        pushed = push_folder(target, target_spec, token=token,
+                             default_message=f"Fuse {len(recipe.models)} models with {recipe.method} (hf-fusion)")
+        if scratch is not None:
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
     return MergeResult(
         output=target,
-        recipe=checked.recipe,
+        recipe=recipe,
         files=files,
         seconds=time.perf_counter() - started,
         fused_tensors=len(plan.fused),
         copied_tensors=len(plan.tensors) - len(plan.fused),
         statistics_passes=engine.passes,
         output_bytes=plan.output_bytes,
+        push=pushed,
     )
+
+
+def _resolve_and_check(
+    checked: ValidatedRecipe, *, allow_pickle: bool, token: str | None
+) -> tuple[list[Source], list[Checkpoint | None]]:
+    """Resolves every input (metadata only) and checks architectures, names and shapes from headers."""
+    recipe = checked.recipe
+    refs = ([recipe.base] if checked.uses_base and recipe.base else []) + list(recipe.models)
+    sources = [resolve(ref, token=token, allow_pickle=allow_pickle) for ref in refs]
+    experts = list(range(1 if checked.uses_base else 0, len(sources)))
+    check_same_architecture([sources[i].label for i in experts], [sources[i].config for i in experts])
+    headers = [header_checkpoint(s, allow_pickle=allow_pickle) for s in sources]
+    if all(h is not None for h in headers):
+        check_headers(headers, base=0 if checked.uses_base else None, experts=experts, uses_base=checked.uses_base,  # type: ignore[arg-type]
+                      exclude=recipe.exclude)
+    return sources, headers
+
+
+def _pin(recipe: Recipe, sources: list[Source], uses_base: bool) -> Recipe:
+    """The recipe with every Hub input pinned to the commit it was fetched at."""
+    refs = [s.ref for s in sources]
+    base = refs.pop(0) if uses_base else recipe.base
+    return recipe.replace(models=refs, base=base)
 
 
 def _check_output_is_not_an_input(target: Path, recipe: Recipe) -> None:
@@ -197,29 +246,21 @@ def _check_output_is_not_an_input(target: Path, recipe: Recipe) -> None:
                 raise RecipeError(f"the output folder {target} would replace the input model {ref}; choose another.")
 
 
-def _open_and_plan(
-    checked: ValidatedRecipe, checkpoints: list[Checkpoint], *, allow_pickle: bool
-) -> tuple[FusionPlan, list[Path]]:
-    """Reads configs and safetensors headers (never tensor data) and builds the plan."""
-    recipe = checked.recipe
-    refs = ([recipe.base] if checked.uses_base and recipe.base else []) + list(recipe.models)
-    folders = [local_folder(ref) for ref in refs]
-    labels = [str(ref) for ref in refs]
-    configs = [read_config(folder) for folder in folders]
+def _plan(
+    checked: ValidatedRecipe, sources: list[Source], checkpoints: list[Checkpoint], *, allow_pickle: bool
+) -> FusionPlan:
+    """Opens the local checkpoints (headers) and builds the full plan, tied tensors included."""
+    for source in sources:
+        checkpoints.append(open_checkpoint(source.folder, source.label, allow_pickle=allow_pickle))  # type: ignore[arg-type]
     base_index = 0 if checked.uses_base else None
-    experts = list(range(1 if checked.uses_base else 0, len(refs)))
-    check_same_architecture([labels[i] for i in experts], [configs[i] for i in experts])
-    for folder, label in zip(folders, labels):
-        checkpoints.append(open_checkpoint(folder, label, allow_pickle=allow_pickle))
+    experts = list(range(1 if checked.uses_base else 0, len(sources)))
     reference = experts[0]
-    if base_index is not None and same_architecture(configs[base_index], configs[experts[0]]):
+    if base_index is not None and same_architecture(sources[base_index].config, sources[experts[0]].config):
         reference = base_index
-    out_dtype = OUTPUT_DTYPES[recipe.dtype]
-    plan = build_plan(
+    return build_plan(
         checkpoints, base=base_index, experts=experts, uses_base=checked.uses_base, reference=reference,
-        exclude=recipe.exclude, out_dtype=out_dtype,
+        exclude=checked.recipe.exclude, out_dtype=OUTPUT_DTYPES[checked.recipe.dtype],
     )
-    return plan, folders
 
 
 def _output_stem(plan: FusionPlan) -> str:
@@ -235,19 +276,22 @@ def _write_side_files(recipe: Recipe, plan: FusionPlan, folders: list[Path], des
     if code is not None:
         set_config_dtype(dest, TORCH_NAMES[code])
     (dest / RECIPE_FILENAME).write_text(
-        f"# Fused with hf-fusion {__version__}. Reproduce: hf-fusion merge --config {RECIPE_FILENAME}\n"
-        + recipe.to_yaml()
+        f"# Fused with hf-fusion {__version__}. Reproduce: hf-fusion merge --config {RECIPE_FILENAME} --output DIR\n"
+        + recipe.replace(output=None).to_yaml()  # where it was written is not part of what was fused
     )
 
 
-def _check_memory(plan: FusionPlan, elementwise: bool, budget_elements: int) -> None:
-    """Refuses a whole-tensor method whose largest tensor, times the inputs, cannot fit in memory."""
-    sources = len(next(iter(plan.fused)).reads)
+def check_memory(headers: list[Checkpoint | None], elementwise: bool, budget_elements: int) -> None:
+    """Refuses, from headers, a whole-tensor method whose largest tensor times the inputs cannot fit in memory.
+
+    Element-wise methods stream fixed-size slices, so their need does not depend on the models.
+    """
     if elementwise:
         needed = 4 * budget_elements * 6
     else:
-        largest = max(plan.checkpoints[i].entries[n].numel for t in plan.fused for i, n in t.reads.items())
-        needed = 4 * largest * sources * 4
+        known = [h for h in headers if h is not None]
+        largest = max((e.numel for h in known for e in h.entries.values()), default=0)
+        needed = 4 * largest * len(headers) * 4
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
     log.debug("estimated working memory: %.2f GB", needed / 1e9)
     if total and needed > total:

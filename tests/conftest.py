@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).parent))
+
+from hub_server import HubState, LoopbackHub  # noqa: E402
+
+# The loopback Hub must be up, and the Hub client pointed at it, before anything imports huggingface_hub.
+HUB = LoopbackHub(HubState()).start()
+_HF_HOME = tempfile.mkdtemp(prefix="hf-fusion-tests-home-")
+atexit.register(shutil.rmtree, _HF_HOME, True)
+for _key in ("HF_TOKEN", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_DATASETS_CACHE"):
+    os.environ.pop(_key, None)
+os.environ.update(
+    HF_ENDPOINT=HUB.endpoint,
+    HF_HOME=_HF_HOME,
+    HF_HUB_DISABLE_TELEMETRY="1",
+    HF_HUB_DISABLE_XET="1",
+    HF_HUB_DISABLE_PROGRESS_BARS="1",
+    HF_HUB_ETAG_TIMEOUT="5",
+    HF_HUB_DOWNLOAD_TIMEOUT="5",
+    TRANSFORMERS_VERBOSITY="error",
+    GRADIO_ANALYTICS_ENABLED="False",
+)
 
 import torch  # noqa: E402
 
@@ -24,6 +43,16 @@ def pools(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, lis
     """One base and three experts per architecture (float32 safetensors)."""
     root = tmp_path_factory.mktemp("pools")
     return {arch: make_pool(root, arch, 3, seed=i) for i, arch in enumerate(["bert", "gpt2", "clip_vision"])}
+
+
+@pytest.fixture(scope="session")
+def hub() -> LoopbackHub:
+    """The session's loopback Hub; HF_ENDPOINT points at it for every client in this process and its children."""
+    return HUB
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    HUB.stop()
 
 
 @pytest.fixture(scope="session")

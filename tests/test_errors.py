@@ -181,3 +181,16 @@ def test_output_cannot_replace_an_input(tmp_path: Path, which: str, no_tensor_re
         hf_fusion.merge(models=[str(e) for e in experts], base=str(base), method="ties", output=target,
                         overwrite=True, show_progress=False)
     assert (experts[0] / "model.safetensors").is_file()
+
+
+def test_whole_tensor_method_that_cannot_fit_is_refused_from_headers(tmp_path: Path) -> None:
+    from hf_fusion.engine.checkpoint import TensorEntry
+    from hf_fusion.errors import InsufficientResourcesError
+    from hf_fusion.hub.resolve import HeaderCheckpoint
+    from hf_fusion.pipeline import check_memory
+
+    huge = TensorEntry("embed.weight", "F32", (1 << 20, 1 << 18), Path("model.safetensors"), 0, 4 << 38)
+    headers = [HeaderCheckpoint(f"m{i}", {huge.name: huge}, []) for i in range(2)]
+    with pytest.raises(InsufficientResourcesError, match="processes whole tensors"):
+        check_memory(headers, elementwise=False, budget_elements=1 << 23)
+    check_memory(headers, elementwise=True, budget_elements=1 << 23)  # slices: independent of tensor size

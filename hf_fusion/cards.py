@@ -1,0 +1,203 @@
+"""Model cards for fused models, rendered from the recipe (and evaluation report) with huggingface_hub.ModelCard.
+
+The front matter tells the Hub what the model is: every input as ``base_model`` with ``base_model_relation: merge``,
+the pipeline tag and library from the config, the license when every input agrees on one (``unknown``
+otherwise), and ``model-index`` results when an evaluation report exists. The body names the method and paper,
+every input with its exact commit, the parameters, the scores, a usage snippet and the command that reproduces it.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
+
+from hf_fusion.errors import FusionError
+from hf_fusion.recipe import RECIPE_FILENAME, ModelRef, Recipe
+from hf_fusion.registry import get_method
+from hf_fusion.report import EvaluationReport
+
+CARD_FILENAME = "README.md"
+
+# (transformers mapping, pipeline tag, Auto class): the most specific task first
+_TASKS = (
+    ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "text-classification", "AutoModelForSequenceClassification"),
+    ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "token-classification", "AutoModelForTokenClassification"),
+    ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "question-answering", "AutoModelForQuestionAnswering"),
+    ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "text2text-generation", "AutoModelForSeq2SeqLM"),
+    ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "text-generation", "AutoModelForCausalLM"),
+    ("MODEL_FOR_MASKED_LM_MAPPING_NAMES", "fill-mask", "AutoModelForMaskedLM"),
+    ("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", "image-classification", "AutoModelForImageClassification"),
+    ("MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES", "zero-shot-image-classification",
+     "AutoModelForZeroShotImageClassification"),
+    ("MODEL_FOR_IMAGE_MAPPING_NAMES", "image-feature-extraction", "AutoModel"),
+    ("MODEL_MAPPING_NAMES", "feature-extraction", "AutoModel"),
+)
+
+
+def task_of(config: dict[str, Any] | None) -> tuple[str | None, str]:
+    """(pipeline tag, Auto class) for a config's architecture; (None, "AutoModel") when transformers has none."""
+    archs = (config or {}).get("architectures") or []
+    if not archs:
+        return None, "AutoModel"
+    from transformers.models.auto import modeling_auto
+
+    for mapping_name, tag, auto_class in _TASKS:
+        mapping = getattr(modeling_auto, mapping_name, {})
+        for value in mapping.values():
+            names = value if isinstance(value, (list, tuple)) else (value,)
+            if archs[0] in names:
+                return tag, auto_class
+    return None, "AutoModel"
+
+
+def license_of(ref: ModelRef) -> str | None:
+    """The license in an input's card front matter (local folder, or the Hub card cached by the merge)."""
+    path: Path | None = None
+    if ref.is_local:
+        candidate = Path(ref.path).expanduser() / CARD_FILENAME
+        path = candidate if candidate.is_file() else None
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(ref.path, CARD_FILENAME, revision=ref.commit)
+        path = Path(cached) if isinstance(cached, str) else None
+    if path is None:
+        return None
+    try:
+        return ModelCard.load(path, ignore_metadata_errors=True).data.get("license")
+    except Exception:  # an unreadable card means an unknown license, never a failed fusion
+        return None
+
+
+@dataclass(frozen=True)
+class _Row:
+    role: str
+    markdown: str
+    revision: str
+
+
+def _model_row(role: str, ref: ModelRef) -> _Row:
+    if ref.is_local:
+        return _Row(role, f"`{ref.path}`", "local folder")
+    link = f"[{ref.path}]({constants.ENDPOINT}/{ref.path})"
+    if ref.commit:
+        requested = f" ({ref.revision})" if ref.revision and ref.revision != ref.commit else ""
+        return _Row(role, link, f"[`{ref.commit[:10]}`]({constants.ENDPOINT}/{ref.path}/tree/{ref.commit}){requested}")
+    return _Row(role, link, ref.revision or "main")
+
+
+def reproduce_command(recipe: Recipe, output: str) -> str:
+    """The `hf-fusion merge` command line for a recipe, pinned to the recorded commits."""
+    def model_arg(ref: ModelRef) -> str:
+        return f"{ref.path}@{ref.pinned}" if ref.pinned else ref.path
+
+    args = ["hf-fusion", "merge", "--repo-ids", *map(model_arg, recipe.models)]
+    if recipe.base:
+        args += ["--base", model_arg(recipe.base)]
+    args += ["--method", recipe.method]
+    for name, value in recipe.parameters.items():
+        args += ["--param", f"{name}={value if isinstance(value, str) else json.dumps(value)}"]
+    if recipe.dtype != "auto":
+        args += ["--dtype", recipe.dtype]
+    if recipe.exclude:
+        args += ["--exclude", *recipe.exclude]
+    args += ["--output", output]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def _template() -> str:
+    return resources.files("hf_fusion.model_cards").joinpath("fused_model.md.j2").read_text()
+
+
+def build_card(
+    recipe: Recipe,
+    *,
+    config: dict[str, Any] | None,
+    repo_id: str | None,
+    load_path: str,
+    report: EvaluationReport | None = None,
+    licenses: Sequence[str | None] = (),
+) -> ModelCard:
+    """Renders the card of a fused model; ``licenses`` are the inputs' licenses, in any order."""
+    spec = get_method(recipe.method)
+    tag, auto_class = task_of(config)
+    inputs = [r for r in [recipe.base, *recipe.models] if r is not None]
+    hub_inputs = list(dict.fromkeys(r.path for r in inputs if not r.is_local))
+    license_ = licenses[0] if licenses and all(lic and lic == licenses[0] for lic in licenses) else "unknown"
+    model_name = (repo_id or Path(load_path).name).split("/")[-1]
+    eval_results = None
+    evaluation = None
+    if report is not None:
+        eval_results = [
+            EvalResult(task_type=r.task_type, dataset_type=r.dataset, dataset_name=r.task, dataset_config=r.dataset_config,
+                       dataset_split=r.split, metric_type=r.metric, metric_value=r.scores[report.fused])
+            for r in report.results if report.fused in r.scores
+        ] or None
+        columns = report.columns()
+        evaluation = {
+            "columns": columns,
+            "rows": [{"task": r.task, "dataset": r.dataset, "metric": r.metric,
+                      "cells": [f"{r.scores[c]:.4f}" if c in r.scores else "" for c in columns]}
+                     for r in report.results],
+        }
+    data = ModelCardData(
+        base_model=hub_inputs or None,
+        library_name="transformers" if tag is not None else None,
+        pipeline_tag=tag,
+        license=license_,
+        tags=["merge", "hf-fusion", spec.name],
+        model_name=model_name if eval_results else None,
+        eval_results=eval_results,
+        **({"base_model_relation": "merge"} if hub_inputs else {}),
+    )
+    rows = ([_model_row("base", recipe.base)] if recipe.base else []) + [_model_row("fused", m) for m in recipe.models]
+    return ModelCard.from_template(
+        data,
+        template_str=_template(),
+        model_name=model_name,
+        model_count=len(recipe.models),
+        base=_model_row("base", recipe.base) if recipe.base else None,
+        method={"name": spec.name, "summary": spec.summary, "paper_title": spec.paper.title if spec.paper else None,
+                "paper_url": spec.paper.url if spec.paper else None},
+        models=rows,
+        parameters=[(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in recipe.parameters.items()],
+        dtype=recipe.dtype,
+        exclude=recipe.exclude,
+        evaluation=evaluation,
+        auto_class=auto_class,
+        load_path=load_path,
+        command=reproduce_command(recipe, f"./{model_name}"),
+        recipe_yaml=recipe.to_yaml().rstrip(),
+    )
+
+
+def write_card(folder: Path, *, repo_id: str | None = None, load_path: str | None = None) -> Path:
+    """(Re)writes ``folder/README.md`` from its recipe, config and evaluation report.
+
+    ``load_path`` is what the usage snippet loads: the repo id, else the folder (its final place, when ``folder`` is
+    still the temporary one).
+    """
+    recipe_path = folder / RECIPE_FILENAME
+    if not recipe_path.is_file():
+        raise FusionError(f"{folder} has no {RECIPE_FILENAME}: it was not made by hf-fusion, so no card can be written.")
+    recipe = Recipe.from_yaml(recipe_path)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else None
+    inputs = [r for r in [recipe.base, *recipe.models] if r is not None]
+    card = build_card(
+        recipe,
+        config=config,
+        repo_id=repo_id,
+        load_path=load_path or repo_id or str(folder),
+        report=EvaluationReport.load(folder),
+        licenses=[license_of(r) for r in inputs],
+    )
+    path = folder / CARD_FILENAME
+    path.write_text(str(card) + ("\n" if not str(card).endswith("\n") else ""))
+    return path

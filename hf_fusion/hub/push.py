@@ -1,0 +1,105 @@
+"""Push a fused model folder: one commit with weights, config, tokenizer, recipe and card together.
+
+The target is checked before any fusion work (token, namespace, existing files), so a merge never runs only to be
+refused at the end; an existing branch with files is only committed over with ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import HfApi, constants
+
+from hf_fusion.hub.auth import require_token
+from hf_fusion.hub.errors import HubAccessError, PushError, hub_errors
+
+log = logging.getLogger(__name__)
+
+KEEP_ON_OVERWRITE = {".gitattributes"}
+
+
+@dataclass(frozen=True)
+class PushTarget:
+    """Where a fused model goes on the Hub."""
+
+    repo_id: str
+    private: bool = False
+    revision: str | None = None
+    create_pr: bool = False
+    overwrite: bool = False
+    commit_message: str | None = None
+
+    @property
+    def branch(self) -> str:
+        return self.revision or constants.DEFAULT_REVISION
+
+
+@dataclass(frozen=True)
+class PushResult:
+    repo_id: str
+    url: str
+    commit_url: str
+    pr_url: str | None
+
+
+def _qualified(repo_id: str, user: str) -> str:
+    return repo_id if "/" in repo_id else f"{user}/{repo_id}"
+
+
+def check_target(target: PushTarget, token: str | None) -> PushTarget:
+    """Checks the token, the namespace and existing files; returns the target with a fully qualified repo id."""
+    resolved = require_token(token, "pushing")
+    api = HfApi()
+    with hub_errors(target.repo_id, target.revision, "check the push target"):
+        who = api.whoami(token=resolved)
+        user = who["name"]
+        orgs = {o.get("name") for o in who.get("orgs") or []}
+        repo_id = _qualified(target.repo_id, user)
+        namespace = repo_id.split("/")[0]
+        if namespace != user and namespace not in orgs:
+            raise PushError(f"the token belongs to {user!r}, who cannot create repos under {namespace!r}.")
+        if not api.repo_exists(repo_id, token=resolved):
+            return PushTarget(repo_id, target.private, target.revision, target.create_pr, target.overwrite,
+                              target.commit_message)
+        refs = api.list_repo_refs(repo_id, token=resolved)
+        branches = {b.name for b in refs.branches}
+        if target.branch in branches and not target.create_pr and not target.overwrite:
+            existing = set(api.list_repo_files(repo_id, revision=target.branch, token=resolved)) - KEEP_ON_OVERWRITE
+            if existing:
+                raise PushError(
+                    f"{repo_id} already has {len(existing)} file(s) on branch {target.branch!r}; pass --overwrite to "
+                    "replace them (the Hub keeps the history), --create-pr to propose the change, or --revision for "
+                    "another branch."
+                )
+        if target.create_pr and target.branch not in branches:
+            raise PushError(f"cannot open a pull request against {repo_id}@{target.branch}: no such branch.")
+    return PushTarget(repo_id, target.private, target.revision, target.create_pr, target.overwrite,
+                      target.commit_message)
+
+
+def push_folder(folder: Path, target: PushTarget, *, token: str | None, default_message: str) -> PushResult:
+    """Creates the repo (and branch) if needed and uploads ``folder`` in a single commit."""
+    resolved = require_token(token, "pushing")
+    api = HfApi()
+    retry = f"hf-fusion push {folder} {target.repo_id}" + (f" --revision {target.revision}" if target.revision else "")
+    try:
+        with hub_errors(target.repo_id, target.revision, "push to"):
+            repo_url = api.create_repo(target.repo_id, private=target.private, exist_ok=True, token=resolved)
+            if target.revision and not target.create_pr:
+                api.create_branch(target.repo_id, branch=target.revision, exist_ok=True, token=resolved)
+            delete = ["*"] if target.overwrite and not target.create_pr else None
+            info = api.upload_folder(
+                repo_id=target.repo_id,
+                folder_path=folder,
+                revision=target.revision,
+                commit_message=target.commit_message or default_message,
+                create_pr=target.create_pr,
+                delete_patterns=delete,
+                ignore_patterns=[".*"],
+                token=resolved,
+            )
+    except HubAccessError as err:
+        raise PushError(f"{err} The fused model is intact in {folder}; retry with: {retry}") from None
+    return PushResult(target.repo_id, str(repo_url), info.commit_url, info.pr_url)

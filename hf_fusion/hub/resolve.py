@@ -1,0 +1,164 @@
+"""Resolve a Hub model before downloading it: commit, files, config and safetensors headers.
+
+A few KB per model (repo info, ``config.json``, each weight file's header via a Range request) are enough to check
+architectures, tensor names and shapes, and the download size, so a bad recipe fails before gigabytes move.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download, try_to_load_from_cache
+from huggingface_hub.errors import SafetensorsParsingError
+
+from hf_fusion.engine.checkpoint import Checkpoint, TensorEntry, choose_weight_files
+from hf_fusion.engine.dtypes import SAFETENSORS_TO_TORCH
+from hf_fusion.errors import CheckpointError, PickleCheckpointError
+from hf_fusion.hub.errors import TRANSPORT_ERRORS, HubAccessError, hub_errors
+from hf_fusion.model_files import is_side_file
+from hf_fusion.recipe import ModelRef
+
+
+T = TypeVar("T")
+
+
+class HeaderCheckpoint(Checkpoint):
+    """Names, dtypes and shapes from remote headers, for validation only: it holds no data."""
+
+    def read_rows(self, name: str, row_start: int, row_stop: int, out: Any) -> None:
+        raise RuntimeError(f"{self.label}: header-only checkpoint cannot read tensor data")
+
+
+@dataclass(frozen=True)
+class HubModel:
+    """A Hub model pinned to a commit, with what validation and download need."""
+
+    ref: ModelRef
+    sizes: dict[str, int]
+    weight_kind: str
+    weight_files: list[str]
+    index_file: str | None
+    config: dict[str, Any] | None
+    headers: HeaderCheckpoint | None
+    fetch_revision: str = "main"
+    """What to download by: the user's branch or tag (so the cache learns the ref, for offline use), or the commit
+    when the recipe pinned one."""
+
+    @property
+    def download_files(self) -> list[str]:
+        """Weights, their index, config/tokenizer files and the card (read for the license, never copied)."""
+        wanted = set(self.weight_files) | {n for n in self.sizes if is_side_file(n)}
+        if self.index_file:
+            wanted.add(self.index_file)
+        if "README.md" in self.sizes:
+            wanted.add("README.md")
+        return sorted(wanted)
+
+    def missing_bytes(self) -> int:
+        """Bytes still to download: files of this commit that the cache does not hold yet."""
+        total = 0
+        for name in self.download_files:
+            cached = try_to_load_from_cache(self.ref.path, name, revision=self.ref.commit)
+            if not isinstance(cached, str):
+                total += self.sizes.get(name) or 0
+        return total
+
+
+def _with_retries(call: Callable[[], T], attempts: int = 4, first_wait: float = 0.5) -> T:
+    """Retries a small request on connection drops (downloads have their own resuming retries)."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except TRANSPORT_ERRORS:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(first_wait * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def resolve_hub_model(ref: ModelRef, *, token: str | None, allow_pickle: bool) -> HubModel:
+    """Pins ``ref`` to a commit and reads its config and weight headers; raises before any weight is downloaded."""
+    api = HfApi()
+    label = str(ref)
+    with hub_errors(ref.path, ref.pinned, "read"):
+        info = api.model_info(ref.path, revision=ref.pinned, files_metadata=True, token=token)
+        sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
+        commit = info.sha
+        pinned = ref.model_copy(update={"commit": commit})
+        try:
+            kind, files, index = choose_weight_files(list(sizes))
+        except CheckpointError as err:
+            raise CheckpointError(f"{label}: {err}") from None
+        if kind == "pickle" and not allow_pickle:
+            raise PickleCheckpointError(
+                f"{label}: weights are a pickle ({(files or [index])[0]}), which can run arbitrary code when loaded. "
+                "Use a safetensors revision of the model, or pass --allow-pickle (allow_pickle=True) if you trust it."
+            )
+        config = None
+        if "config.json" in sizes:
+            config_path = hf_hub_download(ref.path, "config.json", revision=commit, token=token)
+            config = json.loads(Path(config_path).read_text())
+        weight_map: dict[str, str] | None = None
+        if index is not None:
+            index_path = hf_hub_download(ref.path, index, revision=commit, token=token)
+            weight_map = json.loads(Path(index_path).read_text()).get("weight_map") or {}
+            files = list(dict.fromkeys(weight_map.values()))
+            missing = [f for f in files if f not in sizes]
+            if missing:
+                raise CheckpointError(f"{label}: {index} names shard {missing[0]!r}, which the repo does not have.")
+        headers = None
+        if kind == "safetensors":
+            entries: dict[str, TensorEntry] = {}
+            for name in files:
+                try:
+                    meta = _with_retries(
+                        lambda: api.parse_safetensors_file_metadata(ref.path, name, revision=commit, token=token)
+                    )
+                except SafetensorsParsingError as err:
+                    raise CheckpointError(f"{label}: {name} is not a valid safetensors file ({err}).") from None
+                for tensor_name, t in meta.tensors.items():
+                    if weight_map is not None and weight_map.get(tensor_name, name) != name:
+                        continue
+                    if t.dtype not in SAFETENSORS_TO_TORCH:
+                        raise CheckpointError(f"{label}: tensor {tensor_name!r} has unsupported dtype {t.dtype!r}.")
+                    begin, end = t.data_offsets
+                    entries[tensor_name] = TensorEntry(tensor_name, t.dtype, tuple(t.shape), Path(name), begin,
+                                                       end - begin)
+            headers = HeaderCheckpoint(label, entries, [Path(f) for f in files])
+    fetch_revision = ref.commit or ref.revision or "main"
+    return HubModel(pinned, sizes, kind, files, index, config, headers, fetch_revision)
+
+
+def download(model: HubModel, *, token: str | None, show_progress: bool) -> Path:
+    """Fetches exactly the files the fusion needs, at the pinned commit, into the shared Hugging Face cache."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    silence = not show_progress and not are_progress_bars_disabled()
+    with hub_errors(model.ref.path, model.ref.commit, "download"):
+        if silence:
+            disable_progress_bars()
+        try:
+            folder = Path(snapshot_download(model.ref.path, revision=model.fetch_revision,
+                                            allow_patterns=model.download_files, token=token))
+        finally:
+            if silence:
+                enable_progress_bars()
+    if folder.name != model.ref.commit:
+        raise HubAccessError(
+            f"{model.ref}: the revision moved from {model.ref.commit} to {folder.name} while the fusion was being "
+            "prepared; rerun, or pin the commit with @<commit id>."
+        )
+    return folder
+
+
+def cached_model(ref: ModelRef) -> tuple[ModelRef, Path]:
+    """Offline mode: the cached snapshot of ``ref`` (its revision, or ``main``) and the commit it holds."""
+    with hub_errors(ref.path, ref.pinned, "find in the cache"):
+        # A narrow pattern: fusions download a subset of each repo, which a full offline lookup calls incomplete.
+        folder = Path(snapshot_download(ref.path, revision=ref.pinned or "main", local_files_only=True,
+                                        allow_patterns=["config.json"]))
+    return ref.model_copy(update={"commit": folder.name}), folder

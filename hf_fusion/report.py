@@ -1,0 +1,42 @@
+"""The evaluation report written next to a fused model (``evaluation.json``); cards and leaderboards read it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydantic
+
+REPORT_FILENAME = "evaluation.json"
+
+
+class TaskResult(pydantic.BaseModel):
+    """One task's scores for every evaluated model (the fused one, the pretrained base, each expert)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    task: str
+    task_type: str = pydantic.Field(description="Hub task id, e.g. text-classification")
+    dataset: str = pydantic.Field(description="Hub dataset id (or a local dataset's name)")
+    dataset_config: str | None = None
+    split: str = "test"
+    metric: str = pydantic.Field(description="evaluate metric name, e.g. accuracy")
+    scores: dict[str, float]
+
+
+class EvaluationReport(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    fused: str = pydantic.Field("fused", description="the key of the fused model in every `scores` mapping")
+    results: list[TaskResult]
+
+    @classmethod
+    def load(cls, folder: Path) -> "EvaluationReport | None":
+        path = folder / REPORT_FILENAME
+        return cls.model_validate_json(path.read_text()) if path.is_file() else None
+
+    def columns(self) -> list[str]:
+        """Model labels in table order: the fused model first, then the others as they first appear."""
+        seen = [self.fused]
+        for r in self.results:
+            seen += [k for k in r.scores if k not in seen]
+        return seen

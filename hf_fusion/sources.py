@@ -1,0 +1,80 @@
+"""Input models, wherever they live: a local folder, a Hub repo pinned to a commit, or the cache when offline.
+
+Resolution reads only metadata (repo info, config, safetensors headers); :func:`fetch` then downloads exactly the
+files the fusion needs. Local folders pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import constants
+
+from hf_fusion.engine.checkpoint import Checkpoint, open_checkpoint
+from hf_fusion.errors import InsufficientResourcesError
+from hf_fusion.hub.resolve import HubModel, cached_model, download, resolve_hub_model
+from hf_fusion.model_files import local_folder, read_config
+from hf_fusion.recipe import ModelRef
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input: ``ref`` carries the resolved commit for Hub models; ``folder`` is set once it is local."""
+
+    ref: ModelRef
+    label: str
+    config: dict[str, Any] | None
+    folder: Path | None = None
+    hub: HubModel | None = None
+
+
+def is_offline() -> bool:
+    return bool(constants.is_offline_mode())
+
+
+def resolve(ref: ModelRef, *, token: str | None, allow_pickle: bool) -> Source:
+    """Metadata only: a local folder, the offline cache, or the Hub (commit, config, headers)."""
+    label = str(ref)
+    if ref.is_local:
+        folder = local_folder(ref)
+        return Source(ref, label, read_config(folder), folder)
+    if is_offline():
+        pinned, folder = cached_model(ref)
+        return Source(pinned, label, read_config(folder), folder)
+    hub = resolve_hub_model(ref, token=token, allow_pickle=allow_pickle)
+    return Source(hub.ref, label, hub.config, hub=hub)
+
+
+def header_checkpoint(source: Source, *, allow_pickle: bool) -> Checkpoint | None:
+    """Tensor headers without downloading weights; ``None`` for a Hub pickle (checked after download)."""
+    if source.folder is not None:
+        return open_checkpoint(source.folder, source.label, allow_pickle=allow_pickle)
+    assert source.hub is not None
+    return source.hub.headers
+
+
+def check_download_space(sources: list[Source]) -> int:
+    """Refuses early when the Hugging Face cache's disk cannot hold what is still to download; returns the bytes."""
+    needed = sum(s.hub.missing_bytes() for s in sources if s.hub is not None and s.folder is None)
+    if needed:
+        cache = Path(constants.HF_HUB_CACHE)
+        probe = cache
+        while not probe.exists():
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free
+        if needed > free:
+            raise InsufficientResourcesError(
+                f"the models need {needed / 1e9:.2f} GB of downloads but only {free / 1e9:.2f} GB is free at {cache}."
+            )
+    return needed
+
+
+def fetch(source: Source, *, token: str | None, show_progress: bool) -> Source:
+    """Downloads a Hub source's files into the shared cache; local sources are returned as they are."""
+    if source.folder is not None:
+        return source
+    assert source.hub is not None
+    return replace(source, folder=download(source.hub, token=token, show_progress=show_progress))
