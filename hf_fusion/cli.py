@@ -134,10 +134,12 @@ def _print_push(result: Any) -> None:
 
 
 def _configure_logging(args: argparse.Namespace) -> None:
-    level = logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s" if level == logging.DEBUG
-                        else "%(message)s")
-    if getattr(args, "quiet", False):
+    """hf-fusion's own messages at INFO (DEBUG with --verbose); other libraries stay at WARNING, so their debug
+    output (HTTP internals included) never reaches the terminal."""
+    verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s")
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    if quiet:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 

@@ -69,6 +69,15 @@ def test_merge_push_download_load_and_card(hub, hub_pool, tokens, repo_name: str
     assert tokens["write"] not in everything
 
 
+def test_verbose_logs_never_show_the_token(hub, hub_pool, tokens, repo_name: str, tmp_path: Path) -> None:
+    out = cli("merge", "--verbose", "--repo-ids", *hub_pool["experts"][:2], "--method", "simple_average", "--output",
+              str(tmp_path / "m"), "--push", repo_name, "--token", tokens["write"])
+    assert out.returncode == 0, out.stderr
+    assert "DEBUG hf_fusion" in out.stderr  # verbose really logs
+    assert tokens["write"] not in out.stdout + out.stderr
+    assert tokens["write"][-12:] not in out.stdout + out.stderr
+
+
 def test_private_branch_and_pull_request(hub, hub_pool, tokens, repo_name: str, tmp_path: Path) -> None:
     experts = hub_pool["experts"][:2]
     args = dict(models=experts, method="simple_average", token=tokens["write"], show_progress=False)
