@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -139,29 +140,55 @@ def merge(
     }
     checked = validate_recipe(as_recipe(recipe, overrides))
     target_spec = PushTarget(push) if isinstance(push, str) else push
-    scratch = None
-    if not checked.recipe.output:
-        if target_spec is None:
-            raise RecipeError("no output folder: pass --output (output=...).")
-        scratch = Path(tempfile.mkdtemp(prefix="hf-fusion-"))
+    if not checked.recipe.output and target_spec is None:
+        raise RecipeError("no output folder: pass --output (output=...).")
+    scratch = None if checked.recipe.output else Path(tempfile.mkdtemp(prefix="hf-fusion-"))
     target = Path(checked.recipe.output).expanduser() if checked.recipe.output else scratch / "fused"  # type: ignore[operator]
-    check_output_folder(target, overwrite=overwrite)
-    _check_output_is_not_an_input(target, checked.recipe)
-    token = resolve_token(token)
-    if target_spec is not None:
-        target_spec = check_target(target_spec, token)
+    try:
+        check_output_folder(target, overwrite=overwrite)
+        _check_output_is_not_an_input(target, checked.recipe)
+        token = resolve_token(token)
+        if target_spec is not None:
+            target_spec = check_target(target_spec, token)
+        started = time.perf_counter()
+        result = _fuse(checked, target, target_spec, token=token, overwrite=overwrite, allow_pickle=allow_pickle,
+                       show_progress=show_progress, max_shard_bytes=max_shard_bytes, budget_elements=budget_elements)
+    except BaseException:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    if target_spec is None:
+        return replace(result, seconds=time.perf_counter() - started)
+    message = f"Fuse {len(result.recipe.models)} models with {result.recipe.method} (hf-fusion)"
+    pushed = push_folder(target, target_spec, token=token, default_message=message)  # on failure the folder stays
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return replace(result, seconds=time.perf_counter() - started, push=pushed)
 
-    started = time.perf_counter()
+
+def _fuse(
+    checked: ValidatedRecipe,
+    target: Path,
+    push: PushTarget | None,
+    *,
+    token: str | None,
+    overwrite: bool,
+    allow_pickle: bool,
+    show_progress: bool,
+    max_shard_bytes: int,
+    budget_elements: int,
+) -> MergeResult:
+    """Resolves and checks the inputs, downloads them, and writes the fused folder (with its card) atomically."""
+    method_impl = checked.spec.implementation(
+        checked.params, num_models=len(checked.recipe.models), has_base=checked.uses_base
+    )
+    sources, headers = _resolve_and_check(checked, allow_pickle=allow_pickle, token=token)
+    check_memory(headers, method_impl.elementwise, budget_elements)
+    check_download_space(sources)
+    sources = [fetch(s, token=token, show_progress=show_progress) for s in sources]
+    recipe = _pin(checked.recipe, sources, checked.uses_base)
     checkpoints: list[Checkpoint] = []
     try:
-        method_impl = checked.spec.implementation(
-            checked.params, num_models=len(checked.recipe.models), has_base=checked.uses_base
-        )
-        sources, headers = _resolve_and_check(checked, allow_pickle=allow_pickle, token=token)
-        check_memory(headers, method_impl.elementwise, budget_elements)
-        check_download_space(sources)
-        sources = [fetch(s, token=token, show_progress=show_progress) for s in sources]
-        recipe = _pin(checked.recipe, sources, checked.uses_base)
         plan = _plan(checked, sources, checkpoints, allow_pickle=allow_pickle)
         check_free_space(target, plan.output_bytes)
         module_types = None
@@ -184,31 +211,22 @@ def merge(
                 writer.abort()
                 raise
             _write_side_files(recipe, plan, [s.folder for s in sources], temp)  # type: ignore[misc]
-            repo_id = target_spec.repo_id if target_spec else None
+            repo_id = push.repo_id if push else None
             write_card(temp, repo_id=repo_id, load_path=repo_id or str(target))
             files = sorted(os.listdir(temp))
             atomic.commit()
     finally:
         for ckpt in checkpoints:
             ckpt.close()
-    pushed = None
-    if target_spec is not None:
-        pushed = push_folder(target, target_spec, token=token,
-                             default_message=f"Fuse {len(recipe.models)} models with {recipe.method} (hf-fusion)")
-        if scratch is not None:
-            import shutil
-
-            shutil.rmtree(scratch, ignore_errors=True)
     return MergeResult(
         output=target,
         recipe=recipe,
         files=files,
-        seconds=time.perf_counter() - started,
+        seconds=0.0,
         fused_tensors=len(plan.fused),
         copied_tensors=len(plan.tensors) - len(plan.fused),
         statistics_passes=engine.passes,
         output_bytes=plan.output_bytes,
-        push=pushed,
     )
 
 
