@@ -107,6 +107,8 @@ def reproduce_command(recipe: Recipe, output: str) -> str:
         args += ["--dtype", recipe.dtype]
     if recipe.exclude:
         args += ["--exclude", *recipe.exclude]
+    if recipe.heads:
+        args += ["--heads", *recipe.heads]
     args += ["--output", output]
     return " ".join(shlex.quote(a) for a in args)
 

@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--device", help="compute device: cpu (default), cuda, cuda:N")
     merge.add_argument("--exclude", nargs="+", metavar="PATTERN",
                        help="tensor-name globs copied unfused from the base (e.g. 'classifier.*')")
+    merge.add_argument("--heads", nargs="+", metavar="PATTERN",
+                       help="tensor-name globs of per-task heads, left out: the output is the fused backbone")
     merge.add_argument("--overwrite", action="store_true",
                        help="replace an existing output folder, and files on an existing Hub branch with --push")
     merge.add_argument("--allow-pickle", action="store_true",
@@ -222,6 +224,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
         exclude=args.exclude,
+        heads=args.heads,
         overwrite=args.overwrite,
         allow_pickle=args.allow_pickle,
         push=_push_target(args, args.push),

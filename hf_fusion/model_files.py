@@ -14,7 +14,7 @@ from hf_fusion.recipe import ModelRef
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
-SKIPPED_FILES = {"README.md", ".gitattributes", "fusion_recipe.yaml"}
+SKIPPED_FILES = {"README.md", ".gitattributes", "fusion_recipe.yaml", "adapter_config.json", "evaluation.json"}
 TOKENIZER_HINTS = ("tokenizer", "vocab", "merges.txt", "spiece.model", "special_tokens_map", ".tiktoken",
                    "preprocessor_config", "processor_config", "chat_template")
 
@@ -88,28 +88,28 @@ def _is_side_file(path: Path) -> bool:
 def copy_side_files(reference: Path, others: Sequence[Path], dest: Path) -> list[str]:
     """Copies config, generation config and tokenizer/processor files from the reference model.
 
-    Tokenizer and processor files missing from the reference are taken from the first other model that has them
-    (fine-tuned vision towers often ship without the processor their base has). Python files are never copied:
-    remote code must come from its author, not ride along with a fused model.
+    What the reference lacks (``config.json`` of a LoRA adapter folder; the processor a fine-tuned vision tower was
+    saved without) is taken from the first other model that has it. Python files are never copied: remote code
+    must come from its author, not ride along with a fused model.
     """
     copied: list[str] = []
-    if not reference.is_dir():
-        return copied
-    for path in sorted(reference.iterdir()):
-        if _is_side_file(path):
-            shutil.copy2(path, dest / path.name)
-            copied.append(path.name)
-    has_tokenizer = any(h in name for name in copied for h in TOKENIZER_HINTS)
-    if not has_tokenizer:
+    if reference.is_dir():
+        for path in sorted(reference.iterdir()):
+            if _is_side_file(path):
+                shutil.copy2(path, dest / path.name)
+                copied.append(path.name)
+    wanted = [("config", lambda name: name == "config.json"),
+              ("tokenizer", lambda name: any(h in name for h in TOKENIZER_HINTS))]
+    for kind, matches in wanted:
+        if any(matches(name) for name in copied):
+            continue
         for other in others:
-            if not other.is_dir():
-                continue
-            extra = [p for p in sorted(other.iterdir()) if _is_side_file(p) and any(h in p.name for h in TOKENIZER_HINTS)]
+            extra = [p for p in sorted(other.iterdir()) if _is_side_file(p) and matches(p.name)] if other.is_dir() else []
             if extra:
                 for path in extra:
                     shutil.copy2(path, dest / path.name)
                     copied.append(path.name)
-                log.info("tokenizer/processor files taken from %s", other)
+                log.info("%s files taken from %s", kind, other)
                 break
     return copied
 

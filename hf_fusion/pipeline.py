@@ -22,7 +22,7 @@ import torch
 from hf_fusion import __version__
 from hf_fusion.architecture import parameter_module_types
 from hf_fusion.cards import write_card
-from hf_fusion.engine.checkpoint import Checkpoint, open_checkpoint
+from hf_fusion.engine.checkpoint import Checkpoint
 from hf_fusion.engine.dtypes import OUTPUT_DTYPES, TORCH_NAMES
 from hf_fusion.engine.plan import FusionPlan, build_plan, check_headers
 from hf_fusion.engine.stream import DEFAULT_BUDGET_ELEMENTS, StreamingEngine
@@ -34,7 +34,7 @@ from hf_fusion.model_files import check_same_architecture, copy_side_files, same
 from hf_fusion.output import AtomicFolder, check_free_space, check_output_folder
 from hf_fusion.recipe import RECIPE_FILENAME, Recipe
 from hf_fusion.registry import BaseUse, MethodSpec, get_method
-from hf_fusion.sources import Source, check_download_space, fetch, header_checkpoint, resolve
+from hf_fusion.sources import Source, check_download_space, fetch, header_checkpoint, open_source, resolve
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,7 @@ def merge(
     dtype: str | None = None,
     device: str | None = None,
     exclude: list[str] | None = None,
+    heads: list[str] | None = None,
     overwrite: bool = False,
     allow_pickle: bool = False,
     push: str | PushTarget | None = None,
@@ -136,7 +137,7 @@ def merge(
     """
     overrides = {
         "models": models, "base": base, "method": method, "output": str(output) if output else None,
-        "dtype": dtype, "device": device, "exclude": exclude, "parameters": parameters,
+        "dtype": dtype, "device": device, "exclude": exclude, "heads": heads, "parameters": parameters,
     }
     checked = validate_recipe(as_recipe(recipe, overrides))
     target_spec = PushTarget(push) if isinstance(push, str) else push
@@ -182,14 +183,15 @@ def _fuse(
     method_impl = checked.spec.implementation(
         checked.params, num_models=len(checked.recipe.models), has_base=checked.uses_base
     )
-    sources, headers = _resolve_and_check(checked, allow_pickle=allow_pickle, token=token)
+    inputs, headers = _resolve_and_check(checked, allow_pickle=allow_pickle, token=token)
     check_memory(headers, method_impl.elementwise, budget_elements)
-    check_download_space(sources)
-    sources = [fetch(s, token=token, show_progress=show_progress) for s in sources]
-    recipe = _pin(checked.recipe, sources, checked.uses_base)
+    check_download_space(inputs.sources)
+    sources = [fetch(s, token=token, show_progress=show_progress) for s in inputs.sources]
+    inputs = replace(inputs, sources=sources)
+    recipe = _pin(checked.recipe, inputs)
     checkpoints: list[Checkpoint] = []
     try:
-        plan = _plan(checked, sources, checkpoints, allow_pickle=allow_pickle)
+        plan = _plan(checked, inputs, checkpoints, allow_pickle=allow_pickle)
         check_free_space(target, plan.output_bytes)
         module_types = None
         if method_impl.needs_module_types:
@@ -230,26 +232,51 @@ def _fuse(
     )
 
 
-def _resolve_and_check(
-    checked: ValidatedRecipe, *, allow_pickle: bool, token: str | None
-) -> tuple[list[Source], list[Checkpoint | None]]:
+@dataclass(frozen=True)
+class Inputs:
+    """The resolved inputs: ``sources`` is [base] + models when a base is present, else the models.
+
+    A base is present when the method reads it, or when LoRA adapters need it to become dense models.
+    """
+
+    sources: list[Source]
+    has_base: bool
+    base_is_input: bool
+
+    @property
+    def experts(self) -> list[int]:
+        return list(range(1 if self.has_base else 0, len(self.sources)))
+
+
+def _resolve_and_check(checked: ValidatedRecipe, *, allow_pickle: bool, token: str | None
+                       ) -> tuple[Inputs, list[Checkpoint | None]]:
     """Resolves every input (metadata only) and checks architectures, names and shapes from headers."""
     recipe = checked.recipe
-    refs = ([recipe.base] if checked.uses_base and recipe.base else []) + list(recipe.models)
-    sources = [resolve(ref, token=token, allow_pickle=allow_pickle) for ref in refs]
-    experts = list(range(1 if checked.uses_base else 0, len(sources)))
-    check_same_architecture([sources[i].label for i in experts], [sources[i].config for i in experts])
-    headers = [header_checkpoint(s, allow_pickle=allow_pickle) for s in sources]
+    experts = [resolve(ref, token=token, allow_pickle=allow_pickle) for ref in recipe.models]
+    adapters = [s for s in experts if s.adapter_config is not None]
+    base_ref = recipe.base if (checked.uses_base or adapters) else None
+    if base_ref is None and adapters:
+        named = {str(b): b for b in (s.adapter_base() for s in adapters) if b is not None}
+        if not named:
+            raise RecipeError(f"{adapters[0].label} is a LoRA adapter that names no base model: pass --base.")
+        if len(named) > 1:
+            raise RecipeError(f"the LoRA adapters name different base models ({', '.join(sorted(named))}): "
+                              "pass --base.")
+        base_ref = next(iter(named.values()))
+    base = [resolve(base_ref, token=token, allow_pickle=allow_pickle)] if base_ref else []
+    inputs = Inputs(base + experts, bool(base), checked.uses_base)
+    check_same_architecture([s.label for s in experts], [s.config for s in experts])
+    headers = [header_checkpoint(s, allow_pickle=allow_pickle) for s in inputs.sources]
     if all(h is not None for h in headers):
-        check_headers(headers, base=0 if checked.uses_base else None, experts=experts, uses_base=checked.uses_base,  # type: ignore[arg-type]
-                      exclude=recipe.exclude)
-    return sources, headers
+        check_headers(headers, base=0 if inputs.base_is_input else None, experts=inputs.experts,  # type: ignore[arg-type]
+                      uses_base=inputs.base_is_input, exclude=recipe.exclude, heads=recipe.heads)
+    return inputs, headers
 
 
-def _pin(recipe: Recipe, sources: list[Source], uses_base: bool) -> Recipe:
-    """The recipe with every Hub input pinned to the commit it was fetched at."""
-    refs = [s.ref for s in sources]
-    base = refs.pop(0) if uses_base else recipe.base
+def _pin(recipe: Recipe, inputs: Inputs) -> Recipe:
+    """The recipe with every Hub input pinned to the commit it was fetched at (a LoRA-only base recorded too)."""
+    refs = [s.ref for s in inputs.sources]
+    base = refs.pop(0) if inputs.has_base else recipe.base
     return recipe.replace(models=refs, base=base)
 
 
@@ -264,26 +291,33 @@ def _check_output_is_not_an_input(target: Path, recipe: Recipe) -> None:
                 raise RecipeError(f"the output folder {target} would replace the input model {ref}; choose another.")
 
 
-def _plan(
-    checked: ValidatedRecipe, sources: list[Source], checkpoints: list[Checkpoint], *, allow_pickle: bool
-) -> FusionPlan:
-    """Opens the local checkpoints (headers) and builds the full plan, tied tensors included."""
-    for source in sources:
-        checkpoints.append(open_checkpoint(source.folder, source.label, allow_pickle=allow_pickle))  # type: ignore[arg-type]
-    base_index = 0 if checked.uses_base else None
-    experts = list(range(1 if checked.uses_base else 0, len(sources)))
-    reference = experts[0]
-    if base_index is not None and same_architecture(sources[base_index].config, sources[experts[0]].config):
-        reference = base_index
+def _plan(checked: ValidatedRecipe, inputs: Inputs, checkpoints: list[Checkpoint], *, allow_pickle: bool
+          ) -> FusionPlan:
+    """Opens the fetched checkpoints (adapters as dense models) and builds the full plan, tied tensors included."""
+    sources = inputs.sources
+    base = open_source(sources[0], allow_pickle=allow_pickle, lora_base=None) if inputs.has_base else None
+    checkpoints += [base] if base is not None else []
+    checkpoints += [open_source(sources[i], allow_pickle=allow_pickle, lora_base=base) for i in inputs.experts]
+    first = inputs.experts[0]
+    reference = first
+    if inputs.base_is_input and (
+        checked.recipe.heads
+        or same_architecture(sources[0].config, sources[first].config)
+        or (sources[first].adapter_config is not None and sources[first].config is None)
+    ):
+        reference = 0
     return build_plan(
-        checkpoints, base=base_index, experts=experts, uses_base=checked.uses_base, reference=reference,
-        exclude=checked.recipe.exclude, out_dtype=OUTPUT_DTYPES[checked.recipe.dtype],
+        checkpoints, base=0 if inputs.base_is_input else None, experts=inputs.experts,
+        uses_base=inputs.base_is_input, reference=reference, exclude=checked.recipe.exclude,
+        heads=checked.recipe.heads, out_dtype=OUTPUT_DTYPES[checked.recipe.dtype],
     )
 
 
 def _output_stem(plan: FusionPlan) -> str:
+    """Output weights keep the reference's file stem (``diffusion_pytorch_model``...), but dense transformers
+    weights are always ``model`` (inputs may be pickles or adapters)."""
     stem = plan.checkpoints[plan.reference].weights_stem
-    return "model" if stem in ("pytorch_model", "") else stem
+    return "model" if stem in ("pytorch_model", "adapter_model", "") else stem
 
 
 def _write_side_files(recipe: Recipe, plan: FusionPlan, folders: list[Path], dest: Path) -> None:

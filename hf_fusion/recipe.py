@@ -83,6 +83,7 @@ class Recipe(pydantic.BaseModel):
     parameters: dict[str, Any] = pydantic.Field(default_factory=dict)
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     exclude: list[str] = pydantic.Field(default_factory=list)
+    heads: list[str] = pydantic.Field(default_factory=list)
     device: str = "cpu"
     output: str | None = None
 
@@ -151,6 +152,8 @@ class Recipe(pydantic.BaseModel):
         }
         if self.exclude:
             data["exclude"] = list(self.exclude)
+        if self.heads:
+            data["heads"] = list(self.heads)
         if self.device != "cpu":
             data["device"] = self.device
         if self.output:

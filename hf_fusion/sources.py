@@ -6,6 +6,7 @@ files the fusion needs. Local folders pass through unchanged.
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -14,7 +15,8 @@ from typing import Any
 from huggingface_hub import constants
 
 from hf_fusion.engine.checkpoint import Checkpoint, open_checkpoint
-from hf_fusion.errors import InsufficientResourcesError
+from hf_fusion.engine.lora import ADAPTER_CONFIG, LoraCheckpoint, is_lora_adapter
+from hf_fusion.errors import InsufficientResourcesError, RecipeError
 from hf_fusion.hub.resolve import HubModel, cached_model, download, resolve_hub_model
 from hf_fusion.model_files import local_folder, read_config
 from hf_fusion.recipe import ModelRef
@@ -29,6 +31,20 @@ class Source:
     config: dict[str, Any] | None
     folder: Path | None = None
     hub: HubModel | None = None
+
+    @property
+    def adapter_config(self) -> dict[str, Any] | None:
+        """The peft config when this input is a LoRA adapter rather than a full model."""
+        if self.hub is not None and self.hub.adapter_config is not None:
+            return self.hub.adapter_config
+        if self.folder is not None and is_lora_adapter(self.folder):
+            return json.loads((self.folder / ADAPTER_CONFIG).read_text())
+        return None
+
+    def adapter_base(self) -> ModelRef | None:
+        """The base model a LoRA adapter names (``base_model_name_or_path``), if any."""
+        name = (self.adapter_config or {}).get("base_model_name_or_path")
+        return ModelRef.parse(name) if name else None
 
 
 def is_offline() -> bool:
@@ -49,11 +65,23 @@ def resolve(ref: ModelRef, *, token: str | None, allow_pickle: bool) -> Source:
 
 
 def header_checkpoint(source: Source, *, allow_pickle: bool) -> Checkpoint | None:
-    """Tensor headers without downloading weights; ``None`` for a Hub pickle (checked after download)."""
+    """Tensor headers without downloading weights; ``None`` for a Hub pickle or an adapter (checked later)."""
+    if source.adapter_config is not None:
+        return None
     if source.folder is not None:
         return open_checkpoint(source.folder, source.label, allow_pickle=allow_pickle)
     assert source.hub is not None
     return source.hub.headers
+
+
+def open_source(source: Source, *, allow_pickle: bool, lora_base: Checkpoint | None) -> Checkpoint:
+    """The checkpoint of a fetched source; an adapter is read as the dense model it makes with ``lora_base``."""
+    assert source.folder is not None
+    if source.adapter_config is not None:
+        if lora_base is None:
+            raise RecipeError(f"{source.label} is a LoRA adapter: give the model it was trained on as --base.")
+        return LoraCheckpoint(source.label, source.folder, lora_base)
+    return open_checkpoint(source.folder, source.label, allow_pickle=allow_pickle)
 
 
 def check_download_space(sources: list[Source]) -> int:

@@ -6,10 +6,11 @@ Rules:
   tensors are left out of the output.
 - Floating-point tensors are fused. Integer and boolean tensors (position ids, masks) and tensors matching an
   ``exclude`` pattern are copied unchanged from the base (or, without one, from the first model).
-- Tied tensors: a checkpoint may store two names with identical bytes (tied embeddings saved twice), or one model
-  may store a tied copy that another omits. Names whose bytes are identical in every model that stores both are
-  treated as aliases: a model lacking the alias reads its primary instead, and both are fused under the primary's
-  name, so randomness and statistics agree and tied weights stay identical.
+- Tied tensors: one model may store a tied copy that another omits (``lm_head.weight`` saved next to the
+  embeddings). Names whose bytes are identical in every model that stores both are twins: a model lacking one
+  reads the other, and twins of such a class fuse under one key, so randomness and statistics agree and the tied
+  weights stay identical. Twins that every model stores (or tensors that are merely equal, like untouched
+  LayerNorms) stay independent.
 - Output order and default dtypes follow the reference model (the base when it is the same architecture as the
   models, otherwise the first model).
 """
@@ -212,6 +213,10 @@ def _names_differ(a: Checkpoint, b: Checkpoint, missing: list[str], extra: list[
     )
 
 
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
 def _could_be_tied(ckpt: Checkpoint, like: TensorEntry) -> bool:
     """Whether ``ckpt`` holds a tensor that could be a tied twin of ``like`` (same shape and dtype)."""
     return any(e.shape == like.shape and e.dtype == like.dtype and e.name != like.name for e in ckpt.entries.values())
@@ -224,6 +229,7 @@ def check_headers(
     experts: Sequence[int],
     uses_base: bool,
     exclude: Sequence[str] = (),
+    heads: Sequence[str] = (),
 ) -> None:
     """What headers alone can refute: different shapes, missing tensors, a base that lacks the models' tensors.
 
@@ -234,21 +240,25 @@ def check_headers(
     for index in experts[1:]:
         other = checkpoints[index]
         for name, entry in other.entries.items():
+            if _matches(name, heads):
+                continue
             theirs = first.entries.get(name)
             if theirs is not None and theirs.shape != entry.shape:
                 raise IncompatibleModelsError(
                     f"tensor {name!r} has shape {list(entry.shape)} in {other.label} but {list(theirs.shape)} "
                     f"in {first.label}. Models fused together must share an architecture and sizes."
                 )
-        missing = [n for n, e in first.entries.items() if n not in other.entries and not _could_be_tied(other, e)]
-        extra = [n for n, e in other.entries.items() if n not in first.entries and not _could_be_tied(first, e)]
+        missing = [n for n, e in first.entries.items()
+                   if n not in other.entries and not _matches(n, heads) and not _could_be_tied(other, e)]
+        extra = [n for n, e in other.entries.items()
+                 if n not in first.entries and not _matches(n, heads) and not _could_be_tied(first, e)]
         if missing or extra:
             raise _names_differ(first, other, missing, extra)
     if not uses_base or base is None:
         return
     base_ckpt = checkpoints[base]
     fused = [n for n, e in first.entries.items()
-             if is_floating(e.dtype) and not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
+             if is_floating(e.dtype) and not _matches(n, exclude) and not _matches(n, heads)]
     matched = align_names(fused, base_ckpt.entries)
     for name in fused:
         entry = first.entries[name]
@@ -275,17 +285,31 @@ def build_plan(
     uses_base: bool,
     reference: int,
     exclude: Sequence[str] = (),
+    heads: Sequence[str] = (),
     out_dtype: str | None = None,
 ) -> FusionPlan:
-    """Checks the models against each other and lays out the output; raises :class:`IncompatibleModelsError`."""
+    """Checks the models against each other and lays out the output; raises :class:`IncompatibleModelsError`.
+
+    Tensors matching ``heads`` (per-task heads) are left out. When the reference is the base, output tensors take
+    the base's names, so the fused model is the base's architecture.
+    """
     ckpts = list(checkpoints)
     first = ckpts[experts[0]]
-    check_headers(ckpts, base=base, experts=experts, uses_base=uses_base, exclude=exclude)
+    check_headers(ckpts, base=base, experts=experts, uses_base=uses_base, exclude=exclude, heads=heads)
     aliases = find_aliases(ckpts, [*experts, *([base] if base is not None else [])])
 
     members: dict[str, list[str]] = {}
     for alias, primary in aliases.items():
         members.setdefault(primary, []).append(alias)
+    # Classes where some model lacks a member and reads its twin: those members must fuse as one (shared key).
+    # Tensors that are merely equal everywhere (untouched LayerNorms under LoRA) stay independent parameters.
+    # (The base is matched by name alignment, so only the models decide.)
+    reconciled = {primary for primary, group in members.items()
+                  if any(not all(m in ckpts[i].entries for m in group) for i in experts)}
+
+    def key_of(name: str) -> str:
+        primary = aliases.get(name)
+        return primary if primary in reconciled else name
 
     def resolve(index: int, name: str) -> str | None:
         """The name to read in model ``index`` for output tensor ``name`` (a tied twin if it lacks the name)."""
@@ -295,15 +319,15 @@ def build_plan(
         twins = members.get(aliases.get(name, ""), [])
         return next((t for t in twins if t in entries), None)
 
-    names = list(first.entries)
+    names = [n for n in first.entries if not _matches(n, heads)]
     for index in experts[1:]:
         other = ckpts[index]
         missing = [n for n in names if resolve(index, n) is None]
-        extra = [n for n in other.entries if n not in first.entries and resolve(experts[0], n) is None]
+        extra = [n for n in other.entries
+                 if n not in first.entries and not _matches(n, heads) and resolve(experts[0], n) is None]
         if missing or extra:
             raise _names_differ(first, other, missing, extra)
-        extra_aliases = [n for n in other.entries if n not in first.entries]
-        names += extra_aliases
+        names += [n for n in other.entries if n not in first.entries and not _matches(n, heads)]
     for name in names:
         shape = _entry(ckpts, experts[0], name, resolve).shape
         for index in experts[1:]:
@@ -322,13 +346,17 @@ def build_plan(
                 return base_names[candidate]
         return None
 
-    ref = ckpts[reference]
-    order = [n for n in ref.entries if n in set(names)] + [n for n in names if n not in ref.entries]
+    def out_name(name: str) -> str:
+        """The base's spelling when the output follows the base (tied twins keep their own name)."""
+        return base_names.get(name, name) if reference == base else name
+
+    position = {n: i for i, n in enumerate(ckpts[reference].entries)}
+    order = sorted(names, key=lambda n: position.get(out_name(n), len(position)))
     planned: list[PlannedTensor] = []
     for name in order:
         entry = _entry(ckpts, experts[0], name, resolve)
         floating = all(is_floating(_entry(ckpts, i, name, resolve).dtype) for i in experts)
-        excluded = any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude)
+        excluded = _matches(name, exclude)
         copy_from = base if base is not None and resolve_base(name) is not None else experts[0]
         ref_name = resolve_base(name) if reference == base else resolve(reference, name)
         default_dtype = ckpts[reference].entries[ref_name].dtype if ref_name else entry.dtype
@@ -342,7 +370,7 @@ def build_plan(
                 )
             dtype = out_dtype if (out_dtype and is_floating(source_entry.dtype)) else source_entry.dtype
             reads = {copy_from: source_name}
-            planned.append(PlannedTensor(name, entry.shape, dtype, False, aliases.get(name, name), reads))  # type: ignore[arg-type]
+            planned.append(PlannedTensor(out_name(name), entry.shape, dtype, False, key_of(name), reads))  # type: ignore[arg-type]
             continue
         reads = {i: resolve(i, name) for i in experts}
         if uses_base and base is not None:
@@ -365,7 +393,7 @@ def build_plan(
                 )
             reads[base] = base_name
         dtype = out_dtype or default_dtype
-        planned.append(PlannedTensor(name, entry.shape, dtype, True, aliases.get(name, name), reads))  # type: ignore[arg-type]
+        planned.append(PlannedTensor(out_name(name), entry.shape, dtype, True, key_of(name), reads))  # type: ignore[arg-type]
 
     dropped: list[str] = []
     if base is not None:

@@ -44,6 +44,7 @@ class HubModel:
     index_file: str | None
     config: dict[str, Any] | None
     headers: HeaderCheckpoint | None
+    adapter_config: dict[str, Any] | None = None
     fetch_revision: str = "main"
     """What to download by: the user's branch or tag (so the cache learns the ref, for offline use), or the commit
     when the recipe pinned one."""
@@ -98,10 +99,8 @@ def resolve_hub_model(ref: ModelRef, *, token: str | None, allow_pickle: bool) -
                 f"{label}: weights are a pickle ({(files or [index])[0]}), which can run arbitrary code when loaded. "
                 "Use a safetensors revision of the model, or pass --allow-pickle (allow_pickle=True) if you trust it."
             )
-        config = None
-        if "config.json" in sizes:
-            config_path = hf_hub_download(ref.path, "config.json", revision=commit, token=token)
-            config = json.loads(Path(config_path).read_text())
+        config = _json_file(ref.path, "config.json", commit, token) if "config.json" in sizes else None
+        adapter = _json_file(ref.path, "adapter_config.json", commit, token) if "adapter_config.json" in sizes else None
         weight_map: dict[str, str] | None = None
         if index is not None:
             index_path = hf_hub_download(ref.path, index, revision=commit, token=token)
@@ -111,7 +110,7 @@ def resolve_hub_model(ref: ModelRef, *, token: str | None, allow_pickle: bool) -
             if missing:
                 raise CheckpointError(f"{label}: {index} names shard {missing[0]!r}, which the repo does not have.")
         headers = None
-        if kind == "safetensors":
+        if kind == "safetensors" and adapter is None:  # an adapter's dense shapes are known only with its base
             entries: dict[str, TensorEntry] = {}
             for name in files:
                 try:
@@ -130,7 +129,11 @@ def resolve_hub_model(ref: ModelRef, *, token: str | None, allow_pickle: bool) -
                                                        end - begin)
             headers = HeaderCheckpoint(label, entries, [Path(f) for f in files])
     fetch_revision = ref.commit or ref.revision or "main"
-    return HubModel(pinned, sizes, kind, files, index, config, headers, fetch_revision)
+    return HubModel(pinned, sizes, kind, files, index, config, headers, adapter, fetch_revision)
+
+
+def _json_file(repo_id: str, filename: str, commit: str, token: str | None) -> dict[str, Any]:
+    return json.loads(Path(hf_hub_download(repo_id, filename, revision=commit, token=token)).read_text())
 
 
 def download(model: HubModel, *, token: str | None, show_progress: bool) -> Path:

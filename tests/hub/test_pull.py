@@ -170,3 +170,29 @@ def test_offline_mode_uses_the_cache(hub, hub_pool, tmp_path: Path) -> None:
                                     str(tmp_path / "x")], env=env, capture_output=True, text=True)
     assert missing.returncode == 1
     assert "fusion-lab/never-downloaded is not in the local cache and the Hub cannot be used" in missing.stderr
+
+
+def test_lora_adapter_repo_as_an_expert(hub, hub_pool, tmp_path: Path, bert_pool) -> None:
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertForSequenceClassification
+
+    base, experts = bert_pool
+    task = BertForSequenceClassification.from_pretrained(base)
+    adapter = get_peft_model(task, LoraConfig(r=2, lora_alpha=4, target_modules=["query"], task_type="SEQ_CLS"))
+    with torch.no_grad():
+        for name, p in adapter.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05)
+    adapter.save_pretrained(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = hub_pool["base"]
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    publish(hub, "fusion-lab/bert-lora", tmp_path / "adapter")
+    args = dict(base=hub_pool["base"], method="task_arithmetic", show_progress=False)
+    from_hub = hf_fusion.merge(models=["fusion-lab/bert-lora", hub_pool["experts"][1]], output=tmp_path / "hub", **args)
+    hf_fusion.merge(models=[str(tmp_path / "adapter"), hub_pool["experts"][1]], output=tmp_path / "local", **args)
+    assert (tmp_path / "hub" / "model.safetensors").read_bytes() == (tmp_path / "local" / "model.safetensors").read_bytes()
+    assert from_hub.recipe.models[0].commit
+    assert not (tmp_path / "hub" / "adapter_config.json").exists()

@@ -1,0 +1,156 @@
+"""A peft LoRA adapter seen as the dense model it makes with its base, so adapters fuse like full fine-tunes.
+
+For every weight the adapter targets, rows of ``W + s * B @ A`` are computed when the engine reads them (``s`` is
+``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA; per-module ranks and alphas honoured); tensors the adapter saves
+whole (``modules_to_save`` heads such as ``classifier``, trained biases) replace the base's. Names follow the task
+model the adapter was trained on (``bert.encoder...`` for a ``BertForSequenceClassification`` adapter on a
+``BertModel`` base), found by aligning the adapter's targets with the base's tensor names.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from hf_fusion.engine.checkpoint import Checkpoint, TensorEntry
+from hf_fusion.engine.dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS
+from hf_fusion.engine.plan import align_names
+from hf_fusion.errors import CheckpointError
+
+ADAPTER_CONFIG = "adapter_config.json"
+_PEFT_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<kind>embedding_A|embedding_B|A|B)(?:\.[^.]+)?(?:\.weight)?$")
+
+
+def is_lora_adapter(folder: Path) -> bool:
+    return folder.is_dir() and (folder / ADAPTER_CONFIG).is_file()
+
+
+def _pattern_value(patterns: dict[str, float], module: str, default: float) -> float:
+    """peft's per-module overrides (``rank_pattern``/``alpha_pattern``): the key matches a suffix of the module."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+class LoraCheckpoint(Checkpoint):
+    """The dense tensors of ``base`` with a LoRA adapter merged in, computed lazily row slice by row slice."""
+
+    def __init__(self, label: str, folder: Path, base: Checkpoint) -> None:
+        try:
+            config = json.loads((folder / ADAPTER_CONFIG).read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{label}: {ADAPTER_CONFIG} cannot be read ({err}).") from None
+        if config.get("peft_type", "LORA") != "LORA":
+            raise CheckpointError(f"{label}: {config.get('peft_type')} adapters are not supported, only LoRA.")
+        if config.get("use_dora"):
+            raise CheckpointError(f"{label}: DoRA adapters are not supported; merge them with peft's merge_and_unload "
+                                  "and fuse the merged model.")
+        weights = folder / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise CheckpointError(f"{label}: no adapter_model.safetensors (pickled adapters are not read).")
+        raw = {k[len(_PEFT_PREFIX):] if k.startswith(_PEFT_PREFIX) else k: v for k, v in load_file(weights).items()}
+        lora: dict[str, dict[str, torch.Tensor]] = {}
+        whole: dict[str, torch.Tensor] = {}
+        for key, value in raw.items():
+            match = _LORA_KEY.match(key)
+            if match:
+                kind = match.group("kind").replace("embedding_", "")
+                lora.setdefault(match.group("module"), {})[kind] = value
+            elif "lora_magnitude_vector" in key:
+                raise CheckpointError(f"{label}: DoRA magnitude vectors are not supported.")
+            else:
+                whole[key] = value
+        for module, parts in lora.items():
+            if set(parts) != {"A", "B"}:
+                raise CheckpointError(f"{label}: LoRA module {module!r} lacks its A or B matrix.")
+
+        targets = {f"{m}.weight": m for m in lora}
+        matched = align_names(sorted(targets), base.entries)
+        missing = sorted(set(targets) - set(matched))
+        if missing:
+            raise CheckpointError(f"{label}: the adapter targets {missing[0]!r}, which the base {base.label} lacks; "
+                                  "is it the adapter's base model?")
+        to_task = _naming(matched)
+        self._base = base
+        self._task_to_base: dict[str, str] = {}
+        entries: dict[str, TensorEntry] = {}
+        for base_name, base_entry in base.entries.items():
+            task_name = to_task(base_name)
+            if task_name is None:
+                continue
+            self._task_to_base[task_name] = base_name
+            entries[task_name] = TensorEntry(task_name, base_entry.dtype, base_entry.shape, weights, 0, base_entry.nbytes)
+        self._whole = whole
+        for name, value in whole.items():
+            code = TORCH_TO_SAFETENSORS.get(value.dtype)
+            if code is None:
+                raise CheckpointError(f"{label}: tensor {name!r} has unsupported dtype {value.dtype}.")
+            entries[name] = TensorEntry(name, code, tuple(value.shape), weights, 0, value.numel() * value.element_size())
+        r_default = config.get("r", 8)
+        alpha_default = config.get("lora_alpha", r_default)
+        self._deltas: dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]] = {}
+        for weight_name, module in targets.items():
+            a, b = lora[module]["A"].float(), lora[module]["B"].float()
+            shape = base.entries[matched[weight_name]].shape
+            rank = _pattern_value(config.get("rank_pattern") or {}, module, a.shape[0])
+            alpha = _pattern_value(config.get("alpha_pattern") or {}, module, alpha_default)
+            scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+            transposed = _layout(weight_name, shape, a, b, bool(config.get("fan_in_fan_out")), label)
+            self._deltas[weight_name] = (a, b, scale, transposed)
+        super().__init__(label, entries, [weights])
+
+    def read_rows(self, name: str, row_start: int, row_stop: int, out: torch.Tensor) -> None:
+        whole = self._whole.get(name)
+        if whole is not None:
+            rows = whole.reshape(1) if whole.dim() == 0 else whole[row_start:row_stop]
+            raw = rows.contiguous().reshape(-1).view(torch.uint8)
+            out[: raw.numel()].copy_(raw)
+            return
+        base_name = self._task_to_base[name]
+        self._base.read_rows(base_name, row_start, row_stop, out)
+        delta = self._deltas.get(name)
+        if delta is None:
+            return
+        entry = self.entries[name]
+        rows = row_stop - row_start
+        dtype = SAFETENSORS_TO_TORCH[entry.dtype]
+        nbytes = entry.nbytes * rows // entry.rows
+        weight = out[:nbytes].view(dtype).view(rows, *entry.shape[1:])
+        a, b, scale, transposed = delta
+        update = a[:, row_start:row_stop].T @ b.T if transposed else b[row_start:row_stop] @ a
+        weight.copy_((weight.float() + update * scale).to(dtype))
+
+
+def _layout(name: str, shape: tuple[int, ...], a: torch.Tensor, b: torch.Tensor, fan_in_fan_out: bool,
+            label: str) -> bool:
+    """Whether the weight stores ``(B @ A).T`` (Conv1D, embeddings) rather than ``B @ A`` (Linear)."""
+    straight = shape == (b.shape[0], a.shape[1])
+    transposed = shape == (a.shape[1], b.shape[0])
+    if not straight and not transposed:
+        raise CheckpointError(
+            f"{label}: LoRA matrices of {name!r} ({list(b.shape)} x {list(a.shape)}) do not fit the base weight "
+            f"{list(shape)}."
+        )
+    return transposed if not straight else (transposed and fan_in_fan_out)
+
+
+def _naming(matched: dict[str, str]):  # type: ignore[no-untyped-def]
+    """How base names become task-model names, from the adapter targets' alignment (one prefix added or removed)."""
+    added = {t[: -len(b)] for t, b in matched.items() if t != b and t.endswith(b)}
+    removed = {b[: -len(t)] for t, b in matched.items() if t != b and b.endswith(t)}
+    if not added and not removed:
+        return lambda base_name: base_name
+    if len(added) == 1 and not removed:
+        prefix = added.pop()
+        return lambda base_name: prefix + base_name
+    if len(removed) == 1 and not added:
+        prefix = removed.pop()
+        return lambda base_name: base_name[len(prefix):] if base_name.startswith(prefix) else None
+    raise CheckpointError("the adapter's module names do not map onto the base's tensor names by one prefix.")
