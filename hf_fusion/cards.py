@@ -60,15 +60,20 @@ def license_of(ref: ModelRef) -> str | None:
     """The license in an input's card front matter (local folder, or the Hub card cached by the merge)."""
     path: Path | None = None
     if ref.is_local:
-        candidate = Path(ref.path).expanduser() / CARD_FILENAME
+        from hf_fusion.catalog import resolve_builtin
+
+        try:
+            candidate = Path(resolve_builtin(ref.path)).expanduser() / CARD_FILENAME
+        except FusionError:
+            return None
         path = candidate if candidate.is_file() else None
     else:
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(ref.path, CARD_FILENAME, revision=ref.commit)
         path = Path(cached) if isinstance(cached, str) else None
-    if path is None:
-        return None
+    if path is None or not path.read_text(errors="replace").startswith("---"):
+        return None  # no front matter, no license
     try:
         return ModelCard.load(path, ignore_metadata_errors=True).data.get("license")
     except Exception:  # an unreadable card means an unknown license, never a failed fusion
@@ -83,6 +88,8 @@ class _Row:
 
 
 def _model_row(role: str, ref: ModelRef) -> _Row:
+    if ref.path.startswith("builtin:"):
+        return _Row(role, f"`{ref.path}`", "ships with hf-fusion")
     if ref.is_local:
         return _Row(role, f"`{ref.path}`", "local folder")
     link = f"[{ref.path}]({constants.ENDPOINT}/{ref.path})"
@@ -139,13 +146,13 @@ def build_card(
         eval_results = [
             EvalResult(task_type=r.task_type, dataset_type=r.dataset, dataset_name=r.task, dataset_config=r.dataset_config,
                        dataset_split=r.split, metric_type=r.metric, metric_value=r.scores[report.fused])
-            for r in report.results if report.fused in r.scores
+            for r in report.results if r.scores.get(report.fused) is not None
         ] or None
         columns = report.columns()
         evaluation = {
             "columns": columns,
             "rows": [{"task": r.task, "dataset": r.dataset, "metric": r.metric,
-                      "cells": [f"{r.scores[c]:.4f}" if c in r.scores else "" for c in columns]}
+                      "cells": [f"{r.scores[c]:.4f}" if r.scores.get(c) is not None else "" for c in columns]}
                      for r in report.results],
         }
     data = ModelCardData(

@@ -88,9 +88,41 @@ def build_parser() -> argparse.ArgumentParser:
                        help="load .bin/.pt pickle checkpoints (can run code; only for models you trust)")
     merge.add_argument("--max-shard-size", type=parse_size, default=None, metavar="SIZE",
                        help="largest output shard (default 5GB)")
+    merge.add_argument("--pool", help="a catalog pool (see `hf-fusion pools`) or pool file: its base, experts, heads")
+    merge.add_argument("--tasks", type=_comma_list, metavar="T1,T2", help="only these tasks (and their experts) of the pool")
+    merge.add_argument("--evaluate", action="store_true", help="score the fused model on the pool's tasks")
+    _add_eval_options(merge)
     merge.add_argument("--push", metavar="REPO", help="push the fused model to this Hub repo (org/name or name)")
     _add_push_options(merge)
     _add_common(merge)
+
+    pools = sub.add_parser("pools", help="list the model pools: FusionBench's and the built-in ones")
+    pools.add_argument("name", nargs="?", help="show one pool's base, experts and tasks")
+    pools.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_common(pools)
+
+    evaluate = sub.add_parser("evaluate", help="score a model on a pool's tasks, beside the base and the experts")
+    evaluate.add_argument("--model", required=True, help="a fused folder, or any model folder or Hub repo id")
+    evaluate.add_argument("--pool", required=True, help="catalog pool or pool file")
+    evaluate.add_argument("--tasks", type=_comma_list, metavar="T1,T2", help="only these tasks")
+    evaluate.add_argument("--no-baselines", action="store_true", help="skip the pretrained model and the experts")
+    evaluate.add_argument("--report", metavar="FILE", help="also write the JSON report here")
+    evaluate.add_argument("--token", help="Hub token for private models or datasets")
+    _add_eval_options(evaluate)
+    _add_common(evaluate)
+
+    bench = sub.add_parser("bench", help="compare methods (and a parameter sweep) on a pool: leaderboard and plots")
+    bench.add_argument("--pool", required=True, help="catalog pool or pool file")
+    bench.add_argument("--methods", required=True, type=_comma_list, metavar="M1,M2")
+    bench.add_argument("--sweep", metavar="NAME=START:STOP:STEP", help="sweep one parameter of the methods having it")
+    bench.add_argument("--param", action="append", type=parse_param, default=[], metavar="NAME=VALUE",
+                       help="fixed method parameter, repeatable")
+    bench.add_argument("--tasks", type=_comma_list, metavar="T1,T2", help="only these tasks")
+    bench.add_argument("--output", required=True, metavar="FOLDER", help="report folder (models under models/)")
+    bench.add_argument("--overwrite", action="store_true", help="replace fused models from an earlier run")
+    bench.add_argument("--token", help="Hub token")
+    _add_eval_options(bench)
+    _add_common(bench)
 
     push = sub.add_parser("push", help="push a fused model folder to the Hub (writes its card if missing)")
     push.add_argument("folder", help="a folder written by `hf-fusion merge`")
@@ -104,10 +136,25 @@ def build_parser() -> argparse.ArgumentParser:
     card.add_argument("--repo-id", help="the repo the card's usage snippet loads (default: the folder)")
     _add_common(card)
 
-    demo = sub.add_parser("demo", help="fuse a tiny local pool with several methods (no network needed)")
-    demo.add_argument("--output", default="demo", metavar="FOLDER", help="where the pool and results go")
-    _add_common(demo)
     return parser
+
+
+def _comma_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _add_eval_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--limit", type=int, metavar="N", help="score N examples per task (a fixed, seeded subset)")
+    parser.add_argument("--batch-size", type=int, default=32, metavar="N")
+    parser.add_argument("--eval-device", default="cpu", metavar="DEVICE", help="device for evaluation (default cpu)")
+    parser.add_argument("--metrics", choices=["auto", "hub", "bundled"], default="auto",
+                        help="metric modules from the Hub, or bundled ones (auto: bundled when HF_HUB_OFFLINE=1)")
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from hf_fusion.tasks.base import EvalSettings
+
+    return EvalSettings(batch_size=args.batch_size, device=args.eval_device, limit=args.limit, metrics=args.metrics)
 
 
 def _add_push_options(parser: argparse.ArgumentParser) -> None:
@@ -211,8 +258,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = dict(args.param)
     if args.max_shard_size:
         kwargs["max_shard_bytes"] = args.max_shard_size
-    if not args.config and not args.repo_ids:
-        raise SystemExit("hf-fusion merge: give --repo-ids (and --method, --output) or --config RECIPE.yaml")
+    if not args.config and not args.repo_ids and not args.pool:
+        raise SystemExit("hf-fusion merge: give --repo-ids or --pool (and --method, --output), or --config RECIPE.yaml")
     if args.token:
         kwargs["token"] = args.token
     result = merge(
@@ -225,6 +272,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
         device=args.device,
         exclude=args.exclude,
         heads=args.heads,
+        pool=args.pool,
+        tasks=args.tasks,
+        evaluate=_settings(args) if args.evaluate else False,
         overwrite=args.overwrite,
         allow_pickle=args.allow_pickle,
         push=_push_target(args, args.push),
@@ -238,8 +288,80 @@ def cmd_merge(args: argparse.Namespace) -> int:
             f"({result.fused_tensors} tensors fused, {result.copied_tensors} copied, "
             f"{result.output_bytes / 1e6:.1f} MB) in {result.seconds:.1f} s"
         )
+    if result.evaluation is not None:
+        from hf_fusion.leaderboard import to_markdown
+
+        print(to_markdown(result.evaluation))
     if result.push is not None:
         _print_push(result.push)
+    return 0
+
+
+def cmd_pools(args: argparse.Namespace) -> int:
+    from hf_fusion.catalog import get_pool, pool_names
+
+    pools = [get_pool(n) for n in ([args.name] if args.name else pool_names())]
+    if args.json:
+        print(json.dumps([p.model_dump() for p in pools], indent=2))
+        return 0
+    if args.name:
+        pool = pools[0]
+        print(f"{pool.name}: {pool.description}\n  base: {pool.base}\n  source: {pool.source}")
+        if pool.heads:
+            print(f"  heads (kept per task): {', '.join(pool.heads)}")
+        for spec in pool.tasks:
+            data = spec.dataset + (f" ({spec.config})" if spec.config else "") + f" [{spec.split}]"
+            print(f"  {spec.name:18s} {pool.experts[spec.name]}\n  {'':18s} {spec.kind}, {spec.metric} on {data}")
+        return 0
+    rows = [("POOL", "TASKS", "KIND", "BASE")]
+    rows += [(p.name, str(len(p.tasks)), p.tasks[0].kind, p.base) for p in pools]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    print("\n`hf-fusion pools NAME` lists a pool's experts and datasets.")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hf_fusion.cards import write_card
+    from hf_fusion.catalog import get_pool
+    from hf_fusion.evaluation import evaluate_pool
+    from hf_fusion.leaderboard import to_markdown
+    from hf_fusion.recipe import RECIPE_FILENAME, ModelRef
+    from hf_fusion.sources import fetch, resolve
+
+    pool = get_pool(args.pool)
+    source = fetch(resolve(ModelRef.parse(args.model), token=args.token, allow_pickle=False), token=args.token,
+                   show_progress=not args.quiet)
+    folder = source.folder
+    assert folder is not None
+    label = "fused" if (folder / RECIPE_FILENAME).is_file() else Path(args.model).name
+    report = evaluate_pool(pool, {label: folder}, tasks=args.tasks, baselines=not args.no_baselines,
+                           settings=_settings(args), token=args.token, show_progress=not args.quiet)
+    if (folder / RECIPE_FILENAME).is_file() and source.ref.is_local:
+        report.save(folder)
+        write_card(folder)
+    if args.report:
+        Path(args.report).write_text(report.model_dump_json(indent=2) + "\n")
+    print(to_markdown(report))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hf_fusion.bench import Sweep, run_bench
+    from hf_fusion.catalog import get_pool
+
+    result = run_bench(
+        get_pool(args.pool), args.methods, Path(args.output), sweep=Sweep.parse(args.sweep) if args.sweep else None,
+        tasks=args.tasks, settings=_settings(args), parameters=dict(args.param), token=args.token,
+        overwrite=args.overwrite, show_progress=not args.quiet,
+    )
+    print(result.leaderboard)
+    print(f"\nReport, leaderboard and plots in {result.output}")
     return 0
 
 
@@ -274,16 +396,6 @@ def cmd_card(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from hf_fusion.demo import format_rows, run_demo
-
-    rows = run_demo(Path(args.output), show_progress=not args.quiet)
-    print(format_rows(rows))
-    return 0 if all(r["reloads with from_pretrained"] for r in rows) else 1
-
-
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -299,7 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hf_fusion.errors import FusionError
 
     try:
-        commands = {"methods": cmd_methods, "merge": cmd_merge, "demo": cmd_demo, "push": cmd_push, "card": cmd_card}
+        commands = {"methods": cmd_methods, "merge": cmd_merge, "push": cmd_push, "card": cmd_card,
+                    "pools": cmd_pools, "evaluate": cmd_evaluate, "bench": cmd_bench}
         return commands[args.command](args)
     except FusionError as err:
         print(f"hf-fusion: error: {err}", file=sys.stderr)

@@ -85,6 +85,14 @@ def _is_side_file(path: Path) -> bool:
     return path.is_file() and is_side_file(path.name)
 
 
+def _is_config_folder(path: Path, limit: int = 1 << 20) -> bool:
+    """A small subfolder holding only configuration files (no weights, no code)."""
+    if not path.is_dir() or path.name.startswith("."):
+        return False
+    files = [p for p in path.rglob("*") if p.is_file()]
+    return bool(files) and all(is_side_file(p.name) for p in files) and sum(p.stat().st_size for p in files) < limit
+
+
 def copy_side_files(reference: Path, others: Sequence[Path], dest: Path) -> list[str]:
     """Copies config, generation config and tokenizer/processor files from the reference model.
 
@@ -98,6 +106,9 @@ def copy_side_files(reference: Path, others: Sequence[Path], dest: Path) -> list
             if _is_side_file(path):
                 shutil.copy2(path, dest / path.name)
                 copied.append(path.name)
+            elif _is_config_folder(path):  # sentence-transformers modules (1_Pooling/config.json ...)
+                shutil.copytree(path, dest / path.name)
+                copied.append(path.name + "/")
     wanted = [("config", lambda name: name == "config.json"),
               ("tokenizer", lambda name: any(h in name for h in TOKENIZER_HINTS))]
     for kind, matches in wanted:

@@ -34,6 +34,8 @@ from hf_fusion.model_files import check_same_architecture, copy_side_files, same
 from hf_fusion.output import AtomicFolder, check_free_space, check_output_folder
 from hf_fusion.recipe import RECIPE_FILENAME, Recipe
 from hf_fusion.registry import BaseUse, MethodSpec, get_method
+from hf_fusion.report import EvaluationReport
+from hf_fusion.tasks.base import EvalSettings
 from hf_fusion.sources import Source, check_download_space, fetch, header_checkpoint, open_source, resolve
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ class MergeResult:
     statistics_passes: int
     output_bytes: int
     push: PushResult | None = None
+    evaluation: EvaluationReport | None = None
 
 
 @dataclass(frozen=True)
@@ -69,8 +72,6 @@ def validate_recipe(recipe: Recipe) -> ValidatedRecipe:
     spec = get_method(recipe.method)
     params = spec.validate_params(recipe.parameters)
     has_base = recipe.base is not None
-    if spec.base is BaseUse.UNUSED and has_base:
-        log.warning("method %s does not use a base model; %s is ignored", spec.name, recipe.base)
     uses_base = has_base and spec.base is not BaseUse.UNUSED
     spec.validate_pool(params, len(recipe.models), uses_base)
     _check_device(recipe.device)
@@ -102,9 +103,24 @@ def as_recipe(recipe: Recipe | str | Path | Mapping[str, Any] | None, overrides:
         raise RecipeError(f"cannot build a recipe from {type(recipe).__name__}.")
     params = dict(fields.get("parameters") or {})
     params.update(overrides.get("parameters") or {})
-    fields.update({k: v for k, v in overrides.items() if v is not None and k != "parameters"})
+    fields.update({k: v for k, v in overrides.items() if v is not None and k not in ("parameters", "tasks")})
     fields["parameters"] = params
+    if fields.get("pool") and not fields.get("models"):
+        fields.update(_from_pool(fields["pool"], overrides.get("tasks"), fields))
     return Recipe.build(**fields)
+
+
+def _from_pool(name: str, tasks: list[str] | None, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Base, experts and heads of a catalog pool (or pool file), for the selected tasks."""
+    from hf_fusion.catalog import get_pool
+
+    pool = get_pool(name)
+    specs = pool.select(tasks)
+    return {
+        "models": [pool.experts[s.name] for s in specs],
+        "base": fields.get("base") or pool.base,
+        "heads": fields.get("heads") or list(pool.heads),
+    }
 
 
 def merge(
@@ -119,6 +135,9 @@ def merge(
     device: str | None = None,
     exclude: list[str] | None = None,
     heads: list[str] | None = None,
+    pool: str | None = None,
+    tasks: list[str] | None = None,
+    evaluate: EvalSettings | bool = False,
     overwrite: bool = False,
     allow_pickle: bool = False,
     push: str | PushTarget | None = None,
@@ -137,9 +156,13 @@ def merge(
     """
     overrides = {
         "models": models, "base": base, "method": method, "output": str(output) if output else None,
-        "dtype": dtype, "device": device, "exclude": exclude, "heads": heads, "parameters": parameters,
+        "dtype": dtype, "device": device, "exclude": exclude, "heads": heads, "pool": pool, "tasks": tasks,
+        "parameters": parameters,
     }
     checked = validate_recipe(as_recipe(recipe, overrides))
+    settings = EvalSettings() if evaluate is True else evaluate or None
+    if settings is not None and not checked.recipe.pool:
+        raise RecipeError("evaluating needs a pool that says which tasks to score: pass --pool.")
     target_spec = PushTarget(push) if isinstance(push, str) else push
     if not checked.recipe.output and target_spec is None:
         raise RecipeError("no output folder: pass --output (output=...).")
@@ -158,13 +181,31 @@ def merge(
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
         raise
+    report = None
+    if settings is not None:
+        report = _evaluate(result, settings, tasks=tasks, token=token, show_progress=show_progress,
+                           repo_id=target_spec.repo_id if target_spec else None)
     if target_spec is None:
-        return replace(result, seconds=time.perf_counter() - started)
+        return replace(result, seconds=time.perf_counter() - started, evaluation=report)
     message = f"Fuse {len(result.recipe.models)} models with {result.recipe.method} (hf-fusion)"
     pushed = push_folder(target, target_spec, token=token, default_message=message)  # on failure the folder stays
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)
-    return replace(result, seconds=time.perf_counter() - started, push=pushed)
+    return replace(result, seconds=time.perf_counter() - started, push=pushed, evaluation=report)
+
+
+def _evaluate(result: MergeResult, settings: EvalSettings, *, tasks: list[str] | None, token: str | None,
+              show_progress: bool, repo_id: str | None) -> EvaluationReport:
+    """Scores the fused folder on its pool's tasks; the report joins the folder and its card."""
+    from hf_fusion.catalog import get_pool
+    from hf_fusion.evaluation import evaluate_pool
+
+    pool = get_pool(result.recipe.pool)  # type: ignore[arg-type]
+    report = evaluate_pool(pool, {"fused": result.output}, tasks=tasks, settings=settings, token=token,
+                           show_progress=show_progress)
+    report.save(result.output)
+    write_card(result.output, repo_id=repo_id)
+    return report
 
 
 def _fuse(
@@ -255,6 +296,8 @@ def _resolve_and_check(checked: ValidatedRecipe, *, allow_pickle: bool, token: s
     experts = [resolve(ref, token=token, allow_pickle=allow_pickle) for ref in recipe.models]
     adapters = [s for s in experts if s.adapter_config is not None]
     base_ref = recipe.base if (checked.uses_base or adapters) else None
+    if recipe.base is not None and base_ref is None:
+        log.warning("method %s does not use a base model; %s is ignored", recipe.method, recipe.base)
     if base_ref is None and adapters:
         named = {str(b): b for b in (s.adapter_base() for s in adapters) if b is not None}
         if not named:

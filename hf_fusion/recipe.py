@@ -47,8 +47,9 @@ class ModelRef(pydantic.BaseModel):
 
     @property
     def is_local(self) -> bool:
-        """Local when the path exists, or is spelled like a path (``./x``, ``/x``, ``~/x``) rather than a repo id."""
-        return self.path.startswith((".", "/", "~")) or Path(self.path).expanduser().exists()
+        """Local when the path exists, is spelled like a path (``./x``, ``/x``, ``~/x``) rather than a repo id, or
+        names a model that ships with hf-fusion (``builtin:``)."""
+        return self.path.startswith((".", "/", "~", "builtin:")) or Path(self.path).expanduser().exists()
 
     @property
     def pinned(self) -> str | None:
@@ -79,6 +80,7 @@ class Recipe(pydantic.BaseModel):
 
     method: str
     models: list[ModelRef] = pydantic.Field(min_length=1)
+    pool: str | None = None
     base: ModelRef | None = None
     parameters: dict[str, Any] = pydantic.Field(default_factory=dict)
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
@@ -145,6 +147,7 @@ class Recipe(pydantic.BaseModel):
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
             "method": self.method,
+            "pool": self.pool,
             "models": [m.to_yaml_value() for m in self.models],
             "base": self.base.to_yaml_value() if self.base else None,
             "parameters": dict(self.parameters),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pydantic
@@ -20,7 +21,11 @@ class TaskResult(pydantic.BaseModel):
     dataset_config: str | None = None
     split: str = "test"
     metric: str = pydantic.Field(description="evaluate metric name, e.g. accuracy")
-    scores: dict[str, float]
+    scores: dict[str, float | None] = pydantic.Field(
+        description="model label -> score; null when the metric is undefined (Spearman of constant predictions)"
+    )
+    metric_source: str | None = pydantic.Field(None, description="hub or bundled: where the metric module came from")
+    examples: int | None = pydantic.Field(None, description="how many examples were scored")
 
 
 class EvaluationReport(pydantic.BaseModel):
@@ -28,6 +33,16 @@ class EvaluationReport(pydantic.BaseModel):
 
     fused: str = pydantic.Field("fused", description="the key of the fused model in every `scores` mapping")
     results: list[TaskResult]
+    pool: str | None = None
+    limit: int | None = pydantic.Field(None, description="examples per task when a subset was scored")
+
+    def save(self, folder: Path) -> Path:
+        """Writes ``evaluation.json`` into ``folder`` atomically (a reader never sees half a report)."""
+        path = folder / REPORT_FILENAME
+        partial = folder / f".{REPORT_FILENAME}.partial"
+        partial.write_text(self.model_dump_json(indent=2) + "\n")
+        os.replace(partial, path)
+        return path
 
     @classmethod
     def load(cls, folder: Path) -> "EvaluationReport | None":
@@ -36,7 +51,7 @@ class EvaluationReport(pydantic.BaseModel):
 
     def columns(self) -> list[str]:
         """Model labels in table order: the fused model first, then the others as they first appear."""
-        seen = [self.fused]
+        seen = [self.fused] if any(self.fused in r.scores for r in self.results) else []
         for r in self.results:
             seen += [k for k in r.scores if k not in seen]
         return seen

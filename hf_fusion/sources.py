@@ -14,6 +14,7 @@ from typing import Any
 
 from huggingface_hub import constants
 
+from hf_fusion.catalog import BUILTIN_PREFIX, resolve_builtin
 from hf_fusion.engine.checkpoint import Checkpoint, open_checkpoint
 from hf_fusion.engine.lora import ADAPTER_CONFIG, LoraCheckpoint, is_lora_adapter
 from hf_fusion.errors import InsufficientResourcesError, RecipeError
@@ -54,6 +55,9 @@ def is_offline() -> bool:
 def resolve(ref: ModelRef, *, token: str | None, allow_pickle: bool) -> Source:
     """Metadata only: a local folder, the offline cache, or the Hub (commit, config, headers)."""
     label = str(ref)
+    if ref.path.startswith(BUILTIN_PREFIX):  # ships with hf-fusion or its demo extra: the reference stays portable
+        folder = Path(resolve_builtin(ref.path))
+        return Source(ref, label, read_config(folder), folder)
     if ref.is_local:
         folder = local_folder(ref)
         return Source(ref, label, read_config(folder), folder)

@@ -174,6 +174,21 @@ class _Handler(BaseHTTPRequestHandler):
             entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
         return entry
 
+    def _tree(self, commit: Commit, prefix: str, recursive: bool) -> list[dict[str, Any]]:
+        """Entries under ``prefix``: its direct children, or everything below with ``recursive``, folders included."""
+        base = f"{prefix}/" if prefix else ""
+        files, folders = [], set()
+        for path, data in sorted(commit.files.items()):
+            if not path.startswith(base):
+                continue
+            rest = path[len(base):].split("/")
+            for depth in range(1, len(rest)):
+                if recursive or depth == 1:
+                    folders.add(base + "/".join(rest[:depth]))
+            if recursive or len(rest) == 1:
+                files.append(self._entry(path, data))
+        return [{"type": "directory", "oid": _sha1(f.encode()), "size": 0, "path": f} for f in sorted(folders)] + files
+
     def _info(self, repo: Repo, commit: Commit, blobs: bool) -> dict[str, Any]:
         siblings = []
         for path, data in sorted(commit.files.items()):
@@ -273,8 +288,7 @@ class _Handler(BaseHTTPRequestHandler):
             revision, prefix = unquote(revision), unquote(prefix)
             commit = self._commit_of(repo, revision)
             if commit:
-                entries = [self._entry(p, d) for p, d in sorted(commit.files.items()) if p.startswith(prefix)]
-                self._json(200, entries)
+                self._json(200, self._tree(commit, prefix.strip("/"), query.get("recursive", ["false"])[0] == "true"))
         elif action == "refs":
             self._json(200, {"branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": oid}
                                           for b, oid in repo.branches.items() if not b.startswith("refs/")],

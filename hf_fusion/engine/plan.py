@@ -194,7 +194,7 @@ def align_names(names: Sequence[str], available: Collection[str]) -> dict[str, s
         if len(mapped) > len(best):
             best = mapped
     if best is not direct:
-        log.info("tensor names differ by a prefix; matched %d of %d", len(best), len(names))
+        log.debug("tensor names differ by a prefix; matched %d of %d", len(best), len(names))
     return best
 
 

@@ -12,6 +12,7 @@ from huggingface_hub import constants
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
+    HFValidationError,
     HfHubHTTPError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,
@@ -64,6 +65,8 @@ def hub_errors(repo_id: str, revision: str | None, action: str) -> Iterator[None
     login = "pass --token, set HF_TOKEN, or run `hf auth login`"
     try:
         yield
+    except HFValidationError:
+        raise HubAccessError(f"{repo_id!r} is neither a local folder nor a valid Hub repo id (org/name).") from None
     except GatedRepoError:
         raise HubAccessError(
             f"{repo_id} is gated: accept its conditions on {constants.ENDPOINT}/{repo_id} with your account, then "

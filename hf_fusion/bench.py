@@ -1,0 +1,109 @@
+"""``hf-fusion bench``: several methods (and a parameter sweep) on one pool, evaluated side by side.
+
+Every fused model is written under ``output/models/<label>``; all of them are then scored in one pass over each
+task (data, text classifiers and baselines are prepared once), and the leaderboard, the JSON report and the plots
+land in ``output``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hf_fusion.catalog import Pool
+from hf_fusion.errors import RecipeError
+from hf_fusion.evaluation import evaluate_pool
+from hf_fusion.leaderboard import rows, to_csv, to_markdown
+from hf_fusion.plots import grouped_bars, sweep_lines
+from hf_fusion.report import EvaluationReport
+from hf_fusion.tasks.base import EvalSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    parameter: str
+    values: list[float]
+
+    @classmethod
+    def parse(cls, text: str) -> "Sweep":
+        """``name=start:stop:step`` (stop included) or ``name=v1,v2,...``."""
+        name, sep, spec = text.partition("=")
+        if not sep or not name:
+            raise RecipeError(f"--sweep takes NAME=START:STOP:STEP or NAME=V1,V2,..., got {text!r}")
+        try:
+            if ":" in spec:
+                start, stop, step = (float(x) for x in spec.split(":"))
+                if step <= 0:
+                    raise ValueError
+                count = int(round((stop - start) / step)) + 1
+                values = [round(start + i * step, 10) for i in range(count)]
+            else:
+                values = [float(x) for x in spec.split(",")]
+        except ValueError:
+            raise RecipeError(f"--sweep values of {name!r} are not numbers with a positive step: {spec!r}") from None
+        return cls(name, values)
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    report: EvaluationReport
+    leaderboard: str
+    output: Path
+
+
+def run_bench(
+    pool: Pool,
+    methods: list[str],
+    output: Path,
+    *,
+    sweep: Sweep | None = None,
+    tasks: list[str] | None = None,
+    settings: EvalSettings = EvalSettings(),
+    parameters: dict[str, Any] | None = None,
+    token: str | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> BenchResult:
+    from hf_fusion.pipeline import merge
+    from hf_fusion.registry import get_method
+
+    output.mkdir(parents=True, exist_ok=True)
+    specs = pool.select(tasks)
+    fused: dict[str, Path] = {}
+    points: dict[str, list[tuple[float, str]]] = {}
+    for method in methods:
+        spec = get_method(method)
+        swept = sweep is not None and sweep.parameter in spec.params_model.model_fields
+        for value in sweep.values if swept else [None]:  # type: ignore[union-attr]
+            params = dict(parameters or {})
+            label = spec.name
+            if value is not None:
+                params[sweep.parameter] = value  # type: ignore[union-attr]
+                label = f"{spec.name}[{sweep.parameter}={value:g}]"  # type: ignore[union-attr]
+                points.setdefault(spec.name, []).append((value, label))
+            folder = output / "models" / label.replace("[", "_").replace("]", "").replace("=", "-")
+            merge(models=[pool.experts[s.name] for s in specs], base=pool.base, method=spec.name, heads=pool.heads,
+                  output=folder, overwrite=overwrite, token=token, show_progress=show_progress, pool=pool.name,
+                  **params)
+            fused[label] = folder
+    report = evaluate_pool(pool, fused, tasks=tasks, settings=settings, token=token, show_progress=show_progress)
+    report.save(output)
+    order = ["pretrained", "individual", *fused]
+    board = to_markdown(report, order)
+    (output / "leaderboard.md").write_text(board + "\n")
+    (output / "leaderboard.csv").write_text(to_csv(report, order))
+    grouped_bars(report, output / "scores_per_task.png", [l for l in order if l in report.columns()])
+    if points:
+        averages = {r.label: r.average for r in rows(report, order)}
+        series = {m: [(v, averages[label]) for v, label in pts] for m, pts in points.items()}
+        baselines = {k: averages[k] for k in ("pretrained", "individual") if k in averages}
+        sweep_lines(series, sweep.parameter, output / f"sweep_{sweep.parameter}.png", baselines)  # type: ignore[union-attr]
+    (output / "bench.json").write_text(json.dumps({"pool": pool.name, "methods": methods,
+                                                   "sweep": sweep.__dict__ if sweep else None,
+                                                   "models": {k: str(v) for k, v in fused.items()}}, indent=2))
+    return BenchResult(report, board, output)

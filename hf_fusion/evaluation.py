@@ -1,0 +1,92 @@
+"""Score fused models on the tasks of their pool, beside the pretrained base and each task's own expert."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from hf_fusion.catalog import Pool, TaskSpec
+from hf_fusion.engine.lora import is_lora_adapter
+from hf_fusion.progress import progress_bar
+from hf_fusion.recipe import ModelRef
+from hf_fusion.report import EvaluationReport, TaskResult
+from hf_fusion.sources import fetch, resolve
+from hf_fusion.tasks.base import EvalSettings, TaskContext, TaskEvaluator
+from hf_fusion.tasks.causal_lm import CausalLM
+from hf_fusion.tasks.classification import HeadClassification
+from hf_fusion.tasks.clip_zero_shot import ClipZeroShot
+from hf_fusion.tasks.text_to_text import TextToText
+from hf_fusion.tasks.weights import ModelUnderTest
+
+EVALUATORS: dict[str, type[TaskEvaluator]] = {
+    "clip_zero_shot": ClipZeroShot,
+    "classification": HeadClassification,
+    "text_to_text": TextToText,
+    "causal_lm": CausalLM,
+}
+PRETRAINED, INDIVIDUAL = "pretrained", "individual"
+
+
+@dataclass(frozen=True)
+class PoolModels:
+    """The pool's base and experts as local folders (Hub models fetched into the cache)."""
+
+    base: Path
+    experts: dict[str, ModelUnderTest]
+
+
+def fetch_pool(pool: Pool, tasks: list[TaskSpec], *, token: str | None = None, show_progress: bool = True
+               ) -> PoolModels:
+    def local(reference: str) -> Path:
+        source = resolve(ModelRef.parse(reference), token=token, allow_pickle=False)
+        folder = fetch(source, token=token, show_progress=show_progress).folder
+        assert folder is not None
+        return folder
+
+    base = local(pool.base)
+    experts = {}
+    for spec in tasks:
+        folder = local(pool.experts[spec.name])
+        experts[spec.name] = ModelUnderTest(spec.name, folder, base if is_lora_adapter(folder) else None)
+    return PoolModels(base, experts)
+
+
+def evaluate_pool(
+    pool: Pool,
+    fused: Mapping[str, Path],
+    *,
+    tasks: list[str] | None = None,
+    baselines: bool = True,
+    settings: EvalSettings = EvalSettings(),
+    token: str | None = None,
+    show_progress: bool = True,
+) -> EvaluationReport:
+    """Scores each fused folder (label -> folder) on the pool's tasks, with the pretrained base and, per task, the
+    task's own expert (``individual``) when ``baselines``."""
+    specs = pool.select(tasks)
+    models = fetch_pool(pool, specs, token=token, show_progress=show_progress)
+    per_task = len(fused) + (2 if baselines else 0)
+    results = []
+    with progress_bar(total=len(specs) * per_task, desc="evaluating", unit="score",
+                      disable=not show_progress) as bar:
+        for spec in specs:
+            expert = models.experts[spec.name]
+            evaluator = EVALUATORS[spec.kind](spec, TaskContext(models.base, expert, tuple(pool.heads)), settings)
+            candidates = [ModelUnderTest(label, folder, models.base) for label, folder in fused.items()]
+            if baselines:
+                candidates += [ModelUnderTest(PRETRAINED, models.base), ModelUnderTest(INDIVIDUAL, expert.folder,
+                                                                                       expert.base)]
+            scores: dict[str, float | None] = {}
+            for model in candidates:
+                value = evaluator.score(model)
+                scores[model.label] = None if math.isnan(value) else value
+                bar.update(1)
+            results.append(TaskResult(
+                task=spec.name, task_type=spec.task_type, dataset=spec.dataset, dataset_config=spec.config,
+                split=spec.split, metric=spec.metric, scores=scores, metric_source=evaluator.metric_source,
+                examples=len(evaluator.data),
+            ))
+    first = next(iter(fused), PRETRAINED)
+    return EvaluationReport(fused=first, results=results, pool=pool.name, limit=settings.limit)

@@ -1,0 +1,82 @@
+"""What every task kind shares: settings, the task's context (base, its expert, heads), batching, scoring."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from hf_fusion.catalog import TaskSpec
+from hf_fusion.metrics import MetricSource, load_metric
+from hf_fusion.tasks.data import load_examples
+from hf_fusion.tasks.weights import ModelUnderTest
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    batch_size: int = 32
+    device: str = "cpu"
+    limit: int | None = None
+    metrics: MetricSource = "auto"
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """The pool around a task: the pretrained base, the task's own expert, and the per-task head patterns."""
+
+    base: Path
+    expert: ModelUnderTest
+    heads: tuple[str, ...] = ()
+
+
+class TaskEvaluator(ABC):
+    """Scores models on one task; the data and anything shared between models are prepared once."""
+
+    def __init__(self, spec: TaskSpec, context: TaskContext, settings: EvalSettings) -> None:
+        self.spec = spec
+        self.context = context
+        self.settings = settings
+        self.data = load_examples(spec, settings.limit)
+        self.metric, self.metric_source = load_metric(spec.metric, settings.metrics)
+
+    def batches(self) -> Iterator[dict[str, list[Any]]]:
+        size = self.settings.batch_size
+        for start in range(0, len(self.data), size):
+            yield self.data[start : start + size]
+
+    @abstractmethod
+    def predictions(self, model: ModelUnderTest) -> tuple[list[Any], list[Any], dict[str, Any]]:
+        """(predictions, references, extra metric arguments) of ``model`` on the task's examples."""
+
+    def score(self, model: ModelUnderTest) -> float:
+        predictions, references, extra = self.predictions(model)
+        result = self.metric.compute(predictions=predictions, references=references, **extra)
+        return float(result[self.spec.metric])
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "tokenizer.model", "sentencepiece.bpe.model")
+
+
+def tokenizer_for(*folders: Path | None) -> Any:
+    """The first tokenizer found among ``folders``, with a pad token (GPT-2 style models have none).
+
+    Only folders holding tokenizer files count: transformers 5 builds an empty default tokenizer from a bare
+    config, which would silently tokenize everything to unknown tokens.
+    """
+    from transformers import AutoTokenizer
+
+    for folder in folders:
+        if folder is None or not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            continue
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError, TypeError):
+            continue
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+    from hf_fusion.errors import FusionError
+
+    raise FusionError(f"no tokenizer in {', '.join(str(f) for f in folders if f)}.")

@@ -1,0 +1,57 @@
+"""CLIP zero-shot image classification: the pretrained text encoder turns class names x prompt templates into a
+classifier; the vision tower under test (fused, pretrained or an expert) is swapped into the pretrained CLIP."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hf_fusion.tasks.base import EvalSettings, TaskContext, TaskEvaluator
+from hf_fusion.tasks.data import class_names
+from hf_fusion.tasks.weights import ModelUnderTest, build_model, read_state, replace_part
+
+
+class ClipZeroShot(TaskEvaluator):
+    def __init__(self, spec: Any, context: TaskContext, settings: EvalSettings) -> None:
+        super().__init__(spec, context, settings)
+        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+        self.tokenizer = AutoTokenizer.from_pretrained(context.base)
+        self.image_processor = AutoImageProcessor.from_pretrained(context.base)
+        base = ModelUnderTest("pretrained", context.base)
+        self.config = base.config()
+        self.base_state = read_state(base.checkpoint())
+        self.clip = CLIPModel.from_pretrained(context.base).to(settings.device).eval()
+        self.class_embeddings = self._text_classifier(class_names(spec, self.data))
+
+    @torch.no_grad()
+    def _text_classifier(self, names: list[str]) -> torch.Tensor:
+        """(classes, dim): each class is the normalised mean of its normalised prompt embeddings."""
+        rows = []
+        for name in names:
+            prompts = [template.format(name) for template in self.spec.templates]
+            tokens = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
+            features = self.clip.get_text_features(**tokens.to(self.settings.device))
+            features = getattr(features, "pooler_output", features)
+            features = features / features.norm(dim=-1, keepdim=True)
+            mean = features.mean(dim=0)
+            rows.append(mean / mean.norm())
+        return torch.stack(rows)
+
+    @torch.no_grad()
+    def predictions(self, model: ModelUnderTest) -> tuple[list[Any], list[Any], dict[str, Any]]:
+        from transformers import CLIPModel
+
+        state = replace_part(self.base_state, read_state(model.checkpoint()), "vision_model.")
+        clip = build_model(CLIPModel, self.config, state, model.label, self.settings.device)  # type: ignore[arg-type]
+        predicted, references = [], []
+        for batch in self.batches():
+            images = [image.convert("RGB") for image in batch[self.spec.image]]
+            pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"].to(self.settings.device)
+            features = clip.get_image_features(pixel_values=pixels)
+            features = getattr(features, "pooler_output", features)
+            features = features / features.norm(dim=-1, keepdim=True)
+            predicted += (features @ self.class_embeddings.T).argmax(dim=-1).tolist()
+            references += list(batch[self.spec.label])
+        return predicted, references, {}

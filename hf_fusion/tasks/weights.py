@@ -1,0 +1,108 @@
+"""Materialise the models a task scores: read any checkpoint (dense, sharded, or a LoRA adapter over its base)
+through the engine's readers, and load it into a transformers module built from a config, matching names across
+the prefixes task models and bare models use."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hf_fusion.engine.checkpoint import Checkpoint, open_checkpoint
+from hf_fusion.engine.dtypes import SAFETENSORS_TO_TORCH
+from hf_fusion.engine.lora import LoraCheckpoint, is_lora_adapter
+from hf_fusion.engine.plan import align_names
+from hf_fusion.errors import FusionError
+
+
+@dataclass(frozen=True)
+class ModelUnderTest:
+    """A model to score: a dense folder, or a LoRA adapter folder over ``base``."""
+
+    label: str
+    folder: Path
+    base: Path | None = None
+
+    def checkpoint(self) -> Checkpoint:
+        if is_lora_adapter(self.folder):
+            if self.base is None:
+                raise FusionError(f"{self.label}: {self.folder} is a LoRA adapter and no base was given.")
+            return LoraCheckpoint(self.label, self.folder, open_checkpoint(self.base, "base"))
+        return open_checkpoint(self.folder, self.label)
+
+    def config(self) -> dict[str, Any] | None:
+        for folder in (self.folder, self.base):
+            if folder is not None and (folder / "config.json").is_file():
+                return json.loads((folder / "config.json").read_text())
+        return None
+
+
+def read_state(ckpt: Checkpoint, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Whole tensors of a checkpoint (all, or ``names``), as torch tensors."""
+    state = {}
+    for name in names if names is not None else list(ckpt.entries):
+        entry = ckpt.entries[name]
+        buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
+        ckpt.read_rows(name, 0, entry.rows, buffer)
+        state[name] = buffer.view(SAFETENSORS_TO_TORCH[entry.dtype]).view(entry.shape).clone()
+    return state
+
+
+def without_heads(state: dict[str, torch.Tensor], heads: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """``state`` minus the per-task head tensors (another task's head, or the base's own classifier)."""
+    return {k: v for k, v in state.items() if not any(fnmatch.fnmatchcase(k, p) for p in heads)}
+
+
+def replace_part(state: dict[str, torch.Tensor], part: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """``state`` with its tensors under ``prefix`` taken from ``part`` (names aligned across prefixes)."""
+    targets = [k for k in state if k.startswith(prefix)]
+    mapping = align_names(targets, part)
+    missing = [k for k in targets if k not in mapping]
+    if missing:
+        raise FusionError(f"the model under test has no tensor for {missing[0]!r} ({len(missing)} missing).")
+    return {**state, **{k: part[mapping[k]] for k in targets}}
+
+
+def build_model(auto_class: Any, config: dict[str, Any], state: dict[str, torch.Tensor], label: str,
+                device: str) -> torch.nn.Module:
+    """A transformers model of ``config``'s architecture with ``state`` (checkpoint naming) loaded through
+    ``from_pretrained``, so transformers' own key conversions and prefix handling apply; a weight left at its
+    random initialisation is an error, since it would give a meaningless score."""
+    import transformers
+
+    cfg = transformers.AutoConfig.for_model(**config)
+    model_class = _concrete_class(auto_class, cfg)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        model, info = model_class.from_pretrained(None, config=cfg, state_dict=state, output_loading_info=True)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise FusionError(f"{label}: no weights for {len(missing)} tensor(s) of {type(model).__name__}, "
+                          f"e.g. {missing[0]!r}.")
+    return model.to(device).eval()
+
+
+def load_network(auto_class: Any, model: ModelUnderTest, base: Path, device: str) -> torch.nn.Module:
+    """A whole model under test (its config, else the base's) for tasks that use the model as it is."""
+    config = model.config() or ModelUnderTest("base", base).config()
+    if config is None:
+        raise FusionError(f"{model.label}: neither {model.folder} nor the base {base} has a config.json.")
+    return build_model(auto_class, config, read_state(model.checkpoint()), model.label, device)
+
+
+def _concrete_class(auto_class: Any, config: Any) -> Any:
+    """The model class an Auto class picks for ``config`` (Auto classes cannot load from a state dict alone)."""
+    mapping = getattr(auto_class, "_model_mapping", None)
+    if mapping is None:
+        return auto_class
+    try:
+        return mapping[type(config)]
+    except KeyError:
+        raise FusionError(f"{auto_class.__name__} has no model for {config.model_type!r} configs.") from None

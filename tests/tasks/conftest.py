@@ -1,0 +1,107 @@
+"""Tiny models with tokenizers and image processors, and tiny datasets on the loopback Hub, for every task kind."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from transformers import BertConfig, BertForSequenceClassification, BertModel
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+WORDS = ("a photo of the color red green blue an image showing picture good bad movie review is it positive "
+         "negative yes no great awful film plot reply how similar are they from 0 to 5 first second story text "
+         "the cat sat on mat dog ran fast").split()
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer with BOS/EOS/PAD/UNK, loadable by AutoTokenizer."""
+    specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
+    vocab = {w: i for i, w in enumerate(specials + sorted(set(WORDS) | {".", ",", "?", ":", "'"}))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    tok.post_processor = processors.TemplateProcessing(single="[BOS] $A [EOS]", pair="[BOS] $A [EOS] $B:1 [EOS]:1",
+                                                       special_tokens=[("[BOS]", 2), ("[EOS]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
+                                   eos_token="[EOS]")
+
+
+def perturb(model: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def publish_dataset(hub, repo_id: str, dataset: datasets.Dataset, split: str = "test") -> str:
+    """Puts a dataset on the loopback Hub as one parquet file (what load_dataset reads for real)."""
+    buffer = io.BytesIO()
+    dataset.to_parquet(buffer)
+    hub.state.create(repo_id, "dataset")
+    hub.state.upload(repo_id, {f"data/{split}-00000-of-00001.parquet": buffer.getvalue()}, repo_type="dataset")
+    return repo_id
+
+
+def color_images(n: int, seed: int) -> datasets.Dataset:
+    """Noisy solid-colour squares labelled red/green/blue."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for i in range(n):
+        label = i % 3
+        pixels = rng.integers(0, 60, (32, 32, 3), dtype=np.uint8)
+        pixels[..., label] += 180
+        images.append(Image.fromarray(pixels))
+        labels.append(label)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["red", "green", "blue"])})
+    return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+
+def review_texts(n: int, seed: int) -> datasets.Dataset:
+    rng = np.random.default_rng(seed)
+    good, bad = ["good movie", "great film", "good plot"], ["bad movie", "awful film", "bad plot"]
+    texts, labels = [], []
+    for i in range(n):
+        label = int(rng.integers(0, 2))
+        texts.append(str(rng.choice(good if label else bad)) + " review")
+        labels.append(label)
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["negative", "positive"])})
+    return datasets.Dataset.from_dict({"sentence": texts, "label": labels}, features=features)
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return word_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def text_pool(tmp_path_factory, hub, tokenizer) -> Path:
+    root = tmp_path_factory.mktemp("text-heads")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=48, max_position_embeddings=64, pad_token_id=0)
+    BertModel(config).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    base = BertModel.from_pretrained(root / "base")
+    for i, labels in enumerate((2, 2)):
+        task = BertForSequenceClassification(BertConfig(**{**config.to_dict(), "num_labels": labels}))
+        task.bert.load_state_dict(base.state_dict())
+        perturb(task, seed=10 + i, scale=0.05).save_pretrained(root / f"ft{i}")
+    publish_dataset(hub, "fusion-lab/reviews-a", review_texts(24, seed=1))
+    publish_dataset(hub, "fusion-lab/reviews-b", review_texts(24, seed=2), split="validation")
+    tasks = {
+        "reviews_a": {"expert": str(root / "ft0"), "dataset": "fusion-lab/reviews-a", "split": "test"},
+        "reviews_b": {"expert": str(root / "ft1"), "dataset": "fusion-lab/reviews-b", "split": "validation"},
+    }
+    for fields in tasks.values():
+        fields.update(kind="classification", task_type="text-classification", metric="accuracy", text=["sentence"])
+    (root / "pool.yaml").write_text(yaml.safe_dump({"name": "tiny-text", "base": str(root / "base"),
+                                                    "heads": ["classifier.*"], "tasks": tasks}))
+    return root
