@@ -291,6 +291,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if result.evaluation is not None:
         from hf_fusion.leaderboard import to_markdown
 
+        if not args.quiet:
+            tasks = len(result.evaluation.results)
+            print(f"Scored on {tasks} task{'s' if tasks != 1 else ''} in {result.evaluation_seconds:.1f} s")
         print(to_markdown(result.evaluation))
     if result.push is not None:
         _print_push(result.push)

@@ -55,6 +55,7 @@ class MergeResult:
     output_bytes: int
     push: PushResult | None = None
     evaluation: EvaluationReport | None = None
+    evaluation_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -181,17 +182,19 @@ def merge(
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
         raise
-    report = None
+    result = replace(result, seconds=time.perf_counter() - started)
     if settings is not None:
+        scoring = time.perf_counter()
         report = _evaluate(result, settings, tasks=tasks, token=token, show_progress=show_progress,
                            repo_id=target_spec.repo_id if target_spec else None)
+        result = replace(result, evaluation=report, evaluation_seconds=time.perf_counter() - scoring)
     if target_spec is None:
-        return replace(result, seconds=time.perf_counter() - started, evaluation=report)
+        return result
     message = f"Fuse {len(result.recipe.models)} models with {result.recipe.method} (hf-fusion)"
     pushed = push_folder(target, target_spec, token=token, default_message=message)  # on failure the folder stays
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)
-    return replace(result, seconds=time.perf_counter() - started, push=pushed, evaluation=report)
+    return replace(result, push=pushed)
 
 
 def _evaluate(result: MergeResult, settings: EvalSettings, *, tasks: list[str] | None, token: str | None,
