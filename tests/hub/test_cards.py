@@ -11,7 +11,7 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
-from conftest import publish
+from hub_helpers import publish
 
 import hf_fusion
 from hf_fusion.report import REPORT_FILENAME, EvaluationReport, TaskResult

@@ -9,7 +9,7 @@ import torch
 from huggingface_hub import HfApi
 
 import reference as ref
-from conftest import publish
+from hub_helpers import publish
 
 import hf_fusion
 from hf_fusion.hub.errors import HubAccessError

@@ -13,7 +13,7 @@ from huggingface_hub import HfApi, ModelCard, snapshot_download
 from huggingface_hub.errors import RepositoryNotFoundError
 from transformers import AutoModelForSequenceClassification
 
-from conftest import READ_TOKEN, WRITE_TOKEN
+from hub_helpers import READ_TOKEN, WRITE_TOKEN
 
 import hf_fusion
 from hf_fusion.hub.errors import MissingTokenError, PushError

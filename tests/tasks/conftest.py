@@ -2,78 +2,14 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-import datasets
-import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
-from transformers import BertConfig, BertForSequenceClassification, BertModel
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
+from transformers import BertConfig, BertForSequenceClassification, BertModel, PreTrainedTokenizerFast
 
-WORDS = ("a photo of the color red green blue an image showing picture good bad movie review is it positive "
-         "negative yes no great awful film plot reply how similar are they from 0 to 5 first second story text "
-         "the cat sat on mat dog ran fast").split()
-
-
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    """A whitespace word-level tokenizer with BOS/EOS/PAD/UNK, loadable by AutoTokenizer."""
-    specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
-    vocab = {w: i for i, w in enumerate(specials + sorted(set(WORDS) | {".", ",", "?", ":", "'"}))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
-    tok.post_processor = processors.TemplateProcessing(single="[BOS] $A [EOS]", pair="[BOS] $A [EOS] $B:1 [EOS]:1",
-                                                       special_tokens=[("[BOS]", 2), ("[EOS]", 3)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
-                                   eos_token="[EOS]")
-
-
-def perturb(model: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model
-
-
-def publish_dataset(hub, repo_id: str, dataset: datasets.Dataset, split: str = "test") -> str:
-    """Puts a dataset on the loopback Hub as one parquet file (what load_dataset reads for real)."""
-    buffer = io.BytesIO()
-    dataset.to_parquet(buffer)
-    hub.state.create(repo_id, "dataset")
-    hub.state.upload(repo_id, {f"data/{split}-00000-of-00001.parquet": buffer.getvalue()}, repo_type="dataset")
-    return repo_id
-
-
-def color_images(n: int, seed: int) -> datasets.Dataset:
-    """Noisy solid-colour squares labelled red/green/blue."""
-    rng = np.random.default_rng(seed)
-    images, labels = [], []
-    for i in range(n):
-        label = i % 3
-        pixels = rng.integers(0, 60, (32, 32, 3), dtype=np.uint8)
-        pixels[..., label] += 180
-        images.append(Image.fromarray(pixels))
-        labels.append(label)
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["red", "green", "blue"])})
-    return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
-
-
-def review_texts(n: int, seed: int) -> datasets.Dataset:
-    rng = np.random.default_rng(seed)
-    good, bad = ["good movie", "great film", "good plot"], ["bad movie", "awful film", "bad plot"]
-    texts, labels = [], []
-    for i in range(n):
-        label = int(rng.integers(0, 2))
-        texts.append(str(rng.choice(good if label else bad)) + " review")
-        labels.append(label)
-    features = datasets.Features({"sentence": datasets.Value("string"),
-                                  "label": datasets.ClassLabel(names=["negative", "positive"])})
-    return datasets.Dataset.from_dict({"sentence": texts, "label": labels}, features=features)
+from task_helpers import perturb, publish_dataset, review_texts, word_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from transformers import (
     ViTModel,
 )
 
-from conftest import color_images, perturb, publish_dataset, review_texts
+from task_helpers import color_images, perturb, publish_dataset, review_texts
 
 import hf_fusion
 from hf_fusion.tasks.base import EvalSettings

@@ -9,7 +9,7 @@ import torch
 import yaml
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionModel
 
-from conftest import color_images, perturb, publish_dataset
+from task_helpers import color_images, perturb, publish_dataset
 
 import hf_fusion
 from hf_fusion.tasks.base import EvalSettings

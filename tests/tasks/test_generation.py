@@ -13,7 +13,7 @@ import yaml
 from scipy.stats import spearmanr
 from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
 
-from conftest import perturb, publish_dataset, review_texts
+from task_helpers import perturb, publish_dataset, review_texts
 
 import hf_fusion
 from hf_fusion.evaluation import evaluate_pool
