@@ -41,3 +41,7 @@ class OutputExistsError(FusionError, FileExistsError):
 
 class InsufficientResourcesError(FusionError):
     """The merge would need more disk than is free."""
+
+
+class JobStopped(FusionError):
+    """The user stopped the job (the Space's Stop button); whatever it was writing has been discarded."""

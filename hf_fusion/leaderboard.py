@@ -40,34 +40,49 @@ def _ordered_labels(report: EvaluationReport) -> list[str]:
     return baselines + others
 
 
-def to_markdown(report: EvaluationReport, order: list[str] | None = None, *, percent: bool = True) -> str:
-    """A markdown table; the best fused score per column is bold (baselines are not ranked)."""
-    table = rows(report, order)
+@dataclass(frozen=True)
+class Table:
+    """A leaderboard laid out for display: cells already scaled (percent where the metric is a rate), and the
+    best fused value of each column marked (baselines are not ranked)."""
+
+    columns: list[str]
+    labels: list[str]
+    cells: list[list[float | None]]
+    best: set[tuple[int, int]]
+
+
+def table(report: EvaluationReport, order: list[str] | None = None, *, percent: bool = True) -> Table:
+    board = rows(report, order)
     tasks = [r.task for r in report.results]
     scale = 100.0 if percent and all(r.metric in ("accuracy", "exact_match") for r in report.results) else 1.0
     columns = tasks + ["average", "normalized"]
 
     def value(row: Row, column: str) -> float | None:
-        if column == "average":
-            return row.average
-        if column == "normalized":
-            return row.normalized
-        return row.scores.get(column)
+        raw = row.average if column == "average" else row.normalized if column == "normalized" else row.scores.get(column)
+        return None if raw is None else raw * (100.0 if column == "normalized" else scale)
 
-    ranked = [r for r in table if r.label not in ("pretrained", INDIVIDUAL)]
-    pick = min if all(r.metric == "perplexity" for r in report.results) else max  # lower perplexity is better
-    best = {c: pick((value(r, c) for r in ranked if value(r, c) is not None), default=None) for c in columns}
-    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-    for row in table:
-        cells = []
-        for column in columns:
-            v = value(row, column)
-            if v is None:
-                cells.append("")
+    cells = [[value(row, c) for c in columns] for row in board]
+    ranked = [i for i, row in enumerate(board) if row.label not in ("pretrained", INDIVIDUAL)]
+    lower_is_better = all(r.metric == "perplexity" for r in report.results)
+    best: set[tuple[int, int]] = set()
+    if len(ranked) > 1:
+        for j, column in enumerate(columns):
+            present = [cells[i][j] for i in ranked if cells[i][j] is not None]
+            if not present:
                 continue
-            text = f"{v * (100.0 if column == 'normalized' else scale):.1f}"
-            cells.append(f"**{text}**" if row in ranked and v == best[column] and len(ranked) > 1 else text)
-        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+            target = min(present) if lower_is_better else max(present)  # perplexity (and its ratio): lower wins
+            best |= {(i, j) for i in ranked if cells[i][j] == target}
+    return Table(columns, [row.label for row in board], cells, best)
+
+
+def to_markdown(report: EvaluationReport, order: list[str] | None = None, *, percent: bool = True) -> str:
+    """A markdown table; the best fused score per column is bold (baselines are not ranked)."""
+    laid = table(report, order, percent=percent)
+    lines = ["| model | " + " | ".join(laid.columns) + " |", "|---|" + "---:|" * len(laid.columns)]
+    for i, (label, values) in enumerate(zip(laid.labels, laid.cells)):
+        texts = ["" if v is None else f"**{v:.1f}**" if (i, j) in laid.best else f"{v:.1f}"
+                 for j, v in enumerate(values)]
+        lines.append(f"| {label} | " + " | ".join(texts) + " |")
     return "\n".join(lines)
 
 

@@ -23,14 +23,17 @@ def grouped_bars(report: EvaluationReport, path: Path, labels: Sequence[str] | N
     labels = list(labels or report.columns())
     tasks = [r.task for r in report.results]
     width = 0.8 / max(1, len(labels))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(tasks) + 2), 4.0))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(tasks) + 2) + (3.0 if len(labels) > 4 else 0.0), 4.0))
     for i, label in enumerate(labels):
         values = [r.scores.get(label) or 0.0 for r in report.results]
         ax.bar([t + i * width for t in range(len(tasks))], values, width, label=label)
     ax.set_xticks([t + width * (len(labels) - 1) / 2 for t in range(len(tasks))], tasks, rotation=30, ha="right")
     ax.set_ylabel(report.results[0].metric if report.results else "score")
     ax.set_title(f"{report.pool or 'pool'}: scores per task")
-    ax.legend(fontsize="small", ncols=2)
+    if len(labels) > 4:  # many models: the legend goes beside the axes, never over the bars
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    else:
+        ax.legend(fontsize="small", ncols=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -9,6 +9,7 @@ from typing import Any, Iterator
 
 from hf_fusion.catalog import TaskSpec
 from hf_fusion.metrics import MetricSource, load_metric
+from hf_fusion.progress import check_stop
 from hf_fusion.tasks.data import load_examples
 from hf_fusion.tasks.weights import ModelUnderTest
 
@@ -43,6 +44,7 @@ class TaskEvaluator(ABC):
     def batches(self) -> Iterator[dict[str, list[Any]]]:
         size = self.settings.batch_size
         for start in range(0, len(self.data), size):
+            check_stop()
             yield self.data[start : start + size]
 
     @abstractmethod
