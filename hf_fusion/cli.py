@@ -136,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     card.add_argument("--repo-id", help="the repo the card's usage snippet loads (default: the folder)")
     _add_common(card)
 
+    space = sub.add_parser("space", help="start the Gradio app (merge and compare in the browser) on this machine")
+    space.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    space.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    space.add_argument("--concurrency", type=int, default=1, help="jobs run at once; others wait in the queue")
+    space.add_argument("--no-local-paths", action="store_true",
+                       help="refuse local folders as models, as on a shared Space")
+    _add_common(space)
+
     return parser
 
 
@@ -368,6 +376,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_space(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from hf_fusion.errors import FusionError
+
+    if importlib.util.find_spec("gradio") is None:
+        raise FusionError('the Space needs gradio, which is not installed: pip install "hf-fusion[space]".')
+    from hf_fusion.space import launch
+
+    launch(host=args.host, port=args.port, concurrency=args.concurrency,
+           allow_local_paths=False if args.no_local_paths else None)
+    return 0
+
+
 def cmd_push(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -415,7 +437,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         commands = {"methods": cmd_methods, "merge": cmd_merge, "push": cmd_push, "card": cmd_card,
-                    "pools": cmd_pools, "evaluate": cmd_evaluate, "bench": cmd_bench}
+                    "pools": cmd_pools, "evaluate": cmd_evaluate, "bench": cmd_bench,
+                    "space": cmd_space}
         return commands[args.command](args)
     except FusionError as err:
         print(f"hf-fusion: error: {err}", file=sys.stderr)

@@ -1,0 +1,160 @@
+"""The merge form, generated from the method registry, and the recipe YAML it edits.
+
+Each parameter of each method gets one widget chosen from its registry entry: a dropdown for choices, a checkbox
+for booleans, a slider where the registry gives a range (its UI range when it declares one), a number box
+otherwise, and a YAML text box for lists. The form never merges anything itself: it writes the recipe YAML, and the
+Merge button runs whatever that YAML says, so editing the YAML by hand and filling the form are the same path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import yaml
+
+from hf_fusion.errors import RecipeError
+from hf_fusion.recipe import ModelRef
+from hf_fusion.registry import MethodSpec, ParamInfo
+
+POOL_SOURCE, REPO_SOURCE = "Catalog pool", "Repo ids"
+
+
+@dataclass(frozen=True)
+class ParamSlot:
+    """Where one method parameter sits in the flat list of form widgets."""
+
+    method: str
+    info: ParamInfo
+
+
+def widget_kind(info: ParamInfo) -> str:
+    if info.choices:
+        return "dropdown"
+    if info.type == "bool":
+        return "checkbox"
+    if info.type in ("float", "int") and slider_range(info) is not None:
+        return "slider"
+    if info.type in ("float", "int"):
+        return "number"
+    return "yaml"
+
+
+def slider_range(info: ParamInfo) -> tuple[float, float] | None:
+    if info.ui_range is not None:
+        return info.ui_range
+    if info.minimum is not None and info.maximum is not None:
+        return info.minimum, info.maximum
+    return None
+
+
+def slider_step(info: ParamInfo) -> float:
+    if info.type == "int":
+        return 1
+    lo, hi = slider_range(info)  # type: ignore[misc]
+    return 10.0 ** math.floor(math.log10((hi - lo) / 100)) if hi > lo else 0.01
+
+
+def make_widget(slot: ParamSlot) -> Any:
+    """The gradio component for one parameter, labelled and described from the registry."""
+    import gradio as gr
+
+    info = slot.info
+    kind = widget_kind(info)
+    common = {"label": info.name, "info": info.description or None, "key": f"{slot.method}.{info.name}"}
+    if kind == "dropdown":
+        return gr.Dropdown(choices=list(info.choices or ()), value=info.default, **common)
+    if kind == "checkbox":
+        return gr.Checkbox(value=bool(info.default), **common)
+    if kind == "slider":
+        lo, hi = slider_range(info)  # type: ignore[misc]
+        return gr.Slider(minimum=lo, maximum=hi, value=info.default, step=slider_step(info), **common)
+    if kind == "number":
+        return gr.Number(value=info.default, precision=0 if info.type == "int" else None, **common)
+    placeholder = "YAML, e.g. [0.5, 0.3, 0.2]; empty for the default"
+    return gr.Textbox(value="" if info.default is None else yaml.safe_dump(info.default).strip(),
+                      placeholder=placeholder, **common)
+
+
+def param_slots(specs: Sequence[MethodSpec]) -> list[ParamSlot]:
+    return [ParamSlot(spec.name, info) for spec in specs for info in spec.parameters()]
+
+
+def widget_value(slot: ParamSlot, value: Any) -> Any:
+    """A widget's value as the recipe stores it (ints stay ints, YAML boxes are parsed)."""
+    kind = widget_kind(slot.info)
+    if kind == "yaml":
+        text = (value or "").strip()
+        if not text:
+            return slot.info.default
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise RecipeError(f"parameter {slot.info.name!r} is not valid YAML: {err}") from None
+    if value is None:
+        return slot.info.default
+    if slot.info.type == "int" and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def split_models(text: str) -> list[str]:
+    """Repo ids or folders, one per line (commas and spaces also separate them)."""
+    return [m for m in text.replace(",", " ").split() if m]
+
+
+def recipe_fields(
+    *,
+    source: str,
+    pool: Any | None,
+    models_text: str,
+    base: str,
+    method: str,
+    dtype: str,
+    slots: Sequence[ParamSlot],
+    values: Sequence[Any],
+) -> dict[str, Any]:
+    """The recipe the form describes, as the mapping the YAML box shows (pools are expanded so they can be edited)."""
+    parameters = {s.info.name: widget_value(s, v) for s, v in zip(slots, values) if s.method == method}
+    fields: dict[str, Any] = {"method": method}
+    if source == POOL_SOURCE and pool is not None:
+        fields.update(pool=pool.name, base=pool.base, models=[pool.experts[t.name] for t in pool.tasks])
+        if pool.heads:
+            fields["heads"] = list(pool.heads)
+    else:
+        fields["models"] = split_models(models_text)
+        if base.strip():
+            fields["base"] = base.strip()
+    fields["parameters"] = parameters
+    fields["dtype"] = dtype
+    return fields
+
+
+def to_yaml(fields: dict[str, Any]) -> str:
+    return yaml.safe_dump(fields, sort_keys=False, default_flow_style=False)
+
+
+def parse_recipe_yaml(text: str) -> dict[str, Any]:
+    """The YAML box as a recipe mapping; the Space chooses the output folder, so ``output`` is dropped."""
+    try:
+        data = yaml.safe_load(text or "")
+    except yaml.YAMLError as err:
+        raise RecipeError(f"the recipe is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise RecipeError("the recipe must be a YAML mapping with at least `method` and `models` (or `pool`).")
+    data.pop("output", None)
+    return data
+
+
+def check_no_local_paths(fields: dict[str, Any]) -> None:
+    """On a shared Space, models come from the Hub or the built-in pools, never from the server's disk."""
+    refs = list(fields.get("models") or [])
+    if fields.get("base"):
+        refs.append(fields["base"])
+    for ref in refs:
+        text = ref if isinstance(ref, str) else str((ref or {}).get("path", "")) if isinstance(ref, dict) else str(ref)
+        if text.startswith("builtin:"):
+            continue
+        if ModelRef.parse(text).is_local:
+            raise RecipeError(f"{text!r} is a local path; this Space only fuses Hub repo ids and built-in pools.")

@@ -1,0 +1,84 @@
+"""The merge form comes from the registry, and what it writes is a recipe the pipeline accepts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hf_fusion.catalog import get_pool
+from hf_fusion.errors import RecipeError
+from hf_fusion.pipeline import as_recipe, validate_recipe
+from hf_fusion.registry import all_methods, get_method
+from hf_fusion.space.app import SpaceApp
+from hf_fusion.space.form import (
+    POOL_SOURCE,
+    REPO_SOURCE,
+    check_no_local_paths,
+    param_slots,
+    recipe_fields,
+    slider_range,
+    widget_kind,
+    widget_value,
+)
+
+TWO_MODEL_METHODS = {"linear_interpolation", "slerp"}
+
+
+def test_every_parameter_gets_a_widget_matching_its_registry_entry() -> None:
+    slots = param_slots(all_methods())
+    assert {(s.method, s.info.name) for s in slots} == {(m.name, p.name) for m in all_methods() for p in m.parameters()}
+    kinds = {(s.method, s.info.name): widget_kind(s.info) for s in slots}
+    assert kinds[("ties_merging", "merge_func")] == "dropdown"
+    assert kinds[("ties_merging", "scaling_factor")] == "slider"
+    assert kinds[("dare_task_arithmetic", "only_on_linear_weights")] == "checkbox"
+    assert kinds[("weighted_average", "weights")] == "yaml"
+    assert kinds[("slerp", "epsilon")] == "number"  # no upper bound: no slider
+    for slot in slots:
+        if widget_kind(slot.info) == "slider":
+            lo, hi = slider_range(slot.info)  # type: ignore[misc]
+            assert (slot.info.minimum is None or lo >= slot.info.minimum) and (
+                slot.info.maximum is None or hi <= slot.info.maximum)
+            assert lo <= slot.info.default <= hi
+
+
+@pytest.mark.parametrize("method", [m.name for m in all_methods()])
+def test_the_default_form_is_a_valid_recipe_for_every_method(method: str) -> None:
+    slots = param_slots(all_methods())
+    fields = recipe_fields(source=POOL_SOURCE, pool=get_pool("minilm-text3"), models_text="", base="", method=method,
+                           dtype="auto", slots=slots, values=[s.info.default for s in slots])
+    recipe = as_recipe(yaml.safe_load(yaml.safe_dump(fields)), {})
+    if method in TWO_MODEL_METHODS:  # a 3-expert pool is the wrong shape for them, and the form says so
+        with pytest.raises(RecipeError, match="exactly two models"):
+            validate_recipe(recipe)
+        return
+    checked = validate_recipe(recipe)
+    assert checked.recipe.method == method
+    assert checked.recipe.parameters == get_method(method).defaults()
+    assert len(checked.recipe.models) == 3 and checked.recipe.pool == "minilm-text3"
+
+
+def test_repo_ids_form_and_typed_values() -> None:
+    slots = [s for s in param_slots(all_methods()) if s.method == "weighted_average"]
+    values = [widget_value(s, v) for s, v in zip(slots, ["[0.7, 0.3]", True])]
+    assert values == [[0.7, 0.3], True]
+    fields = recipe_fields(source=REPO_SOURCE, pool=None, models_text="org/a, org/b@v1\norg/c", base=" org/base ",
+                           method="weighted_average", dtype="bfloat16", slots=slots, values=["[0.5, 0.3, 0.2]", True])
+    assert fields == {"method": "weighted_average", "models": ["org/a", "org/b@v1", "org/c"], "base": "org/base",
+                      "parameters": {"weights": [0.5, 0.3, 0.2], "normalize": True}, "dtype": "bfloat16"}
+    with pytest.raises(RecipeError, match="weights"):
+        widget_value(slots[0], "[0.5, ")
+
+
+def test_a_shared_space_refuses_server_paths(tmp_path: Path) -> None:
+    check_no_local_paths({"models": ["org/a", "builtin:minilm_text3/bbc_news"], "base": "org/base"})
+    for fields in ({"models": ["/etc"]}, {"models": ["org/a"], "base": "./base"}, {"models": [str(tmp_path)]}):
+        with pytest.raises(RecipeError, match="local path"):
+            check_no_local_paths(fields)
+    app = SpaceApp(root=tmp_path, in_space=True, allow_local_paths=False, concurrency=1)
+    with pytest.raises(RecipeError, match="local path"):
+        app._prepare_merge(f"method: simple_average\nmodels: [{tmp_path}]\n", False, 0)
+    recipe, settings, tasks = app._prepare_merge("method: ties_merging\npool: minilm-text3\n", True, 50)
+    assert tasks == ["bbc_news", "twitter_sentiment", "sms_spam"] and settings.limit == 50
+    assert settings.metrics == "bundled"
