@@ -248,7 +248,8 @@ class _Handler(BaseHTTPRequestHandler):
         if user is None:
             return self._error(401, "Invalid credentials in Authorization header")
         role = "read" if self._token() in self.state.read_only else "write"
-        self._json(200, {"type": "user", "id": user, "name": user, "fullname": user, "orgs": [],
+        self._json(200, {"type": "user", "id": user, "name": user, "fullname": user,
+                         "avatarUrl": f"/avatars/{user}.svg", "orgs": [],
                          "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": role}}})
 
     def _create(self) -> None:

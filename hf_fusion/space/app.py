@@ -327,25 +327,41 @@ class SpaceApp:
         demo.queue(max_size=32, default_concurrency_limit=self.concurrency)
         return demo
 
-    def _with_token(self, handler: Callable[..., Any], generator: bool) -> Callable[..., Any]:
-        """The handler with the user's token last: the OAuth token in a Space, none here (the local login is used)."""
+    def _with_token(self, handler: Callable[..., Any], inputs: int, *, generator: bool) -> Callable[..., Any]:
+        """``handler`` with the user's token (and gradio's progress tracker) after its ``inputs`` values.
+
+        gradio injects special arguments by position, reading the signature: so the wrapper declares its inputs
+        one by one, then ``oauth_token: gr.OAuthToken | None`` in a Space (the signed-in user's token; outside a
+        Space none is passed and the local login is used), then ``progress=gr.Progress()`` for generators.
+        """
+        import inspect
+
         import gradio as gr
 
+        Param = inspect.Parameter
+        params = [Param(f"input_{i}", Param.POSITIONAL_OR_KEYWORD) for i in range(inputs)]
         if self.in_space:
-            if generator:
-                def run(*args: Any, oauth_token: gr.OAuthToken | None = None, progress: Any = gr.Progress()) -> Any:
-                    yield from handler(*args, oauth_token.token if oauth_token else None, progress)
-            else:
-                def run(*args: Any, oauth_token: gr.OAuthToken | None = None) -> Any:  # type: ignore[misc]
-                    return handler(*args, oauth_token.token if oauth_token else None)
-        elif generator:
-            def run(*args: Any, progress: Any = gr.Progress()) -> Any:  # type: ignore[misc]
-                yield from handler(*args, None, progress)
+            params.append(Param("oauth_token", Param.POSITIONAL_OR_KEYWORD, default=None,
+                                annotation=gr.OAuthToken | None))
+        if generator:
+            params.append(Param("progress", Param.POSITIONAL_OR_KEYWORD, default=gr.Progress()))
+        in_space = self.in_space
+
+        def split(args: tuple[Any, ...]) -> tuple[list[Any], str | None, Any]:
+            values, extra = list(args[:inputs]), list(args[inputs:])
+            oauth = extra.pop(0) if in_space and extra else None
+            return values, (oauth.token if oauth is not None else None), (extra[0] if extra else None)
+
+        if generator:
+            def run(*args: Any) -> Any:
+                values, token, progress = split(args)
+                yield from handler(*values, token, progress)
         else:
             def run(*args: Any) -> Any:  # type: ignore[misc]
-                return handler(*args, None)
-        if self.in_space:  # gradio finds the OAuth parameter by its type, so give it the real one, not a string
-            run.__annotations__["oauth_token"] = gr.OAuthToken | None
+                values, token, _ = split(args)
+                return handler(*values, token)
+        run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in params if p.annotation is not Param.empty}
         return run
 
     def _merge_tab(self, session: Any) -> None:
@@ -408,11 +424,11 @@ class SpaceApp:
                       method, [blurb, *groups], api_visibility="private", queue=False)
         form = [source, pool, models, base, method, dtype, *widgets]
         gr.on([c.change for c in form], self.form_to_yaml, form, recipe, api_visibility="private", queue=False)
-        merge_btn.click(self._with_token(self.run_merge, generator=True), [recipe, evaluate, limit, session],
+        merge_btn.click(self._with_token(self.run_merge, 4, generator=True), [recipe, evaluate, limit, session],
                               [session, status, log_box, scores, download, card], api_name="merge",
                               concurrency_id=CONCURRENCY_ID)
         stop_btn.click(self.stop, session, status, api_name="stop", queue=False)
-        push_btn.click(self._with_token(self.push, generator=False), [repo, private, overwrite, session], push_status,
+        push_btn.click(self._with_token(self.push, 4, generator=False), [repo, private, overwrite, session], push_status,
                        api_name="push")
 
     def _compare_tab(self, session: Any) -> None:
@@ -438,7 +454,7 @@ class SpaceApp:
                     bars = gr.Image(label="Scores per task", type="filepath", interactive=False)
                     lines = gr.Image(label="Average score against the swept parameter", type="filepath",
                                      interactive=False)
-        run_btn.click(self._with_token(self.run_compare, generator=True), [pool, methods, sweep, limit, session],
+        run_btn.click(self._with_token(self.run_compare, 5, generator=True), [pool, methods, sweep, limit, session],
                       [session, status, log_box, board, bars, lines], api_name="compare",
                       concurrency_id=CONCURRENCY_ID)
         stop_btn.click(self.stop, session, status, api_name="stop_compare", queue=False)
