@@ -393,20 +393,9 @@ def cmd_space(args: argparse.Namespace) -> int:
 def cmd_push(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from hf_fusion.cards import CARD_FILENAME, write_card
-    from hf_fusion.errors import FusionError
-    from hf_fusion.hub.push import check_target, push_folder
-    from hf_fusion.recipe import RECIPE_FILENAME, Recipe
+    from hf_fusion.hub.push import push_merged_folder
 
-    folder = Path(args.folder)
-    if not (folder / RECIPE_FILENAME).is_file():
-        raise FusionError(f"{folder} is not a folder written by hf-fusion merge (no {RECIPE_FILENAME}).")
-    target = check_target(_push_target(args, args.repo), args.token)
-    if not (folder / CARD_FILENAME).is_file():
-        write_card(folder, repo_id=target.repo_id)
-    recipe = Recipe.from_yaml(folder / RECIPE_FILENAME)
-    message = f"Fuse {len(recipe.models)} models with {recipe.method} (hf-fusion)"
-    _print_push(push_folder(folder, target, token=args.token, default_message=message))
+    _print_push(push_merged_folder(Path(args.folder), _push_target(args, args.repo), token=args.token))
     return 0
 
 

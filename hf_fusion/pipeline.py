@@ -29,7 +29,7 @@ from hf_fusion.engine.stream import DEFAULT_BUDGET_ELEMENTS, StreamingEngine
 from hf_fusion.engine.writer import DEFAULT_MAX_SHARD_BYTES, ShardedSafetensorsWriter
 from hf_fusion.errors import InsufficientResourcesError, RecipeError
 from hf_fusion.hub.auth import resolve_token
-from hf_fusion.hub.push import PushResult, PushTarget, check_target, push_folder
+from hf_fusion.hub.push import PushResult, PushTarget, check_target, push_folder, push_message
 from hf_fusion.model_files import check_same_architecture, copy_side_files, same_architecture, set_config_dtype
 from hf_fusion.output import AtomicFolder, check_free_space, check_output_folder
 from hf_fusion.recipe import RECIPE_FILENAME, Recipe
@@ -190,8 +190,8 @@ def merge(
         result = replace(result, evaluation=report, evaluation_seconds=time.perf_counter() - scoring)
     if target_spec is None:
         return result
-    message = f"Fuse {len(result.recipe.models)} models with {result.recipe.method} (hf-fusion)"
-    pushed = push_folder(target, target_spec, token=token, default_message=message)  # on failure the folder stays
+    pushed = push_folder(target, target_spec, token=token,  # on failure the folder stays
+                         default_message=push_message(result.recipe))
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)
     return replace(result, push=pushed)

@@ -12,8 +12,10 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, constants
 
+from hf_fusion.errors import FusionError
 from hf_fusion.hub.auth import require_token
 from hf_fusion.hub.errors import HubAccessError, PushError, hub_errors
+from hf_fusion.recipe import RECIPE_FILENAME, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -103,3 +105,23 @@ def push_folder(folder: Path, target: PushTarget, *, token: str | None, default_
     except HubAccessError as err:
         raise PushError(f"{err} The fused model is intact in {folder}; retry with: {retry}") from None
     return PushResult(target.repo_id, str(repo_url), info.commit_url, info.pr_url)
+
+
+def push_message(recipe: Recipe) -> str:
+    """The commit message of a fused model's push."""
+    return f"Fuse {len(recipe.models)} models with {recipe.method} (hf-fusion)"
+
+
+def push_merged_folder(folder: Path, target: PushTarget, *, token: str | None, rewrite_card: bool = False
+                       ) -> PushResult:
+    """Pushes a folder written by ``hf-fusion merge``: the target is checked first, the card is written (naming the
+    repo) when missing or when ``rewrite_card``, then everything goes up in one commit."""
+    from hf_fusion.cards import CARD_FILENAME, write_card
+
+    if not (folder / RECIPE_FILENAME).is_file():
+        raise FusionError(f"{folder} is not a folder written by hf-fusion merge (no {RECIPE_FILENAME}).")
+    target = check_target(target, token)
+    if rewrite_card or not (folder / CARD_FILENAME).is_file():
+        write_card(folder, repo_id=target.repo_id)
+    recipe = Recipe.from_yaml(folder / RECIPE_FILENAME)
+    return push_folder(folder, target, token=token, default_message=push_message(recipe))
