@@ -29,10 +29,6 @@ class JobMonitor:
     def stop(self) -> None:
         self.stop_event.set()
 
-    @property
-    def stopped(self) -> bool:
-        return self.stop_event.is_set()
-
     def check(self) -> None:
         if self.stop_event.is_set():
             raise JobStopped("stopped on request; nothing was written.")

@@ -97,14 +97,12 @@ def eval_settings(limit: float | None) -> Any:
 
 def card_body(folder: Path) -> str:
     """The model card without its YAML front matter, for display."""
-    path = folder / "README.md"
-    if not path.is_file():
-        return ""
-    text = path.read_text()
-    if text.startswith("---"):
-        end = text.find("\n---", 3)
-        text = text[end + 4 :] if end != -1 else text
-    return text.lstrip()
+    from huggingface_hub import ModelCard
+
+    from hf_fusion.cards import CARD_FILENAME
+
+    path = folder / CARD_FILENAME
+    return ModelCard.load(path).text.lstrip() if path.is_file() else ""
 
 
 def _user_error(err: BaseException) -> Exception:
@@ -181,10 +179,10 @@ class SpaceApp:
     def _prepare_merge(self, recipe_text: str, evaluate: bool, limit: float | None) -> tuple[Any, Any, list[str] | None]:
         """Everything checkable without weights, in the request itself, so bad input fails at once."""
         from hf_fusion.pipeline import as_recipe, validate_recipe
-        fields = parse_recipe_yaml(recipe_text)
+
+        recipe = validate_recipe(as_recipe(parse_recipe_yaml(recipe_text), {})).recipe
         if not self.allow_local_paths:
-            check_no_local_paths(fields)
-        recipe = validate_recipe(as_recipe(fields, {})).recipe
+            check_no_local_paths(recipe)
         if not evaluate:
             return recipe, False, None
         if not recipe.pool:
@@ -232,7 +230,7 @@ class SpaceApp:
             return
         result, archive = outcome
         session.keep_merged(result.output)
-        scores = leaderboard_frame(result.evaluation, ["pretrained", "individual", "fused"]) if result.evaluation else None
+        scores = leaderboard_frame(result.evaluation) if result.evaluation else None
         status = (f"Merged {len(result.recipe.models)} models with **{result.recipe.method}** in {result.seconds:.1f} s"
                   + (f", scored in {result.evaluation_seconds:.1f} s." if result.evaluation else ".")
                   + " Download it below, or push it to the Hub.")
@@ -242,10 +240,8 @@ class SpaceApp:
         return "Nothing is running." if session is None else session.stop()
 
     def push(self, repo_id: str, private: bool, overwrite: bool, session: Session | None, token: str | None) -> str:
-        from hf_fusion.cards import write_card
         from hf_fusion.hub.auth import resolve_token
-        from hf_fusion.hub.push import PushTarget, check_target, push_folder
-        from hf_fusion.recipe import RECIPE_FILENAME, Recipe
+        from hf_fusion.hub.push import PushTarget, push_merged_folder
 
         try:
             if session is None or session.merged is None or not session.merged.is_dir():
@@ -255,11 +251,8 @@ class SpaceApp:
             token = token if self.in_space else resolve_token(None)
             if self.in_space and not token:
                 raise RecipeError("sign in with the Hugging Face button to push.")
-            target = check_target(PushTarget(repo_id.strip(), private=private, overwrite=overwrite), token)
-            write_card(session.merged, repo_id=target.repo_id)
-            method = Recipe.from_yaml(session.merged / RECIPE_FILENAME).method
-            pushed = push_folder(session.merged, target, token=token,
-                                 default_message=f"Upload a {method} merge (hf-fusion Space)")
+            target = PushTarget(repo_id.strip(), private=private, overwrite=overwrite)
+            pushed = push_merged_folder(session.merged, target, token=token, rewrite_card=True)
         except FusionError as err:
             raise _user_error(err) from None
         visibility = "private" if private else "public"
@@ -271,6 +264,7 @@ class SpaceApp:
                     session: Session | None, token: str | None, progress: Any) -> Iterator[tuple[Any, ...]]:
         from hf_fusion.bench import Sweep, run_bench
         from hf_fusion.catalog import get_pool
+        from hf_fusion.evaluation import INDIVIDUAL, PRETRAINED
         from hf_fusion.registry import get_method
 
         session = self._session(session)
@@ -298,8 +292,8 @@ class SpaceApp:
         bench = yield from self._run_job(session, job, progress, results=3)
         if bench is None:
             return
-        labels = [c for c in bench.report.columns() if c not in ("pretrained", "individual")]
-        frame = leaderboard_frame(bench.report, ["pretrained", "individual", *labels])
+        labels = [c for c in bench.report.columns() if c not in (PRETRAINED, INDIVIDUAL)]
+        frame = leaderboard_frame(bench.report)  # baselines first, then the fused models in the order they ran
         bars = output / "scores_per_task.png"
         lines = output / f"sweep_{sweep.parameter}.png" if sweep else None
         status = f"Compared {len(labels)} fused model(s) on {len(bench.report.results)} task(s) of {pool.name}."

@@ -15,7 +15,8 @@ from typing import Any, Sequence
 import yaml
 
 from hf_fusion.errors import RecipeError
-from hf_fusion.recipe import ModelRef
+from hf_fusion.catalog import BUILTIN_PREFIX
+from hf_fusion.recipe import Recipe
 from hf_fusion.registry import MethodSpec, ParamInfo
 
 POOL_SOURCE, REPO_SOURCE = "Catalog pool", "Repo ids"
@@ -147,14 +148,8 @@ def parse_recipe_yaml(text: str) -> dict[str, Any]:
     return data
 
 
-def check_no_local_paths(fields: dict[str, Any]) -> None:
+def check_no_local_paths(recipe: Recipe) -> None:
     """On a shared Space, models come from the Hub or the built-in pools, never from the server's disk."""
-    refs = list(fields.get("models") or [])
-    if fields.get("base"):
-        refs.append(fields["base"])
-    for ref in refs:
-        text = ref if isinstance(ref, str) else str((ref or {}).get("path", "")) if isinstance(ref, dict) else str(ref)
-        if text.startswith("builtin:"):
-            continue
-        if ModelRef.parse(text).is_local:
-            raise RecipeError(f"{text!r} is a local path; this Space only fuses Hub repo ids and built-in pools.")
+    for ref in [*recipe.models, *([recipe.base] if recipe.base else [])]:
+        if ref.is_local and not ref.path.startswith(BUILTIN_PREFIX):
+            raise RecipeError(f"{ref.path!r} is a local path; this Space only fuses Hub repo ids and built-in pools.")

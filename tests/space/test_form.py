@@ -10,6 +10,7 @@ import yaml
 from hf_fusion.catalog import get_pool
 from hf_fusion.errors import RecipeError
 from hf_fusion.pipeline import as_recipe, validate_recipe
+from hf_fusion.recipe import Recipe
 from hf_fusion.registry import all_methods, get_method
 from hf_fusion.space.app import SpaceApp
 from hf_fusion.space.form import (
@@ -72,10 +73,11 @@ def test_repo_ids_form_and_typed_values() -> None:
 
 
 def test_a_shared_space_refuses_server_paths(tmp_path: Path) -> None:
-    check_no_local_paths({"models": ["org/a", "builtin:minilm_text3/bbc_news"], "base": "org/base"})
+    check_no_local_paths(Recipe.build(method="task_arithmetic", models=["org/a", "builtin:minilm_text3/bbc_news"],
+                                      base="org/base"))
     for fields in ({"models": ["/etc"]}, {"models": ["org/a"], "base": "./base"}, {"models": [str(tmp_path)]}):
         with pytest.raises(RecipeError, match="local path"):
-            check_no_local_paths(fields)
+            check_no_local_paths(Recipe.build(method="simple_average", **fields))
     app = SpaceApp(root=tmp_path, in_space=True, allow_local_paths=False, concurrency=1)
     with pytest.raises(RecipeError, match="local path"):
         app._prepare_merge(f"method: simple_average\nmodels: [{tmp_path}]\n", False, 0)
