@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,23 +22,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage"]
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 RESULT_TIMEOUT_MS = 300_000
-
-
-@contextmanager
-def serve_app(root: Path) -> Iterator[str]:
-    """The app on a free loopback port, for the duration of the block."""
-    from hf_fusion.space import build_app
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    demo = build_app(root=root, in_space=False)
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                            ssr_mode=False)
-    try:
-        yield url.rstrip("/")
-    finally:
-        demo.close()
 
 
 @contextmanager
@@ -123,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     args.output.mkdir(parents=True, exist_ok=True)
     import tempfile
 
-    with tempfile.TemporaryDirectory() as root, serve_app(Path(root)) as url, browser_page() as (page, refused):
+    from hf_fusion.space import serving
+
+    with tempfile.TemporaryDirectory() as root, serving(root=root, in_space=False) as url, \
+            browser_page() as (page, refused):
         drive_merge(page, url, limit=args.limit)
         page.screenshot(path=str(args.output / "merge.png"), full_page=True)
         drive_compare(page, url, limit=args.limit)

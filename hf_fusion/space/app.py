@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Generator, Iterator, TypeVar
 
@@ -474,3 +476,22 @@ def launch(*, host: str = "127.0.0.1", port: int | None = None, **build: Any) ->
     """Builds and serves the app (blocking); never through a share link."""
     demo = build_app(**build)
     demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False, footer_links=["api", "settings"])
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def serving(*, host: str = "127.0.0.1", port: int | None = None, **build: Any) -> Iterator[str]:
+    """Serves the app in this process for the duration of the block (tests, scripts, notebooks); yields its URL."""
+    demo = build_app(**build)
+    _, url, _ = demo.launch(server_name=host, server_port=port or free_port(host), prevent_thread_lock=True,
+                            quiet=True, share=False, ssr_mode=False)
+    try:
+        yield url.rstrip("/")
+    finally:
+        demo.close()

@@ -9,8 +9,6 @@ import pytest
 
 gradio = pytest.importorskip("gradio")
 
-from space_helpers import free_port  # noqa: E402
-
 
 @pytest.fixture(scope="module")
 def space_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -20,13 +18,10 @@ def space_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def space_url(space_root: Path) -> Iterator[str]:
-    from hf_fusion.space import build_app
+    from hf_fusion.space import serving
 
-    demo = build_app(root=space_root, in_space=False, allow_local_paths=True)
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                            ssr_mode=False)
-    yield url.rstrip("/")
-    demo.close()
+    with serving(root=space_root, in_space=False, allow_local_paths=True) as url:
+        yield url
 
 
 @pytest.fixture

@@ -9,21 +9,19 @@ import pytest
 import yaml
 from gradio_client.exceptions import AppError
 
-from space_helpers import free_port
 
 
 @pytest.fixture(scope="module")
 def space_mode_url(tmp_path_factory: pytest.TempPathFactory, tokens) -> Iterator[str]:
-    from hf_fusion.space import build_app
+    from hf_fusion.space import serving
 
     patch = pytest.MonkeyPatch()
     patch.setenv("HF_TOKEN", tokens["write"])  # gradio's local stand-in for Space OAuth wants a machine login
-    demo = build_app(root=tmp_path_factory.mktemp("space-mode"), in_space=True, allow_local_paths=True)
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                            ssr_mode=False)
-    yield url.rstrip("/")
-    demo.close()
-    patch.undo()
+    try:
+        with serving(root=tmp_path_factory.mktemp("space-mode"), in_space=True, allow_local_paths=True) as url:
+            yield url
+    finally:
+        patch.undo()
 
 
 def test_in_a_space_the_handlers_take_the_oauth_token_and_never_the_local_one(

@@ -47,8 +47,8 @@ def test_deployed_space_starts_from_its_own_files(hub, tokens, tmp_path: Path) -
     sys.path.insert(0, str(ROOT / "scripts"))
     from deploy_space import deploy
     from gradio_client import Client
-    from space_helpers import free_port
 
+    from hf_fusion.space import free_port
 
     url = deploy("alice/hf-fusion-space", token=tokens["write"])
     assert url.endswith("alice/hf-fusion-space")
