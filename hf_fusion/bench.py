@@ -56,6 +56,10 @@ class BenchResult:
     output: Path
 
 
+def _paths(fused: Path | dict[str, Path]) -> str | dict[str, str]:
+    return {task: str(p) for task, p in fused.items()} if isinstance(fused, dict) else str(fused)
+
+
 def run_bench(
     pool: Pool,
     methods: list[str],
@@ -69,12 +73,12 @@ def run_bench(
     overwrite: bool = False,
     show_progress: bool = True,
 ) -> BenchResult:
-    from hf_fusion.pipeline import merge
+    from hf_fusion.pipeline import fused_models, merge
     from hf_fusion.registry import get_method
 
     output.mkdir(parents=True, exist_ok=True)
     specs = pool.select(tasks)
-    fused: dict[str, Path] = {}
+    fused: dict[str, Path | dict[str, Path]] = {}
     points: dict[str, list[tuple[float, str]]] = {}
     for method in methods:
         spec = get_method(method)
@@ -87,10 +91,10 @@ def run_bench(
                 label = f"{spec.name}[{sweep.parameter}={value:g}]"  # type: ignore[union-attr]
                 points.setdefault(spec.name, []).append((value, label))
             folder = output / "models" / label.replace("[", "_").replace("]", "").replace("=", "-")
-            merge(models=[pool.experts[s.name] for s in specs], base=pool.base, method=spec.name, heads=pool.heads,
-                  output=folder, overwrite=overwrite, token=token, show_progress=show_progress, pool=pool.name,
-                  **params)
-            fused[label] = folder
+            result = merge(models=[pool.experts[s.name] for s in specs], base=pool.base, method=spec.name,
+                           heads=pool.heads, output=folder, overwrite=overwrite, token=token,
+                           show_progress=show_progress, pool=pool.name, **params)
+            fused[label] = fused_models(result.output, result.recipe, pool)
     report = evaluate_pool(pool, fused, tasks=tasks, settings=settings, token=token, show_progress=show_progress)
     report.save(output)
     order = ["pretrained", "individual", *fused]
@@ -105,5 +109,5 @@ def run_bench(
         sweep_lines(series, sweep.parameter, output / f"sweep_{sweep.parameter}.png", baselines)  # type: ignore[union-attr]
     (output / "bench.json").write_text(json.dumps({"pool": pool.name, "methods": methods,
                                                    "sweep": sweep.__dict__ if sweep else None,
-                                                   "models": {k: str(v) for k, v in fused.items()}}, indent=2))
+                                                   "models": {k: _paths(v) for k, v in fused.items()}}, indent=2))
     return BenchResult(report, board, output)

@@ -132,8 +132,10 @@ def build_card(
     load_path: str,
     report: EvaluationReport | None = None,
     licenses: Sequence[str | None] = (),
+    subfolders: Sequence[str] = (),
 ) -> ModelCard:
-    """Renders the card of a fused model; ``licenses`` are the inputs' licenses, in any order."""
+    """Renders the card of a fused model; ``licenses`` are the inputs' licenses, in any order. ``subfolders`` name
+    the models of a method that fuses one model per input (each loads with ``subfolder=``)."""
     spec = get_method(recipe.method)
     tag, auto_class = task_of(config)
     inputs = [r for r in [recipe.base, *recipe.models] if r is not None]
@@ -183,7 +185,15 @@ def build_card(
         load_path=load_path,
         command=reproduce_command(recipe, f"./{model_name}"),
         recipe_yaml=recipe.to_yaml().rstrip(),
+        subfolders=[{"name": n, "model": r.path} for n, r in zip(subfolders, recipe.models)],
     )
+
+
+def model_subfolders(folder: Path) -> list[str]:
+    """Subfolders holding a model (config.json), when the folder holds one fused model per input model."""
+    if (folder / "config.json").is_file():
+        return []
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and (d / "config.json").is_file())
 
 
 def write_card(folder: Path, *, repo_id: str | None = None, load_path: str | None = None) -> Path:
@@ -196,7 +206,8 @@ def write_card(folder: Path, *, repo_id: str | None = None, load_path: str | Non
     if not recipe_path.is_file():
         raise FusionError(f"{folder} has no {RECIPE_FILENAME}: it was not made by hf-fusion, so no card can be written.")
     recipe = Recipe.from_yaml(recipe_path)
-    config_path = folder / "config.json"
+    subfolders = model_subfolders(folder)
+    config_path = folder / (subfolders[0] if subfolders else ".") / "config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else None
     inputs = [r for r in [recipe.base, *recipe.models] if r is not None]
     card = build_card(
@@ -206,6 +217,7 @@ def write_card(folder: Path, *, repo_id: str | None = None, load_path: str | Non
         load_path=load_path or repo_id or str(folder),
         report=EvaluationReport.load(folder),
         licenses=[license_of(r) for r in inputs],
+        subfolders=subfolders,
     )
     path = folder / CARD_FILENAME
     path.write_text(str(card) + ("\n" if not str(card).endswith("\n") else ""))

@@ -340,18 +340,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from hf_fusion.catalog import get_pool
     from hf_fusion.evaluation import evaluate_pool
     from hf_fusion.leaderboard import to_markdown
-    from hf_fusion.recipe import RECIPE_FILENAME, ModelRef
+    from hf_fusion.pipeline import fused_models
+    from hf_fusion.recipe import RECIPE_FILENAME, ModelRef, Recipe
     from hf_fusion.sources import fetch, resolve
 
     pool = get_pool(args.pool)
-    source = fetch(resolve(ModelRef.parse(args.model), token=args.token, allow_pickle=False), token=args.token,
-                   show_progress=not args.quiet)
-    folder = source.folder
-    assert folder is not None
+    ref = ModelRef.parse(args.model)
+    local_fusion = ref.is_local and (Path(ref.path) / RECIPE_FILENAME).is_file()
+    if local_fusion:  # may hold one model per task in subfolders
+        folder = Path(ref.path)
+    else:
+        fetched = fetch(resolve(ref, token=args.token, allow_pickle=False), token=args.token,
+                        show_progress=not args.quiet).folder
+        assert fetched is not None
+        folder = fetched
     label = "fused" if (folder / RECIPE_FILENAME).is_file() else Path(args.model).name
-    report = evaluate_pool(pool, {label: folder}, tasks=args.tasks, baselines=not args.no_baselines,
+    models = fused_models(folder, Recipe.from_yaml(folder / RECIPE_FILENAME), pool) if local_fusion else folder
+    report = evaluate_pool(pool, {label: models}, tasks=args.tasks, baselines=not args.no_baselines,
                            settings=_settings(args), token=args.token, show_progress=not args.quiet)
-    if (folder / RECIPE_FILENAME).is_file() and source.ref.is_local:
+    if local_fusion:
         report.save(folder)
         write_card(folder)
     if args.report:

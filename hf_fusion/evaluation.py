@@ -9,6 +9,7 @@ from typing import Mapping
 
 from hf_fusion.catalog import Pool, TaskSpec
 from hf_fusion.engine.lora import is_lora_adapter
+from hf_fusion.errors import RecipeError
 from hf_fusion.progress import progress_bar
 from hf_fusion.recipe import ModelRef
 from hf_fusion.report import EvaluationReport, TaskResult
@@ -53,9 +54,17 @@ def fetch_pool(pool: Pool, tasks: list[TaskSpec], *, token: str | None = None, s
     return PoolModels(base, experts)
 
 
+def _for_task(fused: Path | Mapping[str, Path], task: str) -> Path:
+    if isinstance(fused, Mapping):
+        if task not in fused:
+            raise RecipeError(f"the fused models hold no model for task {task!r} (they cover {', '.join(fused)}).")
+        return fused[task]
+    return fused
+
+
 def evaluate_pool(
     pool: Pool,
-    fused: Mapping[str, Path],
+    fused: Mapping[str, Path | Mapping[str, Path]],
     *,
     tasks: list[str] | None = None,
     baselines: bool = True,
@@ -64,7 +73,8 @@ def evaluate_pool(
     show_progress: bool = True,
 ) -> EvaluationReport:
     """Scores each fused folder (label -> folder) on the pool's tasks, with the pretrained base and, per task, the
-    task's own expert (``individual``) when ``baselines``."""
+    task's own expert (``individual``) when ``baselines``. A label may map to one folder per task (TALL masks,
+    EMR-Merging fuse one model per task)."""
     specs = pool.select(tasks)
     models = fetch_pool(pool, specs, token=token, show_progress=show_progress)
     per_task = len(fused) + (2 if baselines else 0)
@@ -74,7 +84,8 @@ def evaluate_pool(
         for spec in specs:
             expert = models.experts[spec.name]
             evaluator = EVALUATORS[spec.kind](spec, TaskContext(models.base, expert, tuple(pool.heads)), settings)
-            candidates = [ModelUnderTest(label, folder, models.base) for label, folder in fused.items()]
+            candidates = [ModelUnderTest(label, _for_task(folder, spec.name), models.base)
+                          for label, folder in fused.items()]
             if baselines:
                 candidates += [ModelUnderTest(PRETRAINED, models.base), ModelUnderTest(INDIVIDUAL, expert.folder,
                                                                                        expert.base)]

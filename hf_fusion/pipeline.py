@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -32,7 +33,7 @@ from hf_fusion.hub.auth import resolve_token
 from hf_fusion.hub.push import PushResult, PushTarget, check_target, push_folder, push_message
 from hf_fusion.model_files import check_same_architecture, copy_side_files, same_architecture, set_config_dtype
 from hf_fusion.output import AtomicFolder, check_free_space, check_output_folder
-from hf_fusion.recipe import RECIPE_FILENAME, Recipe
+from hf_fusion.recipe import RECIPE_FILENAME, ModelRef, Recipe
 from hf_fusion.registry import BaseUse, MethodSpec, get_method
 from hf_fusion.report import EvaluationReport
 from hf_fusion.tasks.base import EvalSettings
@@ -204,11 +205,21 @@ def _evaluate(result: MergeResult, settings: EvalSettings, *, tasks: list[str] |
     from hf_fusion.evaluation import evaluate_pool
 
     pool = get_pool(result.recipe.pool)  # type: ignore[arg-type]
-    report = evaluate_pool(pool, {"fused": result.output}, tasks=tasks, settings=settings, token=token,
-                           show_progress=show_progress)
+    report = evaluate_pool(pool, {"fused": fused_models(result.output, result.recipe, pool)}, tasks=tasks,
+                           settings=settings, token=token, show_progress=show_progress)
     report.save(result.output)
     write_card(result.output, repo_id=repo_id)
     return report
+
+
+def fused_models(folder: Path, recipe: Recipe, pool: Any) -> Path | dict[str, Path]:
+    """The fused folder, or for a method that fuses one model per input, each pool task's own subfolder."""
+    names = output_names(recipe.models)
+    if not all((folder / n).is_dir() for n in names) or (folder / "config.json").is_file():
+        return folder
+    by_path = {ref.path: folder / name for ref, name in zip(recipe.models, names)}
+    return {task: by_path[ModelRef.parse(expert).path] for task, expert in pool.experts.items()
+            if ModelRef.parse(expert).path in by_path}
 
 
 def _fuse(
@@ -236,7 +247,8 @@ def _fuse(
     checkpoints: list[Checkpoint] = []
     try:
         plan = _plan(checked, inputs, checkpoints, allow_pickle=allow_pickle)
-        check_free_space(target, plan.output_bytes)
+        copies = len(checked.recipe.models) if method_impl.outputs_per_model else 1
+        check_free_space(target, plan.output_bytes * copies)
         module_types = None
         if method_impl.needs_module_types:
             module_types = parameter_module_types(sources[plan.experts[0]].folder, [t.key for t in plan.fused])  # type: ignore[arg-type]
@@ -246,17 +258,25 @@ def _fuse(
         )
         atomic = AtomicFolder(target, overwrite=overwrite)
         with atomic as temp:
-            writer = ShardedSafetensorsWriter(
-                temp, plan.output_tensors(), stem=_output_stem(plan), max_shard_bytes=max_shard_bytes,
-                metadata={"fused_by": f"hf-fusion {__version__}", "fusion_method": checked.spec.name},
-            )
+            folders = _model_folders(temp, recipe, method_impl.outputs_per_model)
+            writers: list[ShardedSafetensorsWriter] = []
             try:
-                engine.run(writer)
-                writer.close()
+                for folder in folders:
+                    folder.mkdir(exist_ok=True)
+                    writers.append(ShardedSafetensorsWriter(
+                        folder, plan.output_tensors(), stem=_output_stem(plan), max_shard_bytes=max_shard_bytes,
+                        metadata={"fused_by": f"hf-fusion {__version__}", "fusion_method": checked.spec.name},
+                    ))
+                engine.run(writers)
+                for writer in writers:
+                    writer.close()
             except BaseException:
-                writer.abort()
+                for writer in writers:
+                    writer.abort()
                 raise
-            _write_side_files(recipe, plan, [s.folder for s in sources], temp)  # type: ignore[misc]
+            for folder in folders:
+                _write_model_files(recipe, plan, [s.folder for s in sources], folder)  # type: ignore[misc]
+            _write_recipe(recipe, temp)
             repo_id = push.repo_id if push else None
             write_card(temp, repo_id=repo_id, load_path=repo_id or str(target))
             files = sorted(os.listdir(temp))
@@ -272,7 +292,7 @@ def _fuse(
         fused_tensors=len(plan.fused),
         copied_tensors=len(plan.tensors) - len(plan.fused),
         statistics_passes=engine.passes,
-        output_bytes=plan.output_bytes,
+        output_bytes=plan.output_bytes * copies,
     )
 
 
@@ -366,13 +386,36 @@ def _output_stem(plan: FusionPlan) -> str:
     return "model" if stem in ("pytorch_model", "adapter_model", "") else stem
 
 
-def _write_side_files(recipe: Recipe, plan: FusionPlan, folders: list[Path], dest: Path) -> None:
+def output_names(models: list[ModelRef]) -> list[str]:
+    """Subfolder names for methods that fuse one model per input: the last part of each model's path or repo id,
+    made unique (``svhn``, ``svhn-2``)."""
+    names: list[str] = []
+    for ref in models:
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", ref.path.rstrip("/").split("/")[-1].split(":")[-1]).strip(".-")
+        name, n = stem or "model", 1
+        while name in names:
+            n += 1
+            name = f"{stem or 'model'}-{n}"
+        names.append(name)
+    return names
+
+
+def _model_folders(temp: Path, recipe: Recipe, per_model: bool) -> list[Path]:
+    """Where weights go: the output folder itself, or one subfolder per input model."""
+    return [temp / name for name in output_names(recipe.models)] if per_model else [temp]
+
+
+def _write_model_files(recipe: Recipe, plan: FusionPlan, folders: list[Path], dest: Path) -> None:
+    """Config, tokenizer and other side files next to a fused model's weights."""
     reference = folders[plan.reference]
     others = [folders[i] for i in ([plan.base] if plan.base is not None else []) + plan.experts]
     copy_side_files(reference, [f for f in others if f != reference], dest)
     code = OUTPUT_DTYPES[recipe.dtype]
     if code is not None:
         set_config_dtype(dest, TORCH_NAMES[code])
+
+
+def _write_recipe(recipe: Recipe, dest: Path) -> None:
     (dest / RECIPE_FILENAME).write_text(
         f"# Fused with hf-fusion {__version__}. Reproduce: hf-fusion merge --config {RECIPE_FILENAME} --output DIR\n"
         + recipe.replace(output=None).to_yaml()  # where it was written is not part of what was fused

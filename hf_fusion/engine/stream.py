@@ -12,7 +12,7 @@ import logging
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -99,7 +99,7 @@ class StreamingEngine:
     # slicing ------------------------------------------------------------------------------------------------
     def _rows_per_slice(self, tensor: PlannedTensor, num_sources: int) -> int:
         entry = self.plan.checkpoints[next(iter(tensor.reads))].entries[next(iter(tensor.reads.values()))]
-        if tensor.fuse and not self.method.elementwise:
+        if tensor.fuse and not self.method.elementwise and not (self.method.row_local and len(entry.shape) >= 2):
             return max(1, entry.rows)
         per_source = max(1, self.budget_elements // max(1, num_sources))
         return max(1, per_source // max(1, entry.row_numel))
@@ -195,7 +195,14 @@ class StreamingEngine:
                 if job.row_stop >= self._rows(job):
                     bar.update(1)
 
-    def _revisit(self, writer: ShardedSafetensorsWriter) -> None:
+    def _per_writer(self, writers: Sequence[ShardedSafetensorsWriter], result: torch.Tensor
+                    ) -> list[tuple[ShardedSafetensorsWriter, torch.Tensor]]:
+        """Pairs each writer with its part of a fused result (the i-th model's for ``outputs_per_model``)."""
+        if self.method.outputs_per_model:
+            return list(zip(writers, result.unbind(0)))
+        return [(writers[0], result)]
+
+    def _revisit(self, writers: Sequence[ShardedSafetensorsWriter]) -> None:
         """Fuses again the slices the method asks for once the merge pass is over, overwriting them in place."""
         stale = self.method.revisit()
         if not stale:
@@ -205,13 +212,20 @@ class StreamingEngine:
         for job, slices in self._prefetched(iter(jobs)):
             out_dtype = SAFETENSORS_TO_TORCH[job.tensor.out_dtype]
             result = self.method.merge(self._inputs(job, slices)).to(out_dtype).cpu()
-            writer.overwrite(job.tensor.name, job.flat_offset * result.element_size(), result)
+            for writer_, part in self._per_writer(writers, result):
+                writer_.overwrite(job.tensor.name, job.flat_offset * part.element_size(), part)
 
     def _rows(self, job: SliceJob) -> int:
         return job.tensor.shape[0] if job.tensor.shape else 1
 
-    def run(self, writer: ShardedSafetensorsWriter, on_tensor: Callable[[int, int], None] | None = None) -> None:
-        """Computes statistics if the method needs them, then fuses or copies every planned tensor into ``writer``."""
+    def run(self, writers: ShardedSafetensorsWriter | Sequence[ShardedSafetensorsWriter],
+            on_tensor: Callable[[int, int], None] | None = None) -> None:
+        """Computes statistics if the method needs them, then fuses or copies every planned tensor into the writer
+        (one writer per model for methods with ``outputs_per_model``; copied tensors go to each)."""
+        writers = [writers] if isinstance(writers, ShardedSafetensorsWriter) else list(writers)
+        expected_writers = len(self.plan.experts) if self.method.outputs_per_model else 1
+        if len(writers) != expected_writers:
+            raise ValueError(f"this method writes {expected_writers} model(s), got {len(writers)} writer(s)")
         try:
             self.method.prepare(self.scan)
             total = len(self.plan.tensors)
@@ -221,25 +235,31 @@ class StreamingEngine:
                 for job, slices in self._prefetched(self._jobs(self.plan.tensors)):
                     if job.tensor is not current:
                         current = job.tensor
-                        writer.begin(current.name)
+                        for writer in writers:
+                            writer.begin(current.name)
                     out_dtype = SAFETENSORS_TO_TORCH[job.tensor.out_dtype]
                     if job.tensor.fuse:
                         result = self.method.merge(self._inputs(job, slices))
                         expected = (job.row_stop - job.row_start, *job.tensor.shape[1:]) if job.tensor.shape else ()
+                        if self.method.outputs_per_model:
+                            expected = (len(writers), *expected)
                         if tuple(result.shape) != expected:
                             raise RuntimeError(
                                 f"method returned shape {list(result.shape)} for {job.tensor.name!r}, "
                                 f"expected {list(expected)}"
                             )
-                        writer.write(result.to(out_dtype).cpu())
+                        for writer, part in self._per_writer(writers, result.to(out_dtype).cpu()):
+                            writer.write(part)
                     else:
                         typed = slices[0][1]
-                        writer.write(typed if typed.dtype == out_dtype else typed.to(out_dtype))
+                        copied = typed if typed.dtype == out_dtype else typed.to(out_dtype)
+                        for writer in writers:
+                            writer.write(copied)
                     if job.row_stop >= self._rows(job):
                         done += 1
                         bar.update(1)
                         if on_tensor is not None:
                             on_tensor(done, total)
-            self._revisit(writer)
+            self._revisit(writers)
         finally:
             self._reader.shutdown(wait=True, cancel_futures=True)

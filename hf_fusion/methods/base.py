@@ -54,10 +54,15 @@ class TensorMerge(ABC, Generic[P]):
 
     ``elementwise`` methods compute each output element from the same element of the inputs (given the statistics
     from :meth:`prepare`), so the engine may feed them row slices and keep memory flat in tensor size.
-    ``needs_module_types`` asks the pipeline to look up which module type owns each tensor.
+    ``row_local`` methods are not element-wise but only look within a row (DELLA ranks each row): the engine may
+    then feed them whole rows of matrices, and 1-D tensors whole. ``needs_module_types`` asks the pipeline to look up
+    which module type owns each tensor. ``outputs_per_model`` methods (TALL masks, EMR-Merging) fuse one model per
+    input model: :meth:`merge` returns the fused tensors stacked, ``(num_models, ...)``.
     """
 
     elementwise: bool = True
+    row_local: bool = False
+    outputs_per_model: bool = False
     needs_module_types: bool = False
     """Set by methods that act on a kind of layer only; the pipeline then fills ``TensorInputs.module_type``."""
 
@@ -71,7 +76,8 @@ class TensorMerge(ABC, Generic[P]):
 
     @abstractmethod
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
-        """Returns the fused tensor for ``inputs`` (same shape as each expert, compute dtype)."""
+        """Returns the fused tensor for ``inputs`` (same shape as each expert, compute dtype); methods with
+        ``outputs_per_model`` return one per model, stacked on a new first dimension."""
 
     def revisit(self) -> set[tuple[str, int]]:
         """Slices, as (tensor name, flat offset), to fuse again once every tensor has been fused.
