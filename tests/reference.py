@@ -11,6 +11,8 @@ import hashlib
 import math
 from pathlib import Path
 
+import numpy as np
+import scipy.linalg
 import torch
 from safetensors.torch import load_file
 
@@ -116,15 +118,19 @@ def ties(base: StateDict, experts: list[StateDict], lam: float, threshold: float
     return out
 
 
-def dare_keep_mask(seed: int, model_index: int, name: str, numel: int, p: float) -> torch.Tensor:
-    """The documented DARE stream: per 2**20-element chunk, torch.rand from a blake2b-seeded CPU generator."""
+def keyed_draws(seed: int, model_index: int, name: str, numel: int) -> torch.Tensor:
+    """The documented random stream: per 2**20-element chunk, torch.rand from a blake2b-seeded CPU generator."""
     chunk = 1 << 20
     draws = []
     for c in range(math.ceil(numel / chunk)):
         digest = hashlib.blake2b(f"{seed}\x1f{model_index}\x1f{name}\x1f{c}".encode(), digest_size=8).digest()
         g = torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
         draws.append(torch.rand(chunk, generator=g))
-    return torch.cat(draws)[:numel] >= p
+    return torch.cat(draws)[:numel]
+
+
+def dare_keep_mask(seed: int, model_index: int, name: str, numel: int, p: float) -> torch.Tensor:
+    return keyed_draws(seed, model_index, name, numel) >= p
 
 
 def dare_task_vectors(base: StateDict, experts: list[StateDict], p: float, seed: int, rescale: str = "inverse",
@@ -153,3 +159,249 @@ def dare_task_arithmetic(base: StateDict, experts: list[StateDict], lam: float, 
                          rescale: str = "inverse", only: set[str] | None = None) -> StateDict:
     tvs = dare_task_vectors(base, experts, p, seed, rescale, only)
     return {k: base[k].double() + lam * sum(tv[k].double() for tv in tvs) for k in tvs[0]}
+
+
+# --- subspace, sparsification and alignment methods -------------------------------------------------------------
+# Written from the papers with numpy / scipy in float64 where the engine uses torch: polar factors come from
+# scipy.linalg.polar, ranks from numpy's stable argsort.
+
+
+def _task_vectors(base: StateDict, experts: list[StateDict], k: str) -> np.ndarray:
+    return np.stack([e[k].double().numpy() - base[k].double().numpy() for e in experts])
+
+
+def _per_key(base: StateDict, experts: list[StateDict], matrix_fn, scale: float) -> StateDict:
+    """base + scale * (matrix_fn(task matrices) for 2-D tensors, the mean task vector otherwise)."""
+    out = {}
+    for k in floating(experts[0]):
+        tvs = _task_vectors(base, experts, k)
+        merged = matrix_fn(tvs) if tvs.ndim == 3 else tvs.mean(axis=0)
+        out[k] = base[k].double() + scale * torch.from_numpy(merged)
+    return out
+
+
+def _polar(a: np.ndarray) -> np.ndarray:
+    return scipy.linalg.polar(a)[0]
+
+
+def tsv_matrix(tvs: np.ndarray) -> np.ndarray:
+    n, rows, cols = tvs.shape
+    r = min(rows, cols) // n
+    if r == 0:
+        return tvs.mean(axis=0)
+    us, ss, vs = [], [], []
+    for tv in tvs:
+        u, s, vt = np.linalg.svd(tv, full_matrices=False)
+        live = s[:r] > 0
+        us.append(u[:, :r] * live)
+        ss.append(s[:r])
+        vs.append(vt[:r] * live[:, None])
+    u_cat, s_cat, v_cat = np.concatenate(us, axis=1), np.concatenate(ss), np.concatenate(vs, axis=0)
+    return _polar(u_cat) @ np.diag(s_cat) @ _polar(v_cat.T).T
+
+
+def tsv(base: StateDict, experts: list[StateDict], alpha: float = 1.0) -> StateDict:
+    return _per_key(base, experts, tsv_matrix, alpha)
+
+
+def iso_c_matrix(tvs: np.ndarray) -> np.ndarray:
+    u, s, vt = np.linalg.svd(tvs.sum(axis=0), full_matrices=False)
+    return u @ np.diag(np.full_like(s, s.mean())) @ vt
+
+
+def iso_cts_matrix(tvs: np.ndarray, fraction: float) -> np.ndarray:
+    n = len(tvs)
+    k = min(tvs.shape[1:])
+    common = k - round((k - int(k * fraction)) / n) * n
+    per_task = (k - common) // n
+    u, s, vt = np.linalg.svd(tvs.sum(axis=0), full_matrices=False)
+    uc = u[:, :common]
+    us, ss, vs = [uc], [s[:common]], [vt[:common]]
+    for tv in tvs:
+        ut, st, vtt = np.linalg.svd(tv - uc @ uc.T @ tv, full_matrices=False)
+        us.append(ut[:, :per_task])
+        ss.append(st[:per_task])
+        vs.append(vtt[:per_task])
+    level = np.concatenate(ss).mean()
+    return _polar(np.concatenate(us, axis=1)) * level @ _polar(np.concatenate(vs, axis=0).T).T
+
+
+def iso_c(base: StateDict, experts: list[StateDict], scale: float = 1.0) -> StateDict:
+    return _per_key(base, experts, iso_c_matrix, scale)
+
+
+def iso_cts(base: StateDict, experts: list[StateDict], scale: float = 1.0, fraction: float = 0.8) -> StateDict:
+    return _per_key(base, experts, lambda tvs: iso_cts_matrix(tvs, fraction), scale)
+
+
+def wudi(base: StateDict, experts: list[StateDict], iter_num: int = 400, lr: float = 1e-5) -> StateDict:
+    """The paper's loss through autograd, sum_i ||(tau - tau_i) tau_i^T||^2 / ||tau_i||^2, minimised by Adam."""
+    def matrix(tvs: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(tvs).float()
+        live = t.flatten(1).norm(dim=1) > 0
+        t_live = t[live]
+        merged = torch.nn.Parameter(t.sum(0).clone())
+        opt = torch.optim.Adam([merged], lr=lr)
+        for _ in range(iter_num):
+            loss = (((merged - t_live) @ t_live.transpose(1, 2)).square().sum((1, 2))
+                    / t_live.square().sum((1, 2))).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return merged.detach().double().numpy()
+    return _per_key(base, experts, matrix, 1.0)
+
+
+def magmax(base: StateDict, experts: list[StateDict], scale: float = 0.5) -> StateDict:
+    out = {}
+    for k in floating(experts[0]):
+        tvs = _task_vectors(base, experts, k)
+        pick = (len(tvs) - 1) - np.abs(tvs[::-1]).argmax(axis=0)  # ties go to the later model
+        chosen = np.take_along_axis(tvs, pick[None], axis=0)[0]
+        out[k] = base[k].double() + scale * torch.from_numpy(chosen)
+    return out
+
+
+def model_stock(base: StateDict, experts: list[StateDict]) -> StateDict:
+    n, out = len(experts), {}
+    for k in floating(experts[0]):
+        tvs = _task_vectors(base, experts, k).reshape(n, -1)
+        angles = []
+        for i in range(n):
+            for j in range(i + 1, n):
+                cos = tvs[i] @ tvs[j] / (np.linalg.norm(tvs[i]) * np.linalg.norm(tvs[j]) + 1e-8)
+                angles.append(np.degrees(np.arccos(np.clip(cos, -1, 1))))
+        cos = np.cos(np.radians(np.mean(angles)))
+        t = n * cos / ((n - 1) * cos + 1 + 1e-8)
+        avg = sum(e[k].double() for e in experts) / n
+        out[k] = t * avg + (1 - t) * base[k].double()
+    return out
+
+
+def breadcrumbs(base: StateDict, experts: list[StateDict], scale: float = 0.3, density: float = 0.9,
+                gamma: float = 0.01) -> StateDict:
+    out = {}
+    for k in floating(experts[0]):
+        total = torch.zeros_like(base[k], dtype=torch.float64)
+        for e in experts:
+            delta = (e[k].float() - base[k].float()).reshape(-1)  # float32 magnitudes rank as the engine's do
+            size = delta.numel()
+            top, bottom = int(gamma * size), size - int(density * size) - int(gamma * size)
+            if bottom < 0:
+                top, bottom = top + bottom, 0
+            ranks = np.argsort(np.argsort(np.abs(delta.numpy()), kind="stable"), kind="stable")
+            keep = torch.from_numpy((ranks >= bottom) & (ranks < size - top))
+            total += (delta.double() * keep).view(base[k].shape)
+        out[k] = base[k].double() + scale * total
+    return out
+
+
+def della(base: StateDict, experts: list[StateDict], scale: float = 1.0, density: float = 0.7, epsilon: float = 0.1,
+          seed: int = 0) -> StateDict:
+    out = {}
+    for k in floating(experts[0]):
+        pruned = []
+        for i, e in enumerate(experts):
+            delta = (e[k].float() - base[k].float())
+            rows = delta.reshape(-1, delta.shape[-1]) if delta.dim() > 1 else delta.reshape(1, -1)
+            width = rows.shape[1]
+            ranks = np.argsort(np.argsort(np.abs(rows.numpy()), axis=1, kind="stable"), axis=1, kind="stable")
+            spread = ranks / (width - 1) if width > 1 else np.full(rows.shape, 0.5)
+            p = torch.from_numpy(density - epsilon + 2 * epsilon * spread).float().view(delta.shape)
+            draws = keyed_draws(seed, i, k, delta.numel()).view(delta.shape)
+            pruned.append(torch.where(draws < p, delta / p, torch.zeros(())).double())
+        stacked = torch.stack(pruned)
+        sign = torch.sign(stacked.sum(0))
+        agree = torch.where(sign > 0, stacked > 0, stacked < 0)
+        merged = (stacked * agree).sum(0) / agree.sum(0).clamp(min=1)
+        out[k] = base[k].double() + scale * merged
+    return out
+
+
+def karcher(experts: list[StateDict], base: StateDict | None = None, weights: list[float] | None = None,
+            max_iter: int = 10, tol: float = 1e-5) -> StateDict:
+    w = np.array(weights or [1.0] * len(experts), dtype=np.float64)
+    w = w / w.sum()
+    out = {}
+    for k in floating(experts[0]):
+        origin = base[k].double().numpy() if base is not None else 0.0
+        xs = [e[k].double().numpy() - origin for e in experts]
+        norms = np.array([np.linalg.norm(x) for x in xs])
+        scale = float((w * norms).sum())
+        live = [(wi, x / n) for wi, x, n in zip(w, xs, norms) if n > 0]
+        lw = np.array([wi for wi, _ in live])
+        lw = lw / lw.sum()
+        units = [u for _, u in live]
+        mean = sum(wi * u for wi, u in zip(lw, units))
+        m = mean / np.linalg.norm(mean)
+        for _ in range(max_iter):
+            logs = []
+            for wi, u in zip(lw, units):
+                c = np.clip(np.vdot(m, u), -1, 1)
+                theta = np.arccos(c)
+                logs.append(wi * theta / np.sin(theta) * (u - c * m) if theta > tol else 0 * m)
+            step = sum(logs)
+            length = np.linalg.norm(step)
+            if length < tol:
+                break
+            m = np.cos(length) * m + np.sin(length) * step / length
+            m = m / np.linalg.norm(m)
+        out[k] = torch.from_numpy(origin + scale * m)
+    return out
+
+
+def tall_masks(base: StateDict, experts: list[StateDict], lam: float = 0.6) -> list[StateDict]:
+    outs: list[StateDict] = [{} for _ in experts]
+    for k in floating(experts[0]):
+        tvs = _task_vectors(base, experts, k)
+        mtl = tvs.sum(axis=0)
+        for t in range(len(experts)):
+            mask = np.abs(tvs[t]) > lam * np.abs(mtl - tvs[t])
+            outs[t][k] = base[k].double() + torch.from_numpy(mask * mtl)
+    return outs
+
+
+def consensus(base: StateDict, experts: list[StateDict], scale: float = 0.3, lam: float = 0.6, k_min: int = 2
+              ) -> StateDict:
+    out = {}
+    for k in floating(experts[0]):
+        tvs = _task_vectors(base, experts, k)
+        mtl = tvs.sum(axis=0)
+        votes = sum((np.abs(tv) > lam * np.abs(mtl - tv)).astype(int) for tv in tvs)
+        out[k] = base[k].double() + scale * torch.from_numpy(mtl * (votes >= k_min))
+    return out
+
+
+def emr(base: StateDict, experts: list[StateDict]) -> list[StateDict]:
+    keys = floating(experts[0])
+    n = len(experts)
+    unified, masks = {}, {}
+    before, after = np.zeros(n), np.zeros(n)
+    for k in keys:
+        tvs = _task_vectors(base, experts, k)
+        sign = np.where(tvs.sum(axis=0) > 0, 1.0, -1.0)
+        m = tvs * sign > 0
+        unified[k] = np.abs(tvs * m).max(axis=0) * sign
+        masks[k] = m
+        before += np.abs(tvs).reshape(n, -1).mean(axis=1)
+        after += np.abs(m * unified[k]).reshape(n, -1).mean(axis=1)
+    rescale = np.where(after > 0, before / np.where(after > 0, after, 1), 1.0)
+    return [{k: base[k].double() + torch.from_numpy(rescale[t] * masks[k][t] * unified[k]) for k in keys}
+            for t in range(n)]
+
+
+def scope_aligned_average(experts: list[StateDict], weights: list[float] | None = None, normalize: bool = True
+                          ) -> StateDict:
+    w = np.array(weights or [1.0] * len(experts), dtype=np.float64)
+    wn = w / w.sum()
+    out = {}
+    for k in floating(experts[0]):
+        xs = [e[k].double().numpy() for e in experts]
+        mus = np.array([x.mean() for x in xs])
+        sds = np.array([x.std() for x in xs])
+        if xs[0].size > 1 and sds.min() > 0:
+            mu_t, sd_t = (wn * mus).sum(), (wn * sds).sum()
+            xs = [(x - m) / s * sd_t + mu_t for x, m, s in zip(xs, mus, sds)]
+        total = sum(wi * x for wi, x in zip(w, xs))
+        out[k] = torch.from_numpy(total / (w.sum() if normalize else 1.0))
+    return out

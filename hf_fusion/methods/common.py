@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pydantic
+import torch
 
 from hf_fusion.errors import RecipeError
 
@@ -49,3 +50,14 @@ def two_model_endpoints(inputs: Any) -> tuple[Any, Any]:
     if inputs.base is not None:
         return inputs.base, inputs.experts[0]
     return inputs.experts[0], inputs.experts[1]
+
+
+def stacked_task_vectors(inputs: Any) -> torch.Tensor:
+    """theta_t - theta_0 of every model, stacked ``(n, ...)`` in a new tensor."""
+    assert inputs.base is not None, "this method needs the base model"
+    return torch.stack(list(inputs.experts)) - inputs.base
+
+
+def is_matrix(inputs: Any) -> bool:
+    """Whether the SVD-based methods treat this tensor as a linear map (2-D); others fall back to averaging."""
+    return len(inputs.full_shape) == 2

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import pydantic
 import torch
 
-from hf_fusion.methods.base import TensorInputs, TensorMerge
-from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, NoParams, Paper, register
+from hf_fusion.methods.base import Scan, TensorInputs, TensorMerge
+from hf_fusion.methods.common import FROZEN
+from hf_fusion.methods.scope_alignment import ALIGNMENT_FIELD, ScopeAligner
+from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
 
 
 def simple_average(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -18,8 +21,23 @@ def simple_average(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return total.div_(len(tensors))
 
 
-class SimpleAverage(TensorMerge[NoParams]):
+class SimpleAverageParams(pydantic.BaseModel):
+    model_config = FROZEN
+    weight_scope_alignment: bool = ALIGNMENT_FIELD
+
+
+class SimpleAverage(TensorMerge[SimpleAverageParams]):
+    def __init__(self, params: SimpleAverageParams, *, num_models: int, has_base: bool) -> None:
+        super().__init__(params, num_models=num_models, has_base=has_base)
+        self.aligner = ScopeAligner([1.0] * num_models) if params.weight_scope_alignment else None
+
+    def prepare(self, scan: Scan) -> None:
+        if self.aligner is not None:
+            self.aligner.prepare(scan)
+
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
+        if self.aligner is not None:
+            return simple_average(self.aligner.align(inputs))
         return simple_average(inputs.experts)
 
 
@@ -31,6 +49,7 @@ SPEC = register(
         data=DataNeed.NONE,
         base=BaseUse.UNUSED,
         implementation=SimpleAverage,
+        params_model=SimpleAverageParams,
         aliases=("average", "mean", "model_soup", "uniform_soup"),
         paper=Paper(
             "Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing "

@@ -8,8 +8,9 @@ import pydantic
 import torch
 
 from hf_fusion.errors import RecipeError
-from hf_fusion.methods.base import TensorInputs, TensorMerge
+from hf_fusion.methods.base import Scan, TensorInputs, TensorMerge
 from hf_fusion.methods.common import FROZEN
+from hf_fusion.methods.scope_alignment import ALIGNMENT_FIELD, ScopeAligner
 from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
 
 
@@ -19,6 +20,7 @@ class WeightedAverageParams(pydantic.BaseModel):
         None, description="one weight per model, in recipe order; null gives every model the same weight"
     )
     normalize: bool = pydantic.Field(True, description="divide by the sum of the weights")
+    weight_scope_alignment: bool = ALIGNMENT_FIELD
 
 
 def weighted_average(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
@@ -35,9 +37,15 @@ class WeightedAverage(TensorMerge[WeightedAverageParams]):
     def __init__(self, params: WeightedAverageParams, *, num_models: int, has_base: bool) -> None:
         super().__init__(params, num_models=num_models, has_base=has_base)
         self.weights = list(params.weights) if params.weights is not None else [1.0] * num_models
+        self.aligner = ScopeAligner(self.weights) if params.weight_scope_alignment else None
+
+    def prepare(self, scan: Scan) -> None:
+        if self.aligner is not None:
+            self.aligner.prepare(scan)
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
-        return weighted_average(inputs.experts, self.weights, self.params.normalize)
+        tensors = self.aligner.align(inputs) if self.aligner is not None else inputs.experts
+        return weighted_average(tensors, self.weights, self.params.normalize)
 
 
 def _check_weights(params: Any, num_models: int, has_base: bool) -> None:
@@ -49,6 +57,9 @@ def _check_weights(params: Any, num_models: int, has_base: bool) -> None:
         )
     if params.normalize and abs(sum(params.weights)) < 1e-12:
         raise RecipeError("weighted_average with normalize=true needs weights that do not sum to zero.")
+    if params.weight_scope_alignment and sum(params.weights) <= 0:
+        raise RecipeError("weight_scope_alignment averages the models' scopes with the weights: their sum must be "
+                          "positive.")
 
 
 SPEC = register(

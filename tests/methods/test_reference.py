@@ -45,7 +45,36 @@ CASES: dict[str, tuple[str, dict[str, Any], bool, int, Callable[..., ref.StateDi
     "slerp": ("slerp", {"t": 0.3}, True, 1, lambda b, e: ref.slerp(b, e[0], 0.3)),
     "slerp_two_models": ("slerp", {"t": 0.6}, False, 2, lambda b, e: ref.slerp(e[0], e[1], 0.6)),
     "expo": ("expo", {"extrapolation_factor": 0.5}, True, 2, lambda b, e: ref.expo(b, e, 0.5)),
+    "tsv_merging": ("tsv_m", {}, True, 3, lambda b, e: ref.tsv(b, e, 1.0)),
+    "iso_c": ("iso_c", {"scaling_factor": 1.5}, True, 3, lambda b, e: ref.iso_c(b, e, 1.5)),
+    "iso_cts": ("iso_cts", {}, True, 3, lambda b, e: ref.iso_cts(b, e, 1.0, 0.8)),
+    "iso_cts_half": ("iso_cts", {"common_space_fraction": 0.5, "scaling_factor": 1.5}, True, 3,
+                     lambda b, e: ref.iso_cts(b, e, 1.5, 0.5)),
+    "wudi_merging": ("wudi", {"iter_num": 40, "lr": 1e-4}, True, 3, lambda b, e: ref.wudi(b, e, 40, 1e-4)),
+    "magmax": ("magmax", {}, True, 3, lambda b, e: ref.magmax(b, e, 0.5)),
+    "model_stock": ("model_stock", {}, True, 3, ref.model_stock),
+    "model_stock_two": ("model_stock", {}, True, 2, ref.model_stock),
+    "breadcrumbs": ("breadcrumbs", {"density": 0.7, "gamma": 0.05}, True, 3,
+                    lambda b, e: ref.breadcrumbs(b, e, 0.3, 0.7, 0.05)),
+    "della": ("della", {"seed": 5}, True, 3, lambda b, e: ref.della(b, e, 1.0, 0.7, 0.1, 5)),
+    "karcher": ("karcher", {"weights": [1.0, 2.0, 1.0]}, False, 3, lambda b, e: ref.karcher(e, None, [1.0, 2.0, 1.0])),
+    "karcher_task_vectors": ("multi_slerp", {}, True, 3, lambda b, e: ref.karcher(e, b)),
+    "consensus_merging": ("consensus", {}, True, 3, lambda b, e: ref.consensus(b, e, 0.3, 0.6, 2)),
+    "scope_aligned_average": ("simple_average", {"weight_scope_alignment": True}, False, 3,
+                              lambda b, e: ref.scope_aligned_average(e)),
+    "scope_aligned_weighted": ("weighted_average", {"weights": [0.2, 0.3, 0.5], "weight_scope_alignment": True},
+                               False, 3, lambda b, e: ref.scope_aligned_average(e, [0.2, 0.3, 0.5])),
 }
+
+
+# Several float32 SVDs in a row lose a few more bits than element-wise arithmetic, and Adam (WUDI) turns float32
+# gradient noise near zero into steps of up to lr: task vectors here are ~2e-2,
+# so 2e-5 is still a thousandth of the task vector.
+LOOSER = {"tsv_merging", "iso_c", "iso_cts", "iso_cts_half", "karcher", "karcher_task_vectors", "wudi_merging"}
+
+
+def _tolerance(case: str) -> dict[str, float]:
+    return {"rtol": 1e-4, "atol": 2e-5} if case in LOOSER else {"rtol": 2e-5, "atol": 2e-6}
 
 
 def _run(case: str, arch: str, pools: dict, tmp_path: Path, **kwargs: Any) -> tuple[Path, ref.StateDict]:
@@ -65,7 +94,7 @@ def test_fused_tensors_match_reference(case: str, arch: str, pools: dict, tmp_pa
     fused = ref.load_state(out)
     assert set(fused) == set(expected)
     for name, value in expected.items():
-        torch.testing.assert_close(fused[name].double(), value, rtol=2e-5, atol=2e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(fused[name].double(), value, **_tolerance(case), msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("arch", ARCHS)

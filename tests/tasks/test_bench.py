@@ -68,3 +68,24 @@ def test_evaluate_names_an_unreachable_dataset(text_pool_file: Path, tmp_path: P
     assert out.returncode == 1
     assert "task reviews_a: cannot load dataset fusion-lab/no-such-dataset, split 'test'" in out.stderr
     assert "HF_HUB_OFFLINE=1" in out.stderr
+
+
+def test_methods_with_one_model_per_task_are_scored_task_by_task(text_pool_file: Path, tmp_path: Path) -> None:
+    """EMR-Merging writes a model per task; each task is scored with its own, exactly as when evaluated alone."""
+    out = run("bench", "--pool", str(text_pool_file), "--methods", "emr_merging", "--output", str(tmp_path / "r"),
+              "--metrics", "bundled", "--quiet")
+    assert out.returncode == 0, out.stderr
+    models = json.loads((tmp_path / "r" / "bench.json").read_text())["models"]["emr_merging"]
+    assert set(models) == {"reviews_a", "reviews_b"} and models["reviews_a"] != models["reviews_b"]
+    report = EvaluationReport.model_validate_json((tmp_path / "r" / "evaluation.json").read_text())
+    for task, folder in models.items():
+        alone = run("evaluate", "--model", folder, "--pool", str(text_pool_file), "--metrics", "bundled",
+                    "--tasks", task, "--no-baselines", "--report", str(tmp_path / f"{task}.json"), "--quiet")
+        assert alone.returncode == 0, alone.stderr
+        single = EvaluationReport.model_validate_json((tmp_path / f"{task}.json").read_text())
+        expected = next(r for r in report.results if r.task == task).scores["emr_merging"]
+        assert single.results[0].scores[Path(folder).name] == pytest.approx(expected)
+    whole = run("evaluate", "--model", str(tmp_path / "r" / "models" / "emr_merging"), "--pool", str(text_pool_file),
+                "--metrics", "bundled", "--no-baselines", "--quiet")
+    assert whole.returncode == 0, whole.stderr
+    assert "| fused |" in whole.stdout

@@ -1,0 +1,188 @@
+"""Subspace merging of task matrices: Task Singular Vectors (TSV-M) and isotropic merging (Iso-C, Iso-CTS).
+
+Each works on one weight matrix at a time, so the engine streams the model matrix by matrix. Tensors that are not
+matrices (biases, norms, embeddings of other ranks) are averaged, as in the papers' code. SVDs run in float32 or
+float64 (the engine's compute dtype) on the recipe's device, whatever the checkpoints' dtype.
+"""
+
+from __future__ import annotations
+
+import pydantic
+import torch
+
+from hf_fusion.methods.base import TensorInputs, TensorMerge
+from hf_fusion.methods.common import FROZEN, is_matrix, scaling_factor_field, stacked_task_vectors
+from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
+
+
+def orthonormal_factor(matrix: torch.Tensor) -> torch.Tensor:
+    """The closest matrix with orthonormal columns (or rows, if wide): ``U V^T`` of ``matrix = U S V^T``.
+
+    This is the orthogonal Procrustes solution both papers use to decorrelate the concatenated singular vectors.
+    """
+    u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return u @ vh
+
+
+def _rank_budget(shape: tuple[int, ...], num_models: int) -> int:
+    return min(shape) // num_models
+
+
+def tsv_merge(task_vectors: torch.Tensor) -> torch.Tensor:
+    """TSV-M of one task matrix per model, ``(n, out, in) -> (out, in)`` (Gargiulo et al. 2025, Alg. 1).
+
+    Each task keeps its top ``min(out, in) // n`` singular triplets; the concatenated left and right singular
+    vectors are orthogonalised and recombined with the kept singular values. Singular values that are exactly zero
+    (a zero task vector) carry no direction, so their vectors are dropped before orthogonalising instead of
+    letting an arbitrary basis steer it. When a matrix has fewer singular values than tasks, the budget is zero and
+    the task vectors are averaged.
+    """
+    n = task_vectors.shape[0]
+    rank = _rank_budget(tuple(task_vectors.shape[1:]), n)
+    if rank == 0:
+        return task_vectors.mean(dim=0)
+    u, s, vh = torch.linalg.svd(task_vectors, full_matrices=False)  # batched over tasks
+    u, s, vh = u[:, :, :rank], s[:, :rank], vh[:, :rank, :]
+    live = (s > 0).to(u.dtype)
+    left = (u * live[:, None, :]).permute(1, 0, 2).reshape(u.shape[1], n * rank)  # [U_1 | U_2 | ...]
+    right = (vh * live[:, :, None]).reshape(n * rank, vh.shape[2])  # [V_1^T; V_2^T; ...]
+    return (orthonormal_factor(left) * s.reshape(-1)) @ orthonormal_factor(right)
+
+
+def iso_c(task_vectors: torch.Tensor) -> torch.Tensor:
+    """Iso-C: the sum of task matrices with its spectrum flattened to the mean singular value
+    (Marczak et al. 2025), ``(n, out, in) -> (out, in)``."""
+    u, s, vh = torch.linalg.svd(task_vectors.sum(dim=0), full_matrices=False)
+    return (u * s.mean()) @ vh
+
+
+def iso_cts(task_vectors: torch.Tensor, common_space_fraction: float) -> torch.Tensor:
+    """Iso-CTS: a common subspace from the sum plus task-specific directions orthogonal to it, with an isotropic
+    spectrum (Marczak et al. 2025, Alg. 1), ``(n, out, in) -> (out, in)``.
+
+    The common part keeps the top ``fraction`` of ``min(out, in)`` directions of the summed task matrices, adjusted
+    so that the rest splits evenly between tasks; each task adds the top directions of its matrix with the common
+    left subspace projected out.
+    """
+    n = task_vectors.shape[0]
+    k = min(task_vectors.shape[1:])
+    common = int(k * common_space_fraction)
+    common = k - round((k - common) / n) * n
+    per_task = (k - common) // n
+    u, s, vh = torch.linalg.svd(task_vectors.sum(dim=0), full_matrices=False)
+    u_common, s_common, vh_common = u[:, :common], s[:common], vh[:common]
+    lefts, values, rights = [], [], []
+    if per_task > 0:
+        residual = task_vectors - u_common @ (u_common.T @ task_vectors)
+        ut, st, vht = torch.linalg.svd(residual, full_matrices=False)
+        lefts = [ut[i, :, :per_task] for i in range(n)]
+        values = [st[i, :per_task] for i in range(n)]
+        rights = [vht[i, :per_task] for i in range(n)]
+    left = orthonormal_factor(torch.cat([*lefts, u_common], dim=1))
+    right = orthonormal_factor(torch.cat([*rights, vh_common], dim=0))
+    level = torch.cat([*values, s_common]).mean()
+    return (left * level) @ right
+
+
+class TsvParams(pydantic.BaseModel):
+    model_config = FROZEN
+    alpha: float = pydantic.Field(
+        1.0, ge=-10.0, le=10.0, validation_alias=pydantic.AliasChoices("alpha", "scaling_factor"),
+        description="scale of the merged task vector added to the base",
+        json_schema_extra={"ui_range": (0.0, 2.0)},
+    )
+
+
+class IsoCParams(pydantic.BaseModel):
+    model_config = FROZEN
+    scaling_factor: float = scaling_factor_field(1.0)
+
+
+class IsoCtsParams(IsoCParams):
+    common_space_fraction: float = pydantic.Field(
+        0.8, ge=0.0, le=1.0, description="share of each matrix's rank given to the subspace common to all tasks",
+        json_schema_extra={"ui_range": (0.0, 1.0)},
+    )
+
+
+class _MatrixMerge(TensorMerge):
+    """Base + scale * (a merged task matrix for 2-D tensors, the mean task vector otherwise)."""
+
+    elementwise = False
+
+    def scale(self) -> float:
+        return self.params.scaling_factor
+
+    def merge_matrix(self, task_vectors: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merge(self, inputs: TensorInputs) -> torch.Tensor:
+        assert inputs.base is not None
+        tvs = stacked_task_vectors(inputs)
+        merged = self.merge_matrix(tvs) if is_matrix(inputs) else tvs.mean(dim=0)
+        return torch.add(inputs.base, merged, alpha=self.scale())
+
+
+class TsvMerging(_MatrixMerge):
+    def scale(self) -> float:
+        return self.params.alpha
+
+    def merge_matrix(self, task_vectors: torch.Tensor) -> torch.Tensor:
+        return tsv_merge(task_vectors)
+
+
+class IsoC(_MatrixMerge):
+    def merge_matrix(self, task_vectors: torch.Tensor) -> torch.Tensor:
+        return iso_c(task_vectors)
+
+
+class IsoCts(_MatrixMerge):
+    def merge_matrix(self, task_vectors: torch.Tensor) -> torch.Tensor:
+        return iso_cts(task_vectors, self.params.common_space_fraction)
+
+
+ISO_PAPER = Paper(
+    "No task left behind: isotropic model merging with common and task-specific subspaces (Marczak et al., 2025)",
+    "https://arxiv.org/abs/2502.04959",
+)
+
+register(
+    MethodSpec(
+        name="tsv_merging",
+        summary="Task Singular Vectors: keep each task matrix's top singular directions, decorrelate them, recombine.",
+        family=Family.MERGE,
+        data=DataNeed.NONE,
+        base=BaseUse.REQUIRED,
+        implementation=TsvMerging,
+        params_model=TsvParams,
+        aliases=("tsv_m", "tsvm", "task_singular_vectors", "task_singular_vector_merging"),
+        paper=Paper("Task Singular Vectors: reducing task interference in model merging (Gargiulo et al., 2025)",
+                    "https://arxiv.org/abs/2412.00081"),
+    )
+)
+register(
+    MethodSpec(
+        name="iso_c",
+        summary="Isotropic merging: the summed task matrix with all its singular values set to their mean.",
+        family=Family.MERGE,
+        data=DataNeed.NONE,
+        base=BaseUse.REQUIRED,
+        implementation=IsoC,
+        params_model=IsoCParams,
+        aliases=("iso_c_merge", "isotropic_merging"),
+        paper=ISO_PAPER,
+    )
+)
+register(
+    MethodSpec(
+        name="iso_cts",
+        summary="Isotropic merging with a common subspace plus task-specific directions, flat spectrum.",
+        family=Family.MERGE,
+        data=DataNeed.NONE,
+        base=BaseUse.REQUIRED,
+        implementation=IsoCts,
+        params_model=IsoCtsParams,
+        aliases=("iso_cts_merge",),
+        paper=ISO_PAPER,
+    )
+)
