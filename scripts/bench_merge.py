@@ -166,15 +166,30 @@ NUMPY_FLOOR = textwrap.dedent('''
             os.write(out, memoryview(acc[:m]))
 ''')
 
+def _mk_models(ex, **params):  # noqa: ANN001, ANN003
+    return [{"model": str(e), "parameters": dict(params)} for e in ex]
+
+
+# hf-fusion method -> mergekit config at the same hyper-parameters (methods mergekit lacks are not run there)
 MERGEKIT_CONFIG = {
-    "simple_average": lambda base, ex: {"merge_method": "linear", "models": [{"model": str(e), "parameters": {"weight": 1.0}} for e in ex]},
+    "simple_average": lambda base, ex: {"merge_method": "linear", "models": _mk_models(ex, weight=1.0)},
     "task_arithmetic": lambda base, ex: {"merge_method": "task_arithmetic", "base_model": str(base),
-                                         "models": [{"model": str(e), "parameters": {"weight": 0.3}} for e in ex]},
+                                         "models": _mk_models(ex, weight=0.3)},
     "ties_merging": lambda base, ex: {"merge_method": "ties", "base_model": str(base),
                                       "parameters": {"normalize": False},
-                                      "models": [{"model": str(e), "parameters": {"weight": 0.3, "density": 0.2}} for e in ex]},
+                                      "models": _mk_models(ex, weight=0.3, density=0.2)},
+    "breadcrumbs": lambda base, ex: {"merge_method": "breadcrumbs", "base_model": str(base),
+                                     "parameters": {"normalize": False},
+                                     "models": _mk_models(ex, weight=0.3, density=0.9, gamma=0.01)},
+    "della": lambda base, ex: {"merge_method": "della", "base_model": str(base), "parameters": {"lambda": 1.0},
+                               "models": _mk_models(ex, weight=1.0, density=0.7, epsilon=0.1)},
+    "model_stock": lambda base, ex: {"merge_method": "model_stock", "base_model": str(base),
+                                     "models": _mk_models(ex)},
+    "karcher_mean": lambda base, ex: {"merge_method": "karcher", "models": _mk_models(ex)},
 }
 
+FUSION_BENCH_METHODS = {"simple_average", "task_arithmetic", "ties_merging", "tsv_merging", "iso_c", "iso_cts",
+                        "wudi_merging", "magmax", "model_stock"}
 FUSION_BENCH_RUNNER = textwrap.dedent('''
     import sys
     from transformers import AutoModel
@@ -184,13 +199,20 @@ FUSION_BENCH_RUNNER = textwrap.dedent('''
     for i, e in enumerate(experts):
         spec[f"ft{i}"] = {"_target_": "transformers.AutoModel.from_pretrained", "pretrained_model_name_or_path": e}
     pool = BaseModelPool(spec)
-    if method == "simple_average":
-        from fusion_bench.method import SimpleAverageAlgorithm as A; algo = A()
-    elif method == "task_arithmetic":
-        from fusion_bench.method import TaskArithmeticAlgorithm as A; algo = A(scaling_factor=0.3)
-    else:
-        from fusion_bench.method import TiesMergingAlgorithm as A
-        algo = A(scaling_factor=0.3, threshold=20, remove_keys=[], merge_func="sum")
+    import fusion_bench.method as fbm
+    algorithms = {
+        "simple_average": lambda: fbm.SimpleAverageAlgorithm(),
+        "task_arithmetic": lambda: fbm.TaskArithmeticAlgorithm(scaling_factor=0.3),
+        "ties_merging": lambda: fbm.TiesMergingAlgorithm(scaling_factor=0.3, threshold=20, remove_keys=[],
+                                                         merge_func="sum"),
+        "tsv_merging": lambda: fbm.TaskSingularVectorMerging(alpha=1.0),
+        "iso_c": lambda: fbm.ISO_C_Merge(scaling_factor=1.0),
+        "iso_cts": lambda: fbm.ISO_CTS_Merge(scaling_factor=1.0, common_space_fraction=0.8),
+        "wudi_merging": lambda: fbm.WUDIMerging(iter_num=400),
+        "magmax": lambda: fbm.MagMaxAlgorithm(scaling_factor=0.5),
+        "model_stock": lambda: fbm.ModelStock(ignore_keys=[], model_save_path=None),
+    }
+    algo = algorithms[method]()
     model = algo.run(pool)
     model.save_pretrained(out)
 ''')
@@ -282,7 +304,7 @@ def main() -> int:
     if args.mergekit_python:
         import yaml
 
-        for method in methods:
+        for method in [m for m in methods if m in MERGEKIT_CONFIG]:
             cfg = scratch / f"mergekit-{method}.yaml"
             cfg.write_text(yaml.safe_dump({**MERGEKIT_CONFIG[method](base, main_experts), "dtype": "float32"}))
             results.append(best(lambda: measure(
@@ -291,7 +313,7 @@ def main() -> int:
     if args.fusion_bench_python:
         runner = scratch / "fusion_bench_runner.py"
         runner.write_text(FUSION_BENCH_RUNNER)
-        for method in methods:
+        for method in [m for m in methods if m in FUSION_BENCH_METHODS]:
             results.append(best(lambda: measure(
                 "fusion_bench", method, len(main_experts),
                 [str(args.fusion_bench_python), str(runner), method, str(base), str(fresh(f"fb-{method}")),
