@@ -8,10 +8,13 @@ land in ``output``.
 from __future__ import annotations
 
 import json
+import re
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from hf_fusion.catalog import Pool
 from hf_fusion.errors import RecipeError
@@ -56,6 +59,21 @@ class BenchResult:
     output: Path
 
 
+def parse_method_entry(entry: str) -> tuple[str, dict[str, Any]]:
+    """``name`` or ``name[key=value;key=value]``: a method with its own parameters, e.g.
+    ``simple_average[weight_scope_alignment=true]`` (values read as YAML scalars)."""
+    match = re.fullmatch(r"\s*([^\[\]]+?)\s*(?:\[(.*)\])?\s*", entry)
+    if match is None:
+        raise RecipeError(f"cannot read method {entry!r}: write name or name[key=value;key=value].")
+    params: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in (match.group(2) or "").split(";"))):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"cannot read parameter {item!r} of method {match.group(1)!r}: write key=value.")
+        params[key.strip()] = yaml.safe_load(raw)
+    return match.group(1), params
+
+
 def _paths(fused: Path | dict[str, Path]) -> str | dict[str, str]:
     return {task: str(p) for task, p in fused.items()} if isinstance(fused, dict) else str(fused)
 
@@ -80,12 +98,13 @@ def run_bench(
     specs = pool.select(tasks)
     fused: dict[str, Path | dict[str, Path]] = {}
     points: dict[str, list[tuple[float, str]]] = {}
-    for method in methods:
+    for entry in methods:
+        method, own = parse_method_entry(entry)
         spec = get_method(method)
         swept = sweep is not None and sweep.parameter in spec.params_model.model_fields
         for value in sweep.values if swept else [None]:  # type: ignore[union-attr]
-            params = dict(parameters or {})
-            label = spec.name
+            params = {**(parameters or {}), **own}
+            label = spec.name + (f"[{';'.join(f'{k}={v}' for k, v in own.items())}]" if own else "")
             if value is not None:
                 params[sweep.parameter] = value  # type: ignore[union-attr]
                 label = f"{spec.name}[{sweep.parameter}={value:g}]"  # type: ignore[union-attr]

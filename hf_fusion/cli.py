@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="compare methods (and a parameter sweep) on a pool: leaderboard and plots")
     bench.add_argument("--pool", required=True, help="catalog pool or pool file")
-    bench.add_argument("--methods", required=True, type=_comma_list, metavar="M1,M2")
+    bench.add_argument("--methods", required=True, type=_method_list, metavar="M1,M2[K=V;K=V]",
+                       help="methods to compare; a method may carry its own parameters in brackets")
     bench.add_argument("--sweep", metavar="NAME=START:STOP:STEP", help="sweep one parameter of the methods having it")
     bench.add_argument("--param", action="append", type=parse_param, default=[], metavar="NAME=VALUE",
                        help="fixed method parameter, repeatable")
@@ -145,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(space)
 
     return parser
+
+
+def _method_list(text: str) -> list[str]:
+    """Comma-separated methods; commas inside brackets belong to a method's parameters."""
+    return [t.strip() for t in re.split(r",(?![^\[]*\])", text) if t.strip()]
 
 
 def _comma_list(text: str) -> list[str]:

@@ -41,12 +41,18 @@ def tsv_merge(task_vectors: torch.Tensor) -> torch.Tensor:
     rank = _rank_budget(tuple(task_vectors.shape[1:]), n)
     if rank == 0:
         return task_vectors.mean(dim=0)
-    u, s, vh = torch.linalg.svd(task_vectors, full_matrices=False)  # batched over tasks
-    u, s, vh = u[:, :, :rank], s[:, :rank], vh[:, :rank, :]
-    live = (s > 0).to(u.dtype)
-    left = (u * live[:, None, :]).permute(1, 0, 2).reshape(u.shape[1], n * rank)  # [U_1 | U_2 | ...]
-    right = (vh * live[:, :, None]).reshape(n * rank, vh.shape[2])  # [V_1^T; V_2^T; ...]
-    return (orthonormal_factor(left) * s.reshape(-1)) @ orthonormal_factor(right)
+    rows, cols = task_vectors.shape[1:]
+    left = task_vectors.new_empty((rows, n * rank))  # [U_1 | U_2 | ...]
+    right = task_vectors.new_empty((n * rank, cols))  # [V_1^T; V_2^T; ...]
+    values = task_vectors.new_empty(n * rank)
+    for i, tau in enumerate(task_vectors):  # one task at a time: a single full set of singular vectors in memory
+        u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+        live = (s[:rank] > 0).to(u.dtype)
+        left[:, i * rank:(i + 1) * rank] = u[:, :rank] * live
+        right[i * rank:(i + 1) * rank] = vh[:rank] * live[:, None]
+        values[i * rank:(i + 1) * rank] = s[:rank]
+        del u, s, vh
+    return (orthonormal_factor(left) * values) @ orthonormal_factor(right)
 
 
 def iso_c(task_vectors: torch.Tensor) -> torch.Tensor:
@@ -71,13 +77,15 @@ def iso_cts(task_vectors: torch.Tensor, common_space_fraction: float) -> torch.T
     per_task = (k - common) // n
     u, s, vh = torch.linalg.svd(task_vectors.sum(dim=0), full_matrices=False)
     u_common, s_common, vh_common = u[:, :common], s[:common], vh[:common]
-    lefts, values, rights = [], [], []
-    if per_task > 0:
-        residual = task_vectors - u_common @ (u_common.T @ task_vectors)
-        ut, st, vht = torch.linalg.svd(residual, full_matrices=False)
-        lefts = [ut[i, :, :per_task] for i in range(n)]
-        values = [st[i, :per_task] for i in range(n)]
-        rights = [vht[i, :per_task] for i in range(n)]
+    lefts: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
+    rights: list[torch.Tensor] = []
+    for tau in task_vectors if per_task > 0 else ():  # one task at a time, to bound memory
+        ut, st, vht = torch.linalg.svd(tau - u_common @ (u_common.T @ tau), full_matrices=False)
+        lefts.append(ut[:, :per_task].clone())
+        values.append(st[:per_task].clone())
+        rights.append(vht[:per_task].clone())
+        del ut, st, vht
     left = orthonormal_factor(torch.cat([*lefts, u_common], dim=1))
     right = orthonormal_factor(torch.cat([*rights, vh_common], dim=0))
     level = torch.cat([*values, s_common]).mean()

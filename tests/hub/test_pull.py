@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import HfApi
 
 import reference as ref
 from hub_helpers import publish

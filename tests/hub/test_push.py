@@ -13,8 +13,6 @@ from huggingface_hub import HfApi, ModelCard, snapshot_download
 from huggingface_hub.errors import RepositoryNotFoundError
 from transformers import AutoModelForSequenceClassification
 
-from hub_helpers import READ_TOKEN, WRITE_TOKEN
-
 import hf_fusion
 from hf_fusion.hub.errors import MissingTokenError, PushError
 from hf_fusion.toy import example_inputs

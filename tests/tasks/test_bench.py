@@ -89,3 +89,18 @@ def test_methods_with_one_model_per_task_are_scored_task_by_task(text_pool_file:
                 "--metrics", "bundled", "--no-baselines", "--quiet")
     assert whole.returncode == 0, whole.stderr
     assert "| fused |" in whole.stdout
+
+
+def test_a_method_entry_carries_its_own_parameters() -> None:
+    from hf_fusion.bench import parse_method_entry
+    from hf_fusion.cli import _method_list
+    from hf_fusion.errors import RecipeError
+
+    entries = _method_list("simple_average[weight_scope_alignment=true],ties[threshold=10;merge_func=mean],tsv_m")
+    assert [parse_method_entry(e) for e in entries] == [
+        ("simple_average", {"weight_scope_alignment": True}),
+        ("ties", {"threshold": 10, "merge_func": "mean"}),
+        ("tsv_m", {}),
+    ]
+    with pytest.raises(RecipeError, match="key=value"):
+        parse_method_entry("ties[threshold]")

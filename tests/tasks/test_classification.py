@@ -8,7 +8,6 @@ import pytest
 import torch
 import yaml
 from transformers import (
-    BertConfig,
     BertForSequenceClassification,
     BertModel,
     ViTConfig,
