@@ -22,7 +22,7 @@ import torch
 
 from hf_fusion import __version__
 from hf_fusion.architecture import parameter_module_types
-from hf_fusion.cards import write_card
+from hf_fusion.cards import model_subfolders, write_card
 from hf_fusion.engine.checkpoint import Checkpoint
 from hf_fusion.engine.dtypes import OUTPUT_DTYPES, TORCH_NAMES
 from hf_fusion.engine.plan import FusionPlan, build_plan, check_headers
@@ -214,12 +214,11 @@ def _evaluate(result: MergeResult, settings: EvalSettings, *, tasks: list[str] |
 
 def fused_models(folder: Path, recipe: Recipe, pool: Any) -> Path | dict[str, Path]:
     """The fused folder, or for a method that fuses one model per input, each pool task's own subfolder."""
-    names = output_names(recipe.models)
-    if not all((folder / n).is_dir() for n in names) or (folder / "config.json").is_file():
+    if not model_subfolders(folder):
         return folder
-    by_path = {ref.path: folder / name for ref, name in zip(recipe.models, names)}
-    return {task: by_path[ModelRef.parse(expert).path] for task, expert in pool.experts.items()
-            if ModelRef.parse(expert).path in by_path}
+    by_path = {ref.path: folder / name for ref, name in zip(recipe.models, output_names(recipe.models))}
+    experts = {task: ModelRef.parse(expert).path for task, expert in pool.experts.items()}
+    return {task: by_path[path] for task, path in experts.items() if path in by_path}
 
 
 def _fuse(

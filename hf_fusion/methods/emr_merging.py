@@ -10,6 +10,8 @@ rescalers come from one statistics pass; the merge streams slices.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from hf_fusion.methods.base import Scan, TensorInputs, TensorMerge
@@ -40,7 +42,7 @@ class EmrMerging(TensorMerge[NoParams]):
         def visit(inputs: TensorInputs) -> None:
             tvs = stacked_task_vectors(inputs)
             unified, masks = elect(tvs)
-            numel = max(1, _numel(inputs.full_shape))
+            numel = max(1, math.prod(inputs.full_shape))
             before.add_(tvs.abs().flatten(1).sum(dim=1).double().cpu() / numel)
             after.add_((masks * unified).abs_().flatten(1).sum(dim=1).double().cpu() / numel)
 
@@ -54,13 +56,6 @@ class EmrMerging(TensorMerge[NoParams]):
         scales = self.rescalers.to(device=unified.device, dtype=unified.dtype)
         shape = (-1,) + (1,) * unified.dim()
         return inputs.base + masks * unified * scales.view(shape)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 register(
