@@ -34,7 +34,7 @@ from hf_fusion.hub.push import PushResult, PushTarget, check_target, push_folder
 from hf_fusion.model_files import check_same_architecture, copy_side_files, same_architecture, set_config_dtype
 from hf_fusion.output import AtomicFolder, check_free_space, check_output_folder
 from hf_fusion.recipe import RECIPE_FILENAME, ModelRef, Recipe
-from hf_fusion.registry import BaseUse, MethodSpec, get_method
+from hf_fusion.registry import BaseUse, DataNeed, MethodSpec, get_method
 from hf_fusion.report import EvaluationReport
 from hf_fusion.tasks.base import EvalSettings
 from hf_fusion.sources import Source, check_download_space, fetch, header_checkpoint, open_source, resolve
@@ -76,6 +76,9 @@ def validate_recipe(recipe: Recipe) -> ValidatedRecipe:
     has_base = recipe.base is not None
     uses_base = has_base and spec.base is not BaseUse.UNUSED
     spec.validate_pool(params, len(recipe.models), uses_base)
+    if spec.data is not DataNeed.NONE and not recipe.pool:
+        raise RecipeError(f"method {spec.name!r} needs {spec.data.value} data from each model's task: pass --pool "
+                          "(a catalog pool or a pool file) so the tasks and their datasets are known.")
     _check_device(recipe.device)
     canonical = recipe.replace(method=spec.name, parameters=params.model_dump())
     return ValidatedRecipe(canonical, spec, params, uses_base)
@@ -237,6 +240,11 @@ def _fuse(
     method_impl = checked.spec.implementation(
         checked.params, num_models=len(checked.recipe.models), has_base=checked.uses_base
     )
+    if getattr(method_impl, "model_level", False):
+        from hf_fusion.modelwise.run import fuse_modules
+
+        return fuse_modules(checked, method_impl, target, push, token=token, overwrite=overwrite,
+                            allow_pickle=allow_pickle, show_progress=show_progress, max_shard_bytes=max_shard_bytes)
     inputs, headers = _resolve_and_check(checked, allow_pickle=allow_pickle, token=token)
     check_memory(headers, method_impl.elementwise, budget_elements)
     check_download_space(inputs.sources)

@@ -1,21 +1,28 @@
 """Built-in fusion methods; importing this package registers each of them."""
 
 from hf_fusion.methods import (  # noqa: F401
+    adamerging,
     breadcrumbs,
     dare,
     della,
     emr_merging,
+    ensembles,
     expo,
+    fisher_merging,
     karcher,
     linear_interpolation,
     magmax,
     model_stock,
+    regmean,
     simple_average,
     slerp,
+    smile,
     subspace,
     tall_masks,
     task_arithmetic,
     ties_merging,
+    upscaling,
     weighted_average,
+    wemoe,
     wudi,
 )

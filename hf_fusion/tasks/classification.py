@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from hf_fusion.tasks.base import EvalSettings, TaskContext, TaskEvaluator, tokenizer_for
-from hf_fusion.tasks.weights import ModelUnderTest, build_model, read_state, without_heads
+from hf_fusion.tasks.weights import ModelUnderTest, build_model, load_fused_module, read_state, without_heads
 
 
 class HeadClassification(TaskEvaluator):
@@ -36,7 +36,8 @@ class HeadClassification(TaskEvaluator):
                 context.expert.folder if (context.expert.folder / "preprocessor_config.json").is_file() else context.base
             )
 
-    def _inputs(self, batch: dict[str, list[Any]]) -> dict[str, torch.Tensor]:
+    def encode(self, batch: dict[str, list[Any]]) -> dict[str, torch.Tensor]:
+        """Model inputs of a batch of examples, on the device."""
         if self.is_text:
             columns = [batch[c] for c in self.spec.text]
             encoded = self.tokenizer(*columns, padding=True, truncation=True, max_length=self.spec.max_length, return_tensors="pt")
@@ -45,12 +46,29 @@ class HeadClassification(TaskEvaluator):
             encoded = self.image_processor(images=images, return_tensors="pt")
         return {k: v.to(self.settings.device) for k, v in encoded.items()}
 
+    def task_network(self, backbone: torch.nn.Module) -> torch.nn.Module:
+        """The task's classifier (its expert's head) around ``backbone``, a module that stands in for the model's
+        own backbone (a fused ensemble or mixture, or a backbone under training)."""
+        base = without_heads(read_state(ModelUnderTest("pretrained", self.context.base).checkpoint()), self.context.heads)
+        network = build_model(self.auto_class, self.config, {**self.head, **base}, "task", self.settings.device)
+        setattr(network, network.base_model_prefix, backbone.to(self.settings.device))
+        return network
+
+    def logits(self, network: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return network(**inputs).logits
+
+    def _network(self, model: ModelUnderTest) -> torch.nn.Module:
+        module = load_fused_module(model, self.settings.device)
+        if module is not None:
+            return self.task_network(module).eval()
+        state = {**self.head, **without_heads(read_state(model.checkpoint()), self.context.heads)}
+        return build_model(self.auto_class, self.config, state, model.label, self.settings.device)
+
     @torch.no_grad()
     def predictions(self, model: ModelUnderTest) -> tuple[list[Any], list[Any], dict[str, Any]]:
-        state = {**self.head, **without_heads(read_state(model.checkpoint()), self.context.heads)}
-        network = build_model(self.auto_class, self.config, state, model.label, self.settings.device)
+        network = self._network(model)
         predicted, references = [], []
         for batch in self.batches():
-            predicted += network(**self._inputs(batch)).logits.argmax(dim=-1).tolist()
+            predicted += network(**self.encode(batch)).logits.argmax(dim=-1).tolist()
             references += list(batch[self.spec.label])
         return predicted, references, {}

@@ -9,7 +9,7 @@ import torch
 
 from hf_fusion.tasks.base import EvalSettings, TaskContext, TaskEvaluator
 from hf_fusion.tasks.data import class_names
-from hf_fusion.tasks.weights import ModelUnderTest, build_model, read_state, replace_part
+from hf_fusion.tasks.weights import ModelUnderTest, build_model, load_fused_module, read_state, replace_part
 
 
 class ClipZeroShot(TaskEvaluator):
@@ -39,19 +39,43 @@ class ClipZeroShot(TaskEvaluator):
             rows.append(mean / mean.norm())
         return torch.stack(rows)
 
-    @torch.no_grad()
-    def predictions(self, model: ModelUnderTest) -> tuple[list[Any], list[Any], dict[str, Any]]:
+    def encode(self, batch: dict[str, list[Any]]) -> dict[str, torch.Tensor]:
+        images = [image.convert("RGB") for image in batch[self.spec.image]]
+        return {"pixel_values": self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+                .to(self.settings.device)}
+
+    def task_network(self, backbone: torch.nn.Module) -> torch.nn.Module:
+        """The pretrained CLIP with ``backbone`` (a vision model, or a fused module wrapping one) as its vision
+        tower."""
         from transformers import CLIPModel
 
+        clip = build_model(CLIPModel, self.config, self.base_state, "task", self.settings.device)  # type: ignore[arg-type]
+        backbone = backbone.to(self.settings.device)
+        clip.vision_model = getattr(backbone, "vision_model", None) if type(backbone).__name__ == "CLIPVisionModel" \
+            else backbone
+        return clip
+
+    def logits(self, network: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Zero-shot logits: CLIP's logit scale times the cosine between image and class embeddings."""
+        features = network.get_image_features(**inputs)
+        features = getattr(features, "pooler_output", features)
+        features = features / features.norm(dim=-1, keepdim=True)
+        return network.logit_scale.exp() * features @ self.class_embeddings.T
+
+    def _network(self, model: ModelUnderTest) -> torch.nn.Module:
+        from transformers import CLIPModel
+
+        module = load_fused_module(model, self.settings.device)
+        if module is not None:
+            return self.task_network(module).eval()
         state = replace_part(self.base_state, read_state(model.checkpoint()), "vision_model.")
-        clip = build_model(CLIPModel, self.config, state, model.label, self.settings.device)  # type: ignore[arg-type]
+        return build_model(CLIPModel, self.config, state, model.label, self.settings.device)  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def predictions(self, model: ModelUnderTest) -> tuple[list[Any], list[Any], dict[str, Any]]:
+        clip = self._network(model)
         predicted, references = [], []
         for batch in self.batches():
-            images = [image.convert("RGB") for image in batch[self.spec.image]]
-            pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"].to(self.settings.device)
-            features = clip.get_image_features(pixel_values=pixels)
-            features = getattr(features, "pooler_output", features)
-            features = features / features.norm(dim=-1, keepdim=True)
-            predicted += (features @ self.class_embeddings.T).argmax(dim=-1).tolist()
+            predicted += self.logits(clip, self.encode(batch)).argmax(dim=-1).tolist()
             references += list(batch[self.spec.label])
         return predicted, references, {}

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import fnmatch
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -76,17 +77,30 @@ def build_model(auto_class: Any, config: dict[str, Any], state: dict[str, torch.
 
     cfg = transformers.AutoConfig.for_model(**config)
     model_class = _concrete_class(auto_class, cfg)
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
+    with quiet_transformers():
         model, info = model_class.from_pretrained(None, config=cfg, state_dict=state, output_loading_info=True)
-    finally:
-        transformers.logging.set_verbosity(verbosity)
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         raise FusionError(f"{label}: no weights for {len(missing)} tensor(s) of {type(model).__name__}, "
                           f"e.g. {missing[0]!r}.")
     return model.to(device).eval()
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers without its warnings and per-load progress bars (hf-fusion reports its own progress)."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
 
 
 def load_network(auto_class: Any, model: ModelUnderTest, base: Path, device: str) -> torch.nn.Module:
@@ -106,3 +120,28 @@ def _concrete_class(auto_class: Any, config: Any) -> Any:
         return mapping[type(config)]
     except KeyError:
         raise FusionError(f"{auto_class.__name__} has no model for {config.model_type!r} configs.") from None
+
+
+
+DEPTH_UPSCALED_KEY = "hf_fusion_layer_indices"
+"""Config key of depth up-scaled models: which base layer each layer copies (the task configs keep the old depth)."""
+
+
+def load_fused_module(model: ModelUnderTest, device: str) -> torch.nn.Module | None:
+    """The model as a loaded module when it cannot be rebuilt from the task's own config: an hf-fusion architecture
+    (ensemble, routed mixture) or a depth up-scaled stock model."""
+    if is_lora_adapter(model.folder) or not (model.folder / "config.json").is_file():
+        return None
+    config = json.loads((model.folder / "config.json").read_text())
+    from hf_fusion.models import CUSTOM_MODEL_TYPES
+    from hf_fusion.models.members import member_class
+
+    if config.get("model_type") in CUSTOM_MODEL_TYPES:
+        from transformers import AutoModel
+
+        with quiet_transformers():
+            return AutoModel.from_pretrained(model.folder).to(device).eval()
+    if DEPTH_UPSCALED_KEY in config:
+        with quiet_transformers():
+            return member_class(config).from_pretrained(model.folder).to(device).eval()
+    return None

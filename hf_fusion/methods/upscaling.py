@@ -1,0 +1,183 @@
+"""Architecture-changing methods without data: Mixtral-style MoE up-scaling of the feed-forward blocks, depth
+up-scaling (SOLAR) by repeating layers, and model recombination of whole blocks across models."""
+
+from __future__ import annotations
+
+import copy
+import random
+from typing import Any
+
+import pydantic
+import torch
+from torch import nn
+
+from hf_fusion.errors import FusionError, ParameterError
+from hf_fusion.methods.common import FROZEN
+from hf_fusion.modelwise.base import ModelFusion, ModelwiseContext, layer_stack, linear_weight, seeded
+from hf_fusion.models.members import plain_config
+from hf_fusion.models.upscaled import FusedUpscaledConfig, FusedUpscaledModel
+from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
+from hf_fusion.tasks.weights import DEPTH_UPSCALED_KEY
+
+FEED_FORWARD_NAMES = ("mlp", "feed_forward", "ffn", "layer.1.DenseReluDense")
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def feed_forward(block: nn.Module) -> tuple[str, str | None]:
+    """(module, exit linear or None): the block's feed-forward module, or for BERT-style blocks, whose MLP is split
+    between ``intermediate`` and ``output.dense``, the first half and the linear that ends it."""
+    for name in FEED_FORWARD_NAMES:
+        try:
+            block.get_submodule(name)
+            return name, None
+        except AttributeError:
+            continue
+    try:
+        block.get_submodule("intermediate")
+        block.get_submodule("output.dense")
+        return "intermediate", "output.dense"
+    except AttributeError:
+        raise FusionError(f"{type(block).__name__} has no feed-forward block this method knows.") from None
+
+
+class MixtralParams(pydantic.BaseModel):
+    model_config = FROZEN
+    num_experts: int = pydantic.Field(4, ge=1, description="experts per block when up-cycling one model")
+    experts_per_token: int = pydantic.Field(2, ge=1, description="experts each token is routed to")
+    seed: int = pydantic.Field(0, description="seed of the routers' random initialisation")
+
+
+class MixtralUpscaling(ModelFusion[MixtralParams]):
+    """One model: each feed-forward block becomes ``num_experts`` copies of itself (sparse up-cycling). Several
+    models: the experts are the models' own blocks and everything else is averaged (MoE merging)."""
+
+    def fuse(self, context: ModelwiseContext) -> nn.Module:
+        p = self.params
+        experts = [m for _, m in context.iter_experts()]
+        first = experts[0]
+        count = p.num_experts if len(experts) == 1 else len(experts)
+        if p.experts_per_token > count:
+            raise ParameterError(f"experts_per_token {p.experts_per_token} is more than the {count} experts.")
+        stack_name, stack = layer_stack(first)
+        routed = []
+        for index, block in enumerate(stack):
+            name, exit_name = feed_forward(block)
+            prefix = f"{stack_name}.{index}."
+            entry = block.get_submodule(name)
+            hidden = next(linear_weight(m).shape[1] for m in entry.modules() if hasattr(m, "weight") and m.weight.dim() == 2)
+            routed.append({"name": prefix + name, "kind": "moe_mlp", "exit": prefix + exit_name if exit_name else None,
+                           "num_experts": count, "top_k": p.experts_per_token, "hidden_size": hidden})
+        config = FusedUpscaledConfig(backbone_config=plain_config(context.member_config), routed_modules=routed)
+        model = FusedUpscaledModel(config)
+        with torch.no_grad():
+            states = [m.state_dict() for m in experts]
+            average = {k: torch.stack([s[k].float() for s in states]).mean(0) if v.is_floating_point() else v
+                       for k, v in states[0].items()}
+            inner = tuple(f"{spec['name']}." for spec in routed) + tuple(f"{spec['exit']}." for spec in routed if spec["exit"])
+            model.backbone.load_state_dict({k: v for k, v in average.items() if not k.startswith(inner)}, strict=False)
+            generator = seeded(p.seed)
+            for spec in routed:
+                moe = model.backbone.get_submodule(spec["name"])
+                moe.router.weight.normal_(0.0, 0.02, generator=generator)
+                for e, expert in enumerate(moe.experts):
+                    source = experts[0 if len(experts) == 1 else e]
+                    block = source.get_submodule(spec["name"])
+                    if spec["exit"]:
+                        block = nn.Sequential(block, source.get_submodule(spec["exit"]))
+                    expert.load_state_dict(block.state_dict())
+        return model.eval()
+
+
+def parse_indices(values: list[Any] | None, num_layers: int) -> list[int]:
+    """Layer indices from ints and ``"start:stop"`` ranges (Python slices), checked against the model's depth."""
+    if values is None:
+        return list(range(num_layers))
+    indices: list[int] = []
+    for v in values:
+        if isinstance(v, str) and ":" in v:
+            start, stop = (int(x) if x.strip() else None for x in v.split(":", 1))
+            indices += list(range(num_layers))[start:stop]
+        else:
+            indices.append(int(v))
+    bad = [i for i in indices if not 0 <= i < num_layers]
+    if bad or not indices:
+        raise ParameterError(f"layer_indices must name layers 0..{num_layers - 1}; got {values}.")
+    return indices
+
+
+class DepthParams(pydantic.BaseModel):
+    model_config = FROZEN
+    layer_indices: list[int | str] | None = pydantic.Field(
+        None, description='base layers to stack, in order; ints or "start:stop" ranges, e.g. ["0:24", "8:32"]')
+
+
+class DepthUpscaling(ModelFusion[DepthParams]):
+    """A deeper stock model whose layers are copies of the given layers of one model (SOLAR's depth up-scaling)."""
+
+    def fuse(self, context: ModelwiseContext) -> nn.Module:
+        model = context.load_expert(0)
+        stack_name, stack = layer_stack(model)
+        indices = parse_indices(self.params.layer_indices, len(stack))
+        layers = nn.ModuleList(copy.deepcopy(stack[i]) for i in indices)
+        for new_index, layer in enumerate(layers):
+            for module in layer.modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = new_index
+        model.set_submodule(stack_name, layers)
+        for key in LAYER_COUNT_KEYS:
+            if hasattr(model.config, key) and isinstance(getattr(model.config, key), int):
+                setattr(model.config, key, len(indices))
+        if getattr(model.config, "layer_types", None) is not None:
+            model.config.layer_types = [model.config.layer_types[i] for i in indices]
+        setattr(model.config, DEPTH_UPSCALED_KEY, indices)
+        return model
+
+
+class RecombinationParams(pydantic.BaseModel):
+    model_config = FROZEN
+    seed: int = pydantic.Field(0, description="seed of the random recombination")
+
+
+class ModelRecombination(ModelFusion[RecombinationParams]):
+    """A new model of the same architecture whose every block, and every module outside the blocks, is taken
+    whole from a randomly chosen input model (the first of FusionBench's recombined pool)."""
+
+    def fuse(self, context: ModelwiseContext) -> nn.Module:
+        rng = random.Random(self.params.seed)
+        experts = [m for _, m in context.iter_experts()]
+        model = experts[0]
+        stack_name, stack = layer_stack(model)
+        stacks = [layer_stack(m)[1] for m in experts]
+        for index in range(len(stack)):
+            stack[index] = stacks[rng.randrange(len(experts))][index]
+        with torch.no_grad():
+            for name, module in list(model.named_modules()):
+                if name.startswith(stack_name) or stack_name.startswith(name) or list(module.children()):
+                    continue
+                source = experts[rng.randrange(len(experts))].get_submodule(name)
+                module.load_state_dict(source.state_dict())
+        return model
+
+
+register(MethodSpec(
+    name="mixtral_upscaling", summary="Feed-forward blocks become a routed sparse MoE: copies of one model's "
+    "block (up-cycling), or each model's own block (MoE merging).", family=Family.MIX, data=DataNeed.NONE,
+    base=BaseUse.UNUSED, implementation=MixtralUpscaling, params_model=MixtralParams,
+    aliases=("mixtral_moe_upscaling", "mixtral_moe_merging", "moe_upscaling", "sparse_upcycling"),
+    paper=Paper("Sparse upcycling: training mixture-of-experts from dense checkpoints (Komatsuzaki et al., 2023)",
+                "https://arxiv.org/abs/2212.05055"),
+))
+register(MethodSpec(
+    name="depth_upscaling", summary="A deeper model stacking copies of chosen layers of one model (SOLAR).",
+    family=Family.MIX, data=DataNeed.NONE, base=BaseUse.UNUSED, implementation=DepthUpscaling,
+    params_model=DepthParams, max_models=1,
+    paper=Paper("SOLAR 10.7B: scaling large language models with simple yet effective depth up-scaling "
+                "(Kim et al., 2023)", "https://arxiv.org/abs/2312.15166"),
+))
+register(MethodSpec(
+    name="model_recombination", summary="A model assembled from whole blocks and modules of randomly chosen "
+    "input models.", family=Family.MIX, data=DataNeed.NONE, base=BaseUse.UNUSED,
+    implementation=ModelRecombination, params_model=RecombinationParams, min_models=2,
+    paper=Paper("Learning from models beyond fine-tuning (Zheng et al., 2023), model recombination",
+                "https://arxiv.org/abs/2310.12808"),
+))

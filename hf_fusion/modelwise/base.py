@@ -1,0 +1,134 @@
+"""The contract of a model-wise method and the context it runs in: the pool's models as loadable modules, and,
+for methods that need data, each expert's task with its inputs and its head.
+
+Experts are loaded one at a time where the algorithm allows (:meth:`ModelwiseContext.load_expert`), so memory stays
+at a few models whatever the pool size.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, Iterator, TypeVar
+
+import pydantic
+import torch
+from torch import nn
+
+from hf_fusion.catalog import TaskSpec
+from hf_fusion.errors import FusionError, RecipeError
+from hf_fusion.models.members import member_class
+from hf_fusion.tasks.weights import ModelUnderTest, build_model, read_state, without_heads
+
+P = TypeVar("P", bound=pydantic.BaseModel)
+
+PROBED_KINDS = ("classification", "clip_zero_shot")
+"""Task kinds whose evaluators can give logits for a backbone, as data-driven methods need."""
+
+
+@dataclass
+class ModelwiseContext:
+    """The models of one fusion as modules of one architecture (``member_config``), and their tasks."""
+
+    experts: list[ModelUnderTest]
+    member_config: dict[str, Any]
+    base: ModelUnderTest | None = None
+    heads: tuple[str, ...] = ()
+    tasks: list[TaskSpec] | None = None
+    device: str = "cpu"
+    show_progress: bool = True
+    reference_folder: Path | None = None
+    """Where config, tokenizer and processor files of the output come from."""
+
+    @property
+    def num_models(self) -> int:
+        return len(self.experts)
+
+    def _load(self, model: ModelUnderTest) -> nn.Module:
+        state = without_heads(read_state(model.checkpoint()), self.heads)
+        module = build_model(member_class(self.member_config), self.member_config, state, model.label, "cpu")
+        return module.float().eval()
+
+    def load_base(self) -> nn.Module:
+        if self.base is None:
+            raise RecipeError("this method needs the base (pretrained) model: pass --base.")
+        return self._load(self.base)
+
+    def load_expert(self, index: int) -> nn.Module:
+        return self._load(self.experts[index])
+
+    def iter_experts(self) -> Iterator[tuple[int, nn.Module]]:
+        """Each expert in turn, loaded when asked for and released after."""
+        for i in range(self.num_models):
+            yield i, self.load_expert(i)
+
+    def evaluator(self, index: int, *, split: str | None, limit: int | None, batch_size: int) -> Any:
+        """Expert ``index``'s task evaluator over ``split`` (its own split when None), ``limit`` examples."""
+        from hf_fusion.evaluation import EVALUATORS
+        from hf_fusion.tasks.base import EvalSettings, TaskContext
+
+        if self.tasks is None:
+            raise RecipeError("this method needs data: pass --pool so each model's task (and its data) is known.")
+        spec = self.tasks[index]
+        if spec.kind not in PROBED_KINDS:
+            raise FusionError(f"task {spec.name}: data-driven methods support {', '.join(PROBED_KINDS)} tasks, "
+                              f"not {spec.kind}.")
+        if split is not None:
+            spec = spec.model_copy(update={"split": split})
+        base_folder = self.base.folder if self.base is not None else self.experts[index].folder
+        settings = EvalSettings(batch_size=batch_size, device=self.device, limit=limit)
+        return EVALUATORS[spec.kind](spec, TaskContext(base_folder, self.experts[index], self.heads), settings)
+
+
+class ModelFusion(ABC, Generic[P]):
+    """A configured model-wise method: :meth:`fuse` returns the fused model (a ``PreTrainedModel``), which the
+    pipeline saves with ``save_pretrained``."""
+
+    model_level = True
+    outputs_per_model = False
+
+    def __init__(self, params: P, *, num_models: int, has_base: bool) -> None:
+        self.params = params
+        self.num_models = num_models
+        self.has_base = has_base
+
+    @abstractmethod
+    def fuse(self, context: ModelwiseContext) -> nn.Module:
+        """The fused model, on the CPU, in float32."""
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def linear_names(module: nn.Module) -> list[str]:
+    """Names of the ``nn.Linear`` submodules (transformers' GPT-2 ``Conv1D`` counts too, as a transposed linear)."""
+    return [name for name, m in module.named_modules() if is_linear(m)]
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The (out, in) weight of a linear layer (``Conv1D`` stores it transposed)."""
+    return module.weight.T if type(module).__name__ == "Conv1D" else module.weight
+
+
+def layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's list of transformer blocks: the longest ``ModuleList`` of modules of one class."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(x) for x in m}) == 1:
+            if best is None or len(m) > len(best[1]):
+                best = (name, m)
+    if best is None:
+        raise FusionError(f"{type(model).__name__} has no list of transformer blocks to work on.")
+    return best
+
+
+def save_tensor_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
