@@ -38,6 +38,8 @@ class TaskSpec(pydantic.BaseModel):
     dataset: str
     config: str | None = None
     split: str = "test"
+    calibration_split: str = pydantic.Field("train", description="split that data-driven methods (Fisher, RegMean) "
+                                            "read examples from; test-time methods use ``split``")
     image: str = "image"
     label: str = "label"
     text: list[str] = pydantic.Field(default_factory=list)

@@ -79,7 +79,7 @@ class FisherMerging(ModelFusion[FisherParams]):
         with progress_bar(total=context.num_models, desc="Fisher information", unit="model",
                           disable=not context.show_progress) as bar:
             for i, model in context.iter_experts():
-                evaluator = context.evaluator(i, split="train", limit=p.calibration_samples, batch_size=p.batch_size)
+                evaluator = context.evaluator(i, calibration=True, limit=p.calibration_samples, batch_size=p.batch_size)
                 network = evaluator.task_network(model)
                 fisher, _ = diagonal_fisher(network, model, evaluator.logits, calibration_batches(evaluator))
                 state = {name: t.detach().cpu() for name, t in model.named_parameters()}

@@ -118,7 +118,7 @@ class RegMean(ModelFusion[RegMeanParams]):
         with progress_bar(total=context.num_models, desc="RegMean statistics", unit="model",
                           disable=not context.show_progress) as bar, torch.no_grad():
             for i, model in context.iter_experts():
-                evaluator = context.evaluator(i, split="train", limit=p.calibration_samples, batch_size=p.batch_size)
+                evaluator = context.evaluator(i, calibration=True, limit=p.calibration_samples, batch_size=p.batch_size)
                 network = evaluator.task_network(model)
                 hooks = InputGrams({n: m for n, m in model.named_modules() if is_linear(m)})
                 with hooks.attached():
@@ -158,7 +158,7 @@ class RegMeanPlusPlus(ModelFusion[RegMeanParams]):
             for name, tensor in merged.state_dict().items():
                 if not name.startswith(stack_name + ".") and tensor.is_floating_point():
                     tensor.copy_(torch.stack([o[name].float() for o in outside]).mean(dim=0))
-        evaluators = [context.evaluator(i, split="train", limit=p.calibration_samples, batch_size=p.batch_size)
+        evaluators = [context.evaluator(i, calibration=True, limit=p.calibration_samples, batch_size=p.batch_size)
                       for i in range(context.num_models)]
         networks = [ev.task_network(merged) for ev in evaluators]
         with torch.no_grad():

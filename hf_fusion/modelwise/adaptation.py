@@ -18,7 +18,7 @@ def adapt(context: ModelwiseContext, backbone: nn.Module, trainable: list[nn.Par
     """Runs ``params.steps`` Adam steps on ``trainable``; returns the summed entropy of each step."""
     if params.steps == 0:
         return []
-    evaluators = [context.evaluator(i, split=None, limit=None, batch_size=params.batch_size)
+    evaluators = [context.evaluator(i, calibration=False, limit=None, batch_size=params.batch_size)
                   for i in range(context.num_models)]
     networks = [ev.task_network(backbone) for ev in evaluators]
     for network in networks:

@@ -63,8 +63,9 @@ class ModelwiseContext:
         for i in range(self.num_models):
             yield i, self.load_expert(i)
 
-    def evaluator(self, index: int, *, split: str | None, limit: int | None, batch_size: int) -> Any:
-        """Expert ``index``'s task evaluator over ``split`` (its own split when None), ``limit`` examples."""
+    def evaluator(self, index: int, *, calibration: bool, limit: int | None, batch_size: int) -> Any:
+        """Expert ``index``'s task evaluator over its calibration split, or its evaluation split (test-time
+        adaptation), cut to ``limit`` examples."""
         from hf_fusion.evaluation import EVALUATORS
         from hf_fusion.tasks.base import EvalSettings, TaskContext
 
@@ -74,8 +75,8 @@ class ModelwiseContext:
         if spec.kind not in PROBED_KINDS:
             raise FusionError(f"task {spec.name}: data-driven methods support {', '.join(PROBED_KINDS)} tasks, "
                               f"not {spec.kind}.")
-        if split is not None:
-            spec = spec.model_copy(update={"split": split})
+        if calibration:
+            spec = spec.model_copy(update={"split": spec.calibration_split})
         base_folder = self.base.folder if self.base is not None else self.experts[index].folder
         settings = EvalSettings(batch_size=batch_size, device=self.device, limit=limit)
         return EVALUATORS[spec.kind](spec, TaskContext(base_folder, self.experts[index], self.heads), settings)

@@ -20,7 +20,7 @@ from hf_fusion.modelwise.base import ModelFusion, ModelwiseContext
 from hf_fusion.output import AtomicFolder, check_free_space
 from hf_fusion.recipe import ModelRef
 from hf_fusion.registry import DataNeed
-from hf_fusion.sources import Source, check_download_space, fetch
+from hf_fusion.sources import Source, check_download_space, fetch, resolve
 from hf_fusion.tasks.weights import ModelUnderTest, quiet_transformers
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,13 @@ def fuse_modules(checked: Any, method: ModelFusion[Any], target: Path, push: Any
     sources = [fetch(s, token=token, show_progress=show_progress) for s in inputs.sources]
     inputs = replace(inputs, sources=sources)
     recipe = _pin(checked.recipe, inputs)
-    context = build_context(checked, sources, inputs.has_base, show_progress=show_progress)
+    has_base = inputs.has_base
+    if not has_base and checked.recipe.base is not None:
+        # not fused, but it names the shared architecture and holds the tokenizer the tasks read
+        base = resolve(checked.recipe.base, token=token, allow_pickle=False)
+        sources = [fetch(base, token=token, show_progress=show_progress), *sources]
+        has_base = True
+    context = build_context(checked, sources, has_base, show_progress=show_progress)
     input_bytes = sum(e.nbytes for h in headers if h is not None for e in h.entries.values())
     check_free_space(target, input_bytes)
     model = method.fuse(context)
@@ -81,6 +87,8 @@ def build_context(checked: Any, sources: list[Source], has_base: bool, *, show_p
     member_config = base_source.config if use_base_config else first.config  # type: ignore[union-attr]
     if member_config is None:
         raise RecipeError(f"{first.label} has no config.json, so its architecture is unknown.")
+    if recipe.heads and not use_base_config:  # task models with per-task heads: fuse their shared backbone
+        member_config = {k: v for k, v in member_config.items() if k != "architectures"}
     tasks = _tasks(recipe, expert_sources) if recipe.pool else None
     if checked.spec.data is not DataNeed.NONE and tasks is None:
         raise RecipeError(f"method {checked.spec.name!r} needs data: pass --pool.")

@@ -39,7 +39,20 @@ class TaskEvaluator(ABC):
         self.context = context
         self.settings = settings
         self.data = load_examples(spec, settings.limit)
-        self.metric, self.metric_source = load_metric(spec.metric, settings.metrics)
+        self._metric: tuple[Any, str] | None = None
+
+    @property
+    def metric(self) -> Any:
+        """The ``evaluate`` module, loaded on first use (methods that only read the task's inputs never score)."""
+        if self._metric is None:
+            self._metric = load_metric(self.spec.metric, self.settings.metrics)
+        return self._metric[0]
+
+    @property
+    def metric_source(self) -> str:
+        self.metric  # noqa: B018  (loads it)
+        assert self._metric is not None
+        return self._metric[1]
 
     def batches(self) -> Iterator[dict[str, list[Any]]]:
         size = self.settings.batch_size
