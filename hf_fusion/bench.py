@@ -87,6 +87,7 @@ def run_bench(
     tasks: list[str] | None = None,
     settings: EvalSettings = EvalSettings(),
     parameters: dict[str, Any] | None = None,
+    common: dict[str, Any] | None = None,
     token: str | None = None,
     overwrite: bool = False,
     show_progress: bool = True,
@@ -98,12 +99,14 @@ def run_bench(
     specs = pool.select(tasks)
     fused: dict[str, Path | dict[str, Path]] = {}
     points: dict[str, list[tuple[float, str]]] = {}
+    seconds: dict[str, float] = {}
     for entry in methods:
         method, own = parse_method_entry(entry)
         spec = get_method(method)
         swept = sweep is not None and sweep.parameter in spec.params_model.model_fields
         for value in sweep.values if swept else [None]:  # type: ignore[union-attr]
-            params = {**(parameters or {}), **own}
+            shared = {k: v for k, v in (common or {}).items() if k in spec.params_model.model_fields}
+            params = {**shared, **(parameters or {}), **own}
             label = spec.name + (f"[{';'.join(f'{k}={v}' for k, v in own.items())}]" if own else "")
             if value is not None:
                 params[sweep.parameter] = value  # type: ignore[union-attr]
@@ -114,6 +117,7 @@ def run_bench(
                            heads=pool.heads, output=folder, overwrite=overwrite, token=token,
                            show_progress=show_progress, pool=pool.name, **params)
             fused[label] = fused_models(result.output, result.recipe, pool)
+            seconds[label] = round(result.seconds, 2)
     report = evaluate_pool(pool, fused, tasks=tasks, settings=settings, token=token, show_progress=show_progress)
     report.save(output)
     order = ["pretrained", "individual", *fused]
@@ -128,5 +132,6 @@ def run_bench(
         sweep_lines(series, sweep.parameter, output / f"sweep_{sweep.parameter}.png", baselines)  # type: ignore[union-attr]
     (output / "bench.json").write_text(json.dumps({"pool": pool.name, "methods": methods,
                                                    "sweep": sweep.__dict__ if sweep else None,
-                                                   "models": {k: _paths(v) for k, v in fused.items()}}, indent=2))
+                                                   "models": {k: _paths(v) for k, v in fused.items()},
+                                                   "fusion_seconds": seconds}, indent=2))
     return BenchResult(report, board, output)

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge = sub.add_parser(
         "merge",
         help="fuse models into an output folder",
-        description="Fuse models with a data-free method. Flags override the fields of --config.",
+        description="Fuse models with any registered method. Flags override the fields of --config.",
     )
     merge.add_argument("--config", metavar="RECIPE.yaml", help="recipe file (the output keeps a copy)")
     merge.add_argument("--repo-ids", nargs="+", metavar="MODEL",
@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--tasks", type=_comma_list, metavar="T1,T2", help="only these tasks (and their experts) of the pool")
     merge.add_argument("--evaluate", action="store_true", help="score the fused model on the pool's tasks")
     _add_eval_options(merge)
+    _add_method_data_options(merge)
     merge.add_argument("--push", metavar="REPO", help="push the fused model to this Hub repo (org/name or name)")
     _add_push_options(merge)
     _add_common(merge)
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--overwrite", action="store_true", help="replace fused models from an earlier run")
     bench.add_argument("--token", help="Hub token")
     _add_eval_options(bench)
+    _add_method_data_options(bench)
     _add_common(bench)
 
     push = sub.add_parser("push", help="push a fused model folder to the Hub (writes its card if missing)")
@@ -157,18 +159,36 @@ def _comma_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+COMMON_METHOD_FLAGS = ("calibration_samples", "steps", "lr", "seed")
+
+
 def _add_eval_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, metavar="N", help="score N examples per task (a fixed, seeded subset)")
-    parser.add_argument("--batch-size", type=int, default=32, metavar="N")
+    parser.add_argument("--batch-size", type=int, metavar="N",
+                        help="examples per forward pass, for evaluation (default 32) and data-driven methods")
     parser.add_argument("--eval-device", default="cpu", metavar="DEVICE", help="device for evaluation (default cpu)")
     parser.add_argument("--metrics", choices=["auto", "hub", "bundled"], default="auto",
                         help="metric modules from the Hub, or bundled ones (auto: bundled when HF_HUB_OFFLINE=1)")
 
 
+def _add_method_data_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data-driven methods (Fisher, RegMean, AdaMerging, WEMoE)")
+    group.add_argument("--calibration-samples", type=int, metavar="N", help="examples per task for statistics")
+    group.add_argument("--steps", type=int, metavar="N", help="test-time adaptation steps")
+    group.add_argument("--lr", type=float, metavar="LR", help="test-time adaptation learning rate")
+    group.add_argument("--seed", type=int, metavar="N", help="seed for sampling and initialisation")
+
+
+def _common_method_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The common method flags that were given (``batch_size`` too, for methods that take one)."""
+    return {k: getattr(args, k) for k in (*COMMON_METHOD_FLAGS, "batch_size") if getattr(args, k, None) is not None}
+
+
 def _settings(args: argparse.Namespace) -> Any:
     from hf_fusion.tasks.base import EvalSettings
 
-    return EvalSettings(batch_size=args.batch_size, device=args.eval_device, limit=args.limit, metrics=args.metrics)
+    return EvalSettings(batch_size=args.batch_size or 32, device=args.eval_device, limit=args.limit,
+                        metrics=args.metrics)
 
 
 def _add_push_options(parser: argparse.ArgumentParser) -> None:
@@ -270,6 +290,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from hf_fusion.pipeline import merge
 
     kwargs: dict[str, Any] = dict(args.param)
+    common = _common_method_params(args)
+    if common:
+        from hf_fusion.registry import get_method
+
+        if args.method:
+            fields = get_method(args.method).params_model.model_fields
+            common = {k: v for k, v in common.items() if k in fields or k != "batch_size"}
+        kwargs = {**common, **kwargs}
     if args.max_shard_size:
         kwargs["max_shard_bytes"] = args.max_shard_size
     if not args.config and not args.repo_ids and not args.pool:
@@ -381,7 +409,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     result = run_bench(
         get_pool(args.pool), args.methods, Path(args.output), sweep=Sweep.parse(args.sweep) if args.sweep else None,
-        tasks=args.tasks, settings=_settings(args), parameters=dict(args.param), token=args.token,
+        tasks=args.tasks, settings=_settings(args), parameters=dict(args.param), common=_common_method_params(args),
+        token=args.token,
         overwrite=args.overwrite, show_progress=not args.quiet,
     )
     print(result.leaderboard)

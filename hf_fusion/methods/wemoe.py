@@ -15,7 +15,7 @@ from hf_fusion.modelwise.adaptation import adapt
 from hf_fusion.modelwise.base import ModelFusion, ModelwiseContext, is_linear, layer_stack, linear_weight, seeded
 from hf_fusion.modelwise.data import TrainingParams
 from hf_fusion.models.members import plain_config
-from hf_fusion.models.upscaled import FusedUpscaledConfig, FusedUpscaledModel, WeightEnsemblingLinear, router_key
+from hf_fusion.models.upscaled import FusedUpscaledConfig, FusedUpscaledModel
 from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
 
 MLP_PART = re.compile(r"(^|\.)(mlp|intermediate|feed_forward|ffn|DenseReluDense)(\.|$)|^output\.dense$")
