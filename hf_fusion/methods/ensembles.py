@@ -8,19 +8,22 @@ from torch import nn
 from hf_fusion.errors import ParameterError
 from hf_fusion.methods.common import FROZEN
 from hf_fusion.modelwise.base import ModelFusion, ModelwiseContext
-from hf_fusion.models.ensemble import Aggregation, FusedEnsembleModel
 from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, NoParams, Paper, register
 
 
 class _Ensemble(ModelFusion[pydantic.BaseModel]):
-    aggregation: Aggregation = "mean"
+    aggregation = "mean"
+    """How ``FusedEnsembleModel`` combines the outputs: mean, weighted or max."""
 
     def weights(self) -> list[float] | None:
         return None
 
     def fuse(self, context: ModelwiseContext) -> nn.Module:
+        from hf_fusion.models.ensemble import FusedEnsembleModel
+
         members = [model for _, model in context.iter_experts()]
-        return FusedEnsembleModel.from_members(members, weights=self.weights(), aggregation=self.aggregation)
+        return FusedEnsembleModel.from_members(members, weights=self.weights(),
+                                               aggregation=self.aggregation)  # type: ignore[arg-type]
 
 
 class SimpleEnsemble(_Ensemble):

@@ -12,8 +12,6 @@ from torch import nn
 
 from hf_fusion.methods.common import FROZEN
 from hf_fusion.modelwise.base import ModelFusion, ModelwiseContext, is_linear, linear_weight
-from hf_fusion.models.members import plain_config
-from hf_fusion.models.upscaled import FusedUpscaledConfig, FusedUpscaledModel
 from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
 
 
@@ -56,8 +54,7 @@ class SmileUpscaling(ModelFusion[SmileParams]):
                 routed.append({"name": name, "kind": "smile", "in_features": w0.shape[1], "out_features": w0.shape[0],
                                "num_experts": len(experts), "rank": rank, "gate_k": gate_k,
                                "top_k": min(p.top_k, len(experts)), "bias": b0 is not None})
-        config = FusedUpscaledConfig(backbone_config=plain_config(context.member_config), routed_modules=routed)
-        model = FusedUpscaledModel(config)
+        model = context.upscaled_model(routed)
         with torch.no_grad():
             routed_names = tuple(f"{spec['name']}." for spec in routed)
             model.backbone.load_state_dict({k: v for k, v in base.state_dict().items() if not k.startswith(routed_names)},

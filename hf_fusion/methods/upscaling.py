@@ -14,8 +14,6 @@ from torch import nn
 from hf_fusion.errors import FusionError, ParameterError
 from hf_fusion.methods.common import FROZEN
 from hf_fusion.modelwise.base import ModelFusion, ModelwiseContext, layer_stack, linear_weight, seeded
-from hf_fusion.models.members import plain_config
-from hf_fusion.models.upscaled import FusedUpscaledConfig, FusedUpscaledModel
 from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
 from hf_fusion.tasks.weights import DEPTH_UPSCALED_KEY
 
@@ -67,8 +65,7 @@ class MixtralUpscaling(ModelFusion[MixtralParams]):
             hidden = next(linear_weight(m).shape[1] for m in entry.modules() if hasattr(m, "weight") and m.weight.dim() == 2)
             routed.append({"name": prefix + name, "kind": "moe_mlp", "exit": prefix + exit_name if exit_name else None,
                            "num_experts": count, "top_k": p.experts_per_token, "hidden_size": hidden})
-        config = FusedUpscaledConfig(backbone_config=plain_config(context.member_config), routed_modules=routed)
-        model = FusedUpscaledModel(config)
+        model = context.upscaled_model(routed)
         with torch.no_grad():
             states = [m.state_dict() for m in experts]
             average = {k: torch.stack([s[k].float() for s in states]).mean(0) if v.is_floating_point() else v

@@ -14,8 +14,6 @@ from torch import nn
 from hf_fusion.modelwise.adaptation import adapt
 from hf_fusion.modelwise.base import ModelFusion, ModelwiseContext, is_linear, layer_stack, linear_weight, seeded
 from hf_fusion.modelwise.data import TrainingParams
-from hf_fusion.models.members import plain_config
-from hf_fusion.models.upscaled import FusedUpscaledConfig, FusedUpscaledModel
 from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
 
 MLP_PART = re.compile(r"(^|\.)(mlp|intermediate|feed_forward|ffn|DenseReluDense)(\.|$)|^output\.dense$")
@@ -86,9 +84,7 @@ class WEMoE(ModelFusion[WEMoEParams]):
             from hf_fusion.errors import FusionError
 
             raise FusionError(f"{type(base).__name__} has no feed-forward linears that WEMoE knows how to route.")
-        config = FusedUpscaledConfig(backbone_config=plain_config(context.member_config), routed_modules=routed,
-                                     routers=routers)
-        model = FusedUpscaledModel(config)
+        model = context.upscaled_model(routed, routers)
         self._fill(model, base, context, routed)
         generator = seeded(p.seed)
         for router in model.routers.values():
@@ -98,7 +94,7 @@ class WEMoE(ModelFusion[WEMoEParams]):
         adapt(context, model, trainable, p, desc="WEMoE routers")
         return model.cpu().eval()
 
-    def _fill(self, model: FusedUpscaledModel, base: nn.Module, context: ModelwiseContext,
+    def _fill(self, model: Any, base: nn.Module, context: ModelwiseContext,
               routed: list[dict[str, Any]]) -> None:
         """Task arithmetic (scaling ``init_lambda``) outside the routed MLPs; inside, the pretrained weights and
         each expert's (pruned) task vectors."""
@@ -125,9 +121,7 @@ class WEMoE(ModelFusion[WEMoEParams]):
                         beta = linear.bias - base.get_submodule(module_name).bias
                         module.task_biases[i].copy_(prune_smallest(beta, self.prune_ratio))
             skip = tuple(f"{name}." for name in routed_names)
-            missing = model.backbone.load_state_dict({k: v for k, v in merged.items() if not k.startswith(skip)},
-                                                     strict=False)
-            del missing
+            model.backbone.load_state_dict({k: v for k, v in merged.items() if not k.startswith(skip)}, strict=False)
 
 
 class SparseWEMoE(WEMoE):

@@ -18,7 +18,6 @@ from torch import nn
 
 from hf_fusion.catalog import TaskSpec
 from hf_fusion.errors import FusionError, RecipeError
-from hf_fusion.models.members import member_class
 from hf_fusion.tasks.weights import ModelUnderTest, build_model, read_state, without_heads
 
 P = TypeVar("P", bound=pydantic.BaseModel)
@@ -46,6 +45,8 @@ class ModelwiseContext:
         return len(self.experts)
 
     def _load(self, model: ModelUnderTest) -> nn.Module:
+        from hf_fusion.models.members import member_class
+
         state = without_heads(read_state(model.checkpoint()), self.heads)
         module = build_model(member_class(self.member_config), self.member_config, state, model.label, "cpu")
         return module.float().eval()
@@ -57,6 +58,15 @@ class ModelwiseContext:
 
     def load_expert(self, index: int) -> nn.Module:
         return self._load(self.experts[index])
+
+    def upscaled_model(self, routed: list[dict[str, Any]], routers: dict[str, dict[str, Any]] | None = None
+                       ) -> nn.Module:
+        """An (unfilled) ``FusedUpscaledModel`` of this fusion's architecture with the ``routed`` modules in place;
+        the hf-fusion architectures (and transformers) load here, not when the method registry does."""
+        from hf_fusion.models.upscaled import FusedUpscaledConfig, FusedUpscaledModel
+
+        return FusedUpscaledModel(FusedUpscaledConfig(backbone_config=self.member_config, routed_modules=routed,
+                                                      routers=routers))
 
     def iter_experts(self) -> Iterator[tuple[int, nn.Module]]:
         """Each expert in turn, loaded when asked for and released after."""
@@ -127,9 +137,3 @@ def layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
     if best is None:
         raise FusionError(f"{type(model).__name__} has no list of transformer blocks to work on.")
     return best
-
-
-def save_tensor_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
