@@ -15,7 +15,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tasks"))
 from task_helpers import perturb, review_texts, word_tokenizer  # noqa: E402
 
-TASKS = ("reviews_a", "reviews_b", "reviews_c")
+from modelwise_tasks import TASKS  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from hf_fusion.models import FusedEnsembleModel, FusedUpscaledModel
 from hf_fusion.tasks.base import EvalSettings
 from hf_fusion.tasks.data import load_examples
 
-from conftest import TASKS
+from modelwise_tasks import TASKS
 
 
 def fuse(pool: Path, method: str, out: Path, **params):
