@@ -12,6 +12,7 @@ import pydantic
 import torch
 from torch import nn
 
+from hf_fusion.errors import FusionError
 from hf_fusion.modelwise.base import ModelFusion, ModelwiseContext, is_linear, layer_stack, linear_weight
 from hf_fusion.modelwise.data import CalibrationParams, calibration_batches, token_mask
 from hf_fusion.progress import progress_bar
@@ -179,7 +180,7 @@ class RegMeanPlusPlus(ModelFusion[RegMeanParams]):
                         stack[layer].cpu()
                     merge_with_grams(merged_stack[layer], [s[layer].state_dict() for s in stacks], store)
                     merged_stack[layer].to(context.device)
-                    block_inputs = [[(_next_args(merged_stack[layer](*a, **k), a), k, m) for a, k, m in batches]
+                    block_inputs = [[(*_next_inputs(merged_stack[layer](*a, **k), a, k), m) for a, k, m in batches]
                                     for batches in block_inputs]
                     bar.update(1)
             self._merge_outside_linears(merged, stack_name, experts, evaluators, networks, ratio)
@@ -231,9 +232,16 @@ class RegMeanPlusPlus(ModelFusion[RegMeanParams]):
             module.weight.copy_(weight.T if type(module).__name__ == "Conv1D" else weight)
 
 
-def _next_args(output: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+def _next_inputs(output: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The next block's (args, kwargs): this block's, with its hidden states replaced by this block's output, where
+    they were passed (first positional argument, or the ``hidden_states`` keyword)."""
     hidden = output[0] if isinstance(output, (tuple, list)) else output
-    return (hidden, *args[1:])
+    if args:
+        return (hidden, *args[1:]), kwargs
+    if "hidden_states" in kwargs:
+        return args, {**kwargs, "hidden_states": hidden}
+    raise FusionError("RegMean++ cannot find the hidden states among a block's inputs: they are neither its first "
+                      f"positional argument nor a 'hidden_states' keyword (keywords: {sorted(kwargs)}).")
 
 
 REGMEAN_PAPER = Paper("Dataless knowledge fusion by merging weights of language models (Jin et al., 2023)",

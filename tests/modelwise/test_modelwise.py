@@ -14,7 +14,7 @@ from transformers import AutoModel, AutoTokenizer, BertForSequenceClassification
 import hf_fusion
 import hf_fusion.models  # noqa: F401  (registers the fused architectures with the Auto classes)
 from hf_fusion.catalog import get_pool
-from hf_fusion.errors import ParameterError, RecipeError
+from hf_fusion.errors import FusionError, ParameterError, RecipeError
 from hf_fusion.models import FusedEnsembleModel, FusedUpscaledModel
 from hf_fusion.tasks.base import EvalSettings
 from hf_fusion.tasks.data import load_examples
@@ -186,6 +186,17 @@ def test_regmean_plusplus_of_one_model_is_that_model(cls_pool: Path, tmp_path: P
     assert not torch.allclose(a["encoder.layer.1.attention.self.query.weight"],
                               b["encoder.layer.1.attention.self.query.weight"], atol=1e-6)
     assert a[first].shape == b[first].shape
+
+
+def test_regmean_plusplus_passes_merged_hidden_states_on_however_a_block_takes_them() -> None:
+    from hf_fusion.methods.regmean import _next_inputs
+
+    old, new, mask = torch.zeros(2, 3), torch.ones(2, 3), torch.ones(2, 1)
+    assert _next_inputs((new, None), (old, mask), {"x": 1}) == ((new, mask), {"x": 1})
+    args, kwargs = _next_inputs(new, (), {"hidden_states": old, "attention_mask": mask})
+    assert args == () and kwargs["hidden_states"] is new and kwargs["attention_mask"] is mask
+    with pytest.raises(FusionError, match="hidden states"):
+        _next_inputs(new, (), {"inputs_embeds": old})
 
 
 def test_data_methods_need_a_pool(cls_pool: Path, tmp_path: Path) -> None:
