@@ -42,6 +42,11 @@ class FusedEnsembleModel(PreTrainedModel):
         self.members = nn.ModuleList(build_member(config.member_config) for _ in range(config.num_members))
         self.main_input_name = getattr(self.members[0], "main_input_name", "input_ids")
         self.post_init()
+        # post_init gathers tied weights from PreTrainedModel children only; the members sit in a ModuleList, so
+        # their ties (a GPT-2 LM head on its embeddings) are added here, else a reload would leave the heads random.
+        for index, member in enumerate(self.members):
+            for target, source in (getattr(member, "all_tied_weights_keys", None) or {}).items():
+                self.all_tied_weights_keys[f"members.{index}.{target}"] = f"members.{index}.{source}"
 
     def _init_weights(self, module: nn.Module) -> None:
         """Members keep their own initialisation; a fused checkpoint always provides every weight."""
@@ -58,8 +63,10 @@ class FusedEnsembleModel(PreTrainedModel):
     @classmethod
     def from_members(cls, members: list[nn.Module], *, weights: list[float] | None = None,
                      aggregation: Aggregation = "mean") -> "FusedEnsembleModel":
-        """An ensemble holding ``members`` (loaded stock models) as they are."""
-        config = FusedEnsembleConfig(member_config=members[0].config.to_dict(), num_members=len(members),
+        """An ensemble holding ``members`` (loaded stock models) as they are. The members' class is recorded in the
+        config (``architectures``), so a reload builds the same heads even for models that were never saved."""
+        member_config = {**members[0].config.to_dict(), "architectures": [type(members[0]).__name__]}
+        config = FusedEnsembleConfig(member_config=member_config, num_members=len(members),
                                      weights=weights, aggregation=aggregation)
         with torch.device("meta"):
             model = cls(config)

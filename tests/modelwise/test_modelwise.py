@@ -83,6 +83,24 @@ def test_ensembles_combine_the_members_outputs(cls_pool: Path, tmp_path: Path, m
         torch.testing.assert_close(got[field], want, atol=1e-6, rtol=1e-5)
 
 
+def test_an_ensemble_of_language_models_keeps_their_tied_heads(tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=32, bos_token_id=0,
+                        eos_token_id=0)
+    members = [GPT2LMHeadModel(config).eval() for _ in range(2)]  # never saved: no 'architectures' in the config
+    tokens = torch.randint(0, 100, (2, 7))
+    with torch.no_grad():
+        expected = (members[0](tokens).logits + members[1](tokens).logits) / 2
+    FusedEnsembleModel.from_members(members).save_pretrained(tmp_path / "ens")
+    reloaded = AutoModel.from_pretrained(tmp_path / "ens").eval()
+    head, embeddings = reloaded.members[1].lm_head.weight, reloaded.members[1].transformer.wte.weight
+    assert head.data_ptr() == embeddings.data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=tokens).logits, expected)
+
+
 def test_weighted_ensemble_checks_the_weights_before_any_work(cls_pool: Path, tmp_path: Path) -> None:
     with pytest.raises(ParameterError, match="2 weights for 3 models"):
         fuse(cls_pool, "weighted_ensemble", tmp_path / "e", weights=[1.0, 2.0])
