@@ -7,10 +7,15 @@ import pydantic
 import torch
 from torch import nn
 
+from hf_fusion.errors import FusionError
 from hf_fusion.modelwise.base import ModelFusion, ModelwiseContext
 from hf_fusion.modelwise.data import CalibrationParams, calibration_batches
 from hf_fusion.progress import progress_bar
 from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
+
+
+MAX_CLASSES = 1000
+"""Most classes a task's logits may have: the exact Fisher sums one backward pass per class."""
 
 
 class FisherParams(CalibrationParams):
@@ -32,6 +37,10 @@ def diagonal_fisher(network: nn.Module, backbone: nn.Module, logits_of, batches)
         for row in range(size):
             example = {k: v[row : row + 1] for k, v in inputs.items()}
             log_probs = logits_of(network, example).float().log_softmax(dim=-1)[0]
+            if log_probs.shape[0] > MAX_CLASSES:
+                raise FusionError(f"Fisher merging takes one backward pass per class, and this task's logits have "
+                                  f"{log_probs.shape[0]} (a vocabulary: a regression target, or target words that "
+                                  f"share a first token); it supports up to {MAX_CLASSES}.")
             probs = log_probs.detach().exp()
             for y in range(log_probs.shape[0]):
                 grads = torch.autograd.grad(log_probs[y], list(params.values()), retain_graph=y + 1 < log_probs.shape[0],

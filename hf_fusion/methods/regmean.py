@@ -40,6 +40,10 @@ def reduce_non_diagonal(gram: torch.Tensor, ratio: float) -> torch.Tensor:
     return reduced
 
 
+RIDGE = 1e-8
+"""Relative ridge added to singular Gram matrices (see :meth:`GramStore.solve`)."""
+
+
 class GramStore:
     """Running ``sum_i G_i`` and ``sum_i G_i W_i^T`` per linear layer, so memory does not grow with the models."""
 
@@ -47,19 +51,32 @@ class GramStore:
         self.ratio = ratio
         self.grams: dict[str, torch.Tensor] = {}
         self.products: dict[str, torch.Tensor] = {}
+        self.weights: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
 
     def add(self, name: str, gram: torch.Tensor, weight: torch.Tensor) -> None:
         g = reduce_non_diagonal(gram.double(), self.ratio)
-        gw = g @ weight.detach().double().T.cpu()
+        w = weight.detach().double().T.cpu()
+        gw = g @ w
         if name in self.grams:
             self.grams[name] += g
             self.products[name] += gw
+            self.weights[name] += w
+            self.counts[name] += 1
         else:
-            self.grams[name], self.products[name] = g, gw
+            self.grams[name], self.products[name], self.weights[name], self.counts[name] = g, gw, w, 1
 
     def solve(self, name: str) -> torch.Tensor:
-        """The merged (out, in) weight."""
-        return torch.linalg.solve(self.grams[name], self.products[name]).T.float()
+        """The merged (out, in) weight. Where the summed Gram is singular (an input unit no calibration example
+        activates, such as a dead ReLU unit), each model's Gram gets a tiny ridge ``eps * I``: the solution is
+        unchanged elsewhere, and the weights of such inputs, which the data leaves free, become the models' mean."""
+        gram, product = self.grams[name], self.products[name]
+        try:
+            return torch.linalg.solve(gram, product).T.float()
+        except torch.linalg.LinAlgError:
+            eps = RIDGE * float(gram.diagonal().abs().mean().clamp_min(1e-12))
+            ridge = torch.eye(gram.shape[0], dtype=gram.dtype) * (eps * self.counts[name])
+            return torch.linalg.solve(gram + ridge, product + eps * self.weights[name]).T.float()
 
 
 class InputGrams:
@@ -148,6 +165,9 @@ class RegMeanPlusPlus(ModelFusion[RegMeanParams]):
     All experts are held in memory (every block needs every expert)."""
 
     def fuse(self, context: ModelwiseContext) -> nn.Module:
+        if context.member_config.get("is_encoder_decoder"):
+            raise FusionError("RegMean++ feeds one stack of blocks its merged inputs; encoder-decoder models (T5) have "
+                              "two, with state passed between blocks: use regmean.")
         p = self.params
         ratio = ratio_for(p, context.member_config)
         experts = [m for _, m in context.iter_experts()]

@@ -1,5 +1,8 @@
 """Text-to-text tasks (Flan-T5 on GLUE): prompts filled from each example, greedy generation, and exact match
-against the label's target word, or Spearman correlation for a regression target such as STS-B."""
+against the label's target word, or Spearman correlation for a regression target such as STS-B.
+
+For data-driven fusion the task also gives logits: the first decoded token's scores, over the first token of each
+target word where the targets are words (so they are class logits, as for a classifier), else over the vocabulary."""
 
 from __future__ import annotations
 
@@ -9,9 +12,10 @@ from typing import Any
 import torch
 
 from hf_fusion.tasks.base import EvalSettings, TaskContext, TaskEvaluator, tokenizer_for
-from hf_fusion.tasks.weights import ModelUnderTest, load_network
+from hf_fusion.tasks.weights import ModelUnderTest, load_fused_module, load_network
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+MAX_NEW_TOKENS = 8
 
 
 class TextToText(TaskEvaluator):
@@ -19,6 +23,16 @@ class TextToText(TaskEvaluator):
         super().__init__(spec, context, settings)
         self.tokenizer = tokenizer_for(context.base, context.expert.folder)
         self.regression = isinstance(spec.targets, str)
+        config = context.expert.config() or {}
+        start = config.get("decoder_start_token_id")
+        self.decoder_start = int(start if start is not None else (config.get("pad_token_id") or 0))
+        self.target_tokens = None if self.regression else self._first_target_tokens(list(spec.targets))
+
+    def _first_target_tokens(self, targets: list[str]) -> list[int] | None:
+        """The first token of each target word, or None when two targets start alike (then the logits cannot tell
+        them apart and the whole vocabulary is used)."""
+        first = [ids[0] for ids in self.tokenizer(targets, add_special_tokens=False)["input_ids"] if ids]
+        return first if len(first) == len(targets) and len(set(first)) == len(first) else None
 
     def _reference(self, label: Any) -> Any:
         if self.regression:
@@ -31,19 +45,56 @@ class TextToText(TaskEvaluator):
         match = _NUMBER.search(text)
         return float(match.group()) if match else 0.0
 
+    def _prompts(self, batch: dict[str, list[Any]]) -> list[str]:
+        return [self.spec.prompt.format(**dict(zip(batch, values))) for values in zip(*batch.values())]
+
+    def encode(self, batch: dict[str, list[Any]]) -> dict[str, torch.Tensor]:
+        """The prompts of a batch, tokenised, on the device."""
+        encoded = self.tokenizer(self._prompts(batch), padding=True, truncation=True, max_length=self.spec.max_length,
+                                 return_tensors="pt")
+        return {k: v.to(self.settings.device) for k, v in encoded.items()}
+
+    def task_network(self, backbone: torch.nn.Module) -> torch.nn.Module:
+        """A text-to-text model is its own task network (no head to keep)."""
+        return backbone.to(self.settings.device)
+
+    def logits(self, network: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        start = torch.full((inputs["input_ids"].shape[0], 1), self.decoder_start, device=inputs["input_ids"].device)
+        scores = network(**inputs, decoder_input_ids=start).logits[:, 0]
+        return scores if self.target_tokens is None else scores[:, self.target_tokens]
+
+    def _greedy(self, network: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Greedy decoding by repeated forward passes, for fused modules that have no ``generate`` (ensembles,
+        routed mixtures); it stops when every sequence has emitted the end token."""
+        eos = self.tokenizer.eos_token_id
+        decoded = torch.full((inputs["input_ids"].shape[0], 1), self.decoder_start, device=inputs["input_ids"].device)
+        finished = torch.zeros(decoded.shape[0], dtype=torch.bool, device=decoded.device)
+        for _ in range(MAX_NEW_TOKENS):
+            step = network(**inputs, decoder_input_ids=decoded).logits[:, -1].argmax(dim=-1)
+            if eos is not None:
+                step = step.masked_fill(finished, self.tokenizer.pad_token_id or 0)
+                finished |= step.eq(eos)
+            decoded = torch.cat([decoded, step[:, None]], dim=1)
+            if finished.all():
+                break
+        return decoded
+
     @torch.no_grad()
     def predictions(self, model: ModelUnderTest) -> tuple[list[Any], list[Any], dict[str, Any]]:
         from transformers import AutoModelForSeq2SeqLM
 
-        network = load_network(AutoModelForSeq2SeqLM, model, self.context.base, self.settings.device)
+        fused = load_fused_module(model, self.settings.device)
+        network = fused if fused is not None else load_network(AutoModelForSeq2SeqLM, model, self.context.base,
+                                                                self.settings.device)
         predicted, references = [], []
         for batch in self.batches():
-            rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-            prompts = [self.spec.prompt.format(**row) for row in rows]
-            encoded = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.spec.max_length, return_tensors="pt")
-            output = network.generate(**encoded.to(self.settings.device), max_new_tokens=8, do_sample=False)
+            inputs = self.encode(batch)
+            if fused is not None:
+                output = self._greedy(network, inputs)
+            else:
+                output = network.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
             texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
             predicted += [self._prediction(t) for t in texts]
-            references += [self._reference(row[self.spec.label]) for row in rows]
+            references += [self._reference(label) for label in batch[self.spec.label]]
         extra = {} if self.regression else {"ignore_case": True, "ignore_punctuation": True}
         return predicted, references, extra

@@ -206,6 +206,23 @@ def test_regmean_plusplus_of_one_model_is_that_model(cls_pool: Path, tmp_path: P
     assert a[first].shape == b[first].shape
 
 
+def test_regmean_leaves_inputs_no_example_activates_at_the_models_mean() -> None:
+    from hf_fusion.methods.regmean import GramStore
+
+    torch.manual_seed(0)
+    inputs = torch.randn(20, 4)
+    inputs[:, 3] = 0  # a dead unit: its Gram row and column are zero, so the summed Gram is singular
+    weights = [torch.randn(5, 4) for _ in range(2)]
+    store = GramStore(1.0)
+    for w in weights:
+        store.add("layer", inputs.T @ inputs, w)
+    merged = store.solve("layer")
+    torch.testing.assert_close(merged[:, 3], (weights[0][:, 3] + weights[1][:, 3]) / 2)
+    live = (inputs[:, :3].T @ inputs[:, :3]).double()
+    closed_form = torch.linalg.solve(2 * live, sum(live @ w[:, :3].double().T for w in weights)).T.float()
+    torch.testing.assert_close(merged[:, :3], closed_form, rtol=1e-5, atol=1e-5)
+
+
 def test_regmean_plusplus_passes_merged_hidden_states_on_however_a_block_takes_them() -> None:
     from hf_fusion.methods.regmean import _next_inputs
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import string
 from pathlib import Path
 
 import datasets
@@ -16,8 +17,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditional
 from task_helpers import perturb, publish_dataset, review_texts
 
 import hf_fusion
-from hf_fusion.evaluation import evaluate_pool
 from hf_fusion.catalog import get_pool
+from hf_fusion.errors import FusionError
+from hf_fusion.evaluation import evaluate_pool
 from hf_fusion.tasks.base import EvalSettings
 
 PROMPT = "review : {sentence} is it positive or negative ?"
@@ -77,7 +79,7 @@ def t5_pool(tmp_path_factory, hub, tokenizer) -> Path:
                        "targets": "{:.1f}"},
     }
     for fields in tasks.values():
-        fields.update(kind="text_to_text", task_type="text2text-generation")
+        fields.update(kind="text_to_text", task_type="text2text-generation", calibration_split="test")
     (root / "pool.yaml").write_text(yaml.safe_dump({"base": str(root / "base"), "tasks": tasks}))
     return root
 
@@ -109,6 +111,68 @@ def test_text_to_text(t5_pool: Path, tokenizer, tmp_path: Path) -> None:
         expected = spearmanr(predicted, list(pairs["label"])).statistic
         got = similarity.scores[label]  # undefined (constant predictions) is recorded as None
         assert (got is None and math.isnan(expected)) or got == pytest.approx(expected), label
+
+
+@torch.no_grad()
+def ensemble_answers(folders: list[Path], tokenizer, prompts: list[str], end: int = 3) -> list[str]:
+    """Greedy decoding on the mean of the members' next-token logits: the ensemble, computed from its members."""
+    members = [T5ForConditionalGeneration.from_pretrained(f).eval() for f in folders]
+    encoded = tokenizer(prompts, padding=True, return_tensors="pt")
+    decoded = torch.zeros((len(prompts), 1), dtype=torch.long)  # decoder_start_token_id
+    for _ in range(8):
+        logits = torch.stack([m(**encoded, decoder_input_ids=decoded).logits[:, -1] for m in members]).mean(dim=0)
+        decoded = torch.cat([decoded, logits.argmax(dim=-1)[:, None]], dim=1)
+    texts = []
+    for row in decoded[:, 1:].tolist():
+        texts.append(tokenizer.decode(row[: row.index(end)] if end in row else row, skip_special_tokens=True))
+    return texts
+
+
+def test_an_ensemble_of_text_to_text_models_answers_with_the_mean_logits(t5_pool: Path, tokenizer,
+                                                                       tmp_path: Path) -> None:
+    result = hf_fusion.merge(pool=str(t5_pool / "pool.yaml"), method="simple_ensemble", output=tmp_path / "ens",
+                             evaluate=EvalSettings(metrics="bundled", batch_size=7), show_progress=False)
+    reviews = review_texts(20, seed=4)
+    answers = ensemble_answers([t5_pool / "ft0", t5_pool / "ft1"], tokenizer,
+                               [PROMPT.format(sentence=s) for s in reviews["sentence"]])
+    targets = [["negative", "positive"][y] for y in reviews["label"]]
+    # exact match as the metric defines it: case and punctuation removed, then compared whole (". negative" misses)
+    normalised = [a.strip().lower().translate(str.maketrans("", "", string.punctuation)) for a in answers]
+    expected = sum(a == t for a, t in zip(normalised, targets)) / len(targets)
+    assert result.evaluation.results[0].scores["fused"] == pytest.approx(expected)
+
+
+def test_data_driven_methods_fuse_text_to_text_models(t5_pool: Path, tmp_path: Path, monkeypatch) -> None:
+    from hf_fusion.tasks.base import TaskContext
+    from hf_fusion.tasks.text_to_text import TextToText
+    from hf_fusion.tasks.weights import ModelUnderTest
+
+    pool = get_pool(str(t5_pool / "pool.yaml"))
+    sentiment, similarity = (TextToText(spec, TaskContext(t5_pool / "base", ModelUnderTest(spec.name, t5_pool / f"ft{i}"),
+                                                          ()), EvalSettings(batch_size=4))
+                             for i, spec in enumerate(pool.tasks))
+    inputs = sentiment.encode(sentiment.data[:4])
+    model = T5ForConditionalGeneration.from_pretrained(t5_pool / "ft0").eval()
+    with torch.no_grad():
+        full = model(**inputs, decoder_input_ids=torch.zeros((4, 1), dtype=torch.long)).logits[:, 0]
+        first = [ids[0] for ids in sentiment.tokenizer(["negative", "positive"], add_special_tokens=False)["input_ids"]]
+        torch.testing.assert_close(sentiment.logits(model, inputs), full[:, first])  # class logits, as a classifier's
+        assert similarity.logits(model, similarity.encode(similarity.data[:4])).shape[-1] == model.config.vocab_size
+
+    for method, params in {"regmean": {"calibration_samples": 6}, "layer_wise_adamerging": {"steps": 2},
+                           "weight_ensembling_moe": {"steps": 2}}.items():
+        result = hf_fusion.merge(pool=str(t5_pool / "pool.yaml"), method=method, output=tmp_path / method,
+                                 evaluate=EvalSettings(metrics="bundled", batch_size=8), show_progress=False, **params)
+        assert result.evaluation.results[0].scores["fused"] is not None, method
+    assert T5ForConditionalGeneration.from_pretrained(tmp_path / "regmean").config.d_model == 32
+    with pytest.raises(FusionError, match="encoder-decoder"):
+        hf_fusion.merge(pool=str(t5_pool / "pool.yaml"), method="regmean_plusplus", output=tmp_path / "rpp",
+                        show_progress=False)
+    monkeypatch.setattr("hf_fusion.methods.fisher_merging.MAX_CLASSES", 10)  # the tiny vocabulary stands for 32k
+    with pytest.raises(FusionError, match="one backward pass per class"):
+        hf_fusion.merge(pool=str(t5_pool / "pool.yaml"), method="fisher_merging", calibration_samples=2,
+                        output=tmp_path / "fisher", show_progress=False)
+    assert not (tmp_path / "rpp").exists() and not (tmp_path / "fisher").exists()
 
 
 def test_causal_lm_perplexity(hub, tokenizer, tmp_path: Path) -> None:
