@@ -89,11 +89,12 @@ def test_bad_recipe_file(tmp_path: Path) -> None:
 
 
 SLOW_MERGE = textwrap.dedent('''
-    import sys, time
+    import os, pathlib, sys, time
     from hf_fusion.methods.task_arithmetic import TaskArithmetic
     original = TaskArithmetic.merge
     def slow(self, inputs):
-        time.sleep(0.2)
+        pathlib.Path(os.environ["MERGING_MARKER"]).touch()  # tells the test that tensors are being merged
+        time.sleep(0.5)
         return original(self, inputs)
     TaskArithmetic.merge = slow
     from hf_fusion.cli import main
@@ -110,13 +111,14 @@ def test_interrupted_merge_leaves_no_output(tmp_path: Path, bert_pool, sig: sign
     proc = subprocess.Popen(
         [sys.executable, str(tmp_path / "slow.py"), "merge", "--repo-ids", *map(str, experts), "--base", str(base),
          "--method", "task_arithmetic", "--output", str(work / "merged")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "MERGING_MARKER": str(tmp_path / "merging")},
     )
     deadline = time.time() + 60
-    while not any(p.name.startswith(".hf-fusion-tmp-") for p in work.iterdir()):
+    # wait until tensors are being merged into the temporary folder (a fixed delay is too short on a loaded machine)
+    while not ((tmp_path / "merging").exists() and any(p.name.startswith(".hf-fusion-tmp-") for p in work.iterdir())):
         assert proc.poll() is None and time.time() < deadline, "the merge never started writing"
         time.sleep(0.05)
-    time.sleep(0.3)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
