@@ -213,6 +213,9 @@ class RegMeanPlusPlus(ModelFusion[RegMeanParams]):
         mask: list[torch.Tensor | None] = [None]
 
         def grab(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            # a key/value cache would grow with every replay of these inputs; the blocks run without one
+            args = tuple(None if _is_cache(a) else a for a in args)
+            kwargs = {k: v for k, v in kwargs.items() if not _is_cache(v)}
             captured.append((args, kwargs, mask[0]))
             raise _StopForward
 
@@ -250,6 +253,11 @@ class RegMeanPlusPlus(ModelFusion[RegMeanParams]):
             module = merged.get_submodule(name)
             weight = store.solve(name)
             module.weight.copy_(weight.T if type(module).__name__ == "Conv1D" else weight)
+
+
+def _is_cache(value: Any) -> bool:
+    """A transformers key/value cache (``DynamicCache`` and friends), passed to blocks as a keyword."""
+    return any(cls.__name__ == "Cache" for cls in type(value).__mro__)
 
 
 def _next_inputs(output: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:

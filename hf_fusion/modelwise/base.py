@@ -22,7 +22,7 @@ from hf_fusion.tasks.weights import ModelUnderTest, build_model, read_state, wit
 
 P = TypeVar("P", bound=pydantic.BaseModel)
 
-PROBED_KINDS = ("classification", "clip_zero_shot", "text_to_text")
+PROBED_KINDS = ("classification", "clip_zero_shot", "text_to_text", "causal_lm")
 """Task kinds whose evaluators can give logits for a backbone, as data-driven methods need."""
 
 

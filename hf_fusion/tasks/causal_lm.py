@@ -1,4 +1,7 @@
-"""Causal language modelling: perplexity of the model under test on a text column (token-level NLL)."""
+"""Causal language modelling: perplexity of the model under test on a text column (token-level NLL).
+
+For data-driven fusion the task gives logits: the next-token scores at every real (non-padding) position, one row
+per token, so entropy is averaged over tokens as a classifier's is over examples."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from typing import Any
 import torch
 
 from hf_fusion.tasks.base import EvalSettings, TaskContext, TaskEvaluator, tokenizer_for
-from hf_fusion.tasks.weights import ModelUnderTest, load_network
+from hf_fusion.tasks.weights import ModelUnderTest, load_fused_module, load_network
 
 
 class CausalLM(TaskEvaluator):
@@ -15,15 +18,32 @@ class CausalLM(TaskEvaluator):
         super().__init__(spec, context, settings)
         self.tokenizer = tokenizer_for(context.base, context.expert.folder)
 
+    def encode(self, batch: dict[str, list[Any]]) -> dict[str, torch.Tensor]:
+        """The texts of a batch, tokenised, on the device."""
+        encoded = self.tokenizer(batch[self.spec.text[0]], padding=True, truncation=True,
+                                 max_length=self.spec.max_length, return_tensors="pt")
+        return {k: v.to(self.settings.device) for k, v in encoded.items()}
+
+    def task_network(self, backbone: torch.nn.Module) -> torch.nn.Module:
+        """A language model is its own task network (no head to keep)."""
+        return backbone.to(self.settings.device)
+
+    def logits(self, network: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(real tokens, vocabulary) next-token scores."""
+        scores = network(**inputs).logits
+        mask = inputs.get("attention_mask")
+        return scores[mask.bool()] if mask is not None else scores.reshape(-1, scores.shape[-1])
+
     @torch.no_grad()
     def predictions(self, model: ModelUnderTest) -> tuple[list[Any], list[Any], dict[str, Any]]:
         from transformers import AutoModelForCausalLM
 
-        network = load_network(AutoModelForCausalLM, model, self.context.base, self.settings.device)
+        network = load_fused_module(model, self.settings.device)
+        if network is None:
+            network = load_network(AutoModelForCausalLM, model, self.context.base, self.settings.device)
         nll, counts = [], []
         for batch in self.batches():
-            encoded = self.tokenizer(batch[self.spec.text[0]], padding=True, truncation=True, max_length=self.spec.max_length,
-                                     return_tensors="pt").to(self.settings.device)
+            encoded = self.encode(batch)
             logits = network(**encoded).logits[:, :-1]
             targets = encoded["input_ids"][:, 1:]
             mask = encoded["attention_mask"][:, 1:].bool()

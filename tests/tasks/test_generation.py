@@ -199,3 +199,42 @@ def test_causal_lm_perplexity(hub, tokenizer, tmp_path: Path) -> None:
             tokens += ids.shape[1] - 1
     assert report.results[0].scores["candidate"] == pytest.approx(math.exp(nll / tokens), rel=1e-4)
     assert report.results[0].scores["individual"] == report.results[0].scores["candidate"]
+
+
+def test_data_driven_methods_fuse_language_models(hub, tokenizer, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                        bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    corpora = {"cats": ["the cat sat on the mat", "a cat ran", "the cat sat"],
+               "films": ["a good movie", "the bad film", "a great film ."]}
+    tasks = {}
+    for i, (name, texts) in enumerate(corpora.items()):
+        perturb(GPT2LMHeadModel.from_pretrained(tmp_path / "base"), seed=7 + i).save_pretrained(tmp_path / name)
+        publish_dataset(hub, f"fusion-lab/lm-{name}", datasets.Dataset.from_dict({"text": texts}))
+        tasks[name] = {"expert": str(tmp_path / name), "kind": "causal_lm", "task_type": "text-generation",
+                       "metric": "perplexity", "dataset": f"fusion-lab/lm-{name}", "text": ["text"],
+                       "calibration_split": "test"}
+    pool = tmp_path / "pool.yaml"
+    pool.write_text(yaml.safe_dump({"base": str(tmp_path / "base"), "tasks": tasks}))
+
+    result = hf_fusion.merge(pool=str(pool), method="simple_ensemble", output=tmp_path / "ens",
+                             evaluate=EvalSettings(batch_size=2), show_progress=False)
+    members = [GPT2LMHeadModel.from_pretrained(tmp_path / name).eval() for name in corpora]
+    nll = tokens = 0.0
+    with torch.no_grad():
+        for text in corpora["cats"]:
+            ids = tokenizer(text, return_tensors="pt")["input_ids"]
+            logits = torch.stack([m(ids).logits for m in members]).mean(dim=0)[0, :-1]
+            nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            tokens += ids.shape[1] - 1
+    assert result.evaluation.results[0].scores["fused"] == pytest.approx(math.exp(nll / tokens), rel=1e-4)
+
+    for method, params in {"regmean_plusplus": {"calibration_samples": 3}, "layer_wise_adamerging": {"steps": 2},
+                           "weight_ensembling_moe": {"steps": 2}}.items():
+        result = hf_fusion.merge(pool=str(pool), method=method, output=tmp_path / method, show_progress=False,
+                                 evaluate=EvalSettings(batch_size=2), **params)
+        assert all(math.isfinite(r.scores["fused"]) for r in result.evaluation.results), method
+    reloaded = GPT2LMHeadModel.from_pretrained(tmp_path / "layer_wise_adamerging")
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.transformer.wte.weight.data_ptr()
