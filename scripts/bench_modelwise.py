@@ -8,12 +8,19 @@ tensor streaming that `scripts/bench_merge.py` measures. Reported, in one run:
   import floor    starting Python and importing torch and transformers, which every method pays
   hf-fusion       `hf-fusion merge --pool POOL --method M` per method (fusion and save, no evaluation);
                   wall time, the process's own peak RSS (``os.wait4``) and the size of the fused folder
+  fusion_bench    FusionBench's RegMean (its generic algorithm with its GPT-2 hook loop, bound to BERT classifiers:
+                  nn.Linear modules, each task's own head), if --fusion-bench-python points at a venv with fusion-bench.
+                  FusionBench takes dense models and tokenised datasets, so they are prepared first, untimed:
+                  each LoRA expert merged into a full classifier (peft), each task's calibration examples (the same
+                  seeded subset hf-fusion reads) tokenised to one length. Its timing therefore leaves out the LoRA
+                  densification and tokenisation that hf-fusion's includes.
 
 ``--steps`` and ``--calibration-samples`` reach only the methods that take them; the rest run at their defaults
 (FusionBench's). The page cache is warmed first, so every run reads from memory.
 
     HF_HUB_OFFLINE=1 python scripts/bench_modelwise.py --pool minilm-text3 --steps 200 \
-        --markdown bench_results/modelwise.md --json bench_results/modelwise.json
+        --markdown bench_results/modelwise.md --json bench_results/modelwise.json \
+        [--fusion-bench-python .bench/fusion_bench/bin/python]
 """
 
 from __future__ import annotations
@@ -53,6 +60,78 @@ print(json.dumps({"files": files, "base_weights": os.path.join(folders[0], "mode
 '''
 
 
+# Prepares FusionBench's inputs (hf-fusion venv): dense classifiers and tokenised calibration sets, per task.
+PREPARE_FOR_FUSION_BENCH = '''
+import json, sys
+from pathlib import Path
+from peft import PeftModel
+from transformers import AutoTokenizer, BertForSequenceClassification
+from hf_fusion.catalog import get_pool, resolve_builtin
+from hf_fusion.tasks.data import load_examples
+pool, out, samples = get_pool(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+base = resolve_builtin(pool.base)
+tokenizer = AutoTokenizer.from_pretrained(base)
+BertForSequenceClassification.from_pretrained(base, num_labels=2).bert.save_pretrained(out / "base")
+tasks = {}
+for spec in pool.tasks:
+    folder = resolve_builtin(pool.experts[spec.name])
+    labels = json.loads((Path(folder) / "config.json").read_text())["id2label"]
+    classifier = BertForSequenceClassification.from_pretrained(base, num_labels=len(labels))
+    PeftModel.from_pretrained(classifier, folder).merge_and_unload().save_pretrained(out / spec.name)
+    data = load_examples(spec.model_copy(update={"split": spec.calibration_split}), limit=samples)
+    encoded = tokenizer(list(data[spec.text[0]]), padding="longest", truncation=True, max_length=spec.max_length)
+    import datasets
+    datasets.Dataset.from_dict({k: encoded[k] for k in ("input_ids", "attention_mask")}).save_to_disk(
+        str(out / f"{spec.name}-calibration"))
+    tasks[spec.name] = spec.max_length
+print(json.dumps(sorted(tasks)))
+'''
+
+# Runs FusionBench's RegMean (fusion-bench venv) on the prepared models; saves the merged backbone.
+FUSION_BENCH_REGMEAN = '''
+import sys
+from pathlib import Path
+import datasets
+from torch import nn
+from transformers import BertForSequenceClassification, BertModel
+from fusion_bench.method.regmean.gpt2_regmean import RegMeanAlgorithmForGPT2
+from fusion_bench.modelpool import BaseModelPool
+
+root, out, tasks, samples = Path(sys.argv[1]), sys.argv[2], sys.argv[3].split(","), int(sys.argv[4])
+
+
+class RegMeanForBert(RegMeanAlgorithmForGPT2):
+    """FusionBench's hook loop and closed form; only the module type and the task heads are BERT's."""
+    _include_module_type = [nn.Linear]
+
+    def on_regmean_start(self):
+        for name in self.modelpool.model_names:
+            classifier = BertForSequenceClassification.from_pretrained(root / name).requires_grad_(False)
+            classifier.bert = None
+            self.classifiers[name] = classifier.to(self.fabric.device)
+
+    def compute_logits(self, module, batch, task):
+        self.classifiers[task].bert = module
+        return self.classifiers[task](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+class PreparedPool(BaseModelPool):
+    """FusionBench's pool with datasets given as objects (its own loader instantiates configs)."""
+
+    def load_train_dataset(self, dataset_name, *args, **kwargs):
+        return self._train_datasets[dataset_name]
+
+
+models = {"_pretrained_": BertModel.from_pretrained(root / "base")}
+models.update({t: BertForSequenceClassification.from_pretrained(root / t).bert for t in tasks})
+train = {t: datasets.load_from_disk(str(root / f"{t}-calibration")).with_format("torch") for t in tasks}
+pool = PreparedPool(models=models, train_datasets=train)
+algorithm = RegMeanForBert(num_regmean_examples=samples, exclude_param_names_regex=[], reduce_non_diagonal_ratio=0.95,
+                           weight_transpose=True, cache_dir=str(root / "cache"), batch_size=16, num_workers=0)
+algorithm.run(pool).save_pretrained(out)
+'''
+
+
 def folder_megabytes(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
 
@@ -63,6 +142,7 @@ def main() -> int:
     parser.add_argument("--methods", default=METHODS)
     parser.add_argument("--steps", type=int, help="test-time adaptation steps (default: each method's own)")
     parser.add_argument("--calibration-samples", type=int, help="examples per task (default: each method's own)")
+    parser.add_argument("--fusion-bench-python", type=Path, help="a venv's python with fusion-bench installed")
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -90,6 +170,16 @@ def main() -> int:
                 "--output", str(out), *flags]
         m = measure("hf-fusion", name, info["experts"], argv)
         results.append((m, method["data"], folder_megabytes(out) if out.exists() else 0.0))
+    if args.fusion_bench_python and "regmean" in names:
+        samples = args.calibration_samples or 256
+        prepared = subprocess.run([sys.executable, "-c", PREPARE_FOR_FUSION_BENCH, args.pool, str(scratch / "fb"),
+                                   str(samples)], check=True, capture_output=True, text=True)
+        tasks = json.loads(prepared.stdout.strip().splitlines()[-1])
+        out = scratch / "fb-regmean"
+        m = measure("fusion_bench", "regmean", info["experts"],
+                    [str(args.fusion_bench_python), "-c", FUSION_BENCH_REGMEAN, str(scratch / "fb"), str(out),
+                     ",".join(tasks), str(samples)])
+        results.append((m, info["methods"]["regmean"]["data"], folder_megabytes(out) if out.exists() else 0.0))
     subprocess.run(["rm", "-rf", str(scratch)], check=True)
 
     floor = results[0][0].seconds
@@ -105,7 +195,7 @@ def main() -> int:
     ]
     for m, data, size in results:
         time_text = f"{m.seconds:.2f}" if m.ok else f"failed ({m.note})"
-        ratio = f"{m.seconds / reference:.1f}" if reference and m.name == "hf-fusion" else ""
+        ratio = f"{m.seconds / reference:.1f}" if reference and m.name in ("hf-fusion", "fusion_bench") else ""
         size_text = f"{size:.0f}" if size else ""
         lines.append(f"| {m.name} | {m.method} | {data} | {time_text} | {m.peak_rss_mb:.0f} | {size_text} | "
                      f"{m.seconds / floor:.0f} | {ratio} |")
