@@ -89,8 +89,10 @@ def test_bad_recipe_file(tmp_path: Path) -> None:
 
 
 SLOW_MERGE = textwrap.dedent('''
-    import os, pathlib, sys, time
+    import os, pathlib, signal, sys, time
     from hf_fusion.methods.task_arithmetic import TaskArithmetic
+    # a test run started in the background inherits an ignored SIGINT; a user's terminal delivers it
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     original = TaskArithmetic.merge
     def slow(self, inputs):
         pathlib.Path(os.environ["MERGING_MARKER"]).touch()  # tells the test that tensors are being merged
