@@ -5,6 +5,7 @@ inputs of each block from the partly merged model instead of from each expert.""
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -51,32 +52,36 @@ class GramStore:
         self.ratio = ratio
         self.grams: dict[str, torch.Tensor] = {}
         self.products: dict[str, torch.Tensor] = {}
-        self.weights: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
 
     def add(self, name: str, gram: torch.Tensor, weight: torch.Tensor) -> None:
         g = reduce_non_diagonal(gram.double(), self.ratio)
-        w = weight.detach().double().T.cpu()
-        gw = g @ w
+        gw = g @ weight.detach().double().T.cpu()
         if name in self.grams:
             self.grams[name] += g
             self.products[name] += gw
-            self.weights[name] += w
-            self.counts[name] += 1
         else:
-            self.grams[name], self.products[name], self.weights[name], self.counts[name] = g, gw, w, 1
+            self.grams[name], self.products[name] = g, gw
 
-    def solve(self, name: str) -> torch.Tensor:
+    def solve(self, name: str, mean_weight: torch.Tensor) -> torch.Tensor:
         """The merged (out, in) weight. Where the summed Gram is singular (an input unit no calibration example
-        activates, such as a dead ReLU unit), each model's Gram gets a tiny ridge ``eps * I``: the solution is
-        unchanged elsewhere, and the weights of such inputs, which the data leaves free, become the models' mean."""
+        activates, such as a dead ReLU unit), a tiny ridge pulls the solution towards ``mean_weight``, the models'
+        mean (out, in) weight: unchanged elsewhere, and the weights of such inputs, which the data leaves free,
+        become the models' mean."""
         gram, product = self.grams[name], self.products[name]
         try:
             return torch.linalg.solve(gram, product).T.float()
         except torch.linalg.LinAlgError:
             eps = RIDGE * float(gram.diagonal().abs().mean().clamp_min(1e-12))
-            ridge = torch.eye(gram.shape[0], dtype=gram.dtype) * (eps * self.counts[name])
-            return torch.linalg.solve(gram + ridge, product + eps * self.weights[name]).T.float()
+            ridge = torch.eye(gram.shape[0], dtype=gram.dtype) * eps
+            return torch.linalg.solve(gram + ridge, product + eps * mean_weight.detach().double().T.cpu()).T.float()
+
+
+def load_solved(module: nn.Module, store: GramStore, key: str, mean_weight: torch.Tensor) -> None:
+    """Copies the RegMean weight of linear ``key`` into ``module``; ``mean_weight`` (in the module's own layout) is
+    the fallback for inputs no example activates."""
+    conv1d = type(module).__name__ == "Conv1D"  # GPT-2 stores (in, out)
+    merged = store.solve(key, mean_weight.T if conv1d else mean_weight)
+    module.weight.copy_(merged.T if conv1d else merged)
 
 
 class InputGrams:
@@ -112,19 +117,16 @@ class InputGrams:
         return {name: (s / self.rows[name]).cpu() for name, s in self.sums.items()}
 
 
-def merge_with_grams(target: nn.Module, states: list[dict[str, torch.Tensor]], store: GramStore,
-                     prefix: str = "") -> None:
+def merge_with_grams(target: nn.Module, states: list[dict[str, torch.Tensor]], store: GramStore) -> None:
     """Loads into ``target`` the RegMean weight of every linear with Grams, and the mean of everything else."""
     with torch.no_grad():
         for name, param in target.named_parameters():
             module_name = name.rsplit(".", 1)[0] if "." in name else ""
-            key = prefix + module_name
-            if name.endswith("weight") and key in store.grams:
-                merged = store.solve(key)
-                module = target.get_submodule(module_name)
-                param.copy_(merged.T if type(module).__name__ == "Conv1D" else merged)
+            mean = torch.stack([s[name].float() for s in states]).mean(dim=0)
+            if name.endswith("weight") and module_name in store.grams:
+                load_solved(target.get_submodule(module_name), store, module_name, mean)
             else:
-                param.copy_(torch.stack([s[name].float() for s in states]).mean(dim=0))
+                param.copy_(mean)
 
 
 class RegMean(ModelFusion[RegMeanParams]):
@@ -171,7 +173,7 @@ class RegMeanPlusPlus(ModelFusion[RegMeanParams]):
         p = self.params
         ratio = ratio_for(p, context.member_config)
         experts = [m for _, m in context.iter_experts()]
-        merged = context.load_expert(0)
+        merged = copy.deepcopy(experts[0])
         stack_name, merged_stack = layer_stack(merged)
         stacks = [layer_stack(m)[1] for m in experts]
         outside = [{k: v for k, v in m.state_dict().items() if not k.startswith(stack_name + ".")} for m in experts]
@@ -250,9 +252,8 @@ class RegMeanPlusPlus(ModelFusion[RegMeanParams]):
             for name, gram in grams.items():
                 store.add(name, gram, linear_weight(expert.get_submodule(name)))
         for name in store.grams:
-            module = merged.get_submodule(name)
-            weight = store.solve(name)
-            module.weight.copy_(weight.T if type(module).__name__ == "Conv1D" else weight)
+            mean = torch.stack([expert.get_submodule(name).weight.float() for expert in experts]).mean(dim=0)
+            load_solved(merged.get_submodule(name), store, name, mean)
 
 
 def _is_cache(value: Any) -> bool:

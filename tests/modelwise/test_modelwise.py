@@ -216,7 +216,7 @@ def test_regmean_leaves_inputs_no_example_activates_at_the_models_mean() -> None
     store = GramStore(1.0)
     for w in weights:
         store.add("layer", inputs.T @ inputs, w)
-    merged = store.solve("layer")
+    merged = store.solve("layer", sum(weights) / 2)
     torch.testing.assert_close(merged[:, 3], (weights[0][:, 3] + weights[1][:, 3]) / 2)
     live = (inputs[:, :3].T @ inputs[:, :3]).double()
     closed_form = torch.linalg.solve(2 * live, sum(live @ w[:, :3].double().T for w in weights)).T.float()
