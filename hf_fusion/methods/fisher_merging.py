@@ -24,7 +24,7 @@ class FisherParams(CalibrationParams):
     minimal_fisher_weight: float = pydantic.Field(1e-6, ge=0, description="added to every Fisher value")
 
 
-def diagonal_fisher(network: nn.Module, backbone: nn.Module, logits_of, batches) -> tuple[dict[str, torch.Tensor], int]:
+def diagonal_fisher(network: nn.Module, backbone: nn.Module, logits_of, batches) -> dict[str, torch.Tensor]:
     """The expected diagonal Fisher of ``backbone``'s parameters under the model's own predictive distribution:
     ``mean_x sum_y p(y|x) (d log p(y|x) / d theta)^2``, one example at a time (no labels are read)."""
     params = {name: p for name, p in backbone.named_parameters()}
@@ -49,22 +49,13 @@ def diagonal_fisher(network: nn.Module, backbone: nn.Module, logits_of, batches)
                     if g is not None:
                         fisher[name].add_(g.detach().square(), alpha=float(probs[y]))
             count += 1
-    return {name: f / max(count, 1) for name, f in fisher.items()}, count
-
-
-def fisher_weighted_average(models: list[dict[str, torch.Tensor]], fishers: list[dict[str, torch.Tensor]], *,
-                            normalize: bool, minimal: float) -> dict[str, torch.Tensor]:
-    """``sum_i c_i (F_i + m) theta_i / sum_i c_i (F_i + m)`` per parameter, ``c_i = 1 / (||F_i|| + m)`` when
-    ``normalize`` (the normalisation over models cancels in the ratio), else 1."""
-    numerator: dict[str, torch.Tensor] = {}
-    denominator: dict[str, torch.Tensor] = {}
-    for state, fisher in zip(models, fishers):
-        accumulate(numerator, denominator, state, fisher, normalize=normalize, minimal=minimal)
-    return {name: numerator[name] / denominator[name] for name in numerator}
+    return {name: f / max(count, 1) for name, f in fisher.items()}
 
 
 def accumulate(numerator: dict[str, torch.Tensor], denominator: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
                fisher: dict[str, torch.Tensor], *, normalize: bool, minimal: float) -> None:
+    """Adds one model to the running ``sum_i c_i (F_i + m) theta_i`` and ``sum_i c_i (F_i + m)``, with
+    ``c_i = 1 / (||F_i|| + m)`` when ``normalize`` (the normalisation over models cancels in the ratio), else 1."""
     scale = 1.0
     if normalize:
         norm = torch.sqrt(sum((f.double().square().sum() for f in fisher.values()), torch.zeros((), dtype=torch.float64)))
@@ -90,7 +81,7 @@ class FisherMerging(ModelFusion[FisherParams]):
             for i, model in context.iter_experts():
                 evaluator = context.evaluator(i, calibration=True, limit=p.calibration_samples, batch_size=p.batch_size)
                 network = evaluator.task_network(model)
-                fisher, _ = diagonal_fisher(network, model, evaluator.logits, calibration_batches(evaluator))
+                fisher = diagonal_fisher(network, model, evaluator.logits, calibration_batches(evaluator))
                 state = {name: t.detach().cpu() for name, t in model.named_parameters()}
                 accumulate(numerator, denominator, state, {k: v.cpu() for k, v in fisher.items()},
                            normalize=p.normalize_fisher_weight, minimal=p.minimal_fisher_weight)

@@ -11,6 +11,7 @@ import pydantic
 import torch
 from torch import nn
 
+from hf_fusion.errors import FusionError
 from hf_fusion.modelwise.adaptation import adapt
 from hf_fusion.modelwise.base import ModelFusion, ModelwiseContext, is_linear, layer_stack, linear_weight, seeded
 from hf_fusion.modelwise.data import TrainingParams
@@ -58,7 +59,7 @@ def prune_smallest(tensor: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 class WEMoE(ModelFusion[WEMoEParams]):
-    prune_ratio = 0.0
+    """WEMoE, and with :class:`SparseWEMoEParams` its sparse variant."""
 
     def fuse(self, context: ModelwiseContext) -> nn.Module:
         p = self.params
@@ -81,8 +82,6 @@ class WEMoE(ModelFusion[WEMoEParams]):
                                "bias": block.get_submodule(name).bias is not None,
                                "num_experts": context.num_models})
         if not routed:
-            from hf_fusion.errors import FusionError
-
             raise FusionError(f"{type(base).__name__} has no feed-forward linears that WEMoE knows how to route.")
         model = context.upscaled_model(routed, routers)
         self._fill(model, base, context, routed)
@@ -102,6 +101,7 @@ class WEMoE(ModelFusion[WEMoEParams]):
         merged = {k: v.clone() for k, v in base_state.items()}
         routed_names = {spec["name"]: spec for spec in routed}
         modules = {name: model.backbone.get_submodule(name) for name in routed_names}
+        prune_ratio = getattr(self.params, "tv_prune_ratio", 0.0)
         with torch.no_grad():
             for module_name, module in modules.items():
                 base_linear = base.get_submodule(module_name)
@@ -116,18 +116,12 @@ class WEMoE(ModelFusion[WEMoEParams]):
                 for module_name, module in modules.items():
                     linear = expert.get_submodule(module_name)
                     tau = linear_weight(linear) - linear_weight(base.get_submodule(module_name))
-                    module.task_weights[i].copy_(prune_smallest(tau, self.prune_ratio))
+                    module.task_weights[i].copy_(prune_smallest(tau, prune_ratio))
                     if module.task_biases is not None:
                         beta = linear.bias - base.get_submodule(module_name).bias
-                        module.task_biases[i].copy_(prune_smallest(beta, self.prune_ratio))
+                        module.task_biases[i].copy_(prune_smallest(beta, prune_ratio))
             skip = tuple(f"{name}." for name in routed_names)
             model.backbone.load_state_dict({k: v for k, v in merged.items() if not k.startswith(skip)}, strict=False)
-
-
-class SparseWEMoE(WEMoE):
-    def fuse(self, context: ModelwiseContext) -> nn.Module:
-        self.prune_ratio = self.params.tv_prune_ratio  # type: ignore[attr-defined]
-        return super().fuse(context)
 
 
 PAPER = Paper("Merging multi-task models via weight-ensembling mixture of experts (Tang et al., 2024)",
@@ -140,7 +134,7 @@ register(MethodSpec(
 ))
 register(MethodSpec(
     name="sparse_weight_ensembling_moe", summary="WEMoE with each MLP task vector pruned to its largest entries.",
-    family=Family.MIX, data=DataNeed.UNLABELLED, base=BaseUse.REQUIRED, implementation=SparseWEMoE,
+    family=Family.MIX, data=DataNeed.UNLABELLED, base=BaseUse.REQUIRED, implementation=WEMoE,
     params_model=SparseWEMoEParams, aliases=("sparse_wemoe", "e_wemoe", "sparse_clip_weight_ensembling_moe"),
     paper=Paper("Efficient and effective weight-ensembling mixture of experts for multi-task model merging "
                 "(Shen et al., 2024)", "https://arxiv.org/abs/2410.21804"),
