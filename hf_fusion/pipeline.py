@@ -220,8 +220,7 @@ def fused_models(folder: Path, recipe: Recipe, pool: Any) -> Path | dict[str, Pa
     if not model_subfolders(folder):
         return folder
     by_path = {ref.path: folder / name for ref, name in zip(recipe.models, output_names(recipe.models))}
-    experts = {task: ModelRef.parse(expert).path for task, expert in pool.experts.items()}
-    return {task: by_path[path] for task, path in experts.items() if path in by_path}
+    return {task: by_path[path] for task, path in pool.expert_paths().items() if path in by_path}
 
 
 def _fuse(

@@ -82,6 +82,13 @@ class Pool(pydantic.BaseModel):
     def select(self, names: list[str] | None) -> list[TaskSpec]:
         return list(self.tasks) if not names else [self.task(n) for n in names]
 
+    def expert_paths(self) -> dict[str, str]:
+        """task -> its expert's path or repo id as a recipe names it (without a revision), to match recipe models
+        to their tasks."""
+        from hf_fusion.recipe import ModelRef
+
+        return {task: ModelRef.parse(expert).path for task, expert in self.experts.items()}
+
 
 @lru_cache(maxsize=1)
 def _catalog() -> dict[str, Any]:

@@ -18,8 +18,6 @@ from hf_fusion.errors import RecipeError
 from hf_fusion.model_files import copy_side_files, same_architecture
 from hf_fusion.modelwise.base import ModelFusion, ModelwiseContext
 from hf_fusion.output import AtomicFolder, check_free_space
-from hf_fusion.recipe import ModelRef
-from hf_fusion.registry import DataNeed
 from hf_fusion.sources import Source, check_download_space, fetch, resolve
 from hf_fusion.tasks.weights import ModelUnderTest, quiet_transformers
 
@@ -89,20 +87,18 @@ def build_context(checked: Any, sources: list[Source], has_base: bool, *, show_p
         raise RecipeError(f"{first.label} has no config.json, so its architecture is unknown.")
     if recipe.heads and not use_base_config:  # task models with per-task heads: fuse their shared backbone
         member_config = {k: v for k, v in member_config.items() if k != "architectures"}
-    tasks = _tasks(recipe, expert_sources) if recipe.pool else None
-    if checked.spec.data is not DataNeed.NONE and tasks is None:
-        raise RecipeError(f"method {checked.spec.name!r} needs data: pass --pool.")
+    tasks = _tasks(recipe) if recipe.pool else None  # validate_recipe refused data methods without a pool
     return ModelwiseContext(experts=experts, member_config=member_config, base=base, heads=tuple(recipe.heads),
                             tasks=tasks, device=recipe.device, show_progress=show_progress,
                             reference_folder=base_folder if use_base_config else first.folder)
 
 
-def _tasks(recipe: Any, expert_sources: list[Source]) -> list[Any] | None:
-    """Each model's task in its pool (matched by model path); None when some model is not a pool expert."""
+def _tasks(recipe: Any) -> list[Any]:
+    """Each model's task in its pool (matched by model path); an error when some model is not a pool expert."""
     from hf_fusion.catalog import get_pool
 
     pool = get_pool(recipe.pool)
-    by_path = {ModelRef.parse(expert).path: task for task, expert in pool.experts.items()}
+    by_path = {path: task for task, path in pool.expert_paths().items()}
     names = [by_path.get(ref.path) for ref in recipe.models]
     if any(n is None for n in names):
         missing = [str(ref) for ref, n in zip(recipe.models, names) if n is None]

@@ -196,11 +196,11 @@ class SpaceApp:
     def _pool_tasks(recipe: Any) -> list[str]:
         """The pool's tasks whose expert is among the recipe's models (the YAML may have dropped some)."""
         from hf_fusion.catalog import get_pool
-        from hf_fusion.recipe import ModelRef
 
         pool = get_pool(recipe.pool)
         chosen = {m.path for m in recipe.models}
-        tasks = [t.name for t in pool.tasks if ModelRef.parse(pool.experts[t.name]).path in chosen]
+        paths = pool.expert_paths()
+        tasks = [t.name for t in pool.tasks if paths[t.name] in chosen]
         if not tasks:
             raise RecipeError(f"none of the recipe's models is an expert of pool {pool.name!r}; nothing to score.")
         return tasks
