@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,20 +40,26 @@ class TaskEvaluator(ABC):
         self.context = context
         self.settings = settings
         self.data = load_examples(spec, settings.limit)
-        self._metric: tuple[Any, str] | None = None
+
+    @cached_property
+    def _loaded_metric(self) -> tuple[Any, str]:
+        """The ``evaluate`` module and where it came from, loaded on first use (methods that only read the task's
+        inputs never score)."""
+        return load_metric(self.spec.metric, self.settings.metrics)
 
     @property
     def metric(self) -> Any:
-        """The ``evaluate`` module, loaded on first use (methods that only read the task's inputs never score)."""
-        if self._metric is None:
-            self._metric = load_metric(self.spec.metric, self.settings.metrics)
-        return self._metric[0]
+        return self._loaded_metric[0]
 
     @property
     def metric_source(self) -> str:
-        self.metric  # noqa: B018  (loads it)
-        assert self._metric is not None
-        return self._metric[1]
+        return self._loaded_metric[1]
+
+    def task_network(self, backbone: Any) -> Any:
+        """The network that scores this task with ``backbone`` standing in for the model under test (a fused
+        ensemble or mixture, or a backbone under training); by default the model is its own task network
+        (text-to-text, causal LM), and tasks with heads or a frozen tower wrap it."""
+        return backbone.to(self.settings.device)
 
     def batches(self) -> Iterator[dict[str, list[Any]]]:
         size = self.settings.batch_size

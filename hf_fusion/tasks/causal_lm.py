@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from hf_fusion.tasks.base import EvalSettings, TaskContext, TaskEvaluator, tokenizer_for
-from hf_fusion.tasks.weights import ModelUnderTest, load_fused_module, load_network
+from hf_fusion.tasks.weights import ModelUnderTest, load_network
 
 
 class CausalLM(TaskEvaluator):
@@ -24,10 +24,6 @@ class CausalLM(TaskEvaluator):
                                  max_length=self.spec.max_length, return_tensors="pt")
         return {k: v.to(self.settings.device) for k, v in encoded.items()}
 
-    def task_network(self, backbone: torch.nn.Module) -> torch.nn.Module:
-        """A language model is its own task network (no head to keep)."""
-        return backbone.to(self.settings.device)
-
     def logits(self, network: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """(real tokens, vocabulary) next-token scores."""
         scores = network(**inputs).logits
@@ -38,9 +34,7 @@ class CausalLM(TaskEvaluator):
     def predictions(self, model: ModelUnderTest) -> tuple[list[Any], list[Any], dict[str, Any]]:
         from transformers import AutoModelForCausalLM
 
-        network = load_fused_module(model, self.settings.device)
-        if network is None:
-            network = load_network(AutoModelForCausalLM, model, self.context.base, self.settings.device)
+        network = load_network(AutoModelForCausalLM, model, self.context.base, self.settings.device)
         nll, counts = [], []
         for batch in self.batches():
             encoded = self.encode(batch)

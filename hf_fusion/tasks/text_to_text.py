@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from hf_fusion.tasks.base import EvalSettings, TaskContext, TaskEvaluator, tokenizer_for
-from hf_fusion.tasks.weights import ModelUnderTest, load_fused_module, load_network
+from hf_fusion.tasks.weights import ModelUnderTest, load_network
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 MAX_NEW_TOKENS = 8
@@ -54,10 +54,6 @@ class TextToText(TaskEvaluator):
                                  return_tensors="pt")
         return {k: v.to(self.settings.device) for k, v in encoded.items()}
 
-    def task_network(self, backbone: torch.nn.Module) -> torch.nn.Module:
-        """A text-to-text model is its own task network (no head to keep)."""
-        return backbone.to(self.settings.device)
-
     def logits(self, network: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         start = torch.full((inputs["input_ids"].shape[0], 1), self.decoder_start, device=inputs["input_ids"].device)
         scores = network(**inputs, decoder_input_ids=start).logits[:, 0]
@@ -81,18 +77,16 @@ class TextToText(TaskEvaluator):
 
     @torch.no_grad()
     def predictions(self, model: ModelUnderTest) -> tuple[list[Any], list[Any], dict[str, Any]]:
-        from transformers import AutoModelForSeq2SeqLM
+        from transformers import AutoModelForSeq2SeqLM, GenerationMixin
 
-        fused = load_fused_module(model, self.settings.device)
-        network = fused if fused is not None else load_network(AutoModelForSeq2SeqLM, model, self.context.base,
-                                                                self.settings.device)
+        network = load_network(AutoModelForSeq2SeqLM, model, self.context.base, self.settings.device)
         predicted, references = [], []
         for batch in self.batches():
             inputs = self.encode(batch)
-            if fused is not None:
-                output = self._greedy(network, inputs)
-            else:
+            if isinstance(network, GenerationMixin):
                 output = network.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+            else:
+                output = self._greedy(network, inputs)
             texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
             predicted += [self._prediction(t) for t in texts]
             references += [self._reference(label) for label in batch[self.spec.label]]

@@ -104,7 +104,11 @@ def quiet_transformers() -> Iterator[None]:
 
 
 def load_network(auto_class: Any, model: ModelUnderTest, base: Path, device: str) -> torch.nn.Module:
-    """A whole model under test (its config, else the base's) for tasks that use the model as it is."""
+    """A whole model under test (its config, else the base's) for tasks that use the model as it is; a fused module
+    (ensemble, routed mixture, depth up-scaled model) loads as it was saved."""
+    fused = load_fused_module(model, device)
+    if fused is not None:
+        return fused
     config = model.config() or ModelUnderTest("base", base).config()
     if config is None:
         raise FusionError(f"{model.label}: neither {model.folder} nor the base {base} has a config.json.")
@@ -120,7 +124,6 @@ def _concrete_class(auto_class: Any, config: Any) -> Any:
         return mapping[type(config)]
     except KeyError:
         raise FusionError(f"{auto_class.__name__} has no model for {config.model_type!r} configs.") from None
-
 
 
 DEPTH_UPSCALED_KEY = "hf_fusion_layer_indices"
