@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from transformers import BertConfig, BertForSequenceClassification, BertModel, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
-from task_helpers import perturb, publish_dataset, review_texts, word_tokenizer
+from task_helpers import publish_dataset, review_texts, tiny_bert_classifiers, word_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -20,16 +19,7 @@ def tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="session")
 def text_pool(tmp_path_factory, hub, tokenizer) -> Path:
     root = tmp_path_factory.mktemp("text-heads")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=48, max_position_embeddings=64, pad_token_id=0)
-    BertModel(config).save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
-    base = BertModel.from_pretrained(root / "base")
-    for i, labels in enumerate((2, 2)):
-        task = BertForSequenceClassification(BertConfig(**{**config.to_dict(), "num_labels": labels}))
-        task.bert.load_state_dict(base.state_dict())
-        perturb(task, seed=10 + i, scale=0.05).save_pretrained(root / f"ft{i}")
+    tiny_bert_classifiers(root, tokenizer, {"ft0": 10, "ft1": 11})
     publish_dataset(hub, "fusion-lab/reviews-a", review_texts(24, seed=1))
     publish_dataset(hub, "fusion-lab/reviews-b", review_texts(24, seed=2), split="validation")
     tasks = {

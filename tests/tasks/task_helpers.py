@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import datasets
 import numpy as np
 import torch
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
+from transformers import BertConfig, BertForSequenceClassification, BertModel, PreTrainedTokenizerFast
 
 WORDS = ("a photo of the color red green blue an image showing picture good bad movie review is it positive "
          "negative yes no great awful film plot reply how similar are they from 0 to 5 first second story text "
@@ -38,11 +39,34 @@ def perturb(model: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.nn.
 
 def publish_dataset(hub, repo_id: str, dataset: datasets.Dataset, split: str = "test") -> str:
     """Puts a dataset on the loopback Hub as one parquet file (what load_dataset reads for real)."""
-    buffer = io.BytesIO()
-    dataset.to_parquet(buffer)
+    return publish_splits(hub, repo_id, {split: dataset})
+
+
+def publish_splits(hub, repo_id: str, splits: dict[str, datasets.Dataset]) -> str:
+    """Puts a dataset with several splits on the loopback Hub, one parquet file per split."""
+    files = {}
+    for split, dataset in splits.items():
+        buffer = io.BytesIO()
+        dataset.to_parquet(buffer)
+        files[f"data/{split}-00000-of-00001.parquet"] = buffer.getvalue()
     hub.state.create(repo_id, "dataset")
-    hub.state.upload(repo_id, {f"data/{split}-00000-of-00001.parquet": buffer.getvalue()}, repo_type="dataset")
+    hub.state.upload(repo_id, files, repo_type="dataset")
     return repo_id
+
+
+def tiny_bert_classifiers(root: Path, tokenizer: PreTrainedTokenizerFast, experts: dict[str, int]) -> None:
+    """A tiny BERT base in ``root/base`` (with the tokenizer) and, per ``folder: seed``, a two-class classifier
+    fine-tuned from it (a seeded perturbation; its own head)."""
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=48, max_position_embeddings=64, pad_token_id=0)
+    BertModel(config).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    base = BertModel.from_pretrained(root / "base")
+    for folder, seed in experts.items():
+        task = BertForSequenceClassification(BertConfig(**{**config.to_dict(), "num_labels": 2}))
+        task.bert.load_state_dict(base.state_dict())
+        perturb(task, seed=seed, scale=0.05).save_pretrained(root / folder)
 
 
 def color_images(n: int, seed: int) -> datasets.Dataset:
