@@ -104,8 +104,8 @@ def run_bench(
         method, own = parse_method_entry(entry)
         spec = get_method(method)
         swept = sweep is not None and sweep.parameter in spec.params_model.model_fields
+        shared = {k: v for k, v in (common or {}).items() if k in spec.params_model.model_fields}
         for value in sweep.values if swept else [None]:  # type: ignore[union-attr]
-            shared = {k: v for k, v in (common or {}).items() if k in spec.params_model.model_fields}
             params = {**shared, **(parameters or {}), **own}
             label = spec.name + (f"[{';'.join(f'{k}={v}' for k, v in own.items())}]" if own else "")
             if value is not None:

@@ -239,6 +239,18 @@ def measure(name: str, method: str, models: int, argv: list[str], env: dict[str,
     return m
 
 
+def write_report(lines: list[str], rows: list[dict], markdown: Path | None, json_path: Path | None) -> None:
+    """Prints the markdown table and writes it, and the raw rows as JSON, where asked."""
+    table = "\n".join(lines)
+    print("\n" + table)
+    if markdown:
+        markdown.parent.mkdir(parents=True, exist_ok=True)
+        markdown.write_text(table + "\n")
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(rows, indent=2))
+
+
 def main() -> int:
     if len(sys.argv) == 4 and sys.argv[1] == "--make-workload":
         make_workload(Path(sys.argv[2]), int(sys.argv[3]))
@@ -336,14 +348,7 @@ def main() -> int:
         time_text = f"{r.seconds:.2f}" if r.ok else f"failed ({r.note})"
         lines.append(f"| {r.name} | {r.method} | {r.models} | {time_text} | {r.peak_rss_mb:.0f} | "
                      f"{r.seconds / floor.seconds:.1f} | {r.seconds / np_floor.seconds:.1f} |")
-    table = "\n".join(lines)
-    print("\n" + table)
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(table + "\n")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+    write_report(lines, [asdict(r) for r in results], args.markdown, args.json)
     return 0 if all(r.ok for r in results if r.name in ("hf-fusion", "io floor", "numpy floor")) else 1
 
 

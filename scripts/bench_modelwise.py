@@ -36,7 +36,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_merge import IO_FLOOR, Measurement, measure  # noqa: E402
+from bench_merge import IO_FLOOR, Measurement, measure, write_report  # noqa: E402
 
 METHODS = ("task_arithmetic,simple_ensemble,weighted_ensemble,max_model_predictor,fisher_merging,regmean,"
            "regmean_plusplus,task_wise_adamerging,layer_wise_adamerging,weight_ensembling_moe,"
@@ -199,15 +199,8 @@ def main() -> int:
         size_text = f"{size:.0f}" if size else ""
         lines.append(f"| {m.name} | {m.method} | {data} | {time_text} | {m.peak_rss_mb:.0f} | {size_text} | "
                      f"{m.seconds / floor:.0f} | {ratio} |")
-    table = "\n".join(lines)
-    print("\n" + table)
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(table + "\n")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps([{**asdict(m), "data": data, "fused_mb": round(size, 1)}
-                                         for m, data, size in results], indent=2))
+    write_report(lines, [{**asdict(m), "data": data, "fused_mb": round(size, 1)} for m, data, size in results],
+                 args.markdown, args.json)
     return 0 if all(m.ok for m, _, _ in results) else 1
 
 
