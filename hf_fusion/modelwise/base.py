@@ -97,7 +97,6 @@ class ModelFusion(ABC, Generic[P]):
     pipeline saves with ``save_pretrained``."""
 
     model_level = True
-    outputs_per_model = False
 
     def __init__(self, params: P, *, num_models: int, has_base: bool) -> None:
         self.params = params
