@@ -4,8 +4,8 @@
 
 The Space installs ``spaces/requirements.txt`` (the package's own dependencies) and runs ``app.py``, which imports
 the ``hf_fusion`` folder uploaded beside it, so the Space runs this checkout's code and needs no release on PyPI.
-The model card templates, which the package installs from the top-level ``model_cards/``, go to
-``hf_fusion/model_cards/`` where the package looks for them.
+The model card templates live in the top-level ``model_cards/`` (``hf_fusion/model_cards`` links to it in a
+checkout); they are uploaded as real files under ``hf_fusion/model_cards/``, where the package looks for them.
 """
 
 from __future__ import annotations
