@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import shutil
@@ -14,9 +15,25 @@ from hf_fusion.recipe import ModelRef
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
-SKIPPED_FILES = {"README.md", ".gitattributes", "fusion_recipe.yaml", "adapter_config.json", "evaluation.json"}
-TOKENIZER_HINTS = ("tokenizer", "vocab", "merges.txt", "spiece.model", "special_tokens_map", ".tiktoken",
-                   "preprocessor_config", "processor_config", "chat_template")
+
+# What travels with fused weights, by file name: an allow-list, so nothing else in an input folder (notes,
+# credentials, keys, code, private subfolders) can reach an output or a Hub repo.
+CONFIG_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "vocab.txt", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model", "source.spm",
+    "target.spm", "*.tiktoken", "chat_template.jinja", "chat_template.json",
+)
+PROCESSOR_FILES = (
+    "preprocessor_config.json", "processor_config.json", "image_processor_config.json",
+    "video_preprocessor_config.json", "feature_extractor_config.json",
+)
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+SIDE_FILES = CONFIG_FILES + TOKENIZER_FILES + PROCESSOR_FILES + SENTENCE_TRANSFORMERS_FILES
+# Files hf-fusion itself writes into an output folder, beside the weights and the side files.
+WRITTEN_FILES = ("README.md", "fusion_recipe.yaml", "evaluation.json", "merging_weights.json",
+                 "*.safetensors", "*.safetensors.index.json")
+MODULE_CONFIG = "config.json"  # the only file copied from a sentence-transformers module folder (1_Pooling/...)
 
 
 def local_folder(ref: ModelRef) -> Path:
@@ -70,59 +87,108 @@ def same_architecture(a: dict[str, Any] | None, b: dict[str, Any] | None) -> boo
 
 
 def is_side_file(name: str) -> bool:
-    """Config, generation config, tokenizer and processor files: what travels with fused weights."""
-    return (
-        "/" not in name
-        and not name.startswith(".")
-        and name not in SKIPPED_FILES
-        and not name.endswith(WEIGHT_SUFFIXES)
-        and not name.endswith(".index.json")
-        and not name.endswith(".py")
-    )
+    """Config, generation config, tokenizer, processor and sentence-transformers files, by name (no subfolders)."""
+    return "/" not in name and any(fnmatch.fnmatchcase(name, pattern) for pattern in SIDE_FILES)
 
 
-def _is_side_file(path: Path) -> bool:
-    return path.is_file() and is_side_file(path.name)
+def output_file_patterns() -> list[str]:
+    """Patterns of every file an output folder may hold, at its top level or in a per-model or module subfolder;
+    pushing uploads only these."""
+    names = [*SIDE_FILES, *WRITTEN_FILES]
+    return [*names, *(f"*/{name}" for name in names)]
 
 
-def _is_config_folder(path: Path, limit: int = 1 << 20) -> bool:
-    """A small subfolder holding only configuration files (no weights, no code)."""
-    if not path.is_dir() or path.name.startswith("."):
+def _module_folders(folder: Path) -> list[str]:
+    """The sentence-transformers module folders that ``modules.json`` names (``1_Pooling``...), confined to
+    ``folder``: a module path that is absolute, climbs out or is a link is not followed."""
+    path = folder / "modules.json"
+    if not path.is_file():
+        return []
+    try:
+        modules = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    names = []
+    for module in modules if isinstance(modules, list) else []:
+        name = module.get("path") if isinstance(module, dict) else None
+        if isinstance(name, str) and name and "/" not in name and "\\" not in name and name not in (".", ".."):
+            candidate = folder / name
+            if candidate.is_dir() and candidate.resolve().is_relative_to(_confinement(folder)):
+                names.append(name)
+    return names
+
+
+def _confinement(folder: Path) -> Path:
+    """What a model folder's files may point into: the folder itself, or for a Hugging Face cache snapshot
+    (``snapshots/<commit>/`` whose files link to ``../../blobs/``) the cached repo's own folder."""
+    folder = folder.resolve()
+    return folder.parent.parent if folder.parent.name == "snapshots" else folder
+
+
+def _copy_file(path: Path, dest: Path, root: Path) -> bool:
+    """Copies a regular file; a link is followed only when it stays inside ``root`` (the cache's blobs), never to
+    another file of the machine."""
+    if not path.is_file() or (path.is_symlink() and not path.resolve().is_relative_to(root)):
         return False
-    files = [p for p in path.rglob("*") if p.is_file()]
-    return bool(files) and all(is_side_file(p.name) for p in files) and sum(p.stat().st_size for p in files) < limit
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, dest)
+    return True
 
 
 def copy_side_files(reference: Path, others: Sequence[Path], dest: Path) -> list[str]:
-    """Copies config, generation config and tokenizer/processor files from the reference model.
+    """Copies the allow-listed side files (:data:`SIDE_FILES`) of the reference model into ``dest``.
 
     What the reference lacks (``config.json`` of a LoRA adapter folder; the processor a fine-tuned vision tower was
-    saved without) is taken from the first other model that has it. Python files are never copied: remote code
-    must come from its author, not ride along with a fused model.
+    saved without) is taken from the first other model that has it. Sentence-transformers module folders named in
+    ``modules.json`` bring their ``config.json``. Nothing else is copied: no code (remote code must come from its
+    author), no weights of other formats, no notes or credentials that happen to sit in a model folder.
     """
     copied: list[str] = []
     if reference.is_dir():
+        root = _confinement(reference)
         for path in sorted(reference.iterdir()):
-            if _is_side_file(path):
-                shutil.copy2(path, dest / path.name)
+            if is_side_file(path.name) and _copy_file(path, dest / path.name, root):
                 copied.append(path.name)
-            elif _is_config_folder(path):  # sentence-transformers modules (1_Pooling/config.json ...)
-                shutil.copytree(path, dest / path.name)
-                copied.append(path.name + "/")
+        for module in _module_folders(reference):
+            if _copy_file(reference / module / MODULE_CONFIG, dest / module / MODULE_CONFIG, root):
+                copied.append(f"{module}/{MODULE_CONFIG}")
     wanted = [("config", lambda name: name == "config.json"),
-              ("tokenizer", lambda name: any(h in name for h in TOKENIZER_HINTS))]
+              ("tokenizer", lambda name: is_side_file(name) and any(fnmatch.fnmatchcase(name, t) for t in TOKENIZER_FILES))]
     for kind, matches in wanted:
         if any(matches(name) for name in copied):
             continue
         for other in others:
-            extra = [p for p in sorted(other.iterdir()) if _is_side_file(p) and matches(p.name)] if other.is_dir() else []
+            extra = [p for p in sorted(other.iterdir()) if is_side_file(p.name) and matches(p.name)] if other.is_dir() else []
+            extra = [p for p in extra if _copy_file(p, dest / p.name, _confinement(other))]
             if extra:
-                for path in extra:
-                    shutil.copy2(path, dest / path.name)
-                    copied.append(path.name)
+                copied += [p.name for p in extra]
                 log.info("%s files taken from %s", kind, other)
                 break
+    _drop_code_references(dest / "config.json")
     return copied
+
+
+# config.json keys that name Python files of the model's repo; those files are never copied, so the keys go.
+CODE_KEYS = ("auto_map", "custom_pipelines")
+
+
+def _drop_code_references(path: Path) -> None:
+    """Removes ``auto_map`` (and the like) from a copied config: it names code the output does not have."""
+    if not path.is_file():
+        return
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(config, dict):
+        return
+    dropped = [key for key in CODE_KEYS if key in config]
+    if dropped:
+        for key in dropped:
+            config.pop(key)
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        log.info("dropped %s from config.json: the code it names is not copied into the output",
+                 ", ".join(dropped))
 
 
 def set_config_dtype(dest: Path, torch_name: str) -> None:

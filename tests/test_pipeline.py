@@ -142,21 +142,47 @@ def test_clip_vision_experts_on_a_full_clip_base(tmp_path: Path) -> None:
         assert model(**example_inputs("clip_vision")).last_hidden_state.isfinite().all()
 
 
-def test_tokenizer_and_config_files_travel_but_code_does_not(tmp_path: Path, bert_pool) -> None:
+def test_only_allow_listed_side_files_travel(tmp_path: Path, bert_pool) -> None:
+    """A base folder that also holds code, credentials, keys, notes and a private subfolder: only config,
+    tokenizer and sentence-transformers module files reach the output; auto_map, naming code that is not
+    copied, leaves the output's config."""
     base, experts = bert_pool
     src = tmp_path / "with_files"
     src.mkdir()
     for f in base.iterdir():
         (src / f.name).write_bytes(f.read_bytes())
+    config = json.loads((src / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "modeling_custom.CustomModel"}
+    (src / "config.json").write_text(json.dumps(config))
     (src / "vocab.txt").write_text("[PAD]\n[UNK]\n")
     (src / "tokenizer_config.json").write_text("{}")
     (src / "modeling_custom.py").write_text("raise SystemExit")
     (src / "README.md").write_text("the base's card")
+    (src / "credentials.json").write_text('{"secret": "s3cr3t"}')
+    (src / "id_rsa").write_text("-----BEGIN OPENSSH PRIVATE KEY-----")
+    (src / "notes.txt").write_text("internal notes")
+    (src / "private").mkdir()
+    (src / "private" / "config.json").write_text('{"secret": "s3cr3t"}')
+    (src / "modules.json").write_text(json.dumps([{"idx": 0, "path": "", "type": "sentence_transformers.models.Transformer"},
+                                                  {"idx": 1, "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                                                  {"idx": 2, "path": "../outside", "type": "x"}]))
+    (src / "1_Pooling").mkdir()
+    (src / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    (src / "1_Pooling" / "notes.txt").write_text("internal notes")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "config.json").write_text('{"secret": "s3cr3t"}')
+    (src / "tokenizer.json").symlink_to(tmp_path / "outside" / "config.json")  # a link is never followed
     out = tmp_path / "o"
     result = hf_fusion.merge(models=[str(e) for e in experts], base=str(src), method="ties", output=out,
                              show_progress=False)
+    written = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert written == {"config.json", "vocab.txt", "tokenizer_config.json", "modules.json", "1_Pooling/config.json",
+                       "model.safetensors", "fusion_recipe.yaml", "README.md"}
     assert {"vocab.txt", "tokenizer_config.json", "config.json"} <= set(result.files)
-    assert not (out / "modeling_custom.py").exists()
+    assert "s3cr3t" not in "".join(p.read_text(errors="ignore") for p in out.rglob("*") if p.is_file())
+    fused_config = json.loads((out / "config.json").read_text())
+    assert "auto_map" not in fused_config and fused_config["model_type"] == config["model_type"]
+    AutoConfig.from_pretrained(out)  # loads without the code auto_map named
     card = (out / "README.md").read_text()
     assert "the base's card" not in card and "hf-fusion" in card  # the output's own card, not the base's
 

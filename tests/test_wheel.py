@@ -73,7 +73,8 @@ def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     ours = [p for p in site.getsitepackages() if Path(p).is_dir()]
     (theirs,) = (env / "lib").glob("python3*/site-packages")
     (theirs / "dependencies.pth").write_text("\n".join(ours) + "\n")
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--prefix", str(env),
+    # --ignore-installed: without it pip would first uninstall this environment's own (editable) hf-fusion
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--ignore-installed", "-q", "--prefix", str(env),
                            str(wheel)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     return env

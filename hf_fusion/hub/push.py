@@ -6,6 +6,7 @@ refused at the end; an existing branch with files is only committed over with ``
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from huggingface_hub import HfApi, constants
 from hf_fusion.errors import FusionError
 from hf_fusion.hub.auth import require_token
 from hf_fusion.hub.errors import HubAccessError, PushError, hub_errors
+from hf_fusion.model_files import output_file_patterns
 from hf_fusion.recipe import RECIPE_FILENAME, Recipe
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,8 @@ def push_folder(folder: Path, target: PushTarget, *, token: str | None, default_
             if target.revision and not target.create_pr:
                 api.create_branch(target.repo_id, branch=target.revision, exist_ok=True, token=resolved)
             delete = ["*"] if target.overwrite and not target.create_pr else None
+            patterns = output_file_patterns()
+            _log_left_out(folder, patterns)
             info = api.upload_folder(
                 repo_id=target.repo_id,
                 folder_path=folder,
@@ -99,12 +103,22 @@ def push_folder(folder: Path, target: PushTarget, *, token: str | None, default_
                 commit_message=target.commit_message or default_message,
                 create_pr=target.create_pr,
                 delete_patterns=delete,
-                ignore_patterns=[".*"],
+                allow_patterns=patterns,
+                ignore_patterns=[".*", "*/.*"],
                 token=resolved,
             )
     except HubAccessError as err:
         raise PushError(f"{err} The fused model is intact in {folder}; retry with: {retry}") from None
     return PushResult(target.repo_id, str(repo_url), info.commit_url, info.pr_url)
+
+
+def _log_left_out(folder: Path, patterns: list[str]) -> None:
+    """Names the files of ``folder`` that are not pushed: only what hf-fusion writes into an output goes up."""
+    left = [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*")) if p.is_file()]
+    left = [name for name in left if not name.startswith(".") and "/." not in name
+            and not any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)]
+    if left:
+        log.warning("not pushed (not a file hf-fusion writes into an output): %s", ", ".join(left[:20]))
 
 
 def push_message(recipe: Recipe) -> str:

@@ -160,3 +160,18 @@ def test_stored_login_is_used(hub, hub_pool, tokens, repo_name: str, tmp_path: P
     result = hf_fusion.merge(models=hub_pool["experts"][:2], method="simple_average", output=tmp_path / "o",
                              push=repo_name, show_progress=False)
     assert result.push.repo_id == repo_name
+
+
+def test_push_uploads_only_what_an_output_holds(hub, hub_pool, tokens, repo_name: str, tmp_path: Path) -> None:
+    """Files dropped into a fused folder by hand (keys, notes, a private folder) stay on the machine."""
+    folder = tmp_path / "merged"
+    hf_fusion.merge(models=hub_pool["experts"][:2], method="simple_average", output=folder, show_progress=False)
+    (folder / "id_rsa").write_text("-----BEGIN OPENSSH PRIVATE KEY-----")
+    (folder / "notes.txt").write_text("internal notes")
+    (folder / "private").mkdir()
+    (folder / "private" / "credentials.json").write_text("{}")
+    out = cli("push", str(folder), repo_name, token=tokens["write"])
+    assert out.returncode == 0, out.stderr
+    assert "not pushed" in out.stderr and "id_rsa" in out.stderr
+    remote = set(HfApi().list_repo_files(repo_name))
+    assert remote == {".gitattributes", "config.json", "model.safetensors", "fusion_recipe.yaml", "README.md"}
