@@ -164,7 +164,9 @@ def copy_side_files(reference: Path, others: Sequence[Path], dest: Path) -> list
                 copied += [p.name for p in extra]
                 log.info("%s files taken from %s", kind, other)
                 break
-    _drop_code_references(dest / "config.json")
+    for name in copied:
+        if name.endswith(".json"):
+            _drop_code_references(dest / name)
     return copied
 
 
@@ -173,7 +175,8 @@ CODE_KEYS = ("auto_map", "custom_pipelines")
 
 
 def _drop_code_references(path: Path) -> None:
-    """Removes ``auto_map`` (and the like) from a copied config: it names code the output does not have."""
+    """Removes ``auto_map`` (and the like) from a copied config, tokenizer or processor file: it names code the
+    output does not have."""
     if not path.is_file():
         return
     try:
@@ -187,8 +190,8 @@ def _drop_code_references(path: Path) -> None:
         for key in dropped:
             config.pop(key)
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        log.info("dropped %s from config.json: the code it names is not copied into the output",
-                 ", ".join(dropped))
+        log.info("dropped %s from %s: the code it names is not copied into the output", ", ".join(dropped),
+                 path.name)
 
 
 def set_config_dtype(dest: Path, torch_name: str) -> None:

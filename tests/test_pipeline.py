@@ -155,7 +155,7 @@ def test_only_allow_listed_side_files_travel(tmp_path: Path, bert_pool) -> None:
     config["auto_map"] = {"AutoModel": "modeling_custom.CustomModel"}
     (src / "config.json").write_text(json.dumps(config))
     (src / "vocab.txt").write_text("[PAD]\n[UNK]\n")
-    (src / "tokenizer_config.json").write_text("{}")
+    (src / "tokenizer_config.json").write_text('{"auto_map": {"AutoTokenizer": ["tokenization_custom.T", null]}}')
     (src / "modeling_custom.py").write_text("raise SystemExit")
     (src / "README.md").write_text("the base's card")
     (src / "credentials.json").write_text('{"secret": "s3cr3t"}')
@@ -182,6 +182,7 @@ def test_only_allow_listed_side_files_travel(tmp_path: Path, bert_pool) -> None:
     assert "s3cr3t" not in "".join(p.read_text(errors="ignore") for p in out.rglob("*") if p.is_file())
     fused_config = json.loads((out / "config.json").read_text())
     assert "auto_map" not in fused_config and fused_config["model_type"] == config["model_type"]
+    assert json.loads((out / "tokenizer_config.json").read_text()) == {}
     AutoConfig.from_pretrained(out)  # loads without the code auto_map named
     card = (out / "README.md").read_text()
     assert "the base's card" not in card and "hf-fusion" in card  # the output's own card, not the base's
