@@ -194,28 +194,71 @@ def read_safetensors_entries(path: Path) -> Iterator[TensorEntry]:
         raise CheckpointError(f"{path}: safetensors header is not a JSON object.")
     data_start = 8 + header_len
     data_size = size - data_start
-    items = [(k, v) for k, v in header.items() if k != "__metadata__"]
-    items.sort(key=lambda kv: kv[1].get("data_offsets", [0])[0] if isinstance(kv[1], dict) else 0)
-    for name, info in items:
+    entries = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
         try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: header entry for {name!r} is malformed: {info!r}.") from None
-        if dtype not in SAFETENSORS_TO_TORCH:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}.")
+            raise CheckpointError(f"{path}: header entry for {name!r} is malformed.") from None
+        entries.append(HeaderEntry(name, dtype, shape, begin, end))
+    for entry in check_layout(str(path), entries, data_size):
+        yield TensorEntry(entry.name, entry.dtype, tuple(entry.shape), path, data_start + entry.begin,
+                          entry.end - entry.begin)
+
+
+@dataclass(frozen=True)
+class HeaderEntry:
+    """One tensor as a safetensors header declares it, before any check."""
+
+    name: str
+    dtype: object
+    shape: object
+    begin: object
+    end: object
+
+
+def _is_index(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_layout(label: str, entries: list[HeaderEntry], data_size: int | None) -> list[HeaderEntry]:
+    """Checks a header as the safetensors library does; returns the entries in data order.
+
+    Dimensions and offsets are non-negative integers, each tensor's byte range matches its shape and dtype, and
+    the ranges tile the data section exactly: no two tensors share bytes, no gaps, and (when the data size is
+    known) nothing past its end or left over.
+    """
+    for e in entries:
+        if e.dtype not in SAFETENSORS_TO_TORCH:
+            raise CheckpointError(f"{label}: tensor {e.name!r} has unsupported dtype {e.dtype!r}.")
+        if not isinstance(e.shape, list) or not all(_is_index(d) for d in e.shape):
+            raise CheckpointError(f"{label}: tensor {e.name!r} has an invalid shape {e.shape!r} "
+                                  "(dimensions must be non-negative integers).")
+        if not (_is_index(e.begin) and _is_index(e.end)) or e.end < e.begin:  # type: ignore[operator]
+            raise CheckpointError(f"{label}: tensor {e.name!r} has invalid data offsets [{e.begin!r}, {e.end!r}].")
         numel = 1
-        for d in shape:
+        for d in e.shape:
             numel *= d
-        if end - begin != numel * itemsize(dtype) or begin < 0:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} declares shape {list(shape)} {dtype} but {end - begin} bytes of data."
-            )
-        if end > data_size:
-            raise CheckpointError(
-                f"{path}: file is truncated: tensor {name!r} needs data up to byte {data_start + end}, "
-                f"the file has {size} bytes."
-            )
-        yield TensorEntry(name, dtype, shape, path, data_start + begin, end - begin)
+        if e.end - e.begin != numel * itemsize(e.dtype):  # type: ignore[operator]
+            raise CheckpointError(f"{label}: tensor {e.name!r} declares shape {e.shape} {e.dtype} but "
+                                  f"{e.end - e.begin} bytes of data.")  # type: ignore[operator]
+    ordered = sorted(entries, key=lambda e: (e.begin, e.end))  # type: ignore[arg-type, return-value]
+    position = 0
+    for e in ordered:
+        if e.begin != position:
+            problem = "overlaps the tensor before it" if e.begin < position else "leaves a gap before it"  # type: ignore[operator]
+            raise CheckpointError(f"{label}: tensor {e.name!r} {problem} (data offsets [{e.begin}, {e.end}]); "
+                                  "not a valid safetensors file.")
+        position = e.end  # type: ignore[assignment]
+    if data_size is not None and position > data_size:
+        raise CheckpointError(f"{label}: file is truncated: tensor {ordered[-1].name!r} ends at data byte "
+                              f"{position}, the file holds {data_size} bytes of data.")
+    if data_size is not None and position < data_size:
+        raise CheckpointError(f"{label}: {data_size - position} bytes after the last tensor; not a valid "
+                              "safetensors file.")
+    return ordered
 
 
 def choose_weight_files(names: list[str]) -> tuple[str, list[str], str | None]:

@@ -15,8 +15,7 @@ from typing import Any, Callable, TypeVar
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download, try_to_load_from_cache
 from huggingface_hub.errors import SafetensorsParsingError
 
-from hf_fusion.engine.checkpoint import Checkpoint, TensorEntry, choose_weight_files
-from hf_fusion.engine.dtypes import SAFETENSORS_TO_TORCH
+from hf_fusion.engine.checkpoint import Checkpoint, HeaderEntry, TensorEntry, check_layout, choose_weight_files
 from hf_fusion.errors import CheckpointError, PickleCheckpointError
 from hf_fusion.hub.errors import TRANSPORT_ERRORS, HubAccessError, hub_errors
 from hf_fusion.model_files import is_side_file
@@ -119,14 +118,12 @@ def resolve_hub_model(ref: ModelRef, *, token: str | None, allow_pickle: bool) -
                     )
                 except SafetensorsParsingError as err:
                     raise CheckpointError(f"{label}: {name} is not a valid safetensors file ({err}).") from None
-                for tensor_name, t in meta.tensors.items():
-                    if weight_map is not None and weight_map.get(tensor_name, name) != name:
+                declared = [HeaderEntry(n, t.dtype, list(t.shape), *t.data_offsets) for n, t in meta.tensors.items()]
+                for t in check_layout(f"{label}: {name}", declared, None):
+                    if weight_map is not None and weight_map.get(t.name, name) != name:
                         continue
-                    if t.dtype not in SAFETENSORS_TO_TORCH:
-                        raise CheckpointError(f"{label}: tensor {tensor_name!r} has unsupported dtype {t.dtype!r}.")
-                    begin, end = t.data_offsets
-                    entries[tensor_name] = TensorEntry(tensor_name, t.dtype, tuple(t.shape), Path(name), begin,
-                                                       end - begin)
+                    entries[t.name] = TensorEntry(t.name, t.dtype, tuple(t.shape), Path(name), t.begin,  # type: ignore[arg-type]
+                                                  t.end - t.begin)  # type: ignore[operator]
             headers = HeaderCheckpoint(label, entries, [Path(f) for f in files])
     fetch_revision = ref.commit or ref.revision or "main"
     return HubModel(pinned, sizes, kind, files, index, config, headers, adapter, fetch_revision)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hf_fusion.engine.checkpoint import open_checkpoint
@@ -106,3 +107,33 @@ def test_pickle_with_code_is_rejected_even_when_allowed(tmp_path: Path) -> None:
     torch.save({"w": torch.zeros(2), "x": Evil()}, tmp_path / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="weights-only"):
         open_checkpoint(tmp_path, "m", allow_pickle=True)
+
+
+def _raw_safetensors(path: Path, header: dict, data: bytes) -> None:
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+@pytest.mark.parametrize("header, data, message", [
+    ({"a": {"dtype": "F32", "shape": [-1, -2], "data_offsets": [0, 8]}}, 8, "invalid shape"),
+    ({"a": {"dtype": "F32", "shape": [True, 2], "data_offsets": [0, 8]}}, 8, "invalid shape"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 8, "overlaps the tensor before it"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12, "overlaps the tensor before it"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12, "leaves a gap"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, 8, "invalid data offsets"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 12, "bytes after the last tensor"),
+])
+def test_headers_the_safetensors_library_refuses_are_refused(tmp_path: Path, header: dict, data: int,
+                                                            message: str) -> None:
+    from safetensors import SafetensorError
+
+    path = tmp_path / "model.safetensors"
+    _raw_safetensors(path, header, bytes(data))
+    with pytest.raises(SafetensorError):  # the reference: the library itself refuses the file
+        with safe_open(str(path), "pt") as handle:
+            for name in handle.keys():
+                handle.get_tensor(name)
+    with pytest.raises(CheckpointError, match=message):
+        open_checkpoint(tmp_path, "m")
