@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -26,7 +27,54 @@ def parse_size(text: str) -> int:
     if not match:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 5GB or 500MB)")
     unit = (match.group(2) or "").upper().rstrip("B")
-    return int(float(match.group(1)) * _UNITS[unit])
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"a size must be positive, got {text!r} (try 5GB or 500MB)")
+    return size
+
+
+def _whole_number(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A count that must be at least 1 (examples, batch size, jobs)."""
+    return _whole_number(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """A count that may be 0 (adaptation steps: 0 keeps the initial coefficients)."""
+    return _whole_number(text, 0)
+
+
+def finite_float(text: str) -> float:
+    """A number that must be finite (a NaN learning rate trains nothing but NaNs)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def repo_id(text: str) -> str:
+    """A Hub repo to push to: ``name`` or ``org/name``, checked by huggingface_hub's rules before any work."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not text.strip():
+        raise argparse.ArgumentTypeError("needs a repo name (org/name, or name under your account), got nothing")
+    try:
+        validate_repo_id(text)
+    except HFValidationError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid Hub repo id: {err}") from None
+    return text
 
 
 def parse_param(text: str) -> tuple[str, Any]:
@@ -93,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--evaluate", action="store_true", help="score the fused model on the pool's tasks")
     _add_eval_options(merge)
     _add_method_data_options(merge)
-    merge.add_argument("--push", metavar="REPO", help="push the fused model to this Hub repo (org/name or name)")
+    merge.add_argument("--push", metavar="REPO", type=repo_id, help="push the fused model to this Hub repo (org/name or name)")
     _add_push_options(merge)
     _add_common(merge)
 
@@ -129,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     push = sub.add_parser("push", help="push a fused model folder to the Hub (writes its card if missing)")
     push.add_argument("folder", help="a folder written by `hf-fusion merge`")
-    push.add_argument("repo", help="target repo (org/name, or name under your account)")
+    push.add_argument("repo", type=repo_id, help="target repo (org/name, or name under your account)")
     push.add_argument("--overwrite", action="store_true", help="commit over files already on the target branch")
     _add_push_options(push)
     _add_common(push)
@@ -141,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     space = sub.add_parser("space", help="start the Gradio app (merge and compare in the browser) on this machine")
     space.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    space.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
-    space.add_argument("--concurrency", type=int, default=1, help="jobs run at once; others wait in the queue")
+    space.add_argument("--port", type=positive_int, default=7860, help="port (default: 7860)")
+    space.add_argument("--concurrency", type=positive_int, default=1, help="jobs run at once; others wait in the queue")
     space.add_argument("--no-local-paths", action="store_true",
                        help="refuse local folders as models, as on a shared Space")
     _add_common(space)
@@ -163,8 +211,8 @@ COMMON_METHOD_FLAGS = ("calibration_samples", "steps", "lr", "seed")
 
 
 def _add_eval_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--limit", type=int, metavar="N", help="score N examples per task (a fixed, seeded subset)")
-    parser.add_argument("--batch-size", type=int, metavar="N",
+    parser.add_argument("--limit", type=positive_int, metavar="N", help="score N examples per task (a fixed, seeded subset)")
+    parser.add_argument("--batch-size", type=positive_int, metavar="N",
                         help="examples per forward pass, for evaluation (default 32) and data-driven methods")
     parser.add_argument("--eval-device", default="cpu", metavar="DEVICE", help="device for evaluation (default cpu)")
     parser.add_argument("--metrics", choices=["auto", "hub", "bundled"], default="auto",
@@ -173,9 +221,9 @@ def _add_eval_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_method_data_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data-driven methods (Fisher, RegMean, AdaMerging, WEMoE)")
-    group.add_argument("--calibration-samples", type=int, metavar="N", help="examples per task for statistics")
-    group.add_argument("--steps", type=int, metavar="N", help="test-time adaptation steps")
-    group.add_argument("--lr", type=float, metavar="LR", help="test-time adaptation learning rate")
+    group.add_argument("--calibration-samples", type=positive_int, metavar="N", help="examples per task for statistics")
+    group.add_argument("--steps", type=non_negative_int, metavar="N", help="test-time adaptation steps")
+    group.add_argument("--lr", type=finite_float, metavar="LR", help="test-time adaptation learning rate")
     group.add_argument("--seed", type=int, metavar="N", help="seed for sampling and initialisation")
 
 
@@ -298,7 +346,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
             fields = get_method(args.method).params_model.model_fields
             common = {k: v for k, v in common.items() if k in fields or k != "batch_size"}
         kwargs = {**common, **kwargs}
-    if args.max_shard_size:
+    if args.max_shard_size is not None:
         kwargs["max_shard_bytes"] = args.max_shard_size
     if not args.config and not args.repo_ids and not args.pool:
         raise SystemExit("hf-fusion merge: give --repo-ids or --pool (and --method, --output), or --config RECIPE.yaml")
@@ -473,6 +521,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return commands[args.command](args)
     except FusionError as err:
         print(f"hf-fusion: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        if err.errno is None:  # not the file system's (a network error): say what it was, without a traceback
+            print(f"hf-fusion: error: {type(err).__name__}: {err}", file=sys.stderr)
+        else:
+            from hf_fusion.errors import describe_os_error
+
+            print(f"hf-fusion: error: {describe_os_error(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("hf-fusion: interrupted; nothing was written to the output folder.", file=sys.stderr)

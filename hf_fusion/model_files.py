@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hf_fusion.errors import CheckpointError, IncompatibleModelsError, RecipeError
-from hf_fusion.recipe import ModelRef
+from hf_fusion.recipe import ModelRef, path_exists
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ MODULE_CONFIG = "config.json"  # the only file copied from a sentence-transforme
 def local_folder(ref: ModelRef) -> Path:
     """The local folder (or weights file) of ``ref``; raises when it does not exist."""
     path = Path(ref.path).expanduser()
-    if not path.exists():
+    if not path_exists(path):
         raise RecipeError(f"model {ref} not found: no such local folder.")
     if ref.revision:
         raise RecipeError(f"model {ref}: a revision only applies to Hub repo ids, not to the local path {path}.")

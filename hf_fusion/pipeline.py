@@ -16,7 +16,8 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -28,12 +29,12 @@ from hf_fusion.engine.dtypes import OUTPUT_DTYPES, TORCH_NAMES
 from hf_fusion.engine.plan import FusionPlan, build_plan, check_headers
 from hf_fusion.engine.stream import DEFAULT_BUDGET_ELEMENTS, StreamingEngine
 from hf_fusion.engine.writer import DEFAULT_MAX_SHARD_BYTES, ShardedSafetensorsWriter
-from hf_fusion.errors import InsufficientResourcesError, RecipeError
+from hf_fusion.errors import FileSystemError, FusionError, InsufficientResourcesError, RecipeError, describe_os_error
 from hf_fusion.hub.auth import resolve_token
 from hf_fusion.hub.push import PushResult, PushTarget, check_target, push_folder, push_message
 from hf_fusion.model_files import check_same_architecture, copy_side_files, same_architecture, set_config_dtype
-from hf_fusion.output import AtomicFolder, check_free_space, check_output_folder
-from hf_fusion.recipe import RECIPE_FILENAME, ModelRef, Recipe
+from hf_fusion.output import AtomicFolder, check_free_space, check_output_folder, clean_leftovers
+from hf_fusion.recipe import RECIPE_FILENAME, ModelRef, Recipe, path_exists
 from hf_fusion.registry import BaseUse, DataNeed, MethodSpec, get_method
 from hf_fusion.report import EvaluationReport
 from hf_fusion.tasks.base import EvalSettings
@@ -168,20 +169,27 @@ def merge(
     settings = EvalSettings() if evaluate is True else evaluate or None
     if settings is not None and not checked.recipe.pool:
         raise RecipeError("evaluating needs a pool that says which tasks to score: pass --pool.")
+    if isinstance(push, str) and not push.strip():
+        raise RecipeError("push needs a repo name (org/name, or name under your account), got an empty one.")
     target_spec = PushTarget(push) if isinstance(push, str) else push
     if not checked.recipe.output and target_spec is None:
         raise RecipeError("no output folder: pass --output (output=...).")
     scratch = None if checked.recipe.output else Path(tempfile.mkdtemp(prefix="hf-fusion-"))
     target = Path(checked.recipe.output).expanduser() if checked.recipe.output else scratch / "fused"  # type: ignore[operator]
+    if max_shard_bytes <= 0:
+        raise RecipeError(f"the largest shard must be a positive size, got {max_shard_bytes} bytes.")
     try:
-        check_output_folder(target, overwrite=overwrite)
-        _check_output_is_not_an_input(target, checked.recipe)
-        token = resolve_token(token)
-        if target_spec is not None:
-            target_spec = check_target(target_spec, token)
-        started = time.perf_counter()
-        result = _fuse(checked, target, target_spec, token=token, overwrite=overwrite, allow_pickle=allow_pickle,
-                       show_progress=show_progress, max_shard_bytes=max_shard_bytes, budget_elements=budget_elements)
+        with file_system_errors():
+            clean_leftovers(target)
+            check_output_folder(target, overwrite=overwrite)
+            _check_output_is_not_an_input(target, checked.recipe)
+            token = resolve_token(token)
+            if target_spec is not None:
+                target_spec = check_target(target_spec, token)
+            started = time.perf_counter()
+            result = _fuse(checked, target, target_spec, token=token, overwrite=overwrite, allow_pickle=allow_pickle,
+                           show_progress=show_progress, max_shard_bytes=max_shard_bytes,
+                           budget_elements=budget_elements)
     except BaseException:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -199,6 +207,20 @@ def merge(
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)
     return replace(result, push=pushed)
+
+
+@contextmanager
+def file_system_errors() -> Iterator[None]:
+    """Turns an OS error (disk full, permission denied, path too long, a file in the way) into a
+    :class:`FileSystemError` that says what to do; the atomic output folder has already been removed."""
+    try:
+        yield
+    except FusionError:
+        raise
+    except OSError as err:
+        if err.errno is None:  # network errors derive from OSError too; they are not the file system's
+            raise
+        raise FileSystemError(describe_os_error(err)) from err
 
 
 def _evaluate(result: MergeResult, settings: EvalSettings, *, tasks: list[str] | None, token: str | None,
@@ -357,7 +379,7 @@ def _check_output_is_not_an_input(target: Path, recipe: Recipe) -> None:
     out = target.resolve()
     for ref in [*recipe.models, *([recipe.base] if recipe.base else [])]:
         path = Path(ref.path).expanduser()
-        if path.exists():
+        if path_exists(path):
             model = path.resolve()
             if model == out or out in model.parents:
                 raise RecipeError(f"the output folder {target} would replace the input model {ref}; choose another.")

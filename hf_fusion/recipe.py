@@ -38,7 +38,7 @@ class ModelRef(pydantic.BaseModel):
         text = text.strip()
         if not text:
             raise RecipeError("empty model reference.")
-        if "@" in text and not Path(text).expanduser().exists():
+        if "@" in text and not path_exists(text):
             path, _, revision = text.rpartition("@")
             if not path or not revision:
                 raise RecipeError(f"model reference {text!r} should look like `org/name@revision`.")
@@ -49,7 +49,7 @@ class ModelRef(pydantic.BaseModel):
     def is_local(self) -> bool:
         """Local when the path exists, is spelled like a path (``./x``, ``/x``, ``~/x``) rather than a repo id, or
         names a model that ships with hf-fusion (``builtin:``)."""
-        return self.path.startswith((".", "/", "~", "builtin:")) or Path(self.path).expanduser().exists()
+        return self.path.startswith((".", "/", "~", "builtin:")) or path_exists(self.path)
 
     @property
     def pinned(self) -> str | None:
@@ -63,6 +63,14 @@ class ModelRef(pydantic.BaseModel):
 
     def __str__(self) -> str:
         return f"{self.path}@{self.revision}" if self.revision else self.path
+
+
+def path_exists(text: str | Path) -> bool:
+    """Whether a local path exists; a name the file system cannot even look up (too long, invalid) does not."""
+    try:
+        return Path(text).expanduser().exists()
+    except (OSError, ValueError):
+        return False
 
 
 def _model_ref(value: Any) -> Any:

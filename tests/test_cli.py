@@ -126,3 +126,44 @@ def test_interrupted_merge_leaves_no_output(tmp_path: Path, bert_pool, sig: sign
     assert proc.returncode == 130, stderr
     assert "interrupted; nothing was written" in stderr
     assert list(work.iterdir()) == []
+
+
+def test_a_killed_merge_leaves_a_folder_the_next_run_removes(tmp_path: Path, bert_pool) -> None:
+    """SIGKILL cannot be caught: the hidden folder stays until the next run on the same output removes it."""
+    base, experts = bert_pool
+    (tmp_path / "slow.py").write_text(SLOW_MERGE)
+    work = tmp_path / "work"
+    work.mkdir()
+    args = ["merge", "--repo-ids", *map(str, experts), "--base", str(base), "--method", "task_arithmetic",
+            "--output", str(work / "merged")]
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "slow.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "MERGING_MARKER": str(tmp_path / "merging")})
+    deadline = time.time() + 60
+    while not (tmp_path / "merging").exists():
+        assert proc.poll() is None and time.time() < deadline, "the merge never started writing"
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate(timeout=60)
+    (left,) = [p.name for p in work.iterdir()]
+    assert left.startswith(".hf-fusion-tmp-merged-")
+    again = run(*args)
+    assert again.returncode == 0, again.stderr
+    assert f"removed {left}, left by an interrupted run" in again.stderr
+    assert sorted(p.name for p in work.iterdir()) == ["merged"]
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--push", "", "argument --push: needs a repo name"),
+    ("--push", "a b", "is not a valid Hub repo id"),
+    ("--max-shard-size", "0", "argument --max-shard-size: a size must be positive"),
+    ("--limit", "0", "argument --limit: must be at least 1"),
+    ("--batch-size", "-3", "argument --batch-size: must be at least 1"),
+    ("--lr", "nan", "argument --lr: must be a finite number"),
+])
+def test_flag_values_that_would_be_ignored_or_misread_are_refused(tmp_path: Path, flag: str, value: str,
+                                                                   message: str) -> None:
+    out = run("merge", "--repo-ids", "org/a", "org/b", "--method", "simple_average", "--output",
+              str(tmp_path / "o"), flag, value)
+    assert out.returncode == 2 and message in out.stderr
+    assert not (tmp_path / "o").exists()
