@@ -194,3 +194,11 @@ def test_whole_tensor_method_that_cannot_fit_is_refused_from_headers(tmp_path: P
     with pytest.raises(InsufficientResourcesError, match="processes whole tensors"):
         check_memory(headers, elementwise=False, budget_elements=1 << 23)
     check_memory(headers, elementwise=True, budget_elements=1 << 23)  # slices: independent of tensor size
+
+
+def test_heads_of_different_tasks_get_a_hint(tmp_path: Path, no_tensor_reads) -> None:
+    """The built-in experts' classifiers have 5, 3 and 2 classes: named without --heads, the error says how."""
+    with pytest.raises(IncompatibleModelsError, match=r"per-task head: .* --heads 'classifier\.\*'"):
+        _merge(tmp_path, models=["builtin:minilm-text3/bbc_news", "builtin:minilm-text3/sms_spam"],
+               base="builtin:all-MiniLM-L6-v2", method="task_arithmetic")
+    assert not (tmp_path / "out").exists()

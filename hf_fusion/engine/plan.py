@@ -246,7 +246,7 @@ def check_headers(
             if theirs is not None and theirs.shape != entry.shape:
                 raise IncompatibleModelsError(
                     f"tensor {name!r} has shape {list(entry.shape)} in {other.label} but {list(theirs.shape)} "
-                    f"in {first.label}. Models fused together must share an architecture and sizes."
+                    f"in {first.label}. Models fused together must share an architecture and sizes.{_head_hint(name)}"
                 )
         missing = [n for n, e in first.entries.items()
                    if n not in other.entries and not _matches(n, heads) and not _could_be_tied(other, e)]
@@ -275,6 +275,20 @@ def check_headers(
                 f"tensor {name!r} has shape {list(base_entry.shape)} in the base {base_ckpt.label} but "
                 f"{list(entry.shape)} in {first.label}; the base must be the model they were fine-tuned from."
             )
+
+
+HEAD_MODULES = ("classifier", "score", "head", "heads", "qa_outputs", "lm_head")
+
+
+def _head_hint(name: str) -> str:
+    """For a tensor of a task head (whose classes differ by task), how to leave the heads out of the fusion."""
+    parts = name.split(".")
+    module = next((p for p in parts if p in HEAD_MODULES or p.endswith("_head")), None)
+    if module is None:
+        return ""
+    pattern = ".".join(parts[: parts.index(module) + 1]) + ".*"
+    return (f" It looks like a per-task head: fuse the shared backbone and leave the heads out with "
+            f"--heads '{pattern}' (heads=[{pattern!r}] in Python; pools with task heads set this).")
 
 
 def build_plan(
@@ -335,7 +349,7 @@ def build_plan(
             if entry.shape != shape:
                 raise IncompatibleModelsError(
                     f"tensor {name!r} has shape {list(entry.shape)} in {ckpts[index].label} but {list(shape)} in "
-                    f"{first.label}. Models fused together must share an architecture and sizes."
+                    f"{first.label}. Models fused together must share an architecture and sizes.{_head_hint(name)}"
                 )
 
     base_names = align_names(names, ckpts[base].entries) if base is not None else {}
