@@ -202,6 +202,10 @@ def write_card(folder: Path, *, repo_id: str | None = None, load_path: str | Non
     ``load_path`` is what the usage snippet loads: the repo id, else the folder (its final place, when ``folder`` is
     still the temporary one).
     """
+    if not folder.exists():
+        raise FusionError(f"{folder} does not exist: give the folder a merge wrote (its --output).")
+    if not folder.is_dir():
+        raise FusionError(f"{folder} is a file, not a folder: give the folder a merge wrote (its --output).")
     recipe_path = folder / RECIPE_FILENAME
     if not recipe_path.is_file():
         raise FusionError(f"{folder} has no {RECIPE_FILENAME}: it was not made by hf-fusion, so no card can be written.")
