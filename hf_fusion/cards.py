@@ -120,6 +120,21 @@ def reproduce_command(recipe: Recipe, output: str) -> str:
     return " ".join(shlex.quote(a) for a in args)
 
 
+def _subset_sentence(report: EvaluationReport) -> str | None:
+    """Says which tasks were scored on part of their split, how many examples, and how they were drawn."""
+    subsets = report.subset_results
+    if not subsets:
+        return None
+    counts = ", ".join(f"{r.task}: {r.examples if r.examples is not None else report.limit} of its {r.split} split"
+                       for r in subsets)
+    seeds = sorted({r.subset_seed for r in subsets})
+    whole = [r.task for r in report.results if not r.is_subset]
+    rest = f" {', '.join(whole)} {'was' if len(whole) == 1 else 'were'} scored on the whole split." if whole else ""
+    return (f"**These scores come from a subset, not the whole split** (`hf-fusion evaluate --limit`): {counts}. "
+            f"The examples are a fixed sample: the split shuffled with seed {', '.join(map(str, seeds))} and the first "
+            f"examples kept, the same for every model in the table.{rest} Scores on the full split may differ.")
+
+
 def _template() -> str:
     return resources.files("hf_fusion.model_cards").joinpath("fused_model.md.j2").read_text()
 
@@ -147,15 +162,17 @@ def build_card(
     if report is not None:
         eval_results = [
             EvalResult(task_type=r.task_type, dataset_type=r.dataset, dataset_name=r.task, dataset_config=r.dataset_config,
-                       dataset_split=r.split, metric_type=r.metric, metric_value=r.scores[report.fused])
+                       dataset_split=r.split_label(), metric_type=r.metric, metric_value=r.scores[report.fused])
             for r in report.results if r.scores.get(report.fused) is not None
         ] or None
         columns = report.columns()
         evaluation = {
             "columns": columns,
-            "rows": [{"task": r.task, "dataset": r.dataset, "metric": r.metric,
+            "rows": [{"task": r.task, "dataset": r.dataset, "split": r.split_label(), "metric": r.metric,
+                      "examples": "" if r.examples is None else str(r.examples),
                       "cells": [f"{r.scores[c]:.4f}" if r.scores.get(c) is not None else "" for c in columns]}
                      for r in report.results],
+            "subset": _subset_sentence(report),
         }
     data = ModelCardData(
         base_model=hub_inputs or None,

@@ -17,6 +17,7 @@ from hf_fusion.sources import fetch, resolve
 from hf_fusion.tasks.base import EvalSettings, TaskContext, TaskEvaluator
 from hf_fusion.tasks.causal_lm import CausalLM
 from hf_fusion.tasks.classification import HeadClassification
+from hf_fusion.tasks.data import SUBSET_SEED
 from hf_fusion.tasks.clip_zero_shot import ClipZeroShot
 from hf_fusion.tasks.text_to_text import TextToText
 from hf_fusion.tasks.weights import ModelUnderTest
@@ -62,6 +63,12 @@ def _for_task(fused: Path | Mapping[str, Path], task: str) -> Path:
     return fused
 
 
+def _subset_seed(limit: int | None, examples: int) -> int | None:
+    """The seed of the sample when ``limit`` cut the split (it then holds exactly ``limit`` examples); a split
+    shorter than the limit was scored whole."""
+    return SUBSET_SEED if limit is not None and examples >= limit else None
+
+
 def evaluate_pool(
     pool: Pool,
     fused: Mapping[str, Path | Mapping[str, Path]],
@@ -94,10 +101,11 @@ def evaluate_pool(
                 value = evaluator.score(model)
                 scores[model.label] = None if math.isnan(value) else value
                 bar.update(1)
+            examples = len(evaluator.data)
             results.append(TaskResult(
                 task=spec.name, task_type=spec.task_type, dataset=spec.dataset, dataset_config=spec.config,
                 split=spec.split, metric=spec.metric, scores=scores, metric_source=evaluator.metric_source,
-                examples=len(evaluator.data),
+                examples=examples, subset_seed=_subset_seed(settings.limit, examples),
             ))
     first = next(iter(fused), PRETRAINED)
     return EvaluationReport(fused=first, results=results, pool=pool.name, limit=settings.limit)

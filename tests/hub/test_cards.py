@@ -71,8 +71,8 @@ def test_card_command_adds_evaluation_results(hub_pool, tmp_path: Path) -> None:
     results = {(r.dataset_config, r.metric_type): r.metric_value for r in card.data.eval_results}
     assert results == {("sst2", "accuracy"): 0.9123, ("cola", "accuracy"): 0.7}
     assert card.data.model_name == "fused"
-    assert "| task | dataset | metric | fused | pretrained | ft0 | ft1 |" in card.text
-    assert "| sst2 | glue | accuracy | 0.9123 | 0.5000 | 0.9300 |  |" in card.text
+    assert "| task | dataset | split | examples | metric | fused | pretrained | ft0 | ft1 |" in card.text
+    assert "| sst2 | glue | validation |  | accuracy | 0.9123 | 0.5000 | 0.9300 |  |" in card.text
     assert 'from_pretrained("alice/fused")' in card.text
 
 
