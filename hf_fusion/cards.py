@@ -23,6 +23,8 @@ from hf_fusion.registry import get_method
 from hf_fusion.report import EvaluationReport
 
 CARD_FILENAME = "README.md"
+TOKENIZER_FILENAME = "tokenizer_config.json"
+CUSTOM_MODEL_TYPE_PREFIX = "hf_fusion_"  # model types of hf_fusion.models (ensembles, routed mixtures)
 
 # (transformers mapping, pipeline tag, Auto class): the most specific task first
 _TASKS = (
@@ -78,6 +80,46 @@ def license_of(ref: ModelRef) -> str | None:
         return ModelCard.load(path, ignore_metadata_errors=True).data.get("license")
     except Exception:  # an unreadable card means an unknown license, never a failed fusion
         return None
+
+
+def needs_hf_fusion(config: dict[str, Any] | None) -> bool:
+    """Whether loading the model needs ``import hf_fusion.models`` (its architecture is one hf-fusion defines)."""
+    return str((config or {}).get("model_type", "")).startswith(CUSTOM_MODEL_TYPE_PREFIX)
+
+
+def install_hint() -> str:
+    """How to install this hf-fusion: it is not on a package index, so from its source (a checkout or a wheel)."""
+    from hf_fusion import __version__
+
+    return (f"hf-fusion {__version__}, installed from its source (it is not on PyPI): `pip install ./hf-fusion` from "
+            f"a checkout of that version, or `pip install hf_fusion-{__version__}-py3-none-any.whl` from a wheel built "
+            "from it")
+
+
+def usage_snippet(config: dict[str, Any] | None, *, load_path: str, auto_class: str,
+                  subfolders: Sequence[str] = (), tokenizer: bool = False) -> dict[str, str]:
+    """The card's Usage section: the install line it needs and Python code that runs as written after it.
+
+    Stock architectures need transformers and torch only; hf-fusion's own architectures need ``hf_fusion.models``
+    imported first (it registers them with the Auto classes); per-task outputs load one subfolder.
+    """
+    custom = needs_hf_fusion(config)
+    lines = []
+    if custom:
+        lines.append(f"import hf_fusion.models  # registers the {config['model_type']} architecture "  # type: ignore[index]
+                     "with transformers")
+    lines.append(f"from transformers import {auto_class}" + (", AutoTokenizer" if tokenizer else ""))
+    lines.append("")
+    where = json.dumps(load_path)
+    if subfolders:
+        lines.append(f"# one model per input model, one subfolder each: {', '.join(subfolders)}")
+        where += f", subfolder={json.dumps(subfolders[0])}"
+    lines.append(f"model = {auto_class}.from_pretrained({where})")
+    if tokenizer:
+        lines.append(f"tokenizer = AutoTokenizer.from_pretrained({where})")
+    install = (f"It needs {install_hint()}." if custom
+               else "It needs transformers and PyTorch only: `pip install transformers torch`.")
+    return {"install": install, "code": "\n".join(lines)}
 
 
 @dataclass(frozen=True)
@@ -148,9 +190,11 @@ def build_card(
     report: EvaluationReport | None = None,
     licenses: Sequence[str | None] = (),
     subfolders: Sequence[str] = (),
+    tokenizer: bool = False,
 ) -> ModelCard:
     """Renders the card of a fused model; ``licenses`` are the inputs' licenses, in any order. ``subfolders`` name
-    the models of a method that fuses one model per input (each loads with ``subfolder=``)."""
+    the models of a method that fuses one model per input (each loads with ``subfolder=``); ``tokenizer`` says the
+    output holds a tokenizer, which the usage snippet then loads too."""
     spec = get_method(recipe.method)
     tag, auto_class = task_of(config)
     inputs = [r for r in [recipe.base, *recipe.models] if r is not None]
@@ -198,8 +242,9 @@ def build_card(
         dtype=recipe.dtype,
         exclude=recipe.exclude,
         evaluation=evaluation,
-        auto_class=auto_class,
-        load_path=load_path,
+        usage=usage_snippet(config, load_path=load_path, auto_class=auto_class, subfolders=subfolders,
+                            tokenizer=tokenizer),
+        install_hint=install_hint(),
         command=reproduce_command(recipe, f"./{model_name}"),
         recipe_yaml=recipe.to_yaml().rstrip(),
         subfolders=[{"name": n, "model": r.path} for n, r in zip(subfolders, recipe.models)],
@@ -228,7 +273,8 @@ def write_card(folder: Path, *, repo_id: str | None = None, load_path: str | Non
         raise FusionError(f"{folder} has no {RECIPE_FILENAME}: it was not made by hf-fusion, so no card can be written.")
     recipe = Recipe.from_yaml(recipe_path)
     subfolders = model_subfolders(folder)
-    config_path = folder / (subfolders[0] if subfolders else ".") / "config.json"
+    model_folder = folder / (subfolders[0] if subfolders else ".")
+    config_path = model_folder / "config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else None
     inputs = [r for r in [recipe.base, *recipe.models] if r is not None]
     card = build_card(
@@ -239,6 +285,7 @@ def write_card(folder: Path, *, repo_id: str | None = None, load_path: str | Non
         report=EvaluationReport.load(folder),
         licenses=[license_of(r) for r in inputs],
         subfolders=subfolders,
+        tokenizer=(model_folder / TOKENIZER_FILENAME).is_file(),
     )
     path = folder / CARD_FILENAME
     path.write_text(str(card) + ("\n" if not str(card).endswith("\n") else ""))
