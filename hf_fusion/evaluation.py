@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Iterator, Mapping
 
 from hf_fusion.catalog import Pool, TaskSpec
 from hf_fusion.engine.lora import is_lora_adapter
@@ -69,6 +69,24 @@ def _subset_seed(limit: int | None, examples: int) -> int | None:
     return SUBSET_SEED if limit is not None and examples >= limit else None
 
 
+def _score(evaluator: TaskEvaluator, model: ModelUnderTest, task: str, show_progress: bool) -> float:
+    """Scores one model with a bar over the task's examples, counted as the evaluator draws its batches, so a long
+    evaluation reports progress (or logs it periodically where no bar is drawn)."""
+    draw = evaluator.batches
+    with progress_bar(total=len(evaluator.data), desc=f"evaluating {task} ({model.label})", unit="example",
+                      disable=not show_progress, leave=False) as bar:
+        def counted() -> Iterator[dict[str, list[Any]]]:
+            for batch in draw():
+                yield batch
+                bar.update(len(next(iter(batch.values()), [])))
+
+        evaluator.batches = counted  # type: ignore[method-assign]
+        try:
+            return evaluator.score(model)
+        finally:
+            del evaluator.batches
+
+
 def evaluate_pool(
     pool: Pool,
     fused: Mapping[str, Path | Mapping[str, Path]],
@@ -98,7 +116,7 @@ def evaluate_pool(
                                                                                        expert.base)]
             scores: dict[str, float | None] = {}
             for model in candidates:
-                value = evaluator.score(model)
+                value = _score(evaluator, model, spec.name, show_progress)
                 scores[model.label] = None if math.isnan(value) else value
                 bar.update(1)
             examples = len(evaluator.data)
