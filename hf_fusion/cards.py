@@ -23,6 +23,8 @@ from hf_fusion.registry import get_method
 from hf_fusion.report import EvaluationReport
 
 CARD_FILENAME = "README.md"
+TOKENIZER_FILENAME = "tokenizer_config.json"
+CUSTOM_MODEL_TYPE_PREFIX = "hf_fusion_"  # model types of hf_fusion.models (ensembles, routed mixtures)
 
 # (transformers mapping, pipeline tag, Auto class): the most specific task first
 _TASKS = (
@@ -80,6 +82,46 @@ def license_of(ref: ModelRef) -> str | None:
         return None
 
 
+def needs_hf_fusion(config: dict[str, Any] | None) -> bool:
+    """Whether loading the model needs ``import hf_fusion.models`` (its architecture is one hf-fusion defines)."""
+    return str((config or {}).get("model_type", "")).startswith(CUSTOM_MODEL_TYPE_PREFIX)
+
+
+def install_hint() -> str:
+    """How to install this hf-fusion: it is not on a package index, so from its source (a checkout or a wheel)."""
+    from hf_fusion import __version__
+
+    return (f"hf-fusion {__version__}, installed from its source (it is not on PyPI): `pip install ./hf-fusion` from "
+            f"a checkout of that version, or `pip install hf_fusion-{__version__}-py3-none-any.whl` from a wheel built "
+            "from it")
+
+
+def usage_snippet(config: dict[str, Any] | None, *, load_path: str, auto_class: str,
+                  subfolders: Sequence[str] = (), tokenizer: bool = False) -> dict[str, str]:
+    """The card's Usage section: the install line it needs and Python code that runs as written after it.
+
+    Stock architectures need transformers and torch only; hf-fusion's own architectures need ``hf_fusion.models``
+    imported first (it registers them with the Auto classes); per-task outputs load one subfolder.
+    """
+    custom = needs_hf_fusion(config)
+    lines = []
+    if custom:
+        lines.append(f"import hf_fusion.models  # registers the {config['model_type']} architecture "  # type: ignore[index]
+                     "with transformers")
+    lines.append(f"from transformers import {auto_class}" + (", AutoTokenizer" if tokenizer else ""))
+    lines.append("")
+    where = json.dumps(load_path)
+    if subfolders:
+        lines.append(f"# one model per input model, one subfolder each: {', '.join(subfolders)}")
+        where += f", subfolder={json.dumps(subfolders[0])}"
+    lines.append(f"model = {auto_class}.from_pretrained({where})")
+    if tokenizer:
+        lines.append(f"tokenizer = AutoTokenizer.from_pretrained({where})")
+    install = (f"It needs {install_hint()}." if custom
+               else "It needs transformers and PyTorch only: `pip install transformers torch`.")
+    return {"install": install, "code": "\n".join(lines)}
+
+
 @dataclass(frozen=True)
 class _Row:
     role: str
@@ -120,6 +162,21 @@ def reproduce_command(recipe: Recipe, output: str) -> str:
     return " ".join(shlex.quote(a) for a in args)
 
 
+def _subset_sentence(report: EvaluationReport) -> str | None:
+    """Says which tasks were scored on part of their split, how many examples, and how they were drawn."""
+    subsets = report.subset_results
+    if not subsets:
+        return None
+    counts = ", ".join(f"{r.task}: {r.examples if r.examples is not None else report.limit} of its {r.split} split"
+                       for r in subsets)
+    seeds = sorted({r.subset_seed for r in subsets})
+    whole = [r.task for r in report.results if not r.is_subset]
+    rest = f" {', '.join(whole)} {'was' if len(whole) == 1 else 'were'} scored on the whole split." if whole else ""
+    return (f"**These scores come from a subset, not the whole split** (`hf-fusion evaluate --limit`): {counts}. "
+            f"The examples are a fixed sample: the split shuffled with seed {', '.join(map(str, seeds))} and the first "
+            f"examples kept, the same for every model in the table.{rest} Scores on the full split may differ.")
+
+
 def _template() -> str:
     return resources.files("hf_fusion.model_cards").joinpath("fused_model.md.j2").read_text()
 
@@ -133,9 +190,11 @@ def build_card(
     report: EvaluationReport | None = None,
     licenses: Sequence[str | None] = (),
     subfolders: Sequence[str] = (),
+    tokenizer: bool = False,
 ) -> ModelCard:
     """Renders the card of a fused model; ``licenses`` are the inputs' licenses, in any order. ``subfolders`` name
-    the models of a method that fuses one model per input (each loads with ``subfolder=``)."""
+    the models of a method that fuses one model per input (each loads with ``subfolder=``); ``tokenizer`` says the
+    output holds a tokenizer, which the usage snippet then loads too."""
     spec = get_method(recipe.method)
     tag, auto_class = task_of(config)
     inputs = [r for r in [recipe.base, *recipe.models] if r is not None]
@@ -147,15 +206,17 @@ def build_card(
     if report is not None:
         eval_results = [
             EvalResult(task_type=r.task_type, dataset_type=r.dataset, dataset_name=r.task, dataset_config=r.dataset_config,
-                       dataset_split=r.split, metric_type=r.metric, metric_value=r.scores[report.fused])
+                       dataset_split=r.split_label(), metric_type=r.metric, metric_value=r.scores[report.fused])
             for r in report.results if r.scores.get(report.fused) is not None
         ] or None
         columns = report.columns()
         evaluation = {
             "columns": columns,
-            "rows": [{"task": r.task, "dataset": r.dataset, "metric": r.metric,
+            "rows": [{"task": r.task, "dataset": r.dataset, "split": r.split_label(), "metric": r.metric,
+                      "examples": "" if r.examples is None else str(r.examples),
                       "cells": [f"{r.scores[c]:.4f}" if r.scores.get(c) is not None else "" for c in columns]}
                      for r in report.results],
+            "subset": _subset_sentence(report),
         }
     data = ModelCardData(
         base_model=hub_inputs or None,
@@ -181,8 +242,9 @@ def build_card(
         dtype=recipe.dtype,
         exclude=recipe.exclude,
         evaluation=evaluation,
-        auto_class=auto_class,
-        load_path=load_path,
+        usage=usage_snippet(config, load_path=load_path, auto_class=auto_class, subfolders=subfolders,
+                            tokenizer=tokenizer),
+        install_hint=install_hint(),
         command=reproduce_command(recipe, f"./{model_name}"),
         recipe_yaml=recipe.to_yaml().rstrip(),
         subfolders=[{"name": n, "model": r.path} for n, r in zip(subfolders, recipe.models)],
@@ -202,12 +264,17 @@ def write_card(folder: Path, *, repo_id: str | None = None, load_path: str | Non
     ``load_path`` is what the usage snippet loads: the repo id, else the folder (its final place, when ``folder`` is
     still the temporary one).
     """
+    if not folder.exists():
+        raise FusionError(f"{folder} does not exist: give the folder a merge wrote (its --output).")
+    if not folder.is_dir():
+        raise FusionError(f"{folder} is a file, not a folder: give the folder a merge wrote (its --output).")
     recipe_path = folder / RECIPE_FILENAME
     if not recipe_path.is_file():
         raise FusionError(f"{folder} has no {RECIPE_FILENAME}: it was not made by hf-fusion, so no card can be written.")
     recipe = Recipe.from_yaml(recipe_path)
     subfolders = model_subfolders(folder)
-    config_path = folder / (subfolders[0] if subfolders else ".") / "config.json"
+    model_folder = folder / (subfolders[0] if subfolders else ".")
+    config_path = model_folder / "config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else None
     inputs = [r for r in [recipe.base, *recipe.models] if r is not None]
     card = build_card(
@@ -218,6 +285,7 @@ def write_card(folder: Path, *, repo_id: str | None = None, load_path: str | Non
         report=EvaluationReport.load(folder),
         licenses=[license_of(r) for r in inputs],
         subfolders=subfolders,
+        tokenizer=(model_folder / TOKENIZER_FILENAME).is_file(),
     )
     path = folder / CARD_FILENAME
     path.write_text(str(card) + ("\n" if not str(card).endswith("\n") else ""))

@@ -418,7 +418,7 @@ def cmd_pools(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from hf_fusion.cards import write_card
+    from hf_fusion.cards import CARD_FILENAME, write_card
     from hf_fusion.catalog import get_pool
     from hf_fusion.evaluation import evaluate_pool
     from hf_fusion.leaderboard import to_markdown
@@ -440,12 +440,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     models = fused_models(folder, Recipe.from_yaml(folder / RECIPE_FILENAME), pool) if local_fusion else folder
     report = evaluate_pool(pool, {label: models}, tasks=args.tasks, baselines=not args.no_baselines,
                            settings=_settings(args), token=args.token, show_progress=not args.quiet)
+    written = []
     if local_fusion:
-        report.save(folder)
-        write_card(folder)
+        written.append(f"Wrote {report.save(folder)}")
+        card_existed = (folder / CARD_FILENAME).is_file()
+        written.append(f"{'Rewrote' if card_existed else 'Wrote'} {write_card(folder)} with these scores")
     if args.report:
         Path(args.report).write_text(report.model_dump_json(indent=2) + "\n")
+        written.append(f"Wrote {args.report}")
     print(to_markdown(report))
+    subsets = report.subset_results
+    if subsets:
+        counts = ", ".join(f"{r.task} {r.examples}" for r in subsets)
+        print(f"\nScored a seeded sample of each task's split, not the whole split (--limit {args.limit}): {counts} "
+              "examples.")
+    if written and not args.quiet:
+        print("\n" + "\n".join(written))
     return 0
 
 
@@ -492,11 +502,12 @@ def cmd_push(args: argparse.Namespace) -> int:
 def cmd_card(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from hf_fusion.cards import write_card
+    from hf_fusion.cards import CARD_FILENAME, write_card
 
+    existed = (Path(args.folder) / CARD_FILENAME).is_file()
     path = write_card(Path(args.folder), repo_id=args.repo_id)
     if not args.quiet:
-        print(f"Wrote {path}")
+        print(f"{'Rewrote' if existed else 'Wrote'} {path}")
     return 0
 
 

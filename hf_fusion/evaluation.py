@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Iterator, Mapping
 
 from hf_fusion.catalog import Pool, TaskSpec
 from hf_fusion.engine.lora import is_lora_adapter
@@ -17,6 +17,7 @@ from hf_fusion.sources import fetch, resolve
 from hf_fusion.tasks.base import EvalSettings, TaskContext, TaskEvaluator
 from hf_fusion.tasks.causal_lm import CausalLM
 from hf_fusion.tasks.classification import HeadClassification
+from hf_fusion.tasks.data import SUBSET_SEED
 from hf_fusion.tasks.clip_zero_shot import ClipZeroShot
 from hf_fusion.tasks.text_to_text import TextToText
 from hf_fusion.tasks.weights import ModelUnderTest
@@ -62,6 +63,30 @@ def _for_task(fused: Path | Mapping[str, Path], task: str) -> Path:
     return fused
 
 
+def _subset_seed(limit: int | None, examples: int) -> int | None:
+    """The seed of the sample when ``limit`` cut the split (it then holds exactly ``limit`` examples); a split
+    shorter than the limit was scored whole."""
+    return SUBSET_SEED if limit is not None and examples >= limit else None
+
+
+def _score(evaluator: TaskEvaluator, model: ModelUnderTest, task: str, show_progress: bool) -> float:
+    """Scores one model with a bar over the task's examples, counted as the evaluator draws its batches, so a long
+    evaluation reports progress (or logs it periodically where no bar is drawn)."""
+    draw = evaluator.batches
+    with progress_bar(total=len(evaluator.data), desc=f"evaluating {task} ({model.label})", unit="example",
+                      disable=not show_progress, leave=False) as bar:
+        def counted() -> Iterator[dict[str, list[Any]]]:
+            for batch in draw():
+                yield batch
+                bar.update(len(next(iter(batch.values()), [])))
+
+        evaluator.batches = counted  # type: ignore[method-assign]
+        try:
+            return evaluator.score(model)
+        finally:
+            del evaluator.batches
+
+
 def evaluate_pool(
     pool: Pool,
     fused: Mapping[str, Path | Mapping[str, Path]],
@@ -91,13 +116,14 @@ def evaluate_pool(
                                                                                        expert.base)]
             scores: dict[str, float | None] = {}
             for model in candidates:
-                value = evaluator.score(model)
+                value = _score(evaluator, model, spec.name, show_progress)
                 scores[model.label] = None if math.isnan(value) else value
                 bar.update(1)
+            examples = len(evaluator.data)
             results.append(TaskResult(
                 task=spec.name, task_type=spec.task_type, dataset=spec.dataset, dataset_config=spec.config,
                 split=spec.split, metric=spec.metric, scores=scores, metric_source=evaluator.metric_source,
-                examples=len(evaluator.data),
+                examples=examples, subset_seed=_subset_seed(settings.limit, examples),
             ))
     first = next(iter(fused), PRETRAINED)
     return EvaluationReport(fused=first, results=results, pool=pool.name, limit=settings.limit)

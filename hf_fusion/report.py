@@ -26,6 +26,20 @@ class TaskResult(pydantic.BaseModel):
     )
     metric_source: str | None = pydantic.Field(None, description="hub or bundled: where the metric module came from")
     examples: int | None = pydantic.Field(None, description="how many examples were scored")
+    subset_seed: int | None = pydantic.Field(
+        None, description="set when only part of the split was scored (--limit): the split was shuffled with this "
+                          "seed and its first `examples` kept; null when the whole split was scored")
+
+    @property
+    def is_subset(self) -> bool:
+        return self.subset_seed is not None
+
+    def split_label(self) -> str:
+        """The split as a reader should see it: ``test``, or ``test (seeded sample of 100)`` for a subset."""
+        if not self.is_subset:
+            return self.split
+        size = f" of {self.examples}" if self.examples is not None else ""
+        return f"{self.split} (sample{size}, seed {self.subset_seed})"
 
 
 class EvaluationReport(pydantic.BaseModel):
@@ -48,6 +62,11 @@ class EvaluationReport(pydantic.BaseModel):
     def load(cls, folder: Path) -> "EvaluationReport | None":
         path = folder / REPORT_FILENAME
         return cls.model_validate_json(path.read_text()) if path.is_file() else None
+
+    @property
+    def subset_results(self) -> list[TaskResult]:
+        """The tasks scored on part of their split (a ``--limit`` run)."""
+        return [r for r in self.results if r.is_subset]
 
     def columns(self) -> list[str]:
         """Model labels in table order: the fused model first, then the others as they first appear."""

@@ -9,6 +9,9 @@ from hf_fusion.catalog import BUILTIN_PREFIX, TaskSpec
 from hf_fusion.errors import FusionError
 
 
+SUBSET_SEED = 0  # the shuffle seed of ``limit`` subsets; reports record it so a card can say how the subset was drawn
+
+
 class DatasetError(FusionError):
     """A task's dataset cannot be loaded."""
 
@@ -22,7 +25,7 @@ def load_examples(spec: TaskSpec, limit: int | None = None) -> Any:
     else:
         data = _load_hub_or_local(spec)
     if limit is not None and limit < len(data):
-        data = data.shuffle(seed=0).select(range(limit))
+        data = data.shuffle(seed=SUBSET_SEED).select(range(limit))
     return data
 
 

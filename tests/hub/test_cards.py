@@ -71,11 +71,22 @@ def test_card_command_adds_evaluation_results(hub_pool, tmp_path: Path) -> None:
     results = {(r.dataset_config, r.metric_type): r.metric_value for r in card.data.eval_results}
     assert results == {("sst2", "accuracy"): 0.9123, ("cola", "accuracy"): 0.7}
     assert card.data.model_name == "fused"
-    assert "| task | dataset | metric | fused | pretrained | ft0 | ft1 |" in card.text
-    assert "| sst2 | glue | accuracy | 0.9123 | 0.5000 | 0.9300 |  |" in card.text
+    assert "| task | dataset | split | examples | metric | fused | pretrained | ft0 | ft1 |" in card.text
+    assert "| sst2 | glue | validation |  | accuracy | 0.9123 | 0.5000 | 0.9300 |  |" in card.text
     assert 'from_pretrained("alice/fused")' in card.text
 
 
 def test_card_refuses_a_folder_without_recipe(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "hf_fusion", "card", str(tmp_path)], capture_output=True, text=True)
     assert out.returncode == 1 and "no fusion_recipe.yaml" in out.stderr
+
+
+@pytest.mark.parametrize("case", ["missing", "file"])
+def test_card_names_a_missing_folder_or_a_file(case: str, tmp_path: Path) -> None:
+    target = tmp_path / "missing"
+    if case == "file":
+        target.write_text("not a folder")
+    out = subprocess.run([sys.executable, "-m", "hf_fusion", "card", str(target)], capture_output=True, text=True)
+    expected = "does not exist" if case == "missing" else "is a file, not a folder"
+    assert out.returncode == 1 and expected in out.stderr, out.stderr
+    assert "not made by hf-fusion" not in out.stderr
