@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="replace an existing output folder, and files on an existing Hub branch with --push")
     merge.add_argument("--allow-pickle", action="store_true",
                        help="load .bin/.pt pickle checkpoints (can run code; only for models you trust)")
+    merge.add_argument("--allow-nonfinite", action="store_true", default=None,
+                       help="fuse tensors holding NaN or inf instead of refusing them (carried through to the output)")
+    merge.add_argument("--clamp-overflow", action="store_true", default=None,
+                       help="clamp fused values beyond the output dtype's range instead of refusing them")
     merge.add_argument("--max-shard-size", type=parse_size, default=None, metavar="SIZE",
                        help="largest output shard (default 5GB)")
     merge.add_argument("--pool", help="a catalog pool (see `hf-fusion pools`) or pool file: its base, experts, heads")
@@ -367,6 +371,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         evaluate=_settings(args) if args.evaluate else False,
         overwrite=args.overwrite,
         allow_pickle=args.allow_pickle,
+        allow_nonfinite=args.allow_nonfinite,
+        clamp_overflow=args.clamp_overflow,
         push=_push_target(args, args.push),
         show_progress=not args.quiet,
         **kwargs,

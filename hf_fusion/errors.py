@@ -29,6 +29,10 @@ class IncompatibleModelsError(FusionError):
     """The models cannot be fused: different architectures, tensor names, shapes or dtypes."""
 
 
+class NonFiniteError(FusionError, ValueError):
+    """An input tensor holds NaN or infinite values, or a fused tensor does not fit its output dtype."""
+
+
 class CheckpointError(FusionError):
     """A checkpoint cannot be read: missing, unreadable, truncated or malformed."""
 

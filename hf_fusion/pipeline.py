@@ -151,6 +151,8 @@ def merge(
     show_progress: bool = True,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     budget_elements: int = DEFAULT_BUDGET_ELEMENTS,
+    allow_nonfinite: bool | None = None,
+    clamp_overflow: bool | None = None,
     **parameters: Any,
 ) -> MergeResult:
     """Fuses models into a ``from_pretrained``-ready folder, and optionally pushes it to the Hub.
@@ -163,7 +165,7 @@ def merge(
     overrides = {
         "models": models, "base": base, "method": method, "output": str(output) if output else None,
         "dtype": dtype, "device": device, "exclude": exclude, "heads": heads, "pool": pool, "tasks": tasks,
-        "parameters": parameters,
+        "parameters": parameters, "allow_nonfinite": allow_nonfinite, "clamp_overflow": clamp_overflow,
     }
     checked = validate_recipe(as_recipe(recipe, overrides))
     settings = EvalSettings() if evaluate is True else evaluate or None
@@ -283,6 +285,7 @@ def _fuse(
         engine = StreamingEngine(
             plan, method_impl, uses_base=checked.uses_base, device=recipe.device,
             budget_elements=budget_elements, show_progress=show_progress, module_types=module_types,
+            allow_nonfinite=recipe.allow_nonfinite, clamp_overflow=recipe.clamp_overflow,
         )
         atomic = AtomicFolder(target, overwrite=overwrite)
         with atomic as temp:

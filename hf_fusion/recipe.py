@@ -96,6 +96,10 @@ class Recipe(pydantic.BaseModel):
     heads: list[str] = pydantic.Field(default_factory=list)
     device: str = "cpu"
     output: str | None = None
+    allow_nonfinite: bool = False
+    """Fuse tensors holding NaN or infinities instead of refusing them (they are carried through to the output)."""
+    clamp_overflow: bool = False
+    """Clamp fused values beyond the output dtype's range to its finite limits instead of refusing them."""
 
     @pydantic.field_validator("models", mode="before")
     @classmethod
@@ -169,6 +173,10 @@ class Recipe(pydantic.BaseModel):
             data["device"] = self.device
         if self.output:
             data["output"] = self.output
+        if self.allow_nonfinite:
+            data["allow_nonfinite"] = True
+        if self.clamp_overflow:
+            data["clamp_overflow"] = True
         return {k: v for k, v in data.items() if v is not None}
 
     def to_yaml(self) -> str:

@@ -7,6 +7,7 @@ these entries. Parameters are pydantic models, so defaults, types and ranges are
 from __future__ import annotations
 
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -106,22 +107,31 @@ class MethodSpec:
     def validate_params(self, raw: Mapping[str, Any]) -> pydantic.BaseModel:
         """Checks names (with a did-you-mean), types and ranges; raises :class:`ParameterError`."""
         known = list(self.params_model.model_fields)
-        accepted = set(known) | _alias_spellings(self.params_model)
+        spellings = _fields_by_spelling(self.params_model)
         for key in raw:
-            if key not in accepted:
+            if key not in spellings:
                 hint = _did_you_mean(key, known)
                 listing = ", ".join(known) if known else "none"
                 raise ParameterError(
                     f"unknown parameter {key!r} for method {self.name!r}.{hint} Its parameters: {listing}."
                 )
+        custom = _custom_before_validators(self.params_model)
+        for key, value in raw.items():
+            name = spellings[key]
+            field_info = self.params_model.model_fields[name]
+            accepted = {object} if name in custom else _leaf_types(field_info.annotation)
+            _check_value(self.name, key, value, accepted)
         try:
-            return self.params_model(**raw)
+            params = self.params_model(**raw)
         except pydantic.ValidationError as err:
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in e['loc']) or 'parameters'}: {e['msg']} (got {e.get('input')!r})"
                 for e in err.errors()
             )
             raise ParameterError(f"invalid parameters for method {self.name!r}: {problems}") from None
+        for key, value in params.model_dump().items():
+            _check_value(self.name, key, value, {object})
+        return params
 
     def validate_pool(self, params: pydantic.BaseModel, num_models: int, has_base: bool) -> None:
         """Checks the number of models and the base against what the method needs; raises :class:`RecipeError`."""
@@ -186,16 +196,74 @@ def _did_you_mean(word: str, candidates: list[str]) -> str:
     return f" Did you mean {names}?"
 
 
-def _alias_spellings(model: type[pydantic.BaseModel]) -> set[str]:
-    """Other accepted spellings of parameter names (FusionBench's ``DOT_THRESHOLD``)."""
-    names: set[str] = set()
-    for f in model.model_fields.values():
+def _fields_by_spelling(model: type[pydantic.BaseModel]) -> dict[str, str]:
+    """Every accepted spelling of a parameter, its name and its aliases (FusionBench's ``DOT_THRESHOLD``), mapped
+    to the parameter's name."""
+    names: dict[str, str] = {}
+    for name, f in model.model_fields.items():
+        names[name] = name
         alias = f.validation_alias
-        if isinstance(alias, str):
-            names.add(alias)
-        elif isinstance(alias, pydantic.AliasChoices):
-            names.update(c for c in alias.choices if isinstance(c, str))
+        choices = [alias] if isinstance(alias, str) else getattr(alias, "choices", [])
+        names.update({c: name for c in choices if isinstance(c, str)})
     return names
+
+
+def _custom_before_validators(model: type[pydantic.BaseModel]) -> set[str]:
+    """Fields whose model has its own before-validator: those decide for themselves what they accept."""
+    names: set[str] = set()
+    for decorator in model.__pydantic_decorators__.field_validators.values():
+        if decorator.info.mode in ("before", "plain", "wrap"):
+            names.update(decorator.info.fields)
+    return names
+
+
+def _leaf_types(annotation: Any) -> set[type]:
+    """The plain types an annotation admits, through unions, lists and literals (``list[float] | None``)."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return {type(a) for a in typing.get_args(annotation)}
+    if origin is typing.Annotated:
+        inner, *metadata = typing.get_args(annotation)
+        if any(type(m).__name__.endswith("Validator") for m in metadata):
+            return {object}  # a custom validator decides what it accepts (DARE's ``rescale: true``)
+        return _leaf_types(inner)
+    if origin is not None:
+        return set().union(*(_leaf_types(a) for a in typing.get_args(annotation) if a is not Ellipsis))
+    return {annotation} if isinstance(annotation, type) else {object}
+
+
+def _check_value(method: str, key: str, value: Any, accepted: set[type]) -> None:
+    """Refuses what pydantic would quietly coerce: a boolean where a number is expected (``true`` read as 1.0),
+    and NaN or infinity, which no method turns into a meaningful model (NaN would only meet a range check)."""
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_value(method, f"{key}[{i}]", item, accepted)
+        return
+    if isinstance(value, dict):
+        for name, item in value.items():
+            _check_value(method, f"{key}.{name}", item, accepted)
+        return
+    if isinstance(value, bool):
+        if bool not in accepted and object not in accepted:
+            expected = "a number" if accepted & {float, int} else "one of its listed values"
+            raise ParameterError(
+                f"parameter {key!r} of method {method!r} must be {expected}, not a boolean "
+                f"(got {str(value).lower()})."
+            )
+        return
+    number: float | None = None
+    if isinstance(value, (int, float)):
+        number = float(value) if isinstance(value, float) or abs(value) < 1 << 1023 else math.inf
+    elif isinstance(value, str) and str not in accepted and (float in accepted or int in accepted):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            return
+    if number is not None and not math.isfinite(number):
+        raise ParameterError(
+            f"parameter {key!r} of method {method!r} must be a finite number (got {value!r}); "
+            "NaN and infinity cannot be used as weights or coefficients."
+        )
 
 
 def _type_name(annotation: Any) -> tuple[str, tuple[Any, ...] | None]:

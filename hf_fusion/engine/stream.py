@@ -1,5 +1,15 @@
 """The streaming executor: read slices ahead on a thread, fuse on the compute device, write in order.
 
+Non-finite values: every input slice of a fused tensor is checked with one ``isfinite`` pass. A slice holding NaN or
+an infinity is refused with the model and tensor named, unless it is byte-identical in every input (a stored
+``-inf`` mask), which passes through untouched. With ``allow_nonfinite`` such a slice is fused anyway, by one rule
+for every method: the elements that are non-finite in any input are set to zero in every input before the method
+runs (so they take no part in sums, norms, signs, sorting or SVDs), and in the output those elements hold the sum
+of the inputs' non-finite values there (NaN where any input is NaN or infinities of both signs meet, else that
+infinity). Every fused result is checked before it is written: a value that overflows the output dtype (or a NaN
+made from finite inputs) is refused with the tensor named, or, for overflow with ``clamp_overflow``, clamped to the
+dtype's finite range.
+
 Memory is bounded by the slice budget, not by the model: an element-wise method sees row slices of at most
 ``budget_elements / number_of_inputs`` elements per model, so the working set stays the same as models grow in
 size or number. Read buffers come from a pool and are reused, because touching fresh memory costs more than
@@ -20,6 +30,7 @@ from hf_fusion.engine.checkpoint import TensorEntry
 from hf_fusion.engine.dtypes import SAFETENSORS_TO_TORCH
 from hf_fusion.engine.plan import FusionPlan, PlannedTensor
 from hf_fusion.engine.writer import ShardedSafetensorsWriter
+from hf_fusion.errors import NonFiniteError
 from hf_fusion.methods.base import TensorInputs, TensorMerge, Visitor
 from hf_fusion.progress import progress_bar
 
@@ -41,6 +52,39 @@ class SliceJob:
 def _rows_nbytes(entry: TensorEntry, rows: int) -> int:
     """Bytes of ``rows`` leading rows of a tensor (the whole tensor for a scalar)."""
     return entry.nbytes * rows // entry.rows if entry.rows else entry.nbytes
+
+
+@dataclass(frozen=True)
+class _Poison:
+    """Elements non-finite in some input (``where``) and the value the output takes there (``values``)."""
+
+    where: torch.Tensor
+    values: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A slice ready for the method; ``inputs`` is None when it passes through as stored."""
+
+    inputs: TensorInputs | None
+    poison: _Poison | None
+
+
+def _identical(typed: Sequence[torch.Tensor]) -> bool:
+    """Whether every input holds the same bytes (a stored mask or buffer that fine-tuning never touched)."""
+    first = typed[0]
+    raw = first.reshape(-1).view(torch.uint8)
+    return all(t.dtype == first.dtype and torch.equal(t.reshape(-1).view(torch.uint8), raw) for t in typed[1:])
+
+
+def _set_aside(values: list[torch.Tensor]) -> tuple[list[torch.Tensor], _Poison]:
+    """Zeroes, in every input, the elements non-finite in any input, and records what the output holds there."""
+    stacked = torch.stack(values)
+    finite = torch.isfinite(stacked)
+    where = ~finite.all(dim=0)
+    carried = torch.where(finite, torch.zeros_like(stacked), stacked).sum(dim=0)
+    cleaned = [v.masked_fill(where, 0.0) for v in values]
+    return cleaned, _Poison(where, carried)
 
 
 class _BufferPool:
@@ -76,8 +120,12 @@ class StreamingEngine:
         prefetch: int = 2,
         show_progress: bool = True,
         module_types: dict[str, str] | None = None,
+        allow_nonfinite: bool = False,
+        clamp_overflow: bool = False,
     ) -> None:
         self.plan = plan
+        self.allow_nonfinite = allow_nonfinite
+        self.clamp_overflow = clamp_overflow
         self.module_types = module_types or {}
         self.method = method
         self.device = torch.device(device)
@@ -169,14 +217,82 @@ class StreamingEngine:
                     except Exception:  # the error that stopped us is already propagating
                         pass
 
-    def _inputs(self, job: SliceJob, slices: list[tuple[torch.Tensor, torch.Tensor]]) -> TensorInputs:
+    def _inputs(self, job: SliceJob, slices: list[tuple[torch.Tensor, torch.Tensor]]) -> _Prepared:
+        """The slice as the method sees it, after the non-finite check (see the module docstring)."""
         values = [
             typed.to(self.device, non_blocking=True).to(self.compute_dtype) for _, typed in slices
         ]
+        poison = None
+        bad = [i for i, v in enumerate(values) if not bool(torch.isfinite(v).all())]
+        if bad:
+            if _identical([typed for _, typed in slices]):
+                return _Prepared(None, None)
+            if not self.allow_nonfinite:
+                raise self._nonfinite_input(job, bad[0], values[bad[0]])
+            values, poison = _set_aside(values)
         base = values[0] if self.has_base else None
         experts = values[1:] if self.has_base else values
-        return TensorInputs(job.tensor.key, base, experts, job.tensor.shape, job.flat_offset,
-                            self.module_types.get(job.tensor.key))
+        inputs = TensorInputs(job.tensor.key, base, experts, job.tensor.shape, job.flat_offset,
+                              self.module_types.get(job.tensor.key))
+        return _Prepared(inputs, poison)
+
+    def _nonfinite_input(self, job: SliceJob, position: int, value: torch.Tensor) -> NonFiniteError:
+        source = job.sources[position]
+        label = self.plan.checkpoints[source].label
+        name = job.tensor.reads[source]
+        kind = "NaN" if bool(torch.isnan(value).any()) else "infinite values"
+        count = int((~torch.isfinite(value)).sum())
+        return NonFiniteError(
+            f"{label} holds {kind} in tensor {name!r} ({count} of {value.numel()} values read); fusing would spread "
+            "them into the output. Repair or leave out that model, list the tensor in `exclude` to copy it unfused, "
+            "or pass --allow-nonfinite (recipe field `allow_nonfinite: true`) to carry such values through."
+        )
+
+    def _output(self, job: SliceJob, result: torch.Tensor, poison: _Poison | None) -> torch.Tensor:
+        """The fused slice in the output dtype on the CPU, after the overflow check (and clamp, if asked)."""
+        out_dtype = SAFETENSORS_TO_TORCH[job.tensor.out_dtype]
+        if self.clamp_overflow and out_dtype.is_floating_point:
+            info = torch.finfo(out_dtype)
+            result = result.clamp(info.min, info.max)
+        cast = result.to(out_dtype)
+        finite = torch.isfinite(cast)
+        if poison is not None:
+            finite = finite | poison.where
+        if not bool(finite.all()):
+            raise self._nonfinite_output(job.tensor.name, result, cast, finite)
+        if poison is not None:
+            cast = torch.where(poison.where, poison.values.to(out_dtype), cast)
+        return cast.cpu()
+
+    def _nonfinite_output(self, name: str, result: torch.Tensor, cast: torch.Tensor, finite: torch.Tensor
+                          ) -> NonFiniteError:
+        bad = int((~finite).sum())
+        dtype = str(cast.dtype).removeprefix("torch.")
+        if bool(torch.isnan(result[~finite]).any()):
+            return NonFiniteError(
+                f"fusing tensor {name!r} gives NaN from finite inputs ({bad} of {cast.numel()} values); nothing was "
+                "written. Check the method's parameters (weights and scales far from 1 overflow on the way)."
+            )
+        return NonFiniteError(
+            f"fused tensor {name!r} overflows {dtype} ({bad} of {cast.numel()} values beyond its range); nothing was "
+            f"written. Use smaller weights or scales, a wider --dtype (float32), or --clamp-overflow (recipe field "
+            f"`clamp_overflow: true`) to clamp such values to {dtype}'s finite range."
+        )
+
+    def _copied(self, job: SliceJob, typed: torch.Tensor) -> torch.Tensor:
+        """An unfused slice in the output dtype; a conversion that overflows is refused or clamped like a result."""
+        out_dtype = SAFETENSORS_TO_TORCH[job.tensor.out_dtype]
+        if typed.dtype == out_dtype:
+            return typed
+        copied = typed.to(out_dtype)
+        if out_dtype.is_floating_point and not bool(torch.isfinite(copied).all()):
+            was_finite = torch.isfinite(typed)
+            if not bool((torch.isfinite(copied) | ~was_finite).all()):
+                if not self.clamp_overflow:
+                    raise self._nonfinite_output(job.tensor.name, typed, copied, torch.isfinite(copied) | ~was_finite)
+                info = torch.finfo(out_dtype)
+                copied = torch.where(was_finite, typed.clamp(info.min, info.max), typed).to(out_dtype)
+        return copied
 
     # passes -------------------------------------------------------------------------------------------------
     def scan(self, visitor: Visitor) -> None:
@@ -191,7 +307,9 @@ class StreamingEngine:
         with progress_bar(total=len(fused), desc=f"statistics pass {self.passes}", unit="tensor",
                           disable=not self.show_progress) as bar:
             for job, slices in self._prefetched(self._jobs(fused)):
-                visitor(self._inputs(job, slices))
+                prepared = self._inputs(job, slices)
+                if prepared.inputs is not None:
+                    visitor(prepared.inputs)
                 if job.row_stop >= self._rows(job):
                     bar.update(1)
 
@@ -210,8 +328,10 @@ class StreamingEngine:
         jobs = [j for j in self._jobs(self.plan.fused) if (j.tensor.key, j.flat_offset) in stale]
         log.debug("fusing %d slice(s) again after the merge pass", len(jobs))
         for job, slices in self._prefetched(iter(jobs)):
-            out_dtype = SAFETENSORS_TO_TORCH[job.tensor.out_dtype]
-            result = self.method.merge(self._inputs(job, slices)).to(out_dtype).cpu()
+            prepared = self._inputs(job, slices)
+            if prepared.inputs is None:
+                continue
+            result = self._output(job, self.method.merge(prepared.inputs), prepared.poison)
             for writer_, part in self._per_writer(writers, result):
                 writer_.overwrite(job.tensor.name, job.flat_offset * part.element_size(), part)
 
@@ -237,9 +357,12 @@ class StreamingEngine:
                         current = job.tensor
                         for writer in writers:
                             writer.begin(current.name)
-                    out_dtype = SAFETENSORS_TO_TORCH[job.tensor.out_dtype]
-                    if job.tensor.fuse:
-                        result = self.method.merge(self._inputs(job, slices))
+                    prepared = self._inputs(job, slices) if job.tensor.fuse else None
+                    if prepared is not None and prepared.inputs is None:
+                        for writer in writers:  # non-finite and identical in every input: written as stored
+                            writer.write(self._copied(job, slices[0][1]))
+                    elif prepared is not None:
+                        result = self.method.merge(prepared.inputs)
                         expected = (job.row_stop - job.row_start, *job.tensor.shape[1:]) if job.tensor.shape else ()
                         if self.method.outputs_per_model:
                             expected = (len(writers), *expected)
@@ -248,11 +371,10 @@ class StreamingEngine:
                                 f"method returned shape {list(result.shape)} for {job.tensor.name!r}, "
                                 f"expected {list(expected)}"
                             )
-                        for writer, part in self._per_writer(writers, result.to(out_dtype).cpu()):
+                        for writer, part in self._per_writer(writers, self._output(job, result, prepared.poison)):
                             writer.write(part)
                     else:
-                        typed = slices[0][1]
-                        copied = typed if typed.dtype == out_dtype else typed.to(out_dtype)
+                        copied = self._copied(job, slices[0][1])
                         for writer in writers:
                             writer.write(copied)
                     if job.row_stop >= self._rows(job):

@@ -79,6 +79,8 @@ def _check_weights(params: Any, num_models: int, has_base: bool) -> None:
         return
     if len(params.weights) != num_models:
         raise RecipeError(f"karcher_mean got {len(params.weights)} weight(s) for {num_models} model(s).")
+    if not math.isfinite(sum(params.weights)):
+        raise RecipeError("karcher_mean: the weights' sum overflows a float; use smaller weights.")
     if any(w < 0 for w in params.weights) or sum(params.weights) <= 0:
         raise RecipeError("karcher_mean needs non-negative weights with a positive sum.")
 

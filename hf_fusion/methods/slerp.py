@@ -35,10 +35,12 @@ def slerp(start: torch.Tensor, end: torch.Tensor, t: float, dot_threshold: float
     unit0 = start / norm0 if norm0 > epsilon else start
     unit1 = end / norm1 if norm1 > epsilon else end
     dot = float(torch.sum(unit0 * unit1))
-    if abs(dot) > dot_threshold:
+    if not abs(dot) <= dot_threshold:  # colinear, or a NaN angle: no arc to follow
         return linear_interpolation(start, end, t)
     omega = math.acos(max(-1.0, min(1.0, dot)))
     sin_omega = math.sin(omega)
+    if sin_omega < 1e-12:  # dot_threshold=1 lets exactly colinear tensors through
+        return linear_interpolation(start, end, t)
     return torch.add(start * (math.sin(omega - omega * t) / sin_omega), end, alpha=math.sin(omega * t) / sin_omega)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import pydantic
@@ -24,12 +25,16 @@ class WeightedAverageParams(pydantic.BaseModel):
 
 
 def weighted_average(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
-    """theta = sum_t w_t theta_t, divided by sum_t w_t when ``normalize``."""
+    """theta = sum_t w_t theta_t, divided by sum_t w_t when ``normalize``.
+
+    Normalised weights are divided before they multiply the tensors, so large weights (1e300) do not overflow.
+    """
+    if normalize:
+        total_weight = sum(weights)
+        weights = [w / total_weight for w in weights]
     total = tensors[0] * weights[0]
     for t, w in zip(tensors[1:], weights[1:]):
         total.add_(t, alpha=w)
-    if normalize:
-        total.div_(sum(weights))
     return total
 
 
@@ -55,6 +60,8 @@ def _check_weights(params: Any, num_models: int, has_base: bool) -> None:
         raise RecipeError(
             f"weighted_average got {len(params.weights)} weight(s) for {num_models} model(s): give one per model."
         )
+    if not math.isfinite(sum(params.weights)):
+        raise RecipeError("weighted_average: the weights' sum overflows a float; use smaller weights.")
     if params.normalize and abs(sum(params.weights)) < 1e-12:
         raise RecipeError("weighted_average with normalize=true needs weights that do not sum to zero.")
     if params.weight_scope_alignment and sum(params.weights) <= 0:
