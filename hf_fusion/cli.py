@@ -16,21 +16,14 @@ from hf_fusion import __version__
 
 log = logging.getLogger("hf_fusion")
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-          "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+def size_argument(text: str) -> int:
+    """A ``--max-shard-size`` style value (see :func:`hf_fusion.sizes.parse_size`)."""
+    from hf_fusion.sizes import parse_size
 
-
-def parse_size(text: str) -> int:
-    """``5GB`` -> 5e9 bytes, ``500MiB`` -> 500 * 2**20; a bare number is bytes."""
-    match = _SIZE.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 5GB or 500MB)")
-    unit = (match.group(2) or "").upper().rstrip("B")
-    size = int(float(match.group(1)) * _UNITS[unit])
-    if size <= 0:
-        raise argparse.ArgumentTypeError(f"a size must be positive, got {text!r} (try 5GB or 500MB)")
-    return size
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _whole_number(text: str, minimum: int) -> int:
@@ -138,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fuse tensors holding NaN or inf instead of refusing them (carried through to the output)")
     merge.add_argument("--clamp-overflow", action="store_true", default=None,
                        help="clamp fused values beyond the output dtype's range instead of refusing them")
-    merge.add_argument("--max-shard-size", type=parse_size, default=None, metavar="SIZE",
+    merge.add_argument("--max-shard-size", type=size_argument, default=None, metavar="SIZE",
                        help="largest output shard (default 5GB)")
     merge.add_argument("--pool", help="a catalog pool (see `hf-fusion pools`) or pool file: its base, experts, heads")
     merge.add_argument("--tasks", type=_comma_list, metavar="T1,T2", help="only these tasks (and their experts) of the pool")

@@ -7,12 +7,15 @@ only after the new one is in place.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
+from typing import Callable, Iterator
 
 from hf_fusion.errors import FileSystemError, InsufficientResourcesError, OutputExistsError
 
@@ -45,8 +48,31 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
+DiskReservation = Callable[[Path, int], None]
+_reservation: contextvars.ContextVar[DiskReservation | None] = contextvars.ContextVar("hf_fusion_disk_reservation",
+                                                                                    default=None)
+
+
+@contextmanager
+def disk_reservation(reserve: DiskReservation) -> Iterator[None]:
+    """Calls ``reserve(target, bytes)`` before each output of this context (thread or task) is written.
+
+    A host that shares one disk between users (the Space) uses it to keep its own budget, beside the file system's
+    free space: ``reserve`` makes room or raises :class:`InsufficientResourcesError` before anything is written.
+    """
+    token = _reservation.set(reserve)
+    try:
+        yield
+    finally:
+        _reservation.reset(token)
+
+
 def check_free_space(target: Path, needed_bytes: int) -> None:
-    """Refuses early when the output filesystem cannot hold the result (with a 1% + 64 MB margin)."""
+    """Refuses early when the output filesystem (or the host's reservation) cannot hold the result (with a 1% + 64 MB
+    margin on the file system)."""
+    reserve = _reservation.get()
+    if reserve is not None:
+        reserve(target, needed_bytes)
     parent = target.parent if not target.exists() else target
     while not parent.exists():
         parent = parent.parent
@@ -64,7 +90,7 @@ def _temp_name(kind: str, target: Path) -> str:
     return f"{TEMP_PREFIX}{kind}{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -90,7 +116,7 @@ def clean_leftovers(target: Path) -> list[Path]:
             pid_text = path.name[len(prefix):].split("-")[0]
             if not pid_text.isdigit() or not path.is_dir():
                 continue
-            if _process_alive(int(pid_text)) and int(pid_text) != os.getpid():
+            if process_alive(int(pid_text)) and int(pid_text) != os.getpid():
                 log.warning("%s is being written by a running hf-fusion (process %s); left alone", path, pid_text)
                 continue
             if kind == "old-" and not target.exists():

@@ -10,14 +10,13 @@ for candidate in (HERE, HERE.parent):  # a deployed Space carries the package be
         sys.path.insert(0, str(candidate))
         break
 
-from hf_fusion.space import build_app, in_a_space  # noqa: E402
+from hf_fusion.space import build_app, in_a_space, launch  # noqa: E402
 
 demo = build_app()
 
 if __name__ == "__main__":
-    demo.launch(
-        server_name="0.0.0.0" if in_a_space() else os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-        server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
-        share=False,
-        ssr_mode=False,
+    launch(
+        demo=demo,
+        host="0.0.0.0" if in_a_space() else os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
     )

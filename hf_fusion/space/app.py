@@ -8,22 +8,27 @@ behind a queue with a concurrency limit, and the Stop button stops them at the n
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 import zipfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Generator, Iterator, TypeVar
 
 from hf_fusion.errors import FusionError, RecipeError
+from hf_fusion.output import disk_reservation
+from hf_fusion.sizes import parse_size
 from hf_fusion.space.form import (
     POOL_SOURCE,
     REPO_SOURCE,
     ParamSlot,
-    check_no_local_paths,
     make_widget,
     param_slots,
     parse_recipe_yaml,
@@ -31,7 +36,10 @@ from hf_fusion.space.form import (
     to_yaml,
 )
 from hf_fusion.space.jobs import Job
-from hf_fusion.space.session import Session, close_session
+from hf_fusion.space.session import Session
+from hf_fusion.space.slots import JobSlots, Ticket
+from hf_fusion.space.store import SessionStore
+from hf_fusion.space.visitor import check_pool_name, check_visitor_recipe
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -41,7 +49,10 @@ DEFAULT_METHOD = "ties_merging"
 DEFAULT_COMPARE = ["simple_average", "task_arithmetic", "ties_merging"]
 DEFAULT_LIMIT = 200
 SESSION_TTL_SECONDS = 6 * 3600
-CONCURRENCY_ID = "fusion-jobs"
+DEFAULT_IDLE_SECONDS = 15 * 60
+DEFAULT_MAX_WAITING = 16
+DEFAULT_BUDGET_CAP = 20 * 10**9
+PUSH_CONCURRENCY = 2
 DTYPES = ["auto", "float32", "float16", "bfloat16"]
 EMPTY_BOARD = ["model", "task scores", "average", "normalized"]
 
@@ -107,34 +118,94 @@ def card_body(folder: Path) -> str:
     return ModelCard.load(path).text.lstrip() if path.is_file() else ""
 
 
-def _user_error(err: BaseException) -> Exception:
-    """The message users see in the UI: validation messages as they are, anything else named as unexpected."""
+def _user_error(err: BaseException, *, public: bool) -> Exception:
+    """The message visitors see: hf-fusion's own messages as they are; anything else is logged on the server and, on
+    a shared Space, named by its type only (a library's message may quote server paths or file contents)."""
     import gradio as gr
 
     if isinstance(err, FusionError):
         return gr.Error(str(err), print_exception=False)
     log.exception("unexpected error in the Space", exc_info=err)
-    return gr.Error(f"unexpected error ({type(err).__name__}): {err}")
+    if public:
+        return gr.Error(f"unexpected error ({type(err).__name__}); the details are in the server's log.",
+                        print_exception=False)
+    return gr.Error(f"unexpected error ({type(err).__name__}): {err}", print_exception=False)
+
+
+@dataclass(frozen=True)
+class SpaceLimits:
+    """How much of the server visitors may use: jobs at once, jobs waiting, idle time, and disk."""
+
+    running: int = 1
+    waiting: int = DEFAULT_MAX_WAITING
+    idle_seconds: float = DEFAULT_IDLE_SECONDS
+    disk_budget: int = DEFAULT_BUDGET_CAP
+
+    @classmethod
+    def from_environment(cls, root: Path, running: int | None = None) -> "SpaceLimits":
+        """``HF_FUSION_SPACE_CONCURRENCY``, ``HF_FUSION_SPACE_MAX_WAITING``, ``HF_FUSION_SPACE_IDLE_SECONDS`` and
+        ``HF_FUSION_SPACE_DISK_BUDGET`` (a size such as ``20GB``; by default half the free space where sessions are
+        kept, at most 20 GB)."""
+        env = os.environ
+        try:
+            budget_text = env.get("HF_FUSION_SPACE_DISK_BUDGET")
+            limits = cls(
+                running=running or int(env.get("HF_FUSION_SPACE_CONCURRENCY", "1")),
+                waiting=int(env.get("HF_FUSION_SPACE_MAX_WAITING", str(DEFAULT_MAX_WAITING))),
+                idle_seconds=float(env.get("HF_FUSION_SPACE_IDLE_SECONDS", str(DEFAULT_IDLE_SECONDS))),
+                disk_budget=parse_size(budget_text) if budget_text else _default_budget(root),
+            )
+        except ValueError as err:
+            raise RecipeError(f"the Space's settings are invalid: {err}") from None
+        if limits.running < 1 or limits.waiting < 0 or not 0 < limits.idle_seconds < float("inf"):
+            raise RecipeError("the Space's settings are invalid: HF_FUSION_SPACE_CONCURRENCY must be at least 1, "
+                              "HF_FUSION_SPACE_MAX_WAITING at least 0 and HF_FUSION_SPACE_IDLE_SECONDS positive.")
+        return limits
+
+
+def _default_budget(root: Path) -> int:
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return max(1, min(DEFAULT_BUDGET_CAP, shutil.disk_usage(probe).free // 2))
 
 
 class SpaceApp:
     """Builds the Blocks and holds the handlers; one instance per server, never per-user data."""
 
-    def __init__(self, *, root: Path, in_space: bool, allow_local_paths: bool, concurrency: int) -> None:
+    def __init__(self, *, root: Path, files_root: Path, in_space: bool, allow_local_paths: bool,
+                 limits: SpaceLimits) -> None:
         from hf_fusion.catalog import pool_names
         from hf_fusion.registry import all_methods
 
-        self.root = root
         self.in_space = in_space
         self.allow_local_paths = allow_local_paths
-        self.concurrency = concurrency
+        self.limits = limits
+        self.store = SessionStore(root, files_root, idle_seconds=limits.idle_seconds, budget_bytes=limits.disk_budget)
+        self.job_slots = JobSlots(limits.running, limits.waiting)
         self.specs = all_methods()
         self.slots: list[ParamSlot] = param_slots(self.specs)
         self.pools = pool_names()
 
+    @property
+    def public(self) -> bool:
+        """A shared Space: visitors may name only catalog pools, Hub repo ids and built-in models."""
+        return not self.allow_local_paths
+
+    def _error(self, err: BaseException) -> Exception:
+        return _user_error(err, public=self.public)
+
     # shared steps ----------------------------------------------------------------------------------------------
-    def _session(self, session: Session | None) -> Session:
-        return session if session is not None else Session.create(self.root)
+    def _admit(self) -> Ticket:
+        """A place for a new job (a slot or the line), refused at once when the line is full."""
+        try:
+            return self.job_slots.admit()
+        except FusionError as err:
+            raise self._error(err) from None
+
+    def _reserving(self, session: Session, factor: int) -> Callable[[Path, int], None]:
+        """The disk reservation of ``session``'s outputs: ``factor`` copies of each (a folder and its zip)."""
+        return lambda target, needed: self.store.reserve(session, needed * factor)
 
     def _run_job(self, session: Session, job: Job[T], progress: Any, *, results: int
                  ) -> Generator[tuple[Any, ...], None, T | None]:
@@ -145,7 +216,9 @@ class SpaceApp:
         try:
             session.begin(job)
         except FusionError as err:
-            raise _user_error(err) from None
+            if job.ticket is not None:
+                job.ticket.release()
+            raise self._error(err) from None
         try:
             for _ in job.follow():
                 if job.running and job.fraction() is not None:
@@ -154,11 +227,12 @@ class SpaceApp:
         finally:
             if job.running:  # the client went away: do not leave the job running for nobody
                 job.stop()
+            self.store.settle(session)
         if job.stopped:
             yield (session, job.status(), job.log_text(), *[None] * results)
             return None
         if job.error is not None:
-            raise _user_error(job.error)
+            raise self._error(job.error)
         return job.result
 
     # Merge tab --------------------------------------------------------------------------------------------------
@@ -166,6 +240,8 @@ class SpaceApp:
                      *values: Any) -> str:
         from hf_fusion.catalog import get_pool
 
+        if source == POOL_SOURCE and pool_name and self.public:
+            check_pool_name(pool_name)
         pool = get_pool(pool_name) if source == POOL_SOURCE and pool_name else None
         return to_yaml(recipe_fields(source=source, pool=pool, models_text=models_text or "", base=base or "",
                                      method=method, dtype=dtype, slots=self.slots, values=values))
@@ -182,9 +258,10 @@ class SpaceApp:
         """Everything checkable without weights, in the request itself, so bad input fails at once."""
         from hf_fusion.pipeline import as_recipe, validate_recipe
 
-        recipe = validate_recipe(as_recipe(parse_recipe_yaml(recipe_text), {})).recipe
-        if not self.allow_local_paths:
-            check_no_local_paths(recipe)
+        fields = parse_recipe_yaml(recipe_text)
+        if self.public:  # before anything reads a pool file or looks at a folder
+            check_visitor_recipe(fields)
+        recipe = validate_recipe(as_recipe(fields, {})).recipe
         if not evaluate:
             return recipe, False, None
         if not recipe.pool:
@@ -206,48 +283,64 @@ class SpaceApp:
         return tasks
 
     def run_merge(self, recipe_text: str, evaluate: bool, limit: float | None, session: Session | None,
-                  token: str | None, progress: Any) -> Iterator[tuple[Any, ...]]:
+                  token: str | None, progress: Any, visitor: str | None = None) -> Iterator[tuple[Any, ...]]:
         from hf_fusion.pipeline import merge
 
-        session = self._session(session)
         try:
             recipe, settings, tasks = self._prepare_merge(recipe_text, evaluate, limit)
-        except FusionError as err:
-            raise _user_error(err) from None
+        except FusionError as err:  # refused in the request: nothing was created for it
+            raise self._error(err) from None
+        ticket = self._admit()
+        session = self.store.open(session, visitor)
         folder = session.new_folder(recipe.method)
 
         def work() -> tuple[Any, Path]:
-            result = merge(recipe.replace(output=str(folder)), evaluate=settings, tasks=tasks, token=token,
-                           show_progress=False)
+            with disk_reservation(self._reserving(session, factor=2)):  # the folder, then its zip
+                result = merge(recipe.replace(output=str(folder)), evaluate=settings, tasks=tasks, token=token,
+                               show_progress=False)
             job.write(f"fused {result.fused_tensors} tensors ({result.copied_tensors} copied) in "
                       f"{result.seconds:.1f} s; {result.output_bytes / 1e6:.0f} MB")
             if result.evaluation is not None:
                 job.write(f"scored {len(result.evaluation.results)} task(s) in {result.evaluation_seconds:.1f} s")
-            archive = zip_folder(result.output, session.workdir / f"{folder.name}.zip")
+            try:
+                archive = zip_folder(result.output, session.served_file(f"{folder.name}.zip"))
+            except BaseException:
+                shutil.rmtree(result.output, ignore_errors=True)
+                raise
             return result, archive
 
-        job: Job[tuple[Any, Path]] = Job(work, "merge")
+        job: Job[tuple[Any, Path]] = Job(work, "merge", ticket)
         outcome = yield from self._run_job(session, job, progress, results=3)
         if outcome is None:
             return
         result, archive = outcome
-        session.keep_merged(result.output)
+        session.keep_merged(result.output, archive)
         scores = leaderboard_frame(result.evaluation) if result.evaluation else None
         status = (f"Merged {len(result.recipe.models)} models with **{result.recipe.method}** in {result.seconds:.1f} s"
                   + (f", scored in {result.evaluation_seconds:.1f} s." if result.evaluation else ".")
                   + " Download it below, or push it to the Hub.")
         yield session, status, job.log_text(), scores, str(archive), card_body(result.output)
 
-    def stop(self, session: Session | None) -> str:
+    async def stop(self, session: Session | None) -> str:
+        """Never queued behind jobs (see :mod:`hf_fusion.space.slots`), so it answers even when the line is full."""
         return "Nothing is running." if session is None else session.stop()
 
-    def push(self, repo_id: str, private: bool, overwrite: bool, session: Session | None, token: str | None) -> str:
+    def page_closed(self, request: Any) -> None:
+        """gradio's ``unload``: the browser tab went away, so its sessions' files go too."""
+        self.store.close_visitor(getattr(request, "session_hash", None))
+
+    def push(self, repo_id: str, private: bool, overwrite: bool, session: Session | None, token: str | None,
+             visitor: str | None = None) -> str:
         from hf_fusion.hub.auth import resolve_token
         from hf_fusion.hub.push import PushTarget, push_merged_folder
 
         try:
+            if session is not None and session.closed and session.removed_reason:
+                raise RecipeError(f"nothing to push: this session's merged model was removed because "
+                                  f"{session.removed_reason}. Run the merge again.")
             if session is None or session.merged is None or not session.merged.is_dir():
                 raise RecipeError("nothing to push yet: run a merge first.")
+            session.touch()
             if not repo_id or not repo_id.strip():
                 raise RecipeError("choose a repo name (`name` or `namespace/name`) to push to.")
             token = token if self.in_space else resolve_token(None)
@@ -256,41 +349,46 @@ class SpaceApp:
             target = PushTarget(repo_id.strip(), private=private, overwrite=overwrite)
             pushed = push_merged_folder(session.merged, target, token=token, rewrite_card=True)
         except FusionError as err:
-            raise _user_error(err) from None
+            raise self._error(err) from None
         visibility = "private" if private else "public"
         link = pushed.pr_url or pushed.url
         return f"Pushed to [{pushed.repo_id}]({link}) ({visibility})."
 
     # Compare tab ------------------------------------------------------------------------------------------------
     def run_compare(self, pool_name: str, methods: list[str], sweep_text: str, limit: float | None,
-                    session: Session | None, token: str | None, progress: Any) -> Iterator[tuple[Any, ...]]:
+                    session: Session | None, token: str | None, progress: Any, visitor: str | None = None
+                    ) -> Iterator[tuple[Any, ...]]:
         from hf_fusion.bench import Sweep, run_bench
         from hf_fusion.catalog import get_pool
         from hf_fusion.evaluation import INDIVIDUAL, PRETRAINED
         from hf_fusion.registry import get_method
 
-        session = self._session(session)
         try:
             if not methods:
                 raise RecipeError("pick at least one method to compare.")
             specs = [get_method(m) for m in methods]
-            pool = get_pool(pool_name)
+            pool = get_pool(check_pool_name(pool_name) if self.public else pool_name)
             sweep = Sweep.parse(sweep_text.strip()) if sweep_text and sweep_text.strip() else None
             if sweep is not None and not any(sweep.parameter in s.params_model.model_fields for s in specs):
                 raise RecipeError(f"none of the chosen methods has a parameter {sweep.parameter!r} to sweep.")
             settings = eval_settings(limit)
-        except FusionError as err:
-            raise _user_error(err) from None
-        output = session.new_folder("compare")
+        except FusionError as err:  # refused in the request: nothing was created for it
+            raise self._error(err) from None
+        ticket = self._admit()
+        session = self.store.open(session, visitor)
+        output = session.served_file(f"{session.runs:03d}-compare")  # its plots are served from where they are
 
         def work() -> Any:
+            for previous in output.parent.glob("*-compare"):  # only the newest comparison is kept
+                shutil.rmtree(previous, ignore_errors=True)
             try:
-                return run_bench(pool, [s.name for s in specs], output, sweep=sweep, settings=settings, token=token,
-                                 show_progress=False)
+                with disk_reservation(self._reserving(session, factor=1)):
+                    return run_bench(pool, [s.name for s in specs], output, sweep=sweep, settings=settings,
+                                     token=token, show_progress=False)
             finally:
                 shutil.rmtree(output / "models", ignore_errors=True)  # only the scores are shown
 
-        job: Job[Any] = Job(work, "comparison")
+        job: Job[Any] = Job(work, "comparison", ticket)
         bench = yield from self._run_job(session, job, progress, results=3)
         if bench is None:
             return
@@ -306,8 +404,9 @@ class SpaceApp:
     def build(self) -> Any:
         import gradio as gr
 
-        with gr.Blocks(title="hf-fusion", fill_width=True) as demo:
-            session = gr.State(None, time_to_live=SESSION_TTL_SECONDS, delete_callback=close_session)
+        # delete_cache: files gradio itself copies into its cache (not the sessions', which the store removes)
+        with gr.Blocks(title="hf-fusion", fill_width=True, delete_cache=(1800, 7200)) as demo:
+            session = gr.State(None, time_to_live=SESSION_TTL_SECONDS, delete_callback=self.store.close)
             gr.Markdown("# hf-fusion\nFuse fine-tuned models from the Hub, score them against their experts, and "
                         "push the result. Every method and parameter below comes from the same registry as the "
                         "`hf-fusion` command line.")
@@ -320,15 +419,32 @@ class SpaceApp:
                     self._merge_tab(session)
                 with gr.Tab("Compare", id="compare"):
                     self._compare_tab(session)
-        demo.queue(max_size=32, default_concurrency_limit=self.concurrency)
+            demo.unload(self._with_visitor(self.page_closed))
+        # Long jobs wait in the Space's own bounded line (JobSlots), not in gradio's queue: gradio's queue refuses
+        # every request once full, Stop included, so it is left unbounded and never holds more than quick events.
+        demo.queue(max_size=None, default_concurrency_limit=None)
+        self.store.start()
+        atexit.register(self.store.shutdown)
         return demo
 
+    @staticmethod
+    def _with_visitor(handler: Callable[[Any], None]) -> Callable[..., None]:
+        import gradio as gr
+
+        def closed(request: Any) -> None:
+            handler(request)
+
+        closed.__annotations__ = {"request": gr.Request, "return": None}  # how gradio knows to pass the request
+        return closed
+
     def _with_token(self, handler: Callable[..., Any], inputs: int, *, generator: bool) -> Callable[..., Any]:
-        """``handler`` with the user's token (and gradio's progress tracker) after its ``inputs`` values.
+        """``handler`` with the user's token, the visitor's session hash (and gradio's progress tracker) after its
+        ``inputs`` values.
 
         gradio injects special arguments by position, reading the signature: so the wrapper declares its inputs
         one by one, then ``oauth_token: gr.OAuthToken | None`` in a Space (the signed-in user's token; outside a
-        Space none is passed and the local login is used), then ``progress=gr.Progress()`` for generators.
+        Space none is passed and the local login is used), then ``request: gr.Request``, then
+        ``progress=gr.Progress()`` for generators.
         """
         import inspect
 
@@ -339,23 +455,26 @@ class SpaceApp:
         if self.in_space:
             params.append(Param("oauth_token", Param.POSITIONAL_OR_KEYWORD, default=None,
                                 annotation=gr.OAuthToken | None))
+        params.append(Param("request", Param.POSITIONAL_OR_KEYWORD, default=None, annotation=gr.Request))
         if generator:
             params.append(Param("progress", Param.POSITIONAL_OR_KEYWORD, default=gr.Progress()))
         in_space = self.in_space
 
-        def split(args: tuple[Any, ...]) -> tuple[list[Any], str | None, Any]:
+        def split(args: tuple[Any, ...]) -> tuple[list[Any], str | None, str | None, Any]:
             values, extra = list(args[:inputs]), list(args[inputs:])
             oauth = extra.pop(0) if in_space and extra else None
-            return values, (oauth.token if oauth is not None else None), (extra[0] if extra else None)
+            request = extra.pop(0) if extra else None
+            return (values, (oauth.token if oauth is not None else None), getattr(request, "session_hash", None),
+                    (extra[0] if extra else None))
 
         if generator:
             def run(*args: Any) -> Any:
-                values, token, progress = split(args)
-                yield from handler(*values, token, progress)
+                values, token, visitor, progress = split(args)
+                yield from handler(*values, token, progress, visitor=visitor)
         else:
             def run(*args: Any) -> Any:  # type: ignore[misc]
-                values, token, _ = split(args)
-                return handler(*values, token)
+                values, token, visitor, _ = split(args)
+                return handler(*values, token, visitor=visitor)
         run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         run.__annotations__ = {p.name: p.annotation for p in params if p.annotation is not Param.empty}
         return run
@@ -422,10 +541,10 @@ class SpaceApp:
         gr.on([c.change for c in form], self.form_to_yaml, form, recipe, api_visibility="private", queue=False)
         merge_btn.click(self._with_token(self.run_merge, 4, generator=True), [recipe, evaluate, limit, session],
                               [session, status, log_box, scores, download, card], api_name="merge",
-                              concurrency_id=CONCURRENCY_ID)
+                              concurrency_limit=None)
         stop_btn.click(self.stop, session, status, api_name="stop", queue=False)
         push_btn.click(self._with_token(self.push, 4, generator=False), [repo, private, overwrite, session], push_status,
-                       api_name="push")
+                       api_name="push", concurrency_limit=PUSH_CONCURRENCY, concurrency_id="push")
 
     def _compare_tab(self, session: Any) -> None:
         import gradio as gr
@@ -452,30 +571,48 @@ class SpaceApp:
                                      interactive=False)
         run_btn.click(self._with_token(self.run_compare, 5, generator=True), [pool, methods, sweep, limit, session],
                       [session, status, log_box, board, bars, lines], api_name="compare",
-                      concurrency_id=CONCURRENCY_ID)
+                      concurrency_limit=None)
         stop_btn.click(self.stop, session, status, api_name="stop_compare", queue=False)
 
 
-def build_app(*, root: str | Path | None = None, in_space: bool | None = None, allow_local_paths: bool | None = None,
-              concurrency: int | None = None) -> Any:
-    """The Blocks of the Space. Outside a Space, local folders may be fused and the local token pushes; inside one,
-    only Hub ids and built-in pools, and the signed-in user's OAuth token."""
+def create_app(*, root: str | Path | None = None, files_root: str | Path | None = None, in_space: bool | None = None,
+               allow_local_paths: bool | None = None, concurrency: int | None = None,
+               limits: SpaceLimits | None = None) -> SpaceApp:
+    """The Space's handlers and its session store. Outside a Space, local folders may be fused and the local token
+    pushes; inside one, only Hub ids, catalog pools and built-in models, and the signed-in user's OAuth token.
+    Limits come from ``limits`` or the environment (see :meth:`SpaceLimits.from_environment`)."""
+    from gradio.utils import get_upload_folder
+
     _quiet_network_defaults()
     space = in_a_space() if in_space is None else in_space
     logging.getLogger("hf_fusion").setLevel(logging.INFO)  # each job keeps its own thread's records
-    app = SpaceApp(
-        root=Path(root) if root else Path(tempfile.gettempdir()) / "hf-fusion-space",
+    root = Path(root) if root else Path(tempfile.gettempdir()) / "hf-fusion-space"
+    return SpaceApp(
+        root=root,
+        files_root=Path(files_root) if files_root else Path(get_upload_folder()) / "hf-fusion",
         in_space=space,
         allow_local_paths=(not space) if allow_local_paths is None else allow_local_paths,
-        concurrency=concurrency or int(os.environ.get("HF_FUSION_SPACE_CONCURRENCY", "1")),
+        limits=limits or SpaceLimits.from_environment(root, concurrency),
     )
-    return app.build()
 
 
-def launch(*, host: str = "127.0.0.1", port: int | None = None, **build: Any) -> None:
-    """Builds and serves the app (blocking); never through a share link."""
-    demo = build_app(**build)
-    demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False, footer_links=["api", "settings"])
+def build_app(**options: Any) -> Any:
+    """The Blocks of the Space (see :func:`create_app` for the options)."""
+    return create_app(**options).build()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # so that a stopped server unwinds and removes its sessions' files
+
+
+def launch(*, host: str = "127.0.0.1", port: int | None = None, demo: Any = None, **options: Any) -> None:
+    """Builds (unless given) and serves the app, blocking, never through a share link; SIGTERM (what a Space or a
+    container sends to stop) ends it like Ctrl-C, so the sessions' files are removed on the way out."""
+    demo = demo if demo is not None else build_app(**options)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+    demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False, footer_links=["api", "settings"],
+                max_file_size="1mb")  # nothing in the app takes uploads
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -487,11 +624,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @contextmanager
 def serving(*, host: str = "127.0.0.1", port: int | None = None, **build: Any) -> Iterator[str]:
-    """Serves the app in this process for the duration of the block (tests, scripts, notebooks); yields its URL."""
-    demo = build_app(**build)
+    """Serves the app in this process for the duration of the block (tests, scripts, notebooks); yields its URL.
+    Leaving the block stops the server and removes every session's files."""
+    app = create_app(**build)
+    demo = app.build()
     _, url, _ = demo.launch(server_name=host, server_port=port or free_port(host), prevent_thread_lock=True,
-                            quiet=True, share=False, ssr_mode=False)
+                            quiet=True, share=False, ssr_mode=False, max_file_size="1mb")
     try:
         yield url.rstrip("/")
     finally:
         demo.close()
+        app.store.shutdown()

@@ -15,8 +15,6 @@ from typing import Any, Sequence
 import yaml
 
 from hf_fusion.errors import RecipeError
-from hf_fusion.catalog import BUILTIN_PREFIX
-from hf_fusion.recipe import Recipe
 from hf_fusion.registry import MethodSpec, ParamInfo
 
 POOL_SOURCE, REPO_SOURCE = "Catalog pool", "Repo ids"
@@ -147,9 +145,3 @@ def parse_recipe_yaml(text: str) -> dict[str, Any]:
     data.pop("output", None)
     return data
 
-
-def check_no_local_paths(recipe: Recipe) -> None:
-    """On a shared Space, models come from the Hub or the built-in pools, never from the server's disk."""
-    for ref in [*recipe.models, *([recipe.base] if recipe.base else [])]:
-        if ref.is_local and not ref.path.startswith(BUILTIN_PREFIX):
-            raise RecipeError(f"{ref.path!r} is a local path; this Space only fuses Hub repo ids and built-in pools.")

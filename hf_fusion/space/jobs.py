@@ -8,6 +8,9 @@ never mix even though they share the ``hf_fusion`` logger.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import logging
 import threading
 import time
@@ -16,6 +19,7 @@ from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from hf_fusion.errors import JobStopped
 from hf_fusion.progress import JobMonitor, monitored
+from hf_fusion.space.slots import Ticket
 
 T = TypeVar("T")
 
@@ -39,8 +43,9 @@ class _ThreadLog(logging.Handler):
 class Job(Generic[T]):
     """Runs ``work`` once in a daemon thread; exposes its progress, log, result or error."""
 
-    def __init__(self, work: Callable[[], T], name: str) -> None:
+    def __init__(self, work: Callable[[], T], name: str, ticket: Ticket | None = None) -> None:
         self.name = name
+        self.ticket = ticket
         self.monitor = JobMonitor(on_progress=self._on_progress)
         self.stage: str = "queued"
         self.done: int = 0
@@ -90,12 +95,25 @@ class Job(Generic[T]):
         logger.addHandler(handler)
         try:
             with monitored(self.monitor):
+                if self.ticket is not None:
+                    self.ticket.wait(self.monitor.stop_event.is_set, self._on_wait)
                 self.result = self._work()
         except BaseException as err:  # noqa: BLE001 - reported to the UI, never swallowed silently
             self.error = err
             self.write(f"stopped: {err}" if isinstance(err, JobStopped) else f"error: {err}")
         finally:
+            if self.ticket is not None:
+                self.ticket.release()
             logger.removeHandler(handler)
+            self._work = _finished  # drop the closure (and the models it reached) before returning memory
+            return_memory()
+
+    def _on_wait(self, ahead: int) -> None:
+        stage = f"waiting for a free slot ({ahead} in line before this job)" if ahead > 1 else \
+            "waiting for a free slot (next in line)"
+        if stage != self.stage:
+            self.write(stage)
+        self.stage, self.done, self.total = stage, 0, None
 
     # progress and log -------------------------------------------------------------------------------------------
     def _on_progress(self, stage: str, done: int, total: int | None) -> None:
@@ -124,3 +142,22 @@ class Job(Generic[T]):
 
     def fraction(self) -> float | None:
         return self.done / self.total if self.total else None
+
+
+def _finished() -> Any:
+    raise RuntimeError("this job has already run")
+
+
+def return_memory() -> None:
+    """Collects the job's garbage and hands freed heap pages back to the system.
+
+    Tensors freed by a finished merge stay in glibc's arenas (so the server's RSS would stay at its peak while idle)
+    until ``malloc_trim`` returns them; elsewhere only the garbage collection runs.
+    """
+    gc.collect()
+    libc_name = ctypes.util.find_library("c")
+    if libc_name:
+        try:
+            ctypes.CDLL(libc_name).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+            pass

@@ -10,13 +10,11 @@ import yaml
 from hf_fusion.catalog import get_pool
 from hf_fusion.errors import RecipeError
 from hf_fusion.pipeline import as_recipe, validate_recipe
-from hf_fusion.recipe import Recipe
 from hf_fusion.registry import all_methods, get_method
-from hf_fusion.space.app import SpaceApp
+from hf_fusion.space.app import SpaceApp, SpaceLimits
 from hf_fusion.space.form import (
     POOL_SOURCE,
     REPO_SOURCE,
-    check_no_local_paths,
     param_slots,
     recipe_fields,
     slider_range,
@@ -77,14 +75,14 @@ def test_repo_ids_form_and_typed_values() -> None:
 
 
 def test_a_shared_space_refuses_server_paths(tmp_path: Path) -> None:
-    check_no_local_paths(Recipe.build(method="task_arithmetic", models=["org/a", "builtin:minilm_text3/bbc_news"],
-                                      base="org/base"))
-    for fields in ({"models": ["/etc"]}, {"models": ["org/a"], "base": "./base"}, {"models": [str(tmp_path)]}):
-        with pytest.raises(RecipeError, match="local path"):
-            check_no_local_paths(Recipe.build(method="simple_average", **fields))
-    app = SpaceApp(root=tmp_path, in_space=True, allow_local_paths=False, concurrency=1)
-    with pytest.raises(RecipeError, match="local path"):
-        app._prepare_merge(f"method: simple_average\nmodels: [{tmp_path}]\n", False, 0)
+    app = SpaceApp(root=tmp_path / "sessions", files_root=tmp_path / "files", in_space=True, allow_local_paths=False,
+                   limits=SpaceLimits())
+    for recipe in (f"method: simple_average\nmodels: [{tmp_path}]\n", "method: simple_average\nmodels: [/etc]\n",
+                   "method: task_arithmetic\nmodels: [org/a]\nbase: ./base\n"):
+        with pytest.raises(RecipeError, match="cannot be used on this Space"):
+            app._prepare_merge(recipe, False, 0)
     recipe, settings, tasks = app._prepare_merge("method: ties_merging\npool: minilm-text3\n", True, 50)
     assert tasks == ["bbc_news", "twitter_sentiment", "sms_spam"] and settings.limit == 50
     assert settings.metrics == "bundled"
+    assert [m.path for m in recipe.models] == [f"builtin:minilm-text3/{t}" for t in tasks]
+    assert not (tmp_path / "sessions").exists() and not (tmp_path / "files").exists()  # nothing made for checks

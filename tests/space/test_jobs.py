@@ -70,13 +70,17 @@ def test_a_session_runs_one_job_at_a_time_and_cleans_up(tmp_path: Path) -> None:
     from hf_fusion.errors import FusionError
 
     release = threading.Event()
-    session = Session.create(tmp_path)
+    session = Session("key", tmp_path / "work", tmp_path / "files")
     session.begin(Job(lambda: release.wait(30), "first"))
     with pytest.raises(FusionError, match="still running"):
         session.begin(Job(lambda: None, "second"))
     release.set()
     session.job.wait(10)  # type: ignore[union-attr]
     assert session.stop() == "Nothing is running."
-    folder = session.workdir
-    session.close()
-    assert not folder.exists()
+    folder = session.new_folder("merge")
+    folder.mkdir()
+    served = session.served_file("merge.zip")
+    served.write_bytes(b"zip")
+    assert session.disk_bytes() == 3
+    session.remove_files()
+    assert not session.workdir.exists() and not session.filesdir.exists()
