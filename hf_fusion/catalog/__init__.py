@@ -199,7 +199,8 @@ def builtin_names() -> list[str]:
     experts = sorted(
         f"{BUILTIN_PREFIX}{pool.name.replace('_', '-')}/{expert.name}"
         for pool in root.iterdir() if pool.is_dir() and not pool.name.startswith(("_", "."))
-        for expert in pool.iterdir() if expert.is_dir() and not expert.name.startswith(("_", "."))
+        for expert in pool.iterdir()
+        if expert.is_dir() and not expert.name.startswith(("_", ".")) and expert.resolve().parent.parent == root
     )
     return [*(f"{BUILTIN_PREFIX}{name}" for name in BUILTIN_MODELS), *experts]
 

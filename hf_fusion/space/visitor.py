@@ -46,8 +46,10 @@ def check_model_reference(value: Any) -> None:
         except PoolError as err:
             raise RecipeError(str(err)) from None
         return
-    repo_id = text.rpartition("@")[0] if "@" in text else text
+    repo_id, at, revision = text.rpartition("@") if "@" in text else (text, "", "")
     try:
+        if at and not revision.strip():
+            raise HFValidationError("empty revision")
         validate_repo_id(repo_id)
     except HFValidationError:
         raise RecipeError(f"model {shown(value)} cannot be used on this Space: name {ACCEPTED}.") from None
