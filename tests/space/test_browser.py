@@ -6,6 +6,7 @@ Only loopback is reachable from the page: any other request is refused and fails
 from __future__ import annotations
 
 import shutil
+import time
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,4 +52,21 @@ def test_compare_in_the_browser_shows_leaderboard_and_plots(space_url: str, tmp_
         assert shown(board.get_by_text("task_arithmetic[scaling_factor=0.6]", exact=True))
         assert shown(board.get_by_text("simple_average", exact=True))
         page.screenshot(path=str(tmp_path / "compare.png"), full_page=True)
+    assert refused == []
+
+
+def test_closing_the_tab_removes_the_sessions_files(space_url: str, space_root: Path) -> None:
+    def sessions() -> set[Path]:
+        return {p for p in space_root.glob("server-*/session-*") if any(p.rglob("*.safetensors"))}
+
+    before = sessions()
+    with browser_page() as (page, refused):
+        drive_merge(page, space_url, method="task_arithmetic", scaling_factor=0.4, limit=8)
+        mine = sessions() - before
+        assert len(mine) == 1, "the merge kept its folder for Push"
+        page.close()  # the tab goes away; the browser stays
+        deadline = time.time() + 60  # gradio notices through its heartbeat
+        while time.time() < deadline and any(p.exists() for p in mine):
+            time.sleep(0.5)
+    assert not any(p.exists() for p in mine)
     assert refused == []
