@@ -57,6 +57,14 @@ def finite_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    """A finite number above 0 (seconds)."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value
+
+
 def repo_id(text: str) -> str:
     """A Hub repo to push to: ``name`` or ``org/name``, checked by huggingface_hub's rules before any work."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -187,7 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
     space = sub.add_parser("space", help="start the Gradio app (merge and compare in the browser) on this machine")
     space.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     space.add_argument("--port", type=positive_int, default=7860, help="port (default: 7860)")
-    space.add_argument("--concurrency", type=positive_int, default=1, help="jobs run at once; others wait in the queue")
+    space.add_argument("--concurrency", type=positive_int, default=None,
+                       help="jobs run at once (default: HF_FUSION_SPACE_CONCURRENCY or 1)")
+    space.add_argument("--max-waiting", type=non_negative_int, default=None,
+                       help="jobs that may wait for a slot; more are refused at once (default: "
+                            "HF_FUSION_SPACE_MAX_WAITING or 16)")
+    space.add_argument("--idle-seconds", type=positive_float, default=None,
+                       help="a session's files are removed after this long without a request (default: "
+                            "HF_FUSION_SPACE_IDLE_SECONDS or 900)")
+    space.add_argument("--disk-budget", type=size_argument, default=None, metavar="SIZE",
+                       help="disk for all sessions' files; idle sessions are evicted to stay under it (default: "
+                            "HF_FUSION_SPACE_DISK_BUDGET, or half the free space, at most 20GB)")
     space.add_argument("--no-local-paths", action="store_true",
                        help="refuse local folders as models, as on a shared Space")
     _add_common(space)
@@ -482,10 +500,15 @@ def cmd_space(args: argparse.Namespace) -> int:
 
     if importlib.util.find_spec("gradio") is None:
         raise FusionError('the Space needs gradio, which is not installed: pip install "hf-fusion[space]".')
-    from hf_fusion.space import launch
+    from dataclasses import replace
 
-    launch(host=args.host, port=args.port, concurrency=args.concurrency,
-           allow_local_paths=False if args.no_local_paths else None)
+    from hf_fusion.space import launch
+    from hf_fusion.space.app import SpaceLimits, default_root
+
+    limits = SpaceLimits.from_environment(default_root(), args.concurrency)
+    flags = {"waiting": args.max_waiting, "idle_seconds": args.idle_seconds, "disk_budget": args.disk_budget}
+    limits = replace(limits, **{k: v for k, v in flags.items() if v is not None})
+    launch(host=args.host, port=args.port, limits=limits, allow_local_paths=False if args.no_local_paths else None)
     return 0
 
 

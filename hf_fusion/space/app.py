@@ -586,7 +586,7 @@ def create_app(*, root: str | Path | None = None, files_root: str | Path | None 
     _quiet_network_defaults()
     space = in_a_space() if in_space is None else in_space
     logging.getLogger("hf_fusion").setLevel(logging.INFO)  # each job keeps its own thread's records
-    root = Path(root) if root else Path(tempfile.gettempdir()) / "hf-fusion-space"
+    root = Path(root) if root else default_root()
     return SpaceApp(
         root=root,
         files_root=Path(files_root) if files_root else Path(get_upload_folder()) / "hf-fusion",
@@ -594,6 +594,11 @@ def create_app(*, root: str | Path | None = None, files_root: str | Path | None 
         allow_local_paths=(not space) if allow_local_paths is None else allow_local_paths,
         limits=limits or SpaceLimits.from_environment(root, concurrency),
     )
+
+
+def default_root() -> Path:
+    """Where sessions' merged folders are kept unless told otherwise (under the system's temporary folder)."""
+    return Path(tempfile.gettempdir()) / "hf-fusion-space"
 
 
 def build_app(**options: Any) -> Any:
