@@ -8,6 +8,7 @@ land in ``output``.
 from __future__ import annotations
 
 import json
+import math
 import re
 import logging
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ from hf_fusion.tasks.base import EvalSettings
 log = logging.getLogger(__name__)
 
 
+MAX_SWEEP_VALUES = 1000
+
+
 @dataclass(frozen=True)
 class Sweep:
     parameter: str
@@ -34,21 +38,31 @@ class Sweep:
 
     @classmethod
     def parse(cls, text: str) -> "Sweep":
-        """``name=start:stop:step`` (stop included) or ``name=v1,v2,...``."""
+        """``name=start:stop:step`` (stop included) or ``name=v1,v2,...``; finite numbers, at most
+        :data:`MAX_SWEEP_VALUES` of them."""
         name, sep, spec = text.partition("=")
         if not sep or not name:
             raise RecipeError(f"--sweep takes NAME=START:STOP:STEP or NAME=V1,V2,..., got {text!r}")
         try:
             if ":" in spec:
                 start, stop, step = (float(x) for x in spec.split(":"))
-                if step <= 0:
+                if not all(math.isfinite(v) for v in (start, stop, step)) or step <= 0 or stop < start:
                     raise ValueError
-                count = int(round((stop - start) / step)) + 1
-                values = [round(start + i * step, 10) for i in range(count)]
+                count = math.floor((stop - start) / step + 1e-9) + 1  # stop included, never passed
             else:
                 values = [float(x) for x in spec.split(",")]
+                if not all(math.isfinite(v) for v in values):
+                    raise ValueError
+                count = len(values)
         except ValueError:
-            raise RecipeError(f"--sweep values of {name!r} are not numbers with a positive step: {spec!r}") from None
+            raise RecipeError(f"--sweep values of {name!r} must be finite numbers (START <= STOP, a positive "
+                              f"step): {spec!r}") from None
+        if count > MAX_SWEEP_VALUES:
+            shown = count if count < 10**6 else "over a million"
+            raise RecipeError(f"--sweep {text!r} has {shown} values; at most {MAX_SWEEP_VALUES} are run (use a larger "
+                              "step or fewer values).")
+        if ":" in spec:
+            values = [round(start + i * step, 10) for i in range(count)]
         return cls(name, values)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import os
 import shutil
 import signal
@@ -53,6 +54,7 @@ DEFAULT_IDLE_SECONDS = 15 * 60
 DEFAULT_MAX_WAITING = 16
 DEFAULT_BUDGET_CAP = 20 * 10**9
 PUSH_CONCURRENCY = 2
+MAX_COMPARE_RUNS = 48
 DTYPES = ["auto", "float32", "float16", "bfloat16"]
 EMPTY_BOARD = ["model", "task scores", "average", "normalized"]
 
@@ -105,6 +107,9 @@ def eval_settings(limit: float | None) -> Any:
     pinned, so scores do not change between restarts and need no network."""
     from hf_fusion.tasks.base import EvalSettings
 
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit)
+                              or limit < 0 or limit != int(limit)):
+        raise RecipeError(f"examples per task must be 0 (all) or a positive whole number, got {limit!r}.")
     return EvalSettings(limit=int(limit) if limit else None, metrics="bundled")
 
 
@@ -371,6 +376,12 @@ class SpaceApp:
             sweep = Sweep.parse(sweep_text.strip()) if sweep_text and sweep_text.strip() else None
             if sweep is not None and not any(sweep.parameter in s.params_model.model_fields for s in specs):
                 raise RecipeError(f"none of the chosen methods has a parameter {sweep.parameter!r} to sweep.")
+            runs = sum(len(sweep.values) if sweep and sweep.parameter in s.params_model.model_fields else 1
+                       for s in specs)
+            if self.public and runs > MAX_COMPARE_RUNS:
+                raise RecipeError(f"this comparison would fuse and score {runs} models; a shared Space runs at most "
+                                  f"{MAX_COMPARE_RUNS} per comparison (fewer methods or sweep values, or run "
+                                  "`hf-fusion bench` on your own machine).")
             settings = eval_settings(limit)
         except FusionError as err:  # refused in the request: nothing was created for it
             raise self._error(err) from None

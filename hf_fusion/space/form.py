@@ -134,10 +134,27 @@ def to_yaml(fields: dict[str, Any]) -> str:
     return yaml.safe_dump(fields, sort_keys=False, default_flow_style=False)
 
 
+MAX_RECIPE_CHARS = 64 * 1024
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """Safe YAML without anchors and aliases: a recipe never needs them, and nested aliases let a few hundred bytes
+    expand into billions of values when the recipe is validated (the "billion laughs")."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not accepted in a recipe",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
 def parse_recipe_yaml(text: str) -> dict[str, Any]:
     """The YAML box as a recipe mapping; the Space chooses the output folder, so ``output`` is dropped."""
+    if len(text or "") > MAX_RECIPE_CHARS:
+        raise RecipeError(f"the recipe is {len(text):,} characters long; at most {MAX_RECIPE_CHARS:,} are accepted.")
     try:
-        data = yaml.safe_load(text or "")
+        data = yaml.load(text or "", Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader without aliases
     except yaml.YAMLError as err:
         raise RecipeError(f"the recipe is not valid YAML: {err}") from None
     if not isinstance(data, dict):

@@ -171,3 +171,38 @@ def test_unexpected_errors_keep_their_details_on_a_public_server() -> None:
     assert SECRET not in str(_user_error(leak, public=True))
     assert "OSError" in str(_user_error(leak, public=True))
     assert SECRET in str(_user_error(leak, public=False))  # a local app shows the whole message
+
+
+def test_recipe_bombs_and_bad_numbers_are_refused_in_the_request(public_space, tmp_path: Path) -> None:
+    url, sessions, cache = public_space
+    before = _created(sessions, cache / "hf-fusion")
+    client = Client(url, verbose=False, analytics_enabled=False, download_files=str(tmp_path))
+    laughs = "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8))
+    laughs += "method: weighted_average\nmodels: [org/a, org/b]\nparameters: {weights: *i}\n"
+    cases = [
+        (laughs, False, 0, "aliases"),
+        ("method: simple_average\nmodels: [org/a]\n# " + "x" * 70_000, False, 0, "at most 65,536"),
+        (RECIPE_POOL, True, -1, "examples per task|less than minimum value"),  # gradio or the app
+    ]
+    for recipe, evaluate, limit, message in cases:
+        with pytest.raises(AppError, match=message):
+            client.predict(recipe, evaluate, limit, api_name="/merge")
+    with pytest.raises(AppError, match="at most 48 per comparison"):
+        client.predict("minilm-text3", ["task_arithmetic", "ties_merging"], "scaling_factor=0.01:1.0:0.01", 4,
+                       api_name="/compare")
+    with pytest.raises(AppError, match="at most 1000"):
+        client.predict("minilm-text3", ["task_arithmetic"], "scaling_factor=0:1e12:1e-12", 4, api_name="/compare")
+    assert _created(sessions, cache / "hf-fusion") == before
+
+
+RECIPE_POOL = "method: task_arithmetic\npool: minilm-text3\n"
+
+
+def test_examples_per_task_must_be_a_whole_number_of_zero_or_more() -> None:
+    from hf_fusion.space.app import eval_settings
+
+    assert eval_settings(0).limit is None and eval_settings(16.0).limit == 16 and eval_settings(None).limit is None
+    for bad in (-1, float("nan"), float("inf"), 2.5, True, "12"):
+        with pytest.raises(RecipeError, match="examples per task"):
+            eval_settings(bad)

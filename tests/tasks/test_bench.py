@@ -104,3 +104,29 @@ def test_a_method_entry_carries_its_own_parameters() -> None:
     ]
     with pytest.raises(RecipeError, match="key=value"):
         parse_method_entry("ties[threshold]")
+
+
+@pytest.mark.parametrize(
+    ("text", "values"),
+    [("scaling_factor=0.1:1.0:0.1", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]),
+     ("t=0:1:0.6", [0.0, 0.6]),  # stop included, never passed
+     ("t=0.3,0.6", [0.3, 0.6])],
+)
+def test_sweep_values(text: str, values: list[float]) -> None:
+    from hf_fusion.bench import Sweep
+
+    assert Sweep.parse(text).values == values
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("t=0:1e12:1e-12", "over a million values"), ("t=0:1:0.0001", "10001 values; at most 1000"),
+     ("t=0:inf:1", "finite"), ("t=nan:1:0.1", "finite"), ("t=1,nan", "finite"), ("t=1:0:0.1", "START <= STOP"),
+     ("t=0:1:0", "positive"), ("t=", "finite"), ("=1", "NAME=START")],
+)
+def test_sweeps_that_would_hang_or_crash_are_refused(text: str, message: str) -> None:
+    from hf_fusion.bench import Sweep
+    from hf_fusion.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=message.replace("(", r"\(")):
+        Sweep.parse(text)
