@@ -10,6 +10,7 @@ ends, goes idle, or is evicted for disk space.
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ class Session:
     closed: bool = False
     removed_reason: str | None = None
     """Why the session's files were removed (idle, disk budget), for the message a returning visitor sees."""
+    _starting: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def busy(self) -> bool:
@@ -55,13 +57,14 @@ class Session:
         self.last_used = time.monotonic()
 
     def begin(self, job: Job[Any]) -> Job[Any]:
-        """Starts ``job`` unless one is already running in this session."""
-        if self.busy:
-            raise FusionError(f"{self.job.name} is still running in this session: wait for it or press Stop.")  # type: ignore[union-attr]
-        self.runs += 1
-        self.job = job
-        self.touch()
-        return job.start()
+        """Starts ``job`` unless one is already running in this session (two clicks at once start one job)."""
+        with self._starting:
+            if self.busy:
+                raise FusionError(f"{self.job.name} is still running in this session: wait for it or press Stop.")  # type: ignore[union-attr]
+            self.runs += 1
+            self.job = job
+            self.touch()
+            return job.start()
 
     def stop(self) -> str:
         if self.job is None or not self.job.running:
@@ -70,8 +73,7 @@ class Session:
         return f"Stopping {self.job.name} at its next step..."
 
     def new_folder(self, stem: str) -> Path:
-        """A fresh folder name inside the session (not created: the merge builds it atomically)."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        """A fresh folder name inside the session (not created: the merge builds it, and its parents, atomically)."""
         return self.workdir / f"{self.runs:03d}-{stem}"
 
     def served_file(self, name: str) -> Path:
@@ -89,6 +91,14 @@ class Session:
 
     def disk_bytes(self) -> int:
         return folder_bytes(self.workdir) + folder_bytes(self.filesdir)
+
+    def drop_empty_folders(self) -> None:
+        """After a job that failed or was stopped: no empty folder stays behind for it."""
+        for folder in (self.workdir, self.filesdir):
+            try:
+                folder.rmdir()
+            except OSError:  # absent, or holds the session's files
+                pass
 
     def remove_files(self) -> None:
         """Removes both folders; a running job must have been stopped and finished first."""

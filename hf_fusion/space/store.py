@@ -161,6 +161,7 @@ class SessionStore:
         """A job of ``session`` ended: its reservation becomes what it really left on disk."""
         with self._lock:
             self._reserved.pop(session.key, None)
+        session.drop_empty_folders()
         session.touch()
 
     # lifetime -------------------------------------------------------------------------------------------------

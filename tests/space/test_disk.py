@@ -30,7 +30,7 @@ def _store(tmp_path: Path, *, idle: float = 60, budget: int = 100 * MB) -> Sessi
 
 def _fill(session, size: int) -> None:  # noqa: ANN001 - a Session
     folder = session.new_folder("merge")
-    folder.mkdir()
+    folder.mkdir(parents=True)
     (folder / "model.safetensors").write_bytes(b"\0" * size)
     session.merged = folder
 
@@ -200,7 +200,10 @@ def test_refused_requests_leave_nothing(small_space, tmp_path: Path) -> None:
     for i in range(30):
         with pytest.raises(AppError):
             client.predict(f"method: task_arithmetic\npool: no-such-pool-{i}\n", False, 0, api_name="/merge")
-    assert list(sessions.rglob("*")) == [] and _files(cache / "hf-fusion") == []
+    with pytest.raises(AppError, match="org/does-not-exist"):  # accepted, then failed in the job: nothing stays
+        client.predict("method: simple_average\nmodels: [org/does-not-exist, org/other]\n", False, 0,
+                       api_name="/merge")
+    assert list(sessions.rglob("*")) == [] and list((cache / "hf-fusion").rglob("*")) == []
 
 
 def test_the_zip_is_served_from_where_it_was_written_and_goes_with_the_idle_session(small_space, tmp_path) -> None:

@@ -78,7 +78,7 @@ def test_a_session_runs_one_job_at_a_time_and_cleans_up(tmp_path: Path) -> None:
     session.job.wait(10)  # type: ignore[union-attr]
     assert session.stop() == "Nothing is running."
     folder = session.new_folder("merge")
-    folder.mkdir()
+    folder.mkdir(parents=True)
     served = session.served_file("merge.zip")
     served.write_bytes(b"zip")
     assert session.disk_bytes() == 3
