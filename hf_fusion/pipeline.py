@@ -35,7 +35,7 @@ from hf_fusion.hub.push import PushResult, PushTarget, check_target, push_folder
 from hf_fusion.model_files import check_same_architecture, copy_side_files, same_architecture, set_config_dtype
 from hf_fusion.output import AtomicFolder, check_free_space, check_output_folder, clean_leftovers
 from hf_fusion.recipe import RECIPE_FILENAME, ModelRef, Recipe, path_exists
-from hf_fusion.registry import BaseUse, DataNeed, MethodSpec, get_method
+from hf_fusion.registry import BaseUse, DataNeed, MethodKind, MethodSpec, get_method
 from hf_fusion.report import EvaluationReport
 from hf_fusion.tasks.base import EvalSettings
 from hf_fusion.sources import Source, check_download_space, fetch, header_checkpoint, open_source, resolve
@@ -263,7 +263,7 @@ def _fuse(
     method_impl = checked.spec.implementation(
         checked.params, num_models=len(checked.recipe.models), has_base=checked.uses_base
     )
-    if getattr(method_impl, "model_level", False):
+    if checked.spec.kind is MethodKind.MODEL_WISE:
         from hf_fusion.modelwise.run import fuse_modules
 
         return fuse_modules(checked, method_impl, target, push, token=token, overwrite=overwrite,

@@ -44,6 +44,15 @@ class BaseUse(str, Enum):
     UNUSED = "unused"
 
 
+class MethodKind(str, Enum):
+    """How a method runs, declared with its registration: the implementation is the matching contract."""
+
+    TENSOR_WISE = "tensor-wise"
+    """One tensor (or slice) at a time through the streaming engine (``TensorMerge``)."""
+    MODEL_WISE = "model-wise"
+    """Whole models as modules, often with data (``ModelFusion``): ensembles, Fisher, RegMean, AdaMerging, ..."""
+
+
 @dataclass(frozen=True)
 class Paper:
     title: str
@@ -97,6 +106,7 @@ class MethodSpec:
     min_models: int = 1
     max_models: int | None = None
     check_pool: Callable[[Any, int, bool], None] | None = field(default=None, compare=False)
+    kind: MethodKind = MethodKind.TENSOR_WISE
 
     def parameters(self) -> list[ParamInfo]:
         return [_param_info(name, f) for name, f in self.params_model.model_fields.items()]

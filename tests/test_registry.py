@@ -55,3 +55,15 @@ def test_unknown_names_suggest() -> None:
         get_method("task_arithmatic")
     with pytest.raises(ParameterError, match="Did you mean 'extrapolation_factor'"):
         get_method("expo").validate_params({"extrapolation": 1})
+
+
+def test_each_method_declares_the_kind_its_implementation_is() -> None:
+    from hf_fusion.methods.base import TensorMerge
+    from hf_fusion.modelwise.base import ModelFusion
+    from hf_fusion.registry import MethodKind
+
+    contracts = {MethodKind.TENSOR_WISE: TensorMerge, MethodKind.MODEL_WISE: ModelFusion}
+    for spec in all_methods():
+        assert issubclass(spec.implementation, contracts[spec.kind]), (spec.name, spec.kind)
+    kinds = {spec.kind for spec in all_methods()}
+    assert kinds == set(MethodKind)

@@ -16,7 +16,7 @@ from hf_fusion.errors import ParameterError
 from hf_fusion.modelwise.adaptation import adapt, describe
 from hf_fusion.modelwise.base import ModelFusion, ModelwiseContext
 from hf_fusion.modelwise.data import TrainingParams
-from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
+from hf_fusion.registry import BaseUse, DataNeed, Family, MethodKind, MethodSpec, Paper, register
 
 WEIGHTS_FILE = "merging_weights.json"
 
@@ -124,13 +124,13 @@ def _check_weights_file(params: AdaMergingParams, num_models: int, has_base: boo
 PAPER = Paper("AdaMerging: adaptive model merging for multi-task learning (Yang et al., 2024)",
               "https://arxiv.org/abs/2310.02575")
 register(MethodSpec(
-    name="task_wise_adamerging", summary="Task arithmetic with one coefficient per task, learned by test-time "
+    kind=MethodKind.MODEL_WISE, name="task_wise_adamerging", summary="Task arithmetic with one coefficient per task, learned by test-time "
     "entropy minimisation.", family=Family.MERGE, data=DataNeed.UNLABELLED, base=BaseUse.REQUIRED,
     implementation=AdaMerging, params_model=AdaMergingParams, paper=PAPER, check_pool=_check_weights_file,
     aliases=("clip_task_wise_adamerging", "task_adamerging"),
 ))
 register(MethodSpec(
-    name="layer_wise_adamerging", summary="Task arithmetic with one coefficient per task and parameter tensor, "
+    kind=MethodKind.MODEL_WISE, name="layer_wise_adamerging", summary="Task arithmetic with one coefficient per task and parameter tensor, "
     "learned by test-time entropy minimisation.", family=Family.MERGE, data=DataNeed.UNLABELLED,
     base=BaseUse.REQUIRED, implementation=LayerWiseAdaMerging, params_model=AdaMergingParams, paper=PAPER,
     check_pool=_check_weights_file, aliases=("adamerging", "clip_layer_wise_adamerging", "layer_adamerging"),

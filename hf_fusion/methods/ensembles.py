@@ -8,7 +8,7 @@ from torch import nn
 from hf_fusion.errors import ParameterError
 from hf_fusion.methods.common import FROZEN
 from hf_fusion.modelwise.base import ModelFusion, ModelwiseContext
-from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, NoParams, Paper, register
+from hf_fusion.registry import BaseUse, DataNeed, Family, MethodKind, MethodSpec, NoParams, Paper, register
 
 
 class _Ensemble(ModelFusion[pydantic.BaseModel]):
@@ -62,17 +62,17 @@ ENSEMBLE_PAPER = Paper("Deep model fusion: a survey (Li et al., 2023), section o
                        "https://arxiv.org/abs/2309.15698")
 
 register(MethodSpec(
-    name="simple_ensemble", summary="Runs every model and averages their outputs.", family=Family.ENSEMBLE,
+    kind=MethodKind.MODEL_WISE, name="simple_ensemble", summary="Runs every model and averages their outputs.", family=Family.ENSEMBLE,
     data=DataNeed.NONE, base=BaseUse.UNUSED, implementation=SimpleEnsemble, params_model=NoParams,
     aliases=("ensemble", "output_ensemble"), paper=ENSEMBLE_PAPER, min_models=1,
 ))
 register(MethodSpec(
-    name="weighted_ensemble", summary="Runs every model and sums their outputs with fixed weights.",
+    kind=MethodKind.MODEL_WISE, name="weighted_ensemble", summary="Runs every model and sums their outputs with fixed weights.",
     family=Family.ENSEMBLE, data=DataNeed.NONE, base=BaseUse.UNUSED, implementation=WeightedEnsemble,
     params_model=WeightedEnsembleParams, paper=ENSEMBLE_PAPER, check_pool=_check_weights,
 ))
 register(MethodSpec(
-    name="max_model_predictor", summary="Runs every model and keeps the element-wise maximum of their outputs.",
+    kind=MethodKind.MODEL_WISE, name="max_model_predictor", summary="Runs every model and keeps the element-wise maximum of their outputs.",
     family=Family.ENSEMBLE, data=DataNeed.NONE, base=BaseUse.UNUSED, implementation=MaxModelPredictor,
     params_model=NoParams, aliases=("max_predictor",), paper=ENSEMBLE_PAPER,
 ))

@@ -11,7 +11,7 @@ from hf_fusion.errors import FusionError
 from hf_fusion.modelwise.base import ModelFusion, ModelwiseContext
 from hf_fusion.modelwise.data import CalibrationParams, calibration_batches
 from hf_fusion.progress import progress_bar
-from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
+from hf_fusion.registry import BaseUse, DataNeed, Family, MethodKind, MethodSpec, Paper, register
 
 
 MAX_CLASSES = 1000
@@ -96,7 +96,7 @@ class FisherMerging(ModelFusion[FisherParams]):
 
 
 register(MethodSpec(
-    name="fisher_merging", summary="Parameter-wise average weighted by each model's diagonal Fisher on its task.",
+    kind=MethodKind.MODEL_WISE, name="fisher_merging", summary="Parameter-wise average weighted by each model's diagonal Fisher on its task.",
     family=Family.MERGE, data=DataNeed.UNLABELLED, base=BaseUse.UNUSED, implementation=FisherMerging,
     params_model=FisherParams, aliases=("fisher", "clip_fisher_merging", "gpt2_fisher_merging"),
     paper=Paper("Merging models with Fisher-weighted averaging (Matena & Raffel, 2022)",

@@ -16,7 +16,7 @@ from hf_fusion.errors import FusionError
 from hf_fusion.modelwise.base import ModelFusion, ModelwiseContext, is_linear, layer_stack, linear_weight
 from hf_fusion.modelwise.data import CalibrationParams, calibration_batches, token_mask
 from hf_fusion.progress import progress_bar
-from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
+from hf_fusion.registry import BaseUse, DataNeed, Family, MethodKind, MethodSpec, Paper, register
 
 DEFAULT_RATIOS = {"gpt2": 0.6}
 """FusionBench's per-pool ratios: 0.6 for GPT-2, 0.95 for CLIP (and everything else here)."""
@@ -278,12 +278,12 @@ REGMEAN_PAPER = Paper("Dataless knowledge fusion by merging weights of language 
                       "https://arxiv.org/abs/2212.09849")
 
 register(MethodSpec(
-    name="regmean", summary="Least-squares merge of each linear layer on the experts' own layer inputs.",
+    kind=MethodKind.MODEL_WISE, name="regmean", summary="Least-squares merge of each linear layer on the experts' own layer inputs.",
     family=Family.MERGE, data=DataNeed.UNLABELLED, base=BaseUse.UNUSED, implementation=RegMean,
     params_model=RegMeanParams, aliases=("clip_regmean", "gpt2_regmean"), paper=REGMEAN_PAPER,
 ))
 register(MethodSpec(
-    name="regmean_plusplus", summary="RegMean with each block's inputs taken from the merged blocks before it.",
+    kind=MethodKind.MODEL_WISE, name="regmean_plusplus", summary="RegMean with each block's inputs taken from the merged blocks before it.",
     family=Family.MERGE, data=DataNeed.UNLABELLED, base=BaseUse.UNUSED, implementation=RegMeanPlusPlus,
     params_model=RegMeanParams, aliases=("regmean++", "clip_regmean_plusplus"),
     paper=Paper("RegMean++: enhancing effectiveness and generalization of regression mean for model merging "

@@ -12,7 +12,7 @@ from torch import nn
 
 from hf_fusion.methods.common import FROZEN
 from hf_fusion.modelwise.base import ModelFusion, ModelwiseContext, is_linear, linear_weight
-from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
+from hf_fusion.registry import BaseUse, DataNeed, Family, MethodKind, MethodSpec, Paper, register
 
 
 class SmileParams(pydantic.BaseModel):
@@ -75,7 +75,7 @@ class SmileUpscaling(ModelFusion[SmileParams]):
 
 
 register(MethodSpec(
-    name="smile_upscaling", summary="Linear layers become sparse mixtures of low-rank (SVD) task experts, routed "
+    kind=MethodKind.MODEL_WISE, name="smile_upscaling", summary="Linear layers become sparse mixtures of low-rank (SVD) task experts, routed "
     "by the input's projection on each task's subspace (data-free).", family=Family.MIX, data=DataNeed.NONE,
     base=BaseUse.REQUIRED, implementation=SmileUpscaling, params_model=SmileParams, aliases=("smile",),
     paper=Paper("SMILE: zero-shot sparse mixture of low-rank experts construction from pre-trained foundation "

@@ -14,7 +14,7 @@ from torch import nn
 from hf_fusion.errors import FusionError, ParameterError
 from hf_fusion.methods.common import FROZEN
 from hf_fusion.modelwise.base import ModelFusion, ModelwiseContext, layer_stack, linear_weight, seeded
-from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
+from hf_fusion.registry import BaseUse, DataNeed, Family, MethodKind, MethodSpec, Paper, register
 from hf_fusion.tasks.weights import DEPTH_UPSCALED_KEY
 
 FEED_FORWARD_NAMES = ("mlp", "feed_forward", "ffn", "layer.1.DenseReluDense")
@@ -157,7 +157,7 @@ class ModelRecombination(ModelFusion[RecombinationParams]):
 
 
 register(MethodSpec(
-    name="mixtral_upscaling", summary="Feed-forward blocks become a routed sparse MoE: copies of one model's "
+    kind=MethodKind.MODEL_WISE, name="mixtral_upscaling", summary="Feed-forward blocks become a routed sparse MoE: copies of one model's "
     "block (up-cycling), or each model's own block (MoE merging).", family=Family.MIX, data=DataNeed.NONE,
     base=BaseUse.UNUSED, implementation=MixtralUpscaling, params_model=MixtralParams,
     aliases=("mixtral_moe_upscaling", "mixtral_moe_merging", "moe_upscaling", "sparse_upcycling"),
@@ -165,14 +165,14 @@ register(MethodSpec(
                 "https://arxiv.org/abs/2212.05055"),
 ))
 register(MethodSpec(
-    name="depth_upscaling", summary="A deeper model stacking copies of chosen layers of one model (SOLAR).",
+    kind=MethodKind.MODEL_WISE, name="depth_upscaling", summary="A deeper model stacking copies of chosen layers of one model (SOLAR).",
     family=Family.MIX, data=DataNeed.NONE, base=BaseUse.UNUSED, implementation=DepthUpscaling,
     params_model=DepthParams, max_models=1,
     paper=Paper("SOLAR 10.7B: scaling large language models with simple yet effective depth up-scaling "
                 "(Kim et al., 2023)", "https://arxiv.org/abs/2312.15166"),
 ))
 register(MethodSpec(
-    name="model_recombination", summary="A model assembled from whole blocks and modules of randomly chosen "
+    kind=MethodKind.MODEL_WISE, name="model_recombination", summary="A model assembled from whole blocks and modules of randomly chosen "
     "input models.", family=Family.MIX, data=DataNeed.NONE, base=BaseUse.UNUSED,
     implementation=ModelRecombination, params_model=RecombinationParams, min_models=2,
     paper=Paper("Learning from models beyond fine-tuning (Zheng et al., 2023), model recombination",

@@ -15,7 +15,7 @@ from hf_fusion.errors import FusionError
 from hf_fusion.modelwise.adaptation import adapt
 from hf_fusion.modelwise.base import ModelFusion, ModelwiseContext, is_linear, layer_stack, linear_weight, seeded
 from hf_fusion.modelwise.data import TrainingParams
-from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
+from hf_fusion.registry import BaseUse, DataNeed, Family, MethodKind, MethodSpec, Paper, register
 
 MLP_PART = re.compile(r"(^|\.)(mlp|intermediate|feed_forward|ffn|DenseReluDense)(\.|$)|^output\.dense$")
 """Linears of a block's feed-forward part: ``mlp.*`` (CLIP, GPT-2, Llama), BERT's ``intermediate.dense`` and
@@ -127,13 +127,13 @@ class WEMoE(ModelFusion[WEMoEParams]):
 PAPER = Paper("Merging multi-task models via weight-ensembling mixture of experts (Tang et al., 2024)",
               "https://arxiv.org/abs/2402.00433")
 register(MethodSpec(
-    name="weight_ensembling_moe", summary="MLPs become routed mixtures of task vectors (routers trained on "
+    kind=MethodKind.MODEL_WISE, name="weight_ensembling_moe", summary="MLPs become routed mixtures of task vectors (routers trained on "
     "unlabelled test inputs); the rest is task arithmetic.", family=Family.MIX, data=DataNeed.UNLABELLED,
     base=BaseUse.REQUIRED, implementation=WEMoE, params_model=WEMoEParams, paper=PAPER,
     aliases=("wemoe", "we_moe", "clip_weight_ensembling_moe"),
 ))
 register(MethodSpec(
-    name="sparse_weight_ensembling_moe", summary="WEMoE with each MLP task vector pruned to its largest entries.",
+    kind=MethodKind.MODEL_WISE, name="sparse_weight_ensembling_moe", summary="WEMoE with each MLP task vector pruned to its largest entries.",
     family=Family.MIX, data=DataNeed.UNLABELLED, base=BaseUse.REQUIRED, implementation=WEMoE,
     params_model=SparseWEMoEParams, aliases=("sparse_wemoe", "e_wemoe", "sparse_clip_weight_ensembling_moe"),
     paper=Paper("Efficient and effective weight-ensembling mixture of experts for multi-task model merging "

@@ -94,9 +94,10 @@ class ModelwiseContext:
 
 class ModelFusion(ABC, Generic[P]):
     """A configured model-wise method: :meth:`fuse` returns the fused model (a ``PreTrainedModel``), which the
-    pipeline saves with ``save_pretrained``."""
+    pipeline saves with ``save_pretrained``, beside :attr:`extra_files`."""
 
-    model_level = True
+    extra_files: dict[str, str] = {}
+    """Files written next to the saved model (name -> text), set by :meth:`fuse` when the output needs them."""
 
     def __init__(self, params: P, *, num_models: int, has_base: bool) -> None:
         self.params = params

@@ -57,7 +57,7 @@ def fuse_modules(checked: Any, method: ModelFusion[Any], target: Path, push: Any
         copy_side_files(reference, [f for f in folders if f != reference], temp)
         with quiet_transformers():
             model.save_pretrained(temp, max_shard_size=max_shard_bytes)
-        for name, text in getattr(method, "extra_files", {}).items():
+        for name, text in method.extra_files.items():
             (temp / name).write_text(text)
         _write_recipe(recipe, temp)
         repo_id = push.repo_id if push else None

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import hf_fusion
 from hf_fusion.errors import FusionError
-from hf_fusion.registry import DataNeed, all_methods
+from hf_fusion.registry import DataNeed, MethodKind, all_methods
 from hf_fusion.toy import make_pool
 
 MATRIX = "bert.encoder.layer.0.attention.self.query.weight"
@@ -24,7 +24,7 @@ PARAMS = {"wudi_merging": {"iter_num": 5}}
 
 def _tensor_wise() -> list[str]:
     return [s.name for s in all_methods()
-            if s.data is DataNeed.NONE and not getattr(s.implementation, "model_level", False)]
+            if s.data is DataNeed.NONE and s.kind is MethodKind.TENSOR_WISE]
 
 
 @pytest.fixture(scope="module")
