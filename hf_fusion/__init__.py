@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 __all__ = ["merge", "Recipe", "MergeResult", "PushTarget", "list_methods", "get_method", "__version__"]
 
 if TYPE_CHECKING:
-    from hf_fusion.pipeline import MergeResult, merge
+    from hf_fusion.fusion import MergeResult, merge
     from hf_fusion.hub.push import PushTarget
     from hf_fusion.recipe import Recipe
     from hf_fusion.registry import all_methods as list_methods
@@ -22,9 +22,9 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str) -> Any:
     if name in ("merge", "MergeResult"):
-        from hf_fusion import pipeline
+        from hf_fusion import fusion
 
-        return getattr(pipeline, name)
+        return getattr(fusion, name)
     if name == "PushTarget":
         from hf_fusion.hub.push import PushTarget
 

@@ -106,7 +106,7 @@ def run_bench(
     overwrite: bool = False,
     show_progress: bool = True,
 ) -> BenchResult:
-    from hf_fusion.pipeline import fused_models, merge
+    from hf_fusion.fusion import fused_models, merge
     from hf_fusion.registry import get_method
 
     output.mkdir(parents=True, exist_ok=True)

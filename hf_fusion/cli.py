@@ -350,7 +350,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from hf_fusion.pipeline import merge
+    from hf_fusion.fusion import merge
 
     kwargs: dict[str, Any] = dict(args.param)
     common = _common_method_params(args)
@@ -439,7 +439,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from hf_fusion.catalog import get_pool
     from hf_fusion.evaluation import evaluate_pool
     from hf_fusion.leaderboard import to_markdown
-    from hf_fusion.pipeline import fused_models
+    from hf_fusion.fusion import fused_models
     from hf_fusion.recipe import RECIPE_FILENAME, ModelRef, Recipe
     from hf_fusion.sources import fetch, resolve
 

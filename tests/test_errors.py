@@ -187,7 +187,7 @@ def test_whole_tensor_method_that_cannot_fit_is_refused_from_headers(tmp_path: P
     from hf_fusion.engine.checkpoint import TensorEntry
     from hf_fusion.errors import InsufficientResourcesError
     from hf_fusion.hub.resolve import HeaderCheckpoint
-    from hf_fusion.pipeline import check_memory
+    from hf_fusion.fusion.tensor_wise import check_memory
 
     huge = TensorEntry("embed.weight", "F32", (1 << 20, 1 << 18), Path("model.safetensors"), 0, 4 << 38)
     headers = [HeaderCheckpoint(f"m{i}", {huge.name: huge}, []) for i in range(2)]

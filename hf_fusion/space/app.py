@@ -1,6 +1,6 @@
 """The Gradio app: a Merge tab and a Compare tab over the same pipeline as the CLI.
 
-Merge runs :func:`hf_fusion.pipeline.merge` on the recipe YAML the form writes (or the user edits), optionally
+Merge runs :func:`hf_fusion.fusion.merge` on the recipe YAML the form writes (or the user edits), optionally
 scores it on its pool, offers the folder as a download, and pushes it with the signed-in user's token. Compare runs
 :func:`hf_fusion.bench.run_bench`. Both run as :class:`~hf_fusion.space.jobs.Job` s in the session's own thread,
 behind a queue with a concurrency limit, and the Stop button stops them at the next tensor or batch.
@@ -261,7 +261,7 @@ class SpaceApp:
 
     def _prepare_merge(self, recipe_text: str, evaluate: bool, limit: float | None) -> tuple[Any, Any, list[str] | None]:
         """Everything checkable without weights, in the request itself, so bad input fails at once."""
-        from hf_fusion.pipeline import as_recipe, validate_recipe
+        from hf_fusion.fusion import as_recipe, validate_recipe
 
         fields = parse_recipe_yaml(recipe_text)
         if self.public:  # before anything reads a pool file or looks at a folder
@@ -289,7 +289,7 @@ class SpaceApp:
 
     def run_merge(self, recipe_text: str, evaluate: bool, limit: float | None, session: Session | None,
                   token: str | None, progress: Any, visitor: str | None = None) -> Iterator[tuple[Any, ...]]:
-        from hf_fusion.pipeline import merge
+        from hf_fusion.fusion import merge
 
         try:
             recipe, settings, tasks = self._prepare_merge(recipe_text, evaluate, limit)

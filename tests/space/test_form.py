@@ -9,7 +9,7 @@ import yaml
 
 from hf_fusion.catalog import get_pool
 from hf_fusion.errors import RecipeError
-from hf_fusion.pipeline import as_recipe, validate_recipe
+from hf_fusion.fusion import as_recipe, validate_recipe
 from hf_fusion.registry import all_methods, get_method
 from hf_fusion.space.app import SpaceApp, SpaceLimits
 from hf_fusion.space.form import (

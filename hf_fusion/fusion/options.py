@@ -1,0 +1,24 @@
+"""How a fusion runs, beside what its recipe says it fuses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hf_fusion.engine.stream import DEFAULT_BUDGET_ELEMENTS
+from hf_fusion.engine.writer import DEFAULT_MAX_SHARD_BYTES
+
+
+@dataclass(frozen=True)
+class FusionOptions:
+    """The run's settings, passed as one object through every step instead of keyword by keyword."""
+
+    overwrite: bool = False
+    """Replace an existing, non-empty output folder (atomically: the old one goes only once the new one is in place)."""
+    allow_pickle: bool = False
+    """Read ``.bin``/``.pt`` checkpoints (with ``weights_only``)."""
+    show_progress: bool = True
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    budget_elements: int = DEFAULT_BUDGET_ELEMENTS
+    """Elements the streaming engine holds at once per input (memory stays flat in model size)."""
+    token: str | None = None
+    """The Hugging Face token, already resolved (never logged)."""

@@ -1,0 +1,142 @@
+"""Tensor-wise methods: the inputs' tensors streamed through the engine into sharded safetensors files."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from hf_fusion import __version__
+from hf_fusion.architecture import parameter_module_types
+from hf_fusion.engine.checkpoint import Checkpoint
+from hf_fusion.engine.dtypes import OUTPUT_DTYPES
+from hf_fusion.engine.plan import FusionPlan, build_plan
+from hf_fusion.engine.stream import StreamingEngine
+from hf_fusion.engine.writer import ShardedSafetensorsWriter
+from hf_fusion.errors import InsufficientResourcesError
+from hf_fusion.fusion.inputs import Inputs, fetch_inputs, pin, reference_is_base, resolve_inputs
+from hf_fusion.fusion.options import FusionOptions
+from hf_fusion.fusion.output_folder import output_names, seal, write_side_files
+from hf_fusion.fusion.result import MergeResult
+from hf_fusion.fusion.validate import ValidatedRecipe
+from hf_fusion.output import AtomicFolder, check_free_space
+from hf_fusion.recipe import Recipe
+from hf_fusion.sources import open_source
+
+log = logging.getLogger(__name__)
+
+
+def fuse_tensor_wise(checked: ValidatedRecipe, target: Path, options: FusionOptions, *,
+                     repo_id: str | None) -> MergeResult:
+    """Resolves and checks the inputs, downloads them, and writes the fused folder (with its card) atomically."""
+    method = checked.spec.implementation(checked.params, num_models=len(checked.recipe.models),
+                                         has_base=checked.uses_base)
+    inputs, headers = resolve_inputs(checked, options)
+    check_memory(headers, method.elementwise, options.budget_elements)
+    inputs = fetch_inputs(inputs, options)
+    recipe = pin(checked.recipe, inputs)
+    checkpoints: list[Checkpoint] = []
+    try:
+        plan = open_plan(checked, inputs, checkpoints, options)
+        copies = len(recipe.models) if method.outputs_per_model else 1
+        check_free_space(target, plan.output_bytes * copies)
+        engine = _engine(plan, method, checked, inputs, recipe, options)
+        atomic = AtomicFolder(target, overwrite=options.overwrite)
+        with atomic as temp:
+            folders = _model_folders(temp, recipe, method.outputs_per_model)
+            _write_weights(engine, plan, folders, checked.spec.name, options)
+            sources = [s.folder for s in inputs.sources]
+            others = [sources[i] for i in ([plan.base] if plan.base is not None else []) + plan.experts]
+            for folder in folders:
+                write_side_files(sources[plan.reference], others, folder, recipe.dtype)  # type: ignore[arg-type]
+            files = seal(atomic, temp, recipe, target=target, repo_id=repo_id)
+    finally:
+        for checkpoint in checkpoints:
+            checkpoint.close()
+    return MergeResult(output=target, recipe=recipe, files=files, seconds=0.0, fused_tensors=len(plan.fused),
+                       copied_tensors=len(plan.tensors) - len(plan.fused), statistics_passes=engine.passes,
+                       output_bytes=plan.output_bytes * copies)
+
+
+def open_plan(checked: ValidatedRecipe, inputs: Inputs, checkpoints: list[Checkpoint], options: FusionOptions
+              ) -> FusionPlan:
+    """Opens the fetched checkpoints (adapters as dense models) into ``checkpoints`` and builds the full plan, tied
+    tensors included."""
+    sources = inputs.sources
+    base = open_source(sources[0], allow_pickle=options.allow_pickle, lora_base=None) if inputs.has_base else None
+    checkpoints += [base] if base is not None else []
+    checkpoints += [open_source(sources[i], allow_pickle=options.allow_pickle, lora_base=base)
+                    for i in inputs.experts]
+    base_is_reference = inputs.base_is_input and reference_is_base(inputs.base, inputs.first_expert,
+                                                                   checked.recipe.heads)
+    return build_plan(
+        checkpoints, base=0 if inputs.base_is_input else None, experts=inputs.experts,
+        uses_base=inputs.base_is_input, reference=0 if base_is_reference else inputs.experts[0],
+        exclude=checked.recipe.exclude, heads=checked.recipe.heads, out_dtype=OUTPUT_DTYPES[checked.recipe.dtype],
+    )
+
+
+def _engine(plan: FusionPlan, method: Any, checked: ValidatedRecipe, inputs: Inputs, recipe: Recipe,
+            options: FusionOptions) -> StreamingEngine:
+    module_types = None
+    if method.needs_module_types:
+        module_types = parameter_module_types(inputs.sources[plan.experts[0]].folder,  # type: ignore[arg-type]
+                                              [t.key for t in plan.fused])
+    return StreamingEngine(
+        plan, method, uses_base=checked.uses_base, device=recipe.device, budget_elements=options.budget_elements,
+        show_progress=options.show_progress, module_types=module_types, allow_nonfinite=recipe.allow_nonfinite,
+        clamp_overflow=recipe.clamp_overflow,
+    )
+
+
+def _write_weights(engine: StreamingEngine, plan: FusionPlan, folders: list[Path], method_name: str,
+                   options: FusionOptions) -> None:
+    """Runs the engine into one sharded writer per output folder; a failure leaves no partial shard."""
+    writers: list[ShardedSafetensorsWriter] = []
+    try:
+        for folder in folders:
+            folder.mkdir(exist_ok=True)
+            writers.append(ShardedSafetensorsWriter(
+                folder, plan.output_tensors(), stem=output_stem(plan), max_shard_bytes=options.max_shard_bytes,
+                metadata={"fused_by": f"hf-fusion {__version__}", "fusion_method": method_name},
+            ))
+        engine.run(writers)
+        for writer in writers:
+            writer.close()
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
+
+
+def output_stem(plan: FusionPlan) -> str:
+    """Output weights keep the reference's file stem (``diffusion_pytorch_model``...), but dense transformers
+    weights are always ``model`` (inputs may be pickles or adapters)."""
+    stem = plan.checkpoints[plan.reference].weights_stem
+    return "model" if stem in ("pytorch_model", "adapter_model", "") else stem
+
+
+def _model_folders(temp: Path, recipe: Recipe, per_model: bool) -> list[Path]:
+    """Where weights go: the output folder itself, or one subfolder per input model."""
+    return [temp / name for name in output_names(recipe.models)] if per_model else [temp]
+
+
+def check_memory(headers: list[Checkpoint | None], elementwise: bool, budget_elements: int) -> None:
+    """Refuses, from headers, a whole-tensor method whose largest tensor times the inputs cannot fit in memory.
+
+    Element-wise methods stream fixed-size slices, so their need does not depend on the models.
+    """
+    if elementwise:
+        needed = 4 * budget_elements * 6
+    else:
+        known = [h for h in headers if h is not None]
+        largest = max((e.numel for h in known for e in h.entries.values()), default=0)
+        needed = 4 * largest * len(headers) * 4
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    log.debug("estimated working memory: %.2f GB", needed / 1e9)
+    if total and needed > total:
+        raise InsufficientResourcesError(
+            f"this method processes whole tensors: about {needed / 1e9:.1f} GB of working memory for the largest "
+            f"one, more than this machine's {total / 1e9:.1f} GB."
+        )

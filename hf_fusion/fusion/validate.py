@@ -1,0 +1,82 @@
+"""The recipe, checked before any I/O: method, parameters, model count, data, device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from hf_fusion.errors import RecipeError
+from hf_fusion.recipe import Recipe
+from hf_fusion.registry import BaseUse, DataNeed, MethodSpec, get_method
+
+
+@dataclass(frozen=True)
+class ValidatedRecipe:
+    """A recipe whose method, parameters and model count have been checked (no I/O yet)."""
+
+    recipe: Recipe
+    spec: MethodSpec
+    params: Any
+    uses_base: bool
+
+
+def validate_recipe(recipe: Recipe) -> ValidatedRecipe:
+    """Checks the method, its parameters and the pool shape; returns the recipe with canonical names and defaults."""
+    spec = get_method(recipe.method)
+    params = spec.validate_params(recipe.parameters)
+    has_base = recipe.base is not None
+    uses_base = has_base and spec.base is not BaseUse.UNUSED
+    spec.validate_pool(params, len(recipe.models), uses_base)
+    if spec.data is not DataNeed.NONE and not recipe.pool:
+        raise RecipeError(f"method {spec.name!r} needs {spec.data.value} data from each model's task: pass --pool "
+                          "(a catalog pool or a pool file) so the tasks and their datasets are known.")
+    check_device(recipe.device)
+    canonical = recipe.replace(method=spec.name, parameters=params.model_dump())
+    return ValidatedRecipe(canonical, spec, params, uses_base)
+
+
+def check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise RecipeError(f"unknown device {device!r}; use cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(f"device {device!r} was requested but no CUDA device is available.")
+    if dev.type not in ("cpu", "cuda"):
+        raise RecipeError(f"device {device!r} is not supported; use cpu or cuda.")
+
+
+def as_recipe(recipe: Recipe | str | Path | Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> Recipe:
+    """Builds a recipe from an object, a YAML path or a mapping, with keyword overrides on top."""
+    fields: dict[str, Any] = {}
+    if isinstance(recipe, Recipe):
+        fields = recipe.model_dump()
+    elif isinstance(recipe, (str, Path)):
+        fields = Recipe.from_yaml(recipe).model_dump()
+    elif isinstance(recipe, Mapping):
+        fields = dict(recipe)
+    elif recipe is not None:
+        raise RecipeError(f"cannot build a recipe from {type(recipe).__name__}.")
+    params = dict(fields.get("parameters") or {})
+    params.update(overrides.get("parameters") or {})
+    fields.update({k: v for k, v in overrides.items() if v is not None and k not in ("parameters", "tasks")})
+    fields["parameters"] = params
+    if fields.get("pool") and not fields.get("models"):
+        fields.update(pool_models(fields["pool"], overrides.get("tasks"), fields))
+    return Recipe.build(**fields)
+
+
+def pool_models(name: str, tasks: list[str] | None, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Base, experts and heads of a catalog pool (or pool file), for the selected tasks."""
+    from hf_fusion.catalog import get_pool
+
+    pool = get_pool(name)
+    specs = pool.select(tasks)
+    return {
+        "models": [pool.experts[s.name] for s in specs],
+        "base": fields.get("base") or pool.base,
+        "heads": fields.get("heads") or list(pool.heads),
+    }
