@@ -1,4 +1,4 @@
-"""The README's generated sections match the code they describe."""
+"""The README and the docs pages: generated tables match the code, the set-up and the example run as written."""
 
 from __future__ import annotations
 
@@ -13,13 +13,15 @@ import pytest
 from hf_fusion.cli import methods_markdown
 from hf_fusion.registry import all_methods
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+METHODS_PAGE = ROOT / "docs" / "methods.md"
 
 
 def test_methods_table_matches_the_registry() -> None:
-    text = README.read_text()
+    text = METHODS_PAGE.read_text()
     match = re.search(r"<!-- methods-table:.*?-->\n(.*?)\n<!-- /methods-table -->", text, re.S)
-    assert match, "README lost its methods table markers"
+    assert match, "docs/methods.md lost its methods table markers"
     assert match.group(1) == methods_markdown(all_methods()), "regenerate with `hf-fusion methods --markdown`"
 
 
@@ -48,7 +50,7 @@ def _code_blocks(section: str) -> list[str]:
 def test_readme_test_command_is_the_ci_command() -> None:
     install, tests = _code_blocks("Set up")
     assert tests.strip() == TEST_COMMAND
-    ci = (README.parent / ".ci" / "run").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
     assert ci.rstrip().endswith(TEST_COMMAND)  # CI runs the README's command as its last step
     assert "python3 -m venv" in install and 'pip install -c constraints.txt ".[demo]"' in install
     assert "HF_HUB_OFFLINE=1 hf-fusion merge --pool minilm-text3" in install
