@@ -1,4 +1,4 @@
-"""The README's generated sections match the code they describe."""
+"""The README and docs/: generated tables match the code, set-up and example run as written, links resolve."""
 
 from __future__ import annotations
 
@@ -13,13 +13,15 @@ import pytest
 from hf_fusion.cli import methods_markdown
 from hf_fusion.registry import all_methods
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+METHODS_PAGE = ROOT / "docs" / "methods.md"
 
 
 def test_methods_table_matches_the_registry() -> None:
-    text = README.read_text()
+    text = METHODS_PAGE.read_text()
     match = re.search(r"<!-- methods-table:.*?-->\n(.*?)\n<!-- /methods-table -->", text, re.S)
-    assert match, "README lost its methods table markers"
+    assert match, "docs/methods.md lost its methods table markers"
     assert match.group(1) == methods_markdown(all_methods()), "regenerate with `hf-fusion methods --markdown`"
 
 
@@ -48,7 +50,7 @@ def _code_blocks(section: str) -> list[str]:
 def test_readme_test_command_is_the_ci_command() -> None:
     install, tests = _code_blocks("Set up")
     assert tests.strip() == TEST_COMMAND
-    ci = (README.parent / ".ci" / "run").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
     assert ci.rstrip().endswith(TEST_COMMAND)  # CI runs the README's command as its last step
     assert "python3 -m venv" in install and 'pip install -c constraints.txt ".[demo]"' in install
     assert "HF_HUB_OFFLINE=1 hf-fusion merge --pool minilm-text3" in install
@@ -64,3 +66,64 @@ def test_python_example_runs_as_written(tmp_path: Path) -> None:
                           timeout=600)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "merged" / "model.safetensors").is_file() and (tmp_path / "again" / "model.safetensors").is_file()
+
+
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+
+
+def _prose(path: Path) -> list[str]:
+    """The lines of a markdown file outside fenced blocks."""
+    lines, fence = [], False
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            fence = not fence
+        elif not fence:
+            lines.append(line)
+    return lines
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lowercase, punctuation other than hyphens and underscores dropped,
+    spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    seen: dict[str, int] = {}
+    anchors = set()
+    for line in _prose(path):
+        match = re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if match:
+            anchor = _anchor(match.group(1))
+            count = seen.get(anchor, 0)
+            seen[anchor] = count + 1
+            anchors.add(anchor if count == 0 else f"{anchor}-{count}")  # GitHub numbers repeated headings
+    return anchors
+
+
+DOCUMENTS = [README, *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def test_docs_pages_exist_and_the_readme_links_each() -> None:
+    pages = DOCUMENTS[1:]
+    assert pages, "docs/ has no pages"
+    readme = README.read_text()
+    for page in pages:
+        assert f"](docs/{page.name})" in readme, f"the README does not link {page.name}"
+        assert "](../README.md)" in page.read_text(), f"{page.name} does not link back to the README"
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_relative_links_resolve(document: Path) -> None:
+    broken = []
+    for line in _prose(document):
+        for target in LINK.findall(re.sub(r"`[^`]*`", "", line)):  # code spans hold no links
+            if re.match(r"[a-z][a-z0-9+.-]*:", target, re.I):  # https:, mailto: ...
+                continue
+            path, _, anchor = target.partition("#")
+            resolved = (document.parent / path).resolve() if path else document
+            if not resolved.exists() or ROOT not in [resolved, *resolved.parents]:
+                broken.append(f"{target}: no such file in the repository")
+            elif anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved):
+                broken.append(f"{target}: no heading with this anchor")
+    assert not broken, f"{document.relative_to(ROOT)}: " + "; ".join(broken)
