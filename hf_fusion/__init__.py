@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from hf_fusion.version import __version__
 
 __all__ = ["merge", "Recipe", "MergeResult", "PushTarget", "list_methods", "get_method", "__version__"]
 

@@ -89,7 +89,7 @@ def needs_hf_fusion(config: dict[str, Any] | None) -> bool:
 
 def install_hint() -> str:
     """How to install this hf-fusion: it is not on a package index, so from its source (a checkout or a wheel)."""
-    from hf_fusion import __version__
+    from hf_fusion.version import __version__
 
     return (f"hf-fusion {__version__}, installed from its source (it is not on PyPI): `pip install ./hf-fusion` from "
             f"a checkout of that version, or `pip install hf_fusion-{__version__}-py3-none-any.whl` from a wheel built "

@@ -12,7 +12,7 @@ import signal
 import sys
 from typing import Any, Sequence
 
-from hf_fusion import __version__
+from hf_fusion.version import __version__
 
 log = logging.getLogger("hf_fusion")
 

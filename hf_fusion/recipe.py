@@ -13,10 +13,22 @@ from typing import Any, Literal
 import pydantic
 import yaml
 
-from hf_fusion.engine.dtypes import OUTPUT_DTYPES
 from hf_fusion.errors import RecipeError
 
 RECIPE_FILENAME = "fusion_recipe.yaml"
+
+
+OUTPUT_DTYPES: dict[str, str | None] = {
+    "auto": None,
+    "float32": "F32",
+    "fp32": "F32",
+    "float16": "F16",
+    "fp16": "F16",
+    "half": "F16",
+    "bfloat16": "BF16",
+    "bf16": "BF16",
+}
+"""Names accepted by ``--dtype``; ``auto`` keeps each tensor's dtype from the reference model."""
 
 
 class ModelRef(pydantic.BaseModel):

@@ -7,6 +7,7 @@ these entries. Parameters are pydantic models, so defaults, types and ranges are
 from __future__ import annotations
 
 import difflib
+import importlib
 import math
 import types
 import typing
@@ -177,8 +178,13 @@ def register(spec: MethodSpec) -> MethodSpec:
     return spec
 
 
+BUILTIN_METHODS = "hf_fusion.methods"
+
+
 def _load_builtin() -> None:
-    import hf_fusion.methods  # noqa: F401  (registers every built-in method)
+    """Imports the built-in methods, which register themselves. The registry depends on no method: methods depend on
+    it, so the package is named here, as a plugin would be, rather than imported."""
+    importlib.import_module(BUILTIN_METHODS)
 
 
 def get_method(name: str) -> MethodSpec:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+
 SAFETENSORS_TO_TORCH: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -25,18 +26,6 @@ for _code, _name in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
 TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_TO_TORCH.items()}
 
 FLOATING = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
-
-OUTPUT_DTYPES: dict[str, str | None] = {
-    "auto": None,
-    "float32": "F32",
-    "fp32": "F32",
-    "float16": "F16",
-    "fp16": "F16",
-    "half": "F16",
-    "bfloat16": "BF16",
-    "bf16": "BF16",
-}
-"""Names accepted by ``--dtype``; ``auto`` keeps each tensor's dtype from the reference model."""
 
 TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 

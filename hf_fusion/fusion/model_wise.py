@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from hf_fusion.engine.dtypes import OUTPUT_DTYPES, TORCH_NAMES
+from hf_fusion.engine.dtypes import TORCH_NAMES
 from hf_fusion.errors import RecipeError
 from hf_fusion.fusion.inputs import (
     Inputs,
@@ -27,7 +27,7 @@ from hf_fusion.fusion.result import MergeResult
 from hf_fusion.fusion.validate import ValidatedRecipe
 from hf_fusion.modelwise.base import ModelFusion, ModelwiseContext
 from hf_fusion.output import AtomicFolder, check_free_space
-from hf_fusion.recipe import Recipe
+from hf_fusion.recipe import OUTPUT_DTYPES, Recipe
 from hf_fusion.tasks.weights import ModelUnderTest, quiet_transformers
 
 log = logging.getLogger(__name__)

@@ -7,10 +7,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from hf_fusion import __version__
+from hf_fusion.version import __version__
 from hf_fusion.architecture import parameter_module_types
 from hf_fusion.engine.checkpoint import Checkpoint
-from hf_fusion.engine.dtypes import OUTPUT_DTYPES
+
 from hf_fusion.engine.plan import FusionPlan, build_plan
 from hf_fusion.engine.stream import StreamingEngine
 from hf_fusion.engine.writer import ShardedSafetensorsWriter
@@ -21,7 +21,7 @@ from hf_fusion.fusion.output_folder import output_names, seal, write_side_files
 from hf_fusion.fusion.result import MergeResult
 from hf_fusion.fusion.validate import ValidatedRecipe
 from hf_fusion.output import AtomicFolder, check_free_space
-from hf_fusion.recipe import Recipe
+from hf_fusion.recipe import OUTPUT_DTYPES, Recipe
 from hf_fusion.sources import open_source
 
 log = logging.getLogger(__name__)
