@@ -107,18 +107,18 @@ def run_bench(
     show_progress: bool = True,
 ) -> BenchResult:
     from hf_fusion.fusion import fused_models, merge
-    from hf_fusion.registry import get_method
+    from hf_fusion.registry import flag_parameters, get_method
 
+    entries = [parse_method_entry(entry) for entry in methods]
+    per_method = flag_parameters([get_method(method) for method, _ in entries], common or {})
     output.mkdir(parents=True, exist_ok=True)
     specs = pool.select(tasks)
     fused: dict[str, Path | dict[str, Path]] = {}
     points: dict[str, list[tuple[float, str]]] = {}
     seconds: dict[str, float] = {}
-    for entry in methods:
-        method, own = parse_method_entry(entry)
+    for (method, own), shared in zip(entries, per_method):
         spec = get_method(method)
         swept = sweep is not None and sweep.parameter in spec.params_model.model_fields
-        shared = {k: v for k, v in (common or {}).items() if k in spec.params_model.model_fields}
         for value in sweep.values if swept else [None]:  # type: ignore[union-attr]
             params = {**shared, **(parameters or {}), **own}
             label = spec.name + (f"[{';'.join(f'{k}={v}' for k, v in own.items())}]" if own else "")

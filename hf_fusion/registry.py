@@ -323,3 +323,20 @@ def _param_info(name: str, f: pydantic.fields.FieldInfo) -> ParamInfo:
         choices=choices,
         ui_range=tuple(ui) if ui else None,
     )
+
+
+SHARED_FLAGS = ("batch_size",)
+"""Method flags that also set something else (``--batch-size`` is evaluation's batch too), so no method needs them."""
+
+
+def flag_parameters(specs: list[MethodSpec], flags: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The common method flags (``--steps``, ``--lr``, ``--seed``, ``--calibration-samples``, ``--batch-size``) as
+    each method's parameters, by one rule for ``merge`` and ``bench`` alike: a method takes the flags it declares,
+    and a flag that none of the methods declares is refused rather than dropped."""
+    per_method = [{k: v for k, v in flags.items() if k in spec.params_model.model_fields} for spec in specs]
+    for key in flags:
+        if key not in SHARED_FLAGS and not any(key in taken for taken in per_method):
+            names = ", ".join(spec.name for spec in specs)
+            raise ParameterError(f"--{key.replace('_', '-')} is not a parameter of {names}; "
+                                 "`hf-fusion methods NAME` lists a method's parameters.")
+    return per_method

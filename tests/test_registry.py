@@ -67,3 +67,23 @@ def test_each_method_declares_the_kind_its_implementation_is() -> None:
         assert issubclass(spec.implementation, contracts[spec.kind]), (spec.name, spec.kind)
     kinds = {spec.kind for spec in all_methods()}
     assert kinds == set(MethodKind)
+
+
+def test_common_method_flags_follow_one_rule_for_merge_and_bench() -> None:
+    from hf_fusion.registry import flag_parameters, get_method
+
+    ties, ada = get_method("ties_merging"), get_method("layer_wise_adamerging")
+    assert flag_parameters([ties, ada], {"steps": 5, "batch_size": 8}) == [{}, {"steps": 5, "batch_size": 8}]
+    assert flag_parameters([ties], {"batch_size": 8}) == [{}]  # also evaluation's batch size: never refused
+    with pytest.raises(ParameterError, match="--steps is not a parameter of ties_merging, task_arithmetic"):
+        flag_parameters([ties, get_method("task_arithmetic")], {"steps": 5})
+
+
+def test_merge_and_bench_refuse_a_flag_no_chosen_method_takes(tmp_path) -> None:
+    from hf_fusion.cli import main
+
+    assert main(["merge", "--pool", "minilm-text3", "--method", "ties_merging", "--steps", "5",
+                 "--output", str(tmp_path / "m")]) == 1
+    assert main(["bench", "--pool", "minilm-text3", "--methods", "ties_merging,task_arithmetic", "--lr", "0.1",
+                 "--output", str(tmp_path / "b")]) == 1
+    assert not (tmp_path / "m").exists() and not (tmp_path / "b").exists()

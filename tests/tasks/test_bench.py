@@ -93,7 +93,7 @@ def test_methods_with_one_model_per_task_are_scored_task_by_task(text_pool_file:
 
 def test_a_method_entry_carries_its_own_parameters() -> None:
     from hf_fusion.bench import parse_method_entry
-    from hf_fusion.cli import _method_list
+    from hf_fusion.cli.arguments import method_list as _method_list
     from hf_fusion.errors import RecipeError
 
     entries = _method_list("simple_average[weight_scope_alignment=true],ties[threshold=10;merge_func=mean],tsv_m")

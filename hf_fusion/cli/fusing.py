@@ -1,0 +1,158 @@
+"""`hf-fusion merge`, `push` and `card`: make a fused model, send it to the Hub, (re)write its card."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from hf_fusion.cli.arguments import (
+    add_common,
+    add_eval_options,
+    add_method_data_options,
+    add_push_options,
+    comma_list,
+    common_method_params,
+    eval_settings,
+    parse_param,
+    print_push,
+    push_target,
+    repo_id,
+    size_argument,
+)
+
+
+def register(sub: Any) -> None:
+    """Adds this module's commands to the ``hf-fusion`` parser."""
+    merge = sub.add_parser(
+        "merge",
+        help="fuse models into an output folder",
+        description="Fuse models with any registered method. Flags override the fields of --config.",
+    )
+    merge.add_argument("--config", metavar="RECIPE.yaml", help="recipe file (the output keeps a copy)")
+    merge.add_argument("--repo-ids", nargs="+", metavar="MODEL",
+                       help="models to fuse: Hub repo ids (org/name[@revision]) or local folders")
+    merge.add_argument("--base", metavar="MODEL", help="the pretrained model the others were fine-tuned from")
+    merge.add_argument("--method", help="fusion method (see `hf-fusion methods`)")
+    merge.add_argument("--param", action="append", type=parse_param, default=[], metavar="NAME=VALUE",
+                       help="method parameter, repeatable (e.g. --param scaling_factor=0.3)")
+    merge.add_argument("--output", metavar="FOLDER", help="where to write the fused model")
+    merge.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16"],
+                       help="output dtype of floating-point tensors (default: as the reference model)")
+    merge.add_argument("--device", help="compute device: cpu (default), cuda, cuda:N")
+    merge.add_argument("--exclude", nargs="+", metavar="PATTERN",
+                       help="tensor-name globs copied unfused from the base (e.g. 'classifier.*')")
+    merge.add_argument("--heads", nargs="+", metavar="PATTERN",
+                       help="tensor-name globs of per-task heads, left out: the output is the fused backbone")
+    merge.add_argument("--overwrite", action="store_true",
+                       help="replace an existing output folder, and files on an existing Hub branch with --push")
+    merge.add_argument("--allow-pickle", action="store_true",
+                       help="load .bin/.pt pickle checkpoints (can run code; only for models you trust)")
+    merge.add_argument("--allow-nonfinite", action="store_true", default=None,
+                       help="fuse tensors holding NaN or inf instead of refusing them (carried through to the output)")
+    merge.add_argument("--clamp-overflow", action="store_true", default=None,
+                       help="clamp fused values beyond the output dtype's range instead of refusing them")
+    merge.add_argument("--max-shard-size", type=size_argument, default=None, metavar="SIZE",
+                       help="largest output shard (default 5GB)")
+    merge.add_argument("--pool", help="a catalog pool (see `hf-fusion pools`) or pool file: its base, experts, heads")
+    merge.add_argument("--tasks", type=comma_list, metavar="T1,T2", help="only these tasks (and their experts) of the pool")
+    merge.add_argument("--evaluate", action="store_true", help="score the fused model on the pool's tasks")
+    add_eval_options(merge)
+    add_method_data_options(merge)
+    merge.add_argument("--push", metavar="REPO", type=repo_id, help="push the fused model to this Hub repo (org/name or name)")
+    add_push_options(merge)
+    add_common(merge)
+    merge.set_defaults(run=cmd_merge)
+
+    push = sub.add_parser("push", help="push a fused model folder to the Hub (writes its card if missing)")
+    push.add_argument("folder", help="a folder written by `hf-fusion merge`")
+    push.add_argument("repo", type=repo_id, help="target repo (org/name, or name under your account)")
+    push.add_argument("--overwrite", action="store_true", help="commit over files already on the target branch")
+    add_push_options(push)
+    add_common(push)
+    push.set_defaults(run=cmd_push)
+
+    card = sub.add_parser("card", help="(re)write a fused model's README.md from its recipe and evaluation report")
+    card.add_argument("folder", help="a folder written by `hf-fusion merge`")
+    card.add_argument("--repo-id", help="the repo the card's usage snippet loads (default: the folder)")
+    add_common(card)
+    card.set_defaults(run=cmd_card)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from hf_fusion.fusion import merge
+
+    kwargs: dict[str, Any] = dict(args.param)
+    common = common_method_params(args)
+    if common:
+        from hf_fusion.recipe import Recipe
+        from hf_fusion.registry import flag_parameters, get_method
+
+        method = args.method or (Recipe.from_yaml(args.config).method if args.config else None)
+        if method is None:
+            raise SystemExit("hf-fusion merge: --method is needed (or --config RECIPE.yaml that names one)")
+        kwargs = {**flag_parameters([get_method(method)], common)[0], **kwargs}
+    if args.max_shard_size is not None:
+        kwargs["max_shard_bytes"] = args.max_shard_size
+    if not args.config and not args.repo_ids and not args.pool:
+        raise SystemExit("hf-fusion merge: give --repo-ids or --pool (and --method, --output), or --config RECIPE.yaml")
+    if args.token:
+        kwargs["token"] = args.token
+    result = merge(
+        args.config,
+        models=args.repo_ids,
+        base=args.base,
+        method=args.method,
+        output=args.output,
+        dtype=args.dtype,
+        device=args.device,
+        exclude=args.exclude,
+        heads=args.heads,
+        pool=args.pool,
+        tasks=args.tasks,
+        evaluate=eval_settings(args) if args.evaluate else False,
+        overwrite=args.overwrite,
+        allow_pickle=args.allow_pickle,
+        allow_nonfinite=args.allow_nonfinite,
+        clamp_overflow=args.clamp_overflow,
+        push=push_target(args, args.push),
+        show_progress=not args.quiet,
+        **kwargs,
+    )
+    if not args.quiet:
+        n = len(result.recipe.models)
+        print(
+            f"Fused {n} model{'s' if n != 1 else ''} with {result.recipe.method} into {result.output} "
+            f"({result.fused_tensors} tensors fused, {result.copied_tensors} copied, "
+            f"{result.output_bytes / 1e6:.1f} MB) in {result.seconds:.1f} s"
+        )
+    if result.evaluation is not None:
+        from hf_fusion.leaderboard import to_markdown
+
+        if not args.quiet:
+            tasks = len(result.evaluation.results)
+            print(f"Scored on {tasks} task{'s' if tasks != 1 else ''} in {result.evaluation_seconds:.1f} s")
+        print(to_markdown(result.evaluation))
+    if result.push is not None:
+        print_push(result.push)
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hf_fusion.hub.push import push_merged_folder
+
+    print_push(push_merged_folder(Path(args.folder), push_target(args, args.repo), token=args.token))
+    return 0
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hf_fusion.cards import CARD_FILENAME, write_card
+
+    existed = (Path(args.folder) / CARD_FILENAME).is_file()
+    path = write_card(Path(args.folder), repo_id=args.repo_id)
+    if not args.quiet:
+        print(f"{'Rewrote' if existed else 'Wrote'} {path}")
+    return 0
