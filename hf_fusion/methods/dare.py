@@ -13,7 +13,7 @@ from typing import Any
 import pydantic
 import torch
 
-from hf_fusion.methods.base import TensorInputs, TensorMerge
+from hf_fusion.engine.contract import TensorInputs, TensorMerge
 from hf_fusion.methods.common import FROZEN, LINEAR_MODULES, scaling_factor_field
 from hf_fusion.methods.sparsify import Rescale, random_drop
 from hf_fusion.methods.ties_merging import TiesMerging, TiesParams

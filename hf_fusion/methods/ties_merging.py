@@ -16,7 +16,7 @@ from typing import Hashable, Literal
 import pydantic
 import torch
 
-from hf_fusion.methods.base import Scan, TensorInputs, TensorMerge
+from hf_fusion.engine.contract import Scan, TensorInputs, TensorMerge
 from hf_fusion.methods.common import FROZEN, scaling_factor_field
 from hf_fusion.methods.quantile import MagnitudeQuantile
 from hf_fusion.methods.sparsify import magnitude_trim_
