@@ -3,7 +3,7 @@
 Each task vector element is dropped with probability ``sparsity_ratio`` and the survivors are divided by
 ``1 - sparsity_ratio`` (the paper, FusionBench). mergekit instead rescales each tensor to keep its L1 norm;
 ``rescale="l1"`` selects that. The drop mask is a pure function of ``seed``, the model's position and the tensor
-name (see :func:`hf_fusion.methods.sparsify.keyed_uniform`), so a recipe is reproducible on any device.
+name (see :func:`hf_fusion.methods.operations.keyed_uniform`), so a recipe is reproducible on any device.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from hf_fusion.engine.contract import TensorInputs, TensorMerge
 from hf_fusion.methods.common import FROZEN, LINEAR_MODULES, scaling_factor_field
-from hf_fusion.methods.sparsify import Rescale, random_drop
+from hf_fusion.methods.operations import Rescale, random_drop
 from hf_fusion.methods.ties_merging import TiesMerging, TiesParams
 from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
 

@@ -18,11 +18,16 @@ import torch
 
 from hf_fusion.engine.contract import Scan, TensorInputs, TensorMerge
 from hf_fusion.methods.common import FROZEN, scaling_factor_field
+from hf_fusion.methods.operations import (
+    MergeFunc,
+    disjoint_merge,
+    elected_sign,
+    fill_zero_sign,
+    magnitude_trim_,
+    signed_sums,
+)
 from hf_fusion.methods.quantile import MagnitudeQuantile
-from hf_fusion.methods.sparsify import magnitude_trim_
 from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
-
-MergeFunc = Literal["sum", "mean", "max"]
 
 
 class TiesParams(pydantic.BaseModel):
@@ -40,47 +45,6 @@ class TiesParams(pydantic.BaseModel):
         "model",
         description="rank magnitudes over the whole model (paper, FusionBench) or within each tensor (mergekit)",
     )
-
-
-def elected_sign(trimmed: torch.Tensor) -> torch.Tensor:
-    """gamma_m = sgn(sum_t trimmed_t), the sign with the larger total mass.  Shapes: (n, ...) -> (...)."""
-    return torch.sign(trimmed.sum(dim=0))
-
-
-def fill_zero_sign(sign: torch.Tensor, zero_sign: float) -> torch.Tensor:
-    """Positions whose elected sum is exactly 0 take ``zero_sign`` (the paper's model-wide majority)."""
-    return torch.where(sign == 0, torch.tensor(zero_sign, dtype=sign.dtype, device=sign.device), sign)
-
-
-def signed_sums(trimmed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sums of the positive and of the negative values per position, each in model order.  (n, ...) -> 2 x (...)."""
-    return trimmed.clamp(min=0).sum(dim=0), trimmed.clamp(max=0).sum(dim=0)
-
-
-def disjoint_merge(
-    trimmed: torch.Tensor,
-    sign: torch.Tensor,
-    merge_func: MergeFunc,
-    sums: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Combine, per position, the values whose sign agrees with the elected one.  Shapes: (n, ...), (...) -> (...).
-
-    ``mean`` divides by the number of agreeing values (the paper's disjoint mean), ``sum`` adds them (FusionBench's
-    default), ``max`` keeps the largest magnitude with the elected sign. As in the paper's code, a zero elected sign
-    selects the negative values. Summing the positive and negative parts separately in model order gives the same
-    bits as masking then summing, with fewer passes over memory; pass ``sums`` if :func:`signed_sums` was computed.
-    """
-    if merge_func == "max":
-        top = trimmed.amax(dim=0).clamp_(min=0)
-        bottom = trimmed.amin(dim=0).clamp_(max=0)
-        return torch.where(sign > 0, top, torch.where(sign < 0, bottom, torch.zeros_like(bottom)))
-    positive, negative = sums if sums is not None else signed_sums(trimmed)
-    if merge_func == "mean":
-        positive = positive / (trimmed > 0).sum(dim=0).clamp_(min=1)
-        negative = negative / (trimmed < 0).sum(dim=0).clamp_(min=1)
-    elif merge_func != "sum":
-        raise ValueError(f"unknown merge_func {merge_func!r}")
-    return torch.where(sign > 0, positive, negative)
 
 
 _PROVISIONAL_SIGN = 1.0
