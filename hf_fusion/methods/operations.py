@@ -1,4 +1,4 @@
-"""Tensor math shared by several methods: sparsification, sign election and disjoint merge.
+"""Tensor math shared by several methods: averaging, interpolation, sparsification, sign election, disjoint merge.
 
 Every function here is pure tensor math: no method state, no recipe, no registry. A method file takes what it shares
 with other methods from here, never from another method file, so each method can change without moving the others.
@@ -9,9 +9,32 @@ elements whether the engine reads a tensor whole or in slices, on any device.
 from __future__ import annotations
 
 import hashlib
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
+
+# Averaging and interpolation (simple average, ExPO, Model Stock; linear interpolation, SLERP) ----------------------
+
+
+def simple_average(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """theta = (1/n) sum_t theta_t over ``n`` same-shaped tensors.
+
+    The first addition (or the clone, for one tensor) allocates the result, so the inputs are never written; the
+    rest accumulate into it in place, keeping a single output buffer however many models there are.
+    """
+    total = tensors[0].clone() if len(tensors) == 1 else tensors[0] + tensors[1]
+    for t in tensors[2:]:
+        total.add_(t)
+    return total.div_(len(tensors))
+
+
+def linear_interpolation(start: torch.Tensor, end: torch.Tensor, t: float) -> torch.Tensor:
+    """theta = (1 - t) theta_0 + t theta_1.
+
+    Shared because SLERP falls back to it where the two tensors are (nearly) colinear and the arc is undefined.
+    """
+    return torch.add(start * (1.0 - t), end, alpha=t)
+
 
 # Sparsification (DARE, DELLA, TIES) -------------------------------------------------------------------------------
 
