@@ -1,4 +1,5 @@
-"""Tensor math shared by several methods: averaging, interpolation, sparsification, sign election, disjoint merge.
+"""Tensor math shared by several methods: task vectors, averaging, interpolation, sparsification, sign election
+and disjoint merge.
 
 Every function here is pure tensor math: no method state, no recipe, no registry. A method file takes what it shares
 with other methods from here, never from another method file, so each method can change without moving the others.
@@ -13,7 +14,22 @@ from typing import Literal, Sequence
 
 import torch
 
-# Averaging and interpolation (simple average, ExPO, Model Stock; linear interpolation, SLERP) ----------------------
+from hf_fusion.engine.contract import TensorInputs
+
+# Task vectors (EMR-Merging, TALL masks, the subspace methods, WUDI) ---------------------------------------------------
+
+
+def stacked_task_vectors(inputs: TensorInputs) -> torch.Tensor:
+    """theta_t - theta_0 of every model, stacked ``(n, ...)`` in a new tensor.
+
+    Stacked because these methods compare the models element by element (masks, votes) or all at once (SVDs); a
+    new tensor, so the engine's input buffers are never written.
+    """
+    assert inputs.base is not None, "this method needs the base model"
+    return torch.stack(list(inputs.experts)) - inputs.base
+
+
+# Averaging and interpolation (simple average, ExPO, Model Stock; linear interpolation, SLERP) -------------------------
 
 
 def simple_average(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -36,7 +52,7 @@ def linear_interpolation(start: torch.Tensor, end: torch.Tensor, t: float) -> to
     return torch.add(start * (1.0 - t), end, alpha=t)
 
 
-# Sparsification (DARE, DELLA, TIES) -------------------------------------------------------------------------------
+# Sparsification (DARE, DELLA, TIES) -----------------------------------------------------------------------------------
 
 RANDOM_CHUNK = 1 << 20
 """Elements per independently seeded block of uniforms; fixes the random stream regardless of slicing."""
@@ -104,7 +120,7 @@ def magnitude_trim_(delta: torch.Tensor, threshold: torch.Tensor | float) -> tor
     return delta.mul_(delta.abs() >= threshold)
 
 
-# Sign election and disjoint merge (TIES, DARE-TIES, DELLA) -------------------------------------------------------
+# Sign election and disjoint merge (TIES, DARE-TIES, DELLA) ------------------------------------------------------------
 
 MergeFunc = Literal["sum", "mean", "max"]
 
