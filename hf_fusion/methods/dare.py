@@ -16,7 +16,7 @@ import torch
 from hf_fusion.engine.contract import TensorInputs, TensorMerge
 from hf_fusion.methods.common import FROZEN, LINEAR_MODULES, scaling_factor_field
 from hf_fusion.methods.operations import Rescale, random_drop
-from hf_fusion.methods.ties_merging import TiesMerging, TiesParams
+from hf_fusion.methods.ties_core import TiesCore, TiesParams
 from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
 
 DARE_PAPER = Paper(
@@ -107,7 +107,7 @@ class DareSimpleAverage(DareTaskArithmetic):
         return 1.0 / self.num_models
 
 
-class DareTiesMerging(TiesMerging):
+class DareTiesMerging(TiesCore):
     """TIES on DARE-dropped task vectors (FusionBench's dare/ties_merging; mergekit's dare_ties)."""
 
     def __init__(self, params: Any, *, num_models: int, has_base: bool) -> None:
@@ -116,6 +116,7 @@ class DareTiesMerging(TiesMerging):
         self.needs_module_types = params.only_on_linear_weights
 
     def task_vectors(self, inputs: TensorInputs) -> torch.Tensor:
+        """The DARE-dropped task vectors, stacked: TIES then trims and merges what survived the drop."""
         return torch.stack(dropped_task_vectors(inputs, self.params))
 
 
