@@ -58,7 +58,7 @@ def test_unknown_names_suggest() -> None:
 
 
 def test_each_method_declares_the_kind_its_implementation_is() -> None:
-    from hf_fusion.methods.base import TensorMerge
+    from hf_fusion.engine.contract import TensorMerge
     from hf_fusion.modelwise.base import ModelFusion
     from hf_fusion.registry import MethodKind
 

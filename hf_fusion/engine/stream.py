@@ -27,11 +27,11 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from hf_fusion.engine.checkpoint import TensorEntry
+from hf_fusion.engine.contract import TensorInputs, TensorMerge, Visitor
 from hf_fusion.engine.dtypes import SAFETENSORS_TO_TORCH
 from hf_fusion.engine.plan import FusionPlan, PlannedTensor
 from hf_fusion.engine.writer import ShardedSafetensorsWriter
 from hf_fusion.errors import NonFiniteError
-from hf_fusion.methods.base import TensorInputs, TensorMerge, Visitor
 from hf_fusion.progress import progress_bar
 
 log = logging.getLogger(__name__)

@@ -1,11 +1,10 @@
-"""Parameter fields and pool checks shared by several methods, declared once so their defaults never drift."""
+"""Parameter fields, pool checks and input accessors shared by several methods, declared once so they never drift."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pydantic
-import torch
 
 from hf_fusion.errors import RecipeError
 
@@ -50,12 +49,6 @@ def two_model_endpoints(inputs: Any) -> tuple[Any, Any]:
     if inputs.base is not None:
         return inputs.base, inputs.experts[0]
     return inputs.experts[0], inputs.experts[1]
-
-
-def stacked_task_vectors(inputs: Any) -> torch.Tensor:
-    """theta_t - theta_0 of every model, stacked ``(n, ...)`` in a new tensor."""
-    assert inputs.base is not None, "this method needs the base model"
-    return torch.stack(list(inputs.experts)) - inputs.base
 
 
 def is_matrix(inputs: Any) -> bool:

@@ -3,7 +3,7 @@
 Each task vector element is dropped with probability ``sparsity_ratio`` and the survivors are divided by
 ``1 - sparsity_ratio`` (the paper, FusionBench). mergekit instead rescales each tensor to keep its L1 norm;
 ``rescale="l1"`` selects that. The drop mask is a pure function of ``seed``, the model's position and the tensor
-name (see :func:`hf_fusion.methods.sparsify.keyed_uniform`), so a recipe is reproducible on any device.
+name (see :func:`hf_fusion.methods.operations.keyed_uniform`), so a recipe is reproducible on any device.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Any
 import pydantic
 import torch
 
-from hf_fusion.methods.base import TensorInputs, TensorMerge
+from hf_fusion.engine.contract import TensorInputs, TensorMerge
 from hf_fusion.methods.common import FROZEN, LINEAR_MODULES, scaling_factor_field
-from hf_fusion.methods.sparsify import Rescale, random_drop
-from hf_fusion.methods.ties_merging import TiesMerging, TiesParams
+from hf_fusion.methods.operations import Rescale, random_drop
+from hf_fusion.methods.ties_core import TiesCore, TiesParams
 from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
 
 DARE_PAPER = Paper(
@@ -107,7 +107,7 @@ class DareSimpleAverage(DareTaskArithmetic):
         return 1.0 / self.num_models
 
 
-class DareTiesMerging(TiesMerging):
+class DareTiesMerging(TiesCore):
     """TIES on DARE-dropped task vectors (FusionBench's dare/ties_merging; mergekit's dare_ties)."""
 
     def __init__(self, params: Any, *, num_models: int, has_base: bool) -> None:
@@ -116,6 +116,7 @@ class DareTiesMerging(TiesMerging):
         self.needs_module_types = params.only_on_linear_weights
 
     def task_vectors(self, inputs: TensorInputs) -> torch.Tensor:
+        """The DARE-dropped task vectors, stacked: TIES then trims and merges what survived the drop."""
         return torch.stack(dropped_task_vectors(inputs, self.params))
 
 

@@ -15,11 +15,10 @@ from typing import Any
 import pydantic
 import torch
 
+from hf_fusion.engine.contract import TensorInputs, TensorMerge
 from hf_fusion.errors import RecipeError
-from hf_fusion.methods.base import TensorInputs, TensorMerge
 from hf_fusion.methods.common import FROZEN, scaling_factor_field
-from hf_fusion.methods.sparsify import keyed_uniform
-from hf_fusion.methods.ties_merging import disjoint_merge, elected_sign
+from hf_fusion.methods.operations import disjoint_merge, elected_sign, keyed_uniform
 from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
 
 

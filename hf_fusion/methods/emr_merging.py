@@ -14,8 +14,8 @@ import math
 
 import torch
 
-from hf_fusion.methods.base import Scan, TensorInputs, TensorMerge
-from hf_fusion.methods.common import stacked_task_vectors
+from hf_fusion.engine.contract import Scan, TensorInputs, TensorMerge
+from hf_fusion.methods.operations import stacked_task_vectors
 from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, NoParams, Paper, register
 
 

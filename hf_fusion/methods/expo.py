@@ -5,9 +5,9 @@ from __future__ import annotations
 import pydantic
 import torch
 
-from hf_fusion.methods.base import TensorInputs, TensorMerge
+from hf_fusion.engine.contract import TensorInputs, TensorMerge
 from hf_fusion.methods.common import FROZEN
-from hf_fusion.methods.simple_average import simple_average
+from hf_fusion.methods.operations import simple_average
 from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
 
 

@@ -15,8 +15,8 @@ from typing import Any, Sequence
 import pydantic
 import torch
 
+from hf_fusion.engine.contract import TensorInputs, TensorMerge
 from hf_fusion.errors import RecipeError
-from hf_fusion.methods.base import TensorInputs, TensorMerge
 from hf_fusion.methods.common import FROZEN
 from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
 

@@ -5,19 +5,15 @@ from __future__ import annotations
 import pydantic
 import torch
 
-from hf_fusion.methods.base import TensorInputs, TensorMerge
+from hf_fusion.engine.contract import TensorInputs, TensorMerge
 from hf_fusion.methods.common import FROZEN, check_two_models, interpolation_field, two_model_endpoints
+from hf_fusion.methods.operations import linear_interpolation
 from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
 
 
 class LinearInterpolationParams(pydantic.BaseModel):
     model_config = FROZEN
     t: float = interpolation_field()
-
-
-def linear_interpolation(start: torch.Tensor, end: torch.Tensor, t: float) -> torch.Tensor:
-    """theta = (1 - t) theta_0 + t theta_1."""
-    return torch.add(start * (1.0 - t), end, alpha=t)
 
 
 class LinearInterpolation(TensorMerge[LinearInterpolationParams]):

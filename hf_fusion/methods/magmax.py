@@ -5,7 +5,7 @@ from __future__ import annotations
 import pydantic
 import torch
 
-from hf_fusion.methods.base import TensorInputs, TensorMerge
+from hf_fusion.engine.contract import TensorInputs, TensorMerge
 from hf_fusion.methods.common import FROZEN, scaling_factor_field
 from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
 

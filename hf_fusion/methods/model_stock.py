@@ -14,8 +14,8 @@ from itertools import combinations
 
 import torch
 
-from hf_fusion.methods.base import Scan, TensorInputs, TensorMerge
-from hf_fusion.methods.simple_average import simple_average
+from hf_fusion.engine.contract import Scan, TensorInputs, TensorMerge
+from hf_fusion.methods.operations import simple_average
 from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, NoParams, Paper, register
 
 EPS = 1e-8

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import pydantic
 import torch
 
-from hf_fusion.methods.base import Scan, TensorInputs
+from hf_fusion.engine.contract import Scan, TensorInputs
 
 ALIGNMENT_FIELD: Any = pydantic.Field(
     False, description="align each model's per-tensor weight scope (mean, std) to their weighted average first"

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import pydantic
 import torch
 
-from hf_fusion.methods.base import Scan, TensorInputs, TensorMerge
+from hf_fusion.engine.contract import Scan, TensorInputs, TensorMerge
 from hf_fusion.methods.common import FROZEN
+from hf_fusion.methods.operations import simple_average
 from hf_fusion.methods.scope_alignment import ALIGNMENT_FIELD, ScopeAligner
 from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
-
-
-def simple_average(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """theta = (1/n) sum_t theta_t over ``n`` same-shaped tensors."""
-    total = tensors[0].clone() if len(tensors) == 1 else tensors[0] + tensors[1]
-    for t in tensors[2:]:
-        total.add_(t)
-    return total.div_(len(tensors))
 
 
 class SimpleAverageParams(pydantic.BaseModel):

@@ -7,9 +7,9 @@ import math
 import pydantic
 import torch
 
-from hf_fusion.methods.base import TensorInputs, TensorMerge
+from hf_fusion.engine.contract import TensorInputs, TensorMerge
 from hf_fusion.methods.common import FROZEN, check_two_models, interpolation_field, two_model_endpoints
-from hf_fusion.methods.linear_interpolation import linear_interpolation
+from hf_fusion.methods.operations import linear_interpolation
 from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
 
 

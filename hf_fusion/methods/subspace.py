@@ -10,8 +10,9 @@ from __future__ import annotations
 import pydantic
 import torch
 
-from hf_fusion.methods.base import TensorInputs, TensorMerge
-from hf_fusion.methods.common import FROZEN, is_matrix, scaling_factor_field, stacked_task_vectors
+from hf_fusion.engine.contract import TensorInputs, TensorMerge
+from hf_fusion.methods.common import FROZEN, is_matrix, scaling_factor_field
+from hf_fusion.methods.operations import stacked_task_vectors
 from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
 
 

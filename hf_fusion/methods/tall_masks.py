@@ -14,9 +14,10 @@ from typing import Any
 import pydantic
 import torch
 
+from hf_fusion.engine.contract import TensorInputs, TensorMerge
 from hf_fusion.errors import RecipeError
-from hf_fusion.methods.base import TensorInputs, TensorMerge
-from hf_fusion.methods.common import FROZEN, scaling_factor_field, stacked_task_vectors
+from hf_fusion.methods.common import FROZEN, scaling_factor_field
+from hf_fusion.methods.operations import stacked_task_vectors
 from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
 
 PAPER = Paper("Localizing task information for improved model merging and compression (Wang et al., 2024)",

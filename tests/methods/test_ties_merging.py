@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 import reference as ref
 
 import hf_fusion
-from hf_fusion.methods.ties_merging import disjoint_merge, elected_sign, fill_zero_sign
+from hf_fusion.methods.operations import disjoint_merge, elected_sign, fill_zero_sign
 
 
 def test_elect_sign_and_disjoint_merge_by_hand() -> None:

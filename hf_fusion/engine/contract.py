@@ -4,6 +4,9 @@ The engine hands a method one tensor (or, for element-wise methods, one slice of
 upcast to the compute dtype on the compute device; the method returns the fused values. A method that needs a
 model-wide statistic (TIES' global magnitude threshold) computes it in :meth:`TensorMerge.prepare` by asking the
 engine for extra read-only passes over the same inputs.
+
+The contract lives with the engine because the engine drives it: methods implement it, the engine never needs
+to know a method.
 """
 
 from __future__ import annotations

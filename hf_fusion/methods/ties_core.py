@@ -1,0 +1,147 @@
+"""The TIES passes over task vectors that a subclass supplies: trim, elect sign, disjoint merge (Yadav et al. 2023).
+
+TIES-Merging feeds them the plain task vectors and DARE-TIES the dropped ones, so the passes live here, in neither
+method file.
+
+Trimming keeps the top ``threshold`` percent of each task vector by magnitude. The paper's code (and FusionBench)
+ranks over the whole flattened model (``threshold_scope="model"``, the default here); mergekit and peft rank within
+each tensor (``threshold_scope="tensor"``). Either way the engine never holds the model: the threshold comes from
+two streaming passes (:mod:`hf_fusion.methods.quantile`). Where the elected sign sum is exactly zero with non-zero
+values, the paper's code falls back to the sign of the sum of all elected signs (over the model, or the tensor for
+tensor scope), which is only known once everything is merged: the merge pass assumes +1, counts the votes, and the
+engine re-fuses just the slices that held such positions when the vote says otherwise.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Hashable, Literal
+
+import pydantic
+import torch
+
+from hf_fusion.engine.contract import Scan, TensorInputs, TensorMerge
+from hf_fusion.methods.common import FROZEN, scaling_factor_field
+from hf_fusion.methods.operations import (
+    MergeFunc,
+    disjoint_merge,
+    elected_sign,
+    fill_zero_sign,
+    magnitude_trim_,
+    signed_sums,
+)
+from hf_fusion.methods.quantile import MagnitudeQuantile
+
+
+class TiesParams(pydantic.BaseModel):
+    model_config = FROZEN
+    scaling_factor: float = scaling_factor_field(0.3)
+    threshold: float = pydantic.Field(
+        20.0,
+        gt=0.0,
+        le=100.0,
+        description="percent of each task vector kept, by magnitude (20 keeps the top 20%)",
+        json_schema_extra={"ui_range": (1.0, 100.0)},
+    )
+    merge_func: MergeFunc = pydantic.Field("sum", description="how the sign-agreeing values are combined")
+    threshold_scope: Literal["model", "tensor"] = pydantic.Field(
+        "model",
+        description="rank magnitudes over the whole model (paper, FusionBench) or within each tensor (mergekit)",
+    )
+
+
+_PROVISIONAL_SIGN = 1.0
+
+
+def _vote_sign(votes: int) -> float:
+    return float((votes > 0) - (votes < 0))
+
+
+class TiesCore(TensorMerge[TiesParams]):
+    """Runs the statistics passes in :meth:`prepare`, then merges any slice independently.
+
+    Subclasses say what the task vectors are (:meth:`task_vectors`); everything after that is TIES.
+    """
+
+    def __init__(self, params: TiesParams, *, num_models: int, has_base: bool) -> None:
+        super().__init__(params, num_models=num_models, has_base=has_base)
+        self._quantile = MagnitudeQuantile(params.threshold / 100.0)
+        self._zero_sign: dict[Hashable, float] = {}
+        self._votes: dict[Hashable, int] = {}
+        self._voted: set[tuple[str, int]] = set()
+        self._needs_fallback: dict[Hashable, set[tuple[str, int]]] = {}
+        self._thresholds: dict[tuple[Hashable, int], torch.Tensor] = {}
+
+    @abstractmethod
+    def task_vectors(self, inputs: TensorInputs) -> torch.Tensor:
+        """Stacked task vectors ``(n, ...)`` of one tensor (slice), a new tensor: trimming writes into it."""
+
+    def _key(self, name: str, model: int) -> Hashable:
+        return model if self.params.threshold_scope == "model" else (name, model)
+
+    def _sign_key(self, name: str) -> Hashable:
+        return None if self.params.threshold_scope == "model" else name
+
+    def prepare(self, scan: Scan) -> None:
+        """Two read-only passes give each group's exact magnitude threshold."""
+        q, per_tensor = self._quantile, self.params.threshold_scope == "tensor"
+
+        def count(inputs: TensorInputs) -> None:
+            mags = self.task_vectors(inputs).abs_()
+            for i in range(len(mags)):
+                q.count(self._key(inputs.name, i), mags[i])
+                if per_tensor and inputs.is_last_slice:
+                    q.end_count(self._key(inputs.name, i))
+
+        def refine(inputs: TensorInputs) -> None:
+            mags = self.task_vectors(inputs).abs_()
+            for i in range(len(mags)):
+                q.refine(self._key(inputs.name, i), mags[i])
+                if per_tensor and inputs.is_last_slice:
+                    q.end_refine(self._key(inputs.name, i))
+
+        scan(count)
+        if not per_tensor:
+            for i in range(self.num_models):
+                q.end_count(i)
+        scan(refine)
+        if not per_tensor:
+            for i in range(self.num_models):
+                q.end_refine(i)
+
+    def _threshold_tensor(self, inputs: TensorInputs) -> torch.Tensor:
+        """Per-model thresholds shaped ``(n, 1, ..., 1)`` to broadcast against the stacked task vectors."""
+        key = (self._sign_key(inputs.name), len(inputs.full_shape))
+        cached = self._thresholds.get(key)
+        if cached is None:
+            values = [self._quantile.threshold(self._key(inputs.name, i)) for i in range(len(inputs.experts))]
+            shape = (len(values),) + (1,) * len(inputs.full_shape)
+            cached = torch.tensor(values, dtype=torch.float32).view(shape).to(inputs.experts[0].device)
+            self._thresholds[key] = cached
+        return cached
+
+    def merge(self, inputs: TensorInputs) -> torch.Tensor:
+        assert inputs.base is not None
+        trimmed = magnitude_trim_(self.task_vectors(inputs), self._threshold_tensor(inputs))
+        elected = elected_sign(trimmed)
+        sums = signed_sums(trimmed)
+        sign_key = self._sign_key(inputs.name)
+        slice_id = (inputs.name, inputs.flat_offset)
+        if slice_id not in self._voted:  # tied copies and revisits must not vote twice
+            self._voted.add(slice_id)
+            self._votes[sign_key] = self._votes.get(sign_key, 0) + int(elected.sum())
+            if bool(((elected == 0) & ((sums[0] > 0) | (sums[1] < 0))).any()):  # exact cancellation of values
+                self._needs_fallback.setdefault(sign_key, set()).add(slice_id)
+        sign = fill_zero_sign(elected, self._zero_sign.get(sign_key, _PROVISIONAL_SIGN))
+        merged = disjoint_merge(trimmed, sign, self.params.merge_func, sums)
+        return torch.add(inputs.base, merged, alpha=self.params.scaling_factor)
+
+    def revisit(self) -> set[tuple[str, int]]:
+        """Settles the fallback sign from the exact votes; returns the slices merged with the wrong provisional one."""
+        stale: set[tuple[str, int]] = set()
+        for sign_key, votes in self._votes.items():
+            final = _vote_sign(votes)
+            self._zero_sign[sign_key] = final
+            if final != _PROVISIONAL_SIGN:
+                stale |= self._needs_fallback.get(sign_key, set())
+        return stale
