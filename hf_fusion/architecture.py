@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from hf_fusion.engine.plan import align_names
 from hf_fusion.errors import RecipeError
 
 log = logging.getLogger(__name__)
+
 
 def parameter_module_types(folder: Path, names: Sequence[str]) -> dict[str, str]:
     """Maps checkpoint tensor names to the class name of the module owning them (``Linear``, ``LayerNorm``, ...).
@@ -45,6 +46,10 @@ def parameter_module_types(folder: Path, names: Sequence[str]) -> dict[str, str]
             owners[f"{module_name}.{param_name}" if module_name else param_name] = type(module).__name__
     matched = align_names(names, owners)
     if len(matched) < len(names):
-        log.warning("%d tensor(s) of %s match no parameter of %s; they count as non-linear",
-                    len(names) - len(matched), folder, model_class.__name__)
+        log.warning(
+            "%d tensor(s) of %s match no parameter of %s; they count as non-linear",
+            len(names) - len(matched),
+            folder,
+            model_class.__name__,
+        )
     return {name: owners[matched[name]] for name in matched}

@@ -8,9 +8,9 @@ land in ``output``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ class Sweep:
     values: list[float]
 
     @classmethod
-    def parse(cls, text: str) -> "Sweep":
+    def parse(cls, text: str) -> Sweep:
         """``name=start:stop:step`` (stop included) or ``name=v1,v2,...``; finite numbers, at most
         :data:`MAX_SWEEP_VALUES` of them."""
         name, sep, spec = text.partition("=")
@@ -55,12 +55,15 @@ class Sweep:
                     raise ValueError
                 count = len(values)
         except ValueError:
-            raise RecipeError(f"--sweep values of {name!r} must be finite numbers (START <= STOP, a positive "
-                              f"step): {spec!r}") from None
+            raise RecipeError(
+                f"--sweep values of {name!r} must be finite numbers (START <= STOP, a positive step): {spec!r}"
+            ) from None
         if count > MAX_SWEEP_VALUES:
             shown = count if count < 10**6 else "over a million"
-            raise RecipeError(f"--sweep {text!r} has {shown} values; at most {MAX_SWEEP_VALUES} are run (use a larger "
-                              "step or fewer values).")
+            raise RecipeError(
+                f"--sweep {text!r} has {shown} values; at most {MAX_SWEEP_VALUES} are run (use a larger "
+                "step or fewer values)."
+            )
         if ":" in spec:
             values = [round(start + i * step, 10) for i in range(count)]
         return cls(name, values)
@@ -127,9 +130,18 @@ def run_bench(
                 label = f"{spec.name}[{sweep.parameter}={value:g}]"  # type: ignore[union-attr]
                 points.setdefault(spec.name, []).append((value, label))
             folder = output / "models" / label.replace("[", "_").replace("]", "").replace("=", "-")
-            result = merge(models=[pool.experts[s.name] for s in specs], base=pool.base, method=spec.name,
-                           heads=pool.heads, output=folder, overwrite=overwrite, token=token,
-                           show_progress=show_progress, pool=pool.name, **params)
+            result = merge(
+                models=[pool.experts[s.name] for s in specs],
+                base=pool.base,
+                method=spec.name,
+                heads=pool.heads,
+                output=folder,
+                overwrite=overwrite,
+                token=token,
+                show_progress=show_progress,
+                pool=pool.name,
+                **params,
+            )
             fused[label] = fused_models(result.output, result.recipe, pool)
             seconds[label] = round(result.seconds, 2)
     report = evaluate_pool(pool, fused, tasks=tasks, settings=settings, token=token, show_progress=show_progress)
@@ -138,14 +150,22 @@ def run_bench(
     board = to_markdown(report, order)
     (output / "leaderboard.md").write_text(board + "\n")
     (output / "leaderboard.csv").write_text(to_csv(report, order))
-    grouped_bars(report, output / "scores_per_task.png", [l for l in order if l in report.columns()])
+    grouped_bars(report, output / "scores_per_task.png", [label for label in order if label in report.columns()])
     if points:
         averages = {r.label: r.average for r in rows(report, order)}
         series = {m: [(v, averages[label]) for v, label in pts] for m, pts in points.items()}
         baselines = {k: averages[k] for k in ("pretrained", "individual") if k in averages}
         sweep_lines(series, sweep.parameter, output / f"sweep_{sweep.parameter}.png", baselines)  # type: ignore[union-attr]
-    (output / "bench.json").write_text(json.dumps({"pool": pool.name, "methods": methods,
-                                                   "sweep": sweep.__dict__ if sweep else None,
-                                                   "models": {k: _paths(v) for k, v in fused.items()},
-                                                   "fusion_seconds": seconds}, indent=2))
+    (output / "bench.json").write_text(
+        json.dumps(
+            {
+                "pool": pool.name,
+                "methods": methods,
+                "sweep": sweep.__dict__ if sweep else None,
+                "models": {k: _paths(v) for k, v in fused.items()},
+                "fusion_seconds": seconds,
+            },
+            indent=2,
+        )
+    )
     return BenchResult(report, board, output)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
 
@@ -35,8 +36,11 @@ _TASKS = (
     ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "text-generation", "AutoModelForCausalLM"),
     ("MODEL_FOR_MASKED_LM_MAPPING_NAMES", "fill-mask", "AutoModelForMaskedLM"),
     ("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", "image-classification", "AutoModelForImageClassification"),
-    ("MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES", "zero-shot-image-classification",
-     "AutoModelForZeroShotImageClassification"),
+    (
+        "MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+        "zero-shot-image-classification",
+        "AutoModelForZeroShotImageClassification",
+    ),
     ("MODEL_FOR_IMAGE_MAPPING_NAMES", "image-feature-extraction", "AutoModel"),
     ("MODEL_MAPPING_NAMES", "feature-extraction", "AutoModel"),
 )
@@ -91,13 +95,21 @@ def install_hint() -> str:
     """How to install this hf-fusion: it is not on a package index, so from its source (a checkout or a wheel)."""
     from hf_fusion.version import __version__
 
-    return (f"hf-fusion {__version__}, installed from its source (it is not on PyPI): `pip install ./hf-fusion` from "
-            f"a checkout of that version, or `pip install hf_fusion-{__version__}-py3-none-any.whl` from a wheel built "
-            "from it")
+    return (
+        f"hf-fusion {__version__}, installed from its source (it is not on PyPI): `pip install ./hf-fusion` from "
+        f"a checkout of that version, or `pip install hf_fusion-{__version__}-py3-none-any.whl` from a wheel built "
+        "from it"
+    )
 
 
-def usage_snippet(config: dict[str, Any] | None, *, load_path: str, auto_class: str,
-                  subfolders: Sequence[str] = (), tokenizer: bool = False) -> dict[str, str]:
+def usage_snippet(
+    config: dict[str, Any] | None,
+    *,
+    load_path: str,
+    auto_class: str,
+    subfolders: Sequence[str] = (),
+    tokenizer: bool = False,
+) -> dict[str, str]:
     """The card's Usage section: the install line it needs and Python code that runs as written after it.
 
     Stock architectures need transformers and torch only; hf-fusion's own architectures need ``hf_fusion.models``
@@ -106,8 +118,10 @@ def usage_snippet(config: dict[str, Any] | None, *, load_path: str, auto_class: 
     custom = needs_hf_fusion(config)
     lines = []
     if custom:
-        lines.append(f"import hf_fusion.models  # registers the {config['model_type']} architecture "  # type: ignore[index]
-                     "with transformers")
+        lines.append(
+            f"import hf_fusion.models  # registers the {config['model_type']} architecture "  # type: ignore[index]
+            "with transformers"
+        )
     lines.append(f"from transformers import {auto_class}" + (", AutoTokenizer" if tokenizer else ""))
     lines.append("")
     where = json.dumps(load_path)
@@ -117,8 +131,11 @@ def usage_snippet(config: dict[str, Any] | None, *, load_path: str, auto_class: 
     lines.append(f"model = {auto_class}.from_pretrained({where})")
     if tokenizer:
         lines.append(f"tokenizer = AutoTokenizer.from_pretrained({where})")
-    install = (f"It needs {install_hint()}." if custom
-               else "It needs transformers and PyTorch only: `pip install transformers torch`.")
+    install = (
+        f"It needs {install_hint()}."
+        if custom
+        else "It needs transformers and PyTorch only: `pip install transformers torch`."
+    )
     return {"install": install, "code": "\n".join(lines)}
 
 
@@ -143,6 +160,7 @@ def _model_row(role: str, ref: ModelRef) -> _Row:
 
 def reproduce_command(recipe: Recipe, output: str) -> str:
     """The `hf-fusion merge` command line for a recipe, pinned to the recorded commits."""
+
     def model_arg(ref: ModelRef) -> str:
         return f"{ref.path}@{ref.pinned}" if ref.pinned else ref.path
 
@@ -167,14 +185,17 @@ def _subset_sentence(report: EvaluationReport) -> str | None:
     subsets = report.subset_results
     if not subsets:
         return None
-    counts = ", ".join(f"{r.task}: {r.examples if r.examples is not None else report.limit} of its {r.split} split"
-                       for r in subsets)
+    counts = ", ".join(
+        f"{r.task}: {r.examples if r.examples is not None else report.limit} of its {r.split} split" for r in subsets
+    )
     seeds = sorted({r.subset_seed for r in subsets})
     whole = [r.task for r in report.results if not r.is_subset]
     rest = f" {', '.join(whole)} {'was' if len(whole) == 1 else 'were'} scored on the whole split." if whole else ""
-    return (f"**These scores come from a subset, not the whole split** (`hf-fusion evaluate --limit`): {counts}. "
-            f"The examples are a fixed sample: the split shuffled with seed {', '.join(map(str, seeds))} and the first "
-            f"examples kept, the same for every model in the table.{rest} Scores on the full split may differ.")
+    return (
+        f"**These scores come from a subset, not the whole split** (`hf-fusion evaluate --limit`): {counts}. "
+        f"The examples are a fixed sample: the split shuffled with seed {', '.join(map(str, seeds))} and the first "
+        f"examples kept, the same for every model in the table.{rest} Scores on the full split may differ."
+    )
 
 
 def _template() -> str:
@@ -205,17 +226,32 @@ def build_card(
     evaluation = None
     if report is not None:
         eval_results = [
-            EvalResult(task_type=r.task_type, dataset_type=r.dataset, dataset_name=r.task, dataset_config=r.dataset_config,
-                       dataset_split=r.split_label(), metric_type=r.metric, metric_value=r.scores[report.fused])
-            for r in report.results if r.scores.get(report.fused) is not None
+            EvalResult(
+                task_type=r.task_type,
+                dataset_type=r.dataset,
+                dataset_name=r.task,
+                dataset_config=r.dataset_config,
+                dataset_split=r.split_label(),
+                metric_type=r.metric,
+                metric_value=r.scores[report.fused],
+            )
+            for r in report.results
+            if r.scores.get(report.fused) is not None
         ] or None
         columns = report.columns()
         evaluation = {
             "columns": columns,
-            "rows": [{"task": r.task, "dataset": r.dataset, "split": r.split_label(), "metric": r.metric,
-                      "examples": "" if r.examples is None else str(r.examples),
-                      "cells": [f"{r.scores[c]:.4f}" if r.scores.get(c) is not None else "" for c in columns]}
-                     for r in report.results],
+            "rows": [
+                {
+                    "task": r.task,
+                    "dataset": r.dataset,
+                    "split": r.split_label(),
+                    "metric": r.metric,
+                    "examples": "" if r.examples is None else str(r.examples),
+                    "cells": [f"{r.scores[c]:.4f}" if r.scores.get(c) is not None else "" for c in columns],
+                }
+                for r in report.results
+            ],
             "subset": _subset_sentence(report),
         }
     data = ModelCardData(
@@ -235,15 +271,20 @@ def build_card(
         model_name=model_name,
         model_count=len(recipe.models),
         base=_model_row("base", recipe.base) if recipe.base else None,
-        method={"name": spec.name, "summary": spec.summary, "paper_title": spec.paper.title if spec.paper else None,
-                "paper_url": spec.paper.url if spec.paper else None},
+        method={
+            "name": spec.name,
+            "summary": spec.summary,
+            "paper_title": spec.paper.title if spec.paper else None,
+            "paper_url": spec.paper.url if spec.paper else None,
+        },
         models=rows,
         parameters=[(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in recipe.parameters.items()],
         dtype=recipe.dtype,
         exclude=recipe.exclude,
         evaluation=evaluation,
-        usage=usage_snippet(config, load_path=load_path, auto_class=auto_class, subfolders=subfolders,
-                            tokenizer=tokenizer),
+        usage=usage_snippet(
+            config, load_path=load_path, auto_class=auto_class, subfolders=subfolders, tokenizer=tokenizer
+        ),
         install_hint=install_hint(),
         command=reproduce_command(recipe, f"./{model_name}"),
         recipe_yaml=recipe.to_yaml().rstrip(),
@@ -270,7 +311,9 @@ def write_card(folder: Path, *, repo_id: str | None = None, load_path: str | Non
         raise FusionError(f"{folder} is a file, not a folder: give the folder a merge wrote (its --output).")
     recipe_path = folder / RECIPE_FILENAME
     if not recipe_path.is_file():
-        raise FusionError(f"{folder} has no {RECIPE_FILENAME}: it was not made by hf-fusion, so no card can be written.")
+        raise FusionError(
+            f"{folder} has no {RECIPE_FILENAME}: it was not made by hf-fusion, so no card can be written."
+        )
     recipe = Recipe.from_yaml(recipe_path)
     subfolders = model_subfolders(folder)
     model_folder = folder / (subfolders[0] if subfolders else ".")

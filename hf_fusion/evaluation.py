@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from hf_fusion.catalog import Pool, TaskSpec
 from hf_fusion.engine.lora import is_lora_adapter
@@ -17,8 +18,8 @@ from hf_fusion.sources import fetch, resolve
 from hf_fusion.tasks.base import EvalSettings, TaskContext, TaskEvaluator
 from hf_fusion.tasks.causal_lm import CausalLM
 from hf_fusion.tasks.classification import HeadClassification
-from hf_fusion.tasks.data import SUBSET_SEED
 from hf_fusion.tasks.clip_zero_shot import ClipZeroShot
+from hf_fusion.tasks.data import SUBSET_SEED
 from hf_fusion.tasks.text_to_text import TextToText
 from hf_fusion.tasks.weights import ModelUnderTest
 
@@ -39,8 +40,9 @@ class PoolModels:
     experts: dict[str, ModelUnderTest]
 
 
-def fetch_pool(pool: Pool, tasks: list[TaskSpec], *, token: str | None = None, show_progress: bool = True
-               ) -> PoolModels:
+def fetch_pool(
+    pool: Pool, tasks: list[TaskSpec], *, token: str | None = None, show_progress: bool = True
+) -> PoolModels:
     def local(reference: str) -> Path:
         source = resolve(ModelRef.parse(reference), token=token, allow_pickle=False)
         folder = fetch(source, token=token, show_progress=show_progress).folder
@@ -73,8 +75,14 @@ def _score(evaluator: TaskEvaluator, model: ModelUnderTest, task: str, show_prog
     """Scores one model with a bar over the task's examples, counted as the evaluator draws its batches, so a long
     evaluation reports progress (or logs it periodically where no bar is drawn)."""
     draw = evaluator.batches
-    with progress_bar(total=len(evaluator.data), desc=f"evaluating {task} ({model.label})", unit="example",
-                      disable=not show_progress, leave=False) as bar:
+    with progress_bar(
+        total=len(evaluator.data),
+        desc=f"evaluating {task} ({model.label})",
+        unit="example",
+        disable=not show_progress,
+        leave=False,
+    ) as bar:
+
         def counted() -> Iterator[dict[str, list[Any]]]:
             for batch in draw():
                 yield batch
@@ -104,26 +112,37 @@ def evaluate_pool(
     models = fetch_pool(pool, specs, token=token, show_progress=show_progress)
     per_task = len(fused) + (2 if baselines else 0)
     results = []
-    with progress_bar(total=len(specs) * per_task, desc="evaluating", unit="score",
-                      disable=not show_progress) as bar:
+    with progress_bar(total=len(specs) * per_task, desc="evaluating", unit="score", disable=not show_progress) as bar:
         for spec in specs:
             expert = models.experts[spec.name]
             evaluator = EVALUATORS[spec.kind](spec, TaskContext(models.base, expert, tuple(pool.heads)), settings)
-            candidates = [ModelUnderTest(label, _for_task(folder, spec.name), models.base)
-                          for label, folder in fused.items()]
+            candidates = [
+                ModelUnderTest(label, _for_task(folder, spec.name), models.base) for label, folder in fused.items()
+            ]
             if baselines:
-                candidates += [ModelUnderTest(PRETRAINED, models.base), ModelUnderTest(INDIVIDUAL, expert.folder,
-                                                                                       expert.base)]
+                candidates += [
+                    ModelUnderTest(PRETRAINED, models.base),
+                    ModelUnderTest(INDIVIDUAL, expert.folder, expert.base),
+                ]
             scores: dict[str, float | None] = {}
             for model in candidates:
                 value = _score(evaluator, model, spec.name, show_progress)
                 scores[model.label] = None if math.isnan(value) else value
                 bar.update(1)
             examples = len(evaluator.data)
-            results.append(TaskResult(
-                task=spec.name, task_type=spec.task_type, dataset=spec.dataset, dataset_config=spec.config,
-                split=spec.split, metric=spec.metric, scores=scores, metric_source=evaluator.metric_source,
-                examples=examples, subset_seed=_subset_seed(settings.limit, examples),
-            ))
+            results.append(
+                TaskResult(
+                    task=spec.name,
+                    task_type=spec.task_type,
+                    dataset=spec.dataset,
+                    dataset_config=spec.config,
+                    split=spec.split,
+                    metric=spec.metric,
+                    scores=scores,
+                    metric_source=evaluator.metric_source,
+                    examples=examples,
+                    subset_seed=_subset_seed(settings.limit, examples),
+                )
+            )
     first = next(iter(fused), PRETRAINED)
     return EvaluationReport(fused=first, results=results, pool=pool.name, limit=settings.limit)

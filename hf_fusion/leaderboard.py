@@ -27,16 +27,19 @@ def rows(report: EvaluationReport, order: list[str] | None = None) -> list[Row]:
         scores = {r.task: r.scores[label] for r in report.results if r.scores.get(label) is not None}
         if not scores:
             continue
-        ratios = [r.scores[label] / r.scores[INDIVIDUAL] for r in report.results  # type: ignore[operator]
-                  if r.scores.get(label) is not None and r.scores.get(INDIVIDUAL)]
+        ratios = [
+            r.scores[label] / r.scores[INDIVIDUAL]
+            for r in report.results  # type: ignore[operator]
+            if r.scores.get(label) is not None and r.scores.get(INDIVIDUAL)
+        ]
         normalized = sum(ratios) / len(ratios) if len(ratios) == len(report.results) else None
         out.append(Row(label, scores, sum(scores.values()) / len(scores), normalized))  # type: ignore[arg-type]
     return out
 
 
 def _ordered_labels(report: EvaluationReport) -> list[str]:
-    baselines = [l for l in ("pretrained", INDIVIDUAL) if any(l in r.scores for r in report.results)]
-    others = [l for l in report.columns() if l not in baselines]
+    baselines = [name for name in ("pretrained", INDIVIDUAL) if any(name in r.scores for r in report.results)]
+    others = [name for name in report.columns() if name not in baselines]
     return baselines + others
 
 
@@ -58,7 +61,9 @@ def table(report: EvaluationReport, order: list[str] | None = None, *, percent: 
     columns = tasks + ["average", "normalized"]
 
     def value(row: Row, column: str) -> float | None:
-        raw = row.average if column == "average" else row.normalized if column == "normalized" else row.scores.get(column)
+        raw = (
+            row.average if column == "average" else row.normalized if column == "normalized" else row.scores.get(column)
+        )
         return None if raw is None else raw * (100.0 if column == "normalized" else scale)
 
     cells = [[value(row, c) for c in columns] for row in board]
@@ -66,7 +71,7 @@ def table(report: EvaluationReport, order: list[str] | None = None, *, percent: 
     lower_is_better = all(r.metric == "perplexity" for r in report.results)
     best: set[tuple[int, int]] = set()
     if len(ranked) > 1:
-        for j, column in enumerate(columns):
+        for j, _column in enumerate(columns):
             present = [cells[i][j] for i in ranked if cells[i][j] is not None]
             if not present:
                 continue
@@ -80,8 +85,9 @@ def to_markdown(report: EvaluationReport, order: list[str] | None = None, *, per
     laid = table(report, order, percent=percent)
     lines = ["| model | " + " | ".join(laid.columns) + " |", "|---|" + "---:|" * len(laid.columns)]
     for i, (label, values) in enumerate(zip(laid.labels, laid.cells)):
-        texts = ["" if v is None else f"**{v:.1f}**" if (i, j) in laid.best else f"{v:.1f}"
-                 for j, v in enumerate(values)]
+        texts = [
+            "" if v is None else f"**{v:.1f}**" if (i, j) in laid.best else f"{v:.1f}" for j, v in enumerate(values)
+        ]
         lines.append(f"| {label} | " + " | ".join(texts) + " |")
     return "\n".join(lines)
 
@@ -92,6 +98,12 @@ def to_csv(report: EvaluationReport, order: list[str] | None = None) -> str:
     writer = csv.writer(buffer)
     writer.writerow(["model", *tasks, "average", "normalized"])
     for row in rows(report, order):
-        writer.writerow([row.label, *(row.scores.get(t, "") for t in tasks), row.average,
-                         "" if row.normalized is None else row.normalized])
+        writer.writerow(
+            [
+                row.label,
+                *(row.scores.get(t, "") for t in tasks),
+                row.average,
+                "" if row.normalized is None else row.normalized,
+            ]
+        )
     return buffer.getvalue()

@@ -6,8 +6,9 @@ import fnmatch
 import json
 import logging
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from hf_fusion.errors import CheckpointError, IncompatibleModelsError, RecipeError
 from hf_fusion.recipe import ModelRef, path_exists
@@ -20,19 +21,40 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgp
 # credentials, keys, code, private subfolders) can reach an output or a Hub repo.
 CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-    "vocab.txt", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model", "source.spm",
-    "target.spm", "*.tiktoken", "chat_template.jinja", "chat_template.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+    "source.spm",
+    "target.spm",
+    "*.tiktoken",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 PROCESSOR_FILES = (
-    "preprocessor_config.json", "processor_config.json", "image_processor_config.json",
-    "video_preprocessor_config.json", "feature_extractor_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "image_processor_config.json",
+    "video_preprocessor_config.json",
+    "feature_extractor_config.json",
 )
 SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 SIDE_FILES = CONFIG_FILES + TOKENIZER_FILES + PROCESSOR_FILES + SENTENCE_TRANSFORMERS_FILES
 # Files hf-fusion itself writes into an output folder, beside the weights and the side files.
-WRITTEN_FILES = ("README.md", "fusion_recipe.yaml", "evaluation.json", "merging_weights.json",
-                 "*.safetensors", "*.safetensors.index.json")
+WRITTEN_FILES = (
+    "README.md",
+    "fusion_recipe.yaml",
+    "evaluation.json",
+    "merging_weights.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+)
 MODULE_CONFIG = "config.json"  # the only file copied from a sentence-transformers module folder (1_Pooling/...)
 
 
@@ -152,13 +174,19 @@ def copy_side_files(reference: Path, others: Sequence[Path], dest: Path) -> list
         for module in _module_folders(reference):
             if _copy_file(reference / module / MODULE_CONFIG, dest / module / MODULE_CONFIG, root):
                 copied.append(f"{module}/{MODULE_CONFIG}")
-    wanted = [("config", lambda name: name == "config.json"),
-              ("tokenizer", lambda name: is_side_file(name) and any(fnmatch.fnmatchcase(name, t) for t in TOKENIZER_FILES))]
+    wanted = [
+        ("config", lambda name: name == "config.json"),
+        ("tokenizer", lambda name: is_side_file(name) and any(fnmatch.fnmatchcase(name, t) for t in TOKENIZER_FILES)),
+    ]
     for kind, matches in wanted:
         if any(matches(name) for name in copied):
             continue
         for other in others:
-            extra = [p for p in sorted(other.iterdir()) if is_side_file(p.name) and matches(p.name)] if other.is_dir() else []
+            extra = (
+                [p for p in sorted(other.iterdir()) if is_side_file(p.name) and matches(p.name)]
+                if other.is_dir()
+                else []
+            )
             extra = [p for p in extra if _copy_file(p, dest / p.name, _confinement(other))]
             if extra:
                 copied += [p.name for p in extra]
@@ -190,8 +218,7 @@ def _drop_code_references(path: Path) -> None:
         for key in dropped:
             config.pop(key)
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        log.info("dropped %s from %s: the code it names is not copied into the output", ", ".join(dropped),
-                 path.name)
+        log.info("dropped %s from %s: the code it names is not copied into the output", ", ".join(dropped), path.name)
 
 
 def set_config_dtype(dest: Path, torch_name: str) -> None:

@@ -12,10 +12,10 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Callable, Iterator
 
 from hf_fusion.errors import FileSystemError, InsufficientResourcesError, OutputExistsError
 
@@ -37,8 +37,10 @@ def check_output_folder(target: Path, *, overwrite: bool) -> None:
     if not existing.is_dir():
         raise OutputExistsError(f"output folder {target} cannot be created: {existing} is a file, not a folder.")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise FileSystemError(f"cannot write the output folder {target}: permission denied in {existing}; "
-                              "choose a folder you can write to.")
+        raise FileSystemError(
+            f"cannot write the output folder {target}: permission denied in {existing}; "
+            "choose a folder you can write to."
+        )
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -49,8 +51,9 @@ def _nearest_existing(path: Path) -> Path:
 
 
 DiskReservation = Callable[[Path, int], None]
-_reservation: contextvars.ContextVar[DiskReservation | None] = contextvars.ContextVar("hf_fusion_disk_reservation",
-                                                                                    default=None)
+_reservation: contextvars.ContextVar[DiskReservation | None] = contextvars.ContextVar(
+    "hf_fusion_disk_reservation", default=None
+)
 
 
 @contextmanager
@@ -113,7 +116,7 @@ def clean_leftovers(target: Path) -> list[Path]:
     for kind in ("old-", ""):
         prefix = f"{TEMP_PREFIX}{kind}{target.name}-"
         for path in sorted(parent.glob(prefix + "*")):
-            pid_text = path.name[len(prefix):].split("-")[0]
+            pid_text = path.name[len(prefix) :].split("-")[0]
             if not pid_text.isdigit() or not path.is_dir():
                 continue
             if process_alive(int(pid_text)) and int(pid_text) != os.getpid():

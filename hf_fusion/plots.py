@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from hf_fusion.report import EvaluationReport
 
@@ -40,8 +40,9 @@ def grouped_bars(report: EvaluationReport, path: Path, labels: Sequence[str] | N
     return path
 
 
-def sweep_lines(series: dict[str, list[tuple[float, float]]], parameter: str, path: Path,
-                baselines: dict[str, float] | None = None) -> Path:
+def sweep_lines(
+    series: dict[str, list[tuple[float, float]]], parameter: str, path: Path, baselines: dict[str, float] | None = None
+) -> Path:
     """Average score against a parameter's value, one line per method; baselines as horizontal lines."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 4.0))

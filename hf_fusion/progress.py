@@ -18,9 +18,10 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from huggingface_hub.utils import tqdm as _hub_tqdm
 
@@ -86,7 +87,7 @@ class _ObservedBar:
         self._monitor.check()
         return result
 
-    def __enter__(self) -> "_ObservedBar":
+    def __enter__(self) -> _ObservedBar:
         self._bar.__enter__()
         return self
 
@@ -107,8 +108,10 @@ def log_interval() -> float:
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value < 0:
-        raise FusionError(f"{INTERVAL_ENV}={raw!r} is not a number of seconds: set it to 0 (no progress lines) or "
-                          f"more (default {DEFAULT_INTERVAL_S:g}).")
+        raise FusionError(
+            f"{INTERVAL_ENV}={raw!r} is not a number of seconds: set it to 0 (no progress lines) or "
+            f"more (default {DEFAULT_INTERVAL_S:g})."
+        )
     return value
 
 
@@ -148,7 +151,7 @@ class _LoggedBar:
         self._final_line()
         self._bar.close()
 
-    def __enter__(self) -> "_LoggedBar":
+    def __enter__(self) -> _LoggedBar:
         self._bar.__enter__()
         return self
 

@@ -45,7 +45,7 @@ class ModelRef(pydantic.BaseModel):
     commit: str | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "ModelRef":
+    def parse(cls, text: str) -> ModelRef:
         """``org/name@rev`` splits at the last ``@`` unless the whole text is an existing local path."""
         text = text.strip()
         if not text:
@@ -139,7 +139,7 @@ class Recipe(pydantic.BaseModel):
         return {} if value is None else value
 
     @classmethod
-    def build(cls, **fields: Any) -> "Recipe":
+    def build(cls, **fields: Any) -> Recipe:
         """Validates fields into a recipe; raises :class:`RecipeError` with every problem spelled out."""
         known = list(cls.model_fields)
         for key in fields:
@@ -150,13 +150,11 @@ class Recipe(pydantic.BaseModel):
         try:
             return cls(**fields)
         except pydantic.ValidationError as err:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'recipe'}: {e['msg']}" for e in err.errors()
-            )
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'recipe'}: {e['msg']}" for e in err.errors())
             raise RecipeError(f"invalid recipe: {problems}") from None
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "Recipe":
+    def from_yaml(cls, path: str | Path) -> Recipe:
         path = Path(path)
         try:
             data = yaml.safe_load(path.read_text())
@@ -194,5 +192,5 @@ class Recipe(pydantic.BaseModel):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
 
-    def replace(self, **changes: Any) -> "Recipe":
+    def replace(self, **changes: Any) -> Recipe:
         return Recipe.build(**{**self.model_dump(), **changes})

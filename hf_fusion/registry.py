@@ -11,9 +11,10 @@ import importlib
 import math
 import types
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import annotated_types
 import pydantic
@@ -193,9 +194,7 @@ def get_method(name: str) -> MethodSpec:
     canonical = _ALIASES.get(_normalise(name))
     if canonical is None:
         hint = _did_you_mean(_normalise(name), list(_ALIASES))
-        raise UnknownMethodError(
-            f"unknown method {name!r}.{hint} Run `hf-fusion methods` to list them."
-        )
+        raise UnknownMethodError(f"unknown method {name!r}.{hint} Run `hf-fusion methods` to list them.")
     return _REGISTRY[canonical]
 
 
@@ -263,8 +262,7 @@ def _check_value(method: str, key: str, value: Any, accepted: set[type]) -> None
         if bool not in accepted and object not in accepted:
             expected = "a number" if accepted & {float, int} else "one of its listed values"
             raise ParameterError(
-                f"parameter {key!r} of method {method!r} must be {expected}, not a boolean "
-                f"(got {str(value).lower()})."
+                f"parameter {key!r} of method {method!r} must be {expected}, not a boolean (got {str(value).lower()})."
             )
         return
     number: float | None = None
@@ -337,6 +335,8 @@ def flag_parameters(specs: list[MethodSpec], flags: Mapping[str, Any]) -> list[d
     for key in flags:
         if key not in SHARED_FLAGS and not any(key in taken for taken in per_method):
             names = ", ".join(spec.name for spec in specs)
-            raise ParameterError(f"--{key.replace('_', '-')} is not a parameter of {names}; "
-                                 "`hf-fusion methods NAME` lists a method's parameters.")
+            raise ParameterError(
+                f"--{key.replace('_', '-')} is not a parameter of {names}; "
+                "`hf-fusion methods NAME` lists a method's parameters."
+            )
     return per_method

@@ -27,8 +27,10 @@ class TaskResult(pydantic.BaseModel):
     metric_source: str | None = pydantic.Field(None, description="hub or bundled: where the metric module came from")
     examples: int | None = pydantic.Field(None, description="how many examples were scored")
     subset_seed: int | None = pydantic.Field(
-        None, description="set when only part of the split was scored (--limit): the split was shuffled with this "
-                          "seed and its first `examples` kept; null when the whole split was scored")
+        None,
+        description="set when only part of the split was scored (--limit): the split was shuffled with this "
+        "seed and its first `examples` kept; null when the whole split was scored",
+    )
 
     @property
     def is_subset(self) -> bool:
@@ -59,7 +61,7 @@ class EvaluationReport(pydantic.BaseModel):
         return path
 
     @classmethod
-    def load(cls, folder: Path) -> "EvaluationReport | None":
+    def load(cls, folder: Path) -> EvaluationReport | None:
         path = folder / REPORT_FILENAME
         return cls.model_validate_json(path.read_text()) if path.is_file() else None
 

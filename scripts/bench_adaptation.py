@@ -35,8 +35,14 @@ def build_pool(root: Path, num_tasks: int = 3, examples: int = 256) -> Path:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                        intermediate_size=1536, max_position_embeddings=128)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        max_position_embeddings=128,
+    )
     BertModel(config).save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
     base = BertModel.from_pretrained(root / "base")
@@ -53,25 +59,46 @@ def build_pool(root: Path, num_tasks: int = 3, examples: int = 256) -> Path:
         data = datasets.Dataset.from_dict({"text": texts, "label": [i % (3 + t) for i in range(examples)]})
         (root / f"data{t}" / "data").mkdir(parents=True)
         data.to_parquet(str(root / f"data{t}" / "data" / "test-00000-of-00001.parquet"))
-        tasks[f"task{t}"] = {"expert": str(root / f"task{t}"), "dataset": str(root / f"data{t}"), "split": "test",
-                             "kind": "classification", "task_type": "text-classification", "metric": "accuracy",
-                             "text": ["text"]}
+        tasks[f"task{t}"] = {
+            "expert": str(root / f"task{t}"),
+            "dataset": str(root / f"data{t}"),
+            "split": "test",
+            "kind": "classification",
+            "task_type": "text-classification",
+            "metric": "accuracy",
+            "text": ["text"],
+        }
     pool = root / "pool.yaml"
-    pool.write_text(yaml.safe_dump({"name": "minilm-shaped", "base": str(root / "base"), "heads": ["classifier.*"],
-                                    "tasks": tasks}))
+    pool.write_text(
+        yaml.safe_dump({"name": "minilm-shaped", "base": str(root / "base"), "heads": ["classifier.*"], "tasks": tasks})
+    )
     return pool
 
 
 def time_method(pool: Path, method: str, device: str, steps: int, out: Path) -> float:
     import hf_fusion
 
-    hf_fusion.merge(pool=str(pool), method=method, output=out / f"warm-{method}-{device}", device=device, steps=2,
-                    overwrite=True, show_progress=False)
+    hf_fusion.merge(
+        pool=str(pool),
+        method=method,
+        output=out / f"warm-{method}-{device}",
+        device=device,
+        steps=2,
+        overwrite=True,
+        show_progress=False,
+    )
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     started = time.perf_counter()
-    hf_fusion.merge(pool=str(pool), method=method, output=out / f"{method}-{device}", device=device, steps=steps,
-                    overwrite=True, show_progress=False)
+    hf_fusion.merge(
+        pool=str(pool),
+        method=method,
+        output=out / f"{method}-{device}",
+        device=device,
+        steps=steps,
+        overwrite=True,
+        show_progress=False,
+    )
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter() - started
@@ -96,11 +123,17 @@ def main() -> None:
                 fixed = time_method(pool, method, device, 0, root)
                 per_step = (total - fixed) / args.steps
                 results.setdefault(method, {})[device] = per_step
-                print(f"{method:24s} {device:5s} total {total:7.2f} s, fixed {fixed:6.2f} s, "
-                      f"{per_step * 1000:8.1f} ms/step", flush=True)
-    summary = {"steps": args.steps, "threads": torch.get_num_threads(),
-               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-               "seconds_per_step": results}
+                print(
+                    f"{method:24s} {device:5s} total {total:7.2f} s, fixed {fixed:6.2f} s, "
+                    f"{per_step * 1000:8.1f} ms/step",
+                    flush=True,
+                )
+    summary = {
+        "steps": args.steps,
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "seconds_per_step": results,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))

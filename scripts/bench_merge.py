@@ -17,7 +17,7 @@ Peers live in their own venvs, with torch pinned to the CPU wheel:
   python -m venv .bench/fusion_bench && .bench/fusion_bench/bin/pip install -c constraints.txt torch==2.13.0 fusion-bench
 mergekit 0.1.5 (and its main branch as of 2026-06) crashes on every BERT checkpoint: plan.py concatenates a list with
 the tuple of a weight's aliases. Fix that one expression in the venv's copy before measuring:
-  sed -i 's/\[w_in.name\] + (w_in.aliases or \[\])/[w_in.name] + list(w_in.aliases or [])/' \
+  sed -i 's/\\[w_in.name\\] + (w_in.aliases or \\[\\])/[w_in.name] + list(w_in.aliases or [])/' \
       .bench/mergekit/lib/python3.*/site-packages/mergekit/plan.py
 
 Usage:
@@ -39,8 +39,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-BERT_BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, intermediate_size=3072,
-                 max_position_embeddings=512, type_vocab_size=2)
+BERT_BASE = dict(
+    vocab_size=30522,
+    hidden_size=768,
+    num_hidden_layers=12,
+    intermediate_size=3072,
+    max_position_embeddings=512,
+    type_vocab_size=2,
+)
 
 
 @dataclass
@@ -93,9 +99,18 @@ def make_workload(root: Path, experts: int) -> tuple[Path, list[Path]]:
     if marker.is_file():
         return base_dir, expert_dirs
     shapes = bert_base_shapes()
-    config = {"architectures": ["BertModel"], "model_type": "bert", "hidden_act": "gelu", "num_attention_heads": 12,
-              "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "initializer_range": 0.02,
-              "layer_norm_eps": 1e-12, "pad_token_id": 0, **BERT_BASE}
+    config = {
+        "architectures": ["BertModel"],
+        "model_type": "bert",
+        "hidden_act": "gelu",
+        "num_attention_heads": 12,
+        "hidden_dropout_prob": 0.1,
+        "attention_probs_dropout_prob": 0.1,
+        "initializer_range": 0.02,
+        "layer_norm_eps": 1e-12,
+        "pad_token_id": 0,
+        **BERT_BASE,
+    }
     rng = np.random.default_rng(0)
     base = {k: (rng.standard_normal(s, dtype=np.float32) * 0.05) for k, s in shapes.items()}
     for folder, state in [(base_dir, base)] + [(d, None) for d in expert_dirs]:
@@ -111,7 +126,7 @@ def make_workload(root: Path, experts: int) -> tuple[Path, list[Path]]:
     return base_dir, expert_dirs
 
 
-IO_FLOOR = textwrap.dedent('''
+IO_FLOOR = textwrap.dedent("""
     import os, sys
     inputs, output, out_bytes = sys.argv[1:-2], sys.argv[-2], int(sys.argv[-1])
     buf = bytearray(16 << 20)
@@ -124,9 +139,9 @@ IO_FLOOR = textwrap.dedent('''
         left = out_bytes
         while left:
             left -= f.write(view[: min(left, len(buf))])
-''')
+""")
 
-NUMPY_FLOOR = textwrap.dedent('''
+NUMPY_FLOOR = textwrap.dedent("""
     import json, os, struct, sys
     import numpy as np
     base, experts, output, lam = sys.argv[1], sys.argv[2:-2], sys.argv[-2], 0.3
@@ -164,7 +179,8 @@ NUMPY_FLOOR = textwrap.dedent('''
             np.multiply(acc[:m], lam, out=acc[:m])
             np.add(acc[:m], bufs[0][:m], out=acc[:m])
             os.write(out, memoryview(acc[:m]))
-''')
+""")
+
 
 def _mk_models(ex, **params):  # noqa: ANN001, ANN003
     return [{"model": str(e), "parameters": dict(params)} for e in ex]
@@ -173,25 +189,45 @@ def _mk_models(ex, **params):  # noqa: ANN001, ANN003
 # hf-fusion method -> mergekit config at the same hyper-parameters (methods mergekit lacks are not run there)
 MERGEKIT_CONFIG = {
     "simple_average": lambda base, ex: {"merge_method": "linear", "models": _mk_models(ex, weight=1.0)},
-    "task_arithmetic": lambda base, ex: {"merge_method": "task_arithmetic", "base_model": str(base),
-                                         "models": _mk_models(ex, weight=0.3)},
-    "ties_merging": lambda base, ex: {"merge_method": "ties", "base_model": str(base),
-                                      "parameters": {"normalize": False},
-                                      "models": _mk_models(ex, weight=0.3, density=0.2)},
-    "breadcrumbs": lambda base, ex: {"merge_method": "breadcrumbs", "base_model": str(base),
-                                     "parameters": {"normalize": False},
-                                     "models": _mk_models(ex, weight=0.3, density=0.9, gamma=0.01)},
-    "della": lambda base, ex: {"merge_method": "della", "base_model": str(base), "parameters": {"lambda": 1.0},
-                               "models": _mk_models(ex, weight=1.0, density=0.7, epsilon=0.1)},
-    "model_stock": lambda base, ex: {"merge_method": "model_stock", "base_model": str(base),
-                                     "models": _mk_models(ex)},
+    "task_arithmetic": lambda base, ex: {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "models": _mk_models(ex, weight=0.3),
+    },
+    "ties_merging": lambda base, ex: {
+        "merge_method": "ties",
+        "base_model": str(base),
+        "parameters": {"normalize": False},
+        "models": _mk_models(ex, weight=0.3, density=0.2),
+    },
+    "breadcrumbs": lambda base, ex: {
+        "merge_method": "breadcrumbs",
+        "base_model": str(base),
+        "parameters": {"normalize": False},
+        "models": _mk_models(ex, weight=0.3, density=0.9, gamma=0.01),
+    },
+    "della": lambda base, ex: {
+        "merge_method": "della",
+        "base_model": str(base),
+        "parameters": {"lambda": 1.0},
+        "models": _mk_models(ex, weight=1.0, density=0.7, epsilon=0.1),
+    },
+    "model_stock": lambda base, ex: {"merge_method": "model_stock", "base_model": str(base), "models": _mk_models(ex)},
     "karcher_mean": lambda base, ex: {"merge_method": "karcher", "models": _mk_models(ex)},
 }
 
 # FusionBench's WUDI runs autograd through n (out x out) products per step: hours per BERT-base on a CPU, so not run
-FUSION_BENCH_METHODS = {"simple_average", "task_arithmetic", "ties_merging", "tsv_merging", "iso_c", "iso_cts",
-                        "magmax", "model_stock"}
-FUSION_BENCH_RUNNER = textwrap.dedent('''
+FUSION_BENCH_METHODS = {
+    "simple_average",
+    "task_arithmetic",
+    "ties_merging",
+    "tsv_merging",
+    "iso_c",
+    "iso_cts",
+    "magmax",
+    "model_stock",
+}
+FUSION_BENCH_RUNNER = textwrap.dedent("""
     import sys
     from transformers import AutoModel
     from fusion_bench.modelpool import BaseModelPool
@@ -216,7 +252,7 @@ FUSION_BENCH_RUNNER = textwrap.dedent('''
     algo = algorithms[method]()
     model = algo.run(pool)
     model.save_pretrained(out)
-''')
+""")
 
 
 def measure(name: str, method: str, models: int, argv: list[str], env: dict[str, str] | None = None) -> Measurement:
@@ -226,16 +262,18 @@ def measure(name: str, method: str, models: int, argv: list[str], env: dict[str,
     """
     os.sync()
     started = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
     stderr = proc.stderr.read() if proc.stderr else b""  # type: ignore[union-attr]
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - started
     ok = os.waitstatus_to_exitcode(status) == 0
     note = "" if ok else stderr.decode(errors="replace").strip().splitlines()[-1][:200] if stderr else "failed"
     m = Measurement(name, method, models, round(seconds, 2), round(usage.ru_maxrss / 1024, 1), ok, note)
-    print(f"  {name:12s} {method:22s} models={models} {m.seconds:7.2f} s {m.peak_rss_mb:8.1f} MB"
-          + ("" if ok else f"  FAILED: {note}"), flush=True)
+    print(
+        f"  {name:12s} {method:22s} models={models} {m.seconds:7.2f} s {m.peak_rss_mb:8.1f} MB"
+        + ("" if ok else f"  FAILED: {note}"),
+        flush=True,
+    )
     return m
 
 
@@ -291,46 +329,130 @@ def main() -> int:
 
     print("warming the page cache", flush=True)
     for _ in range(2):
-        subprocess.run([sys.executable, "-c", IO_FLOOR, *[str(p / "model.safetensors") for p in [base, *experts]],
-                        str(fresh("warm.bin")), "0"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                IO_FLOOR,
+                *[str(p / "model.safetensors") for p in [base, *experts]],
+                str(fresh("warm.bin")),
+                "0",
+            ],
+            check=True,
+        )
 
-    results.append(best(lambda: measure("io floor", "read inputs + write output", len(main_experts),
-                                        [sys.executable, "-c", IO_FLOOR, *inputs, str(fresh("io.bin")), str(out_bytes)])))
-    results.append(best(lambda: measure("numpy floor", "task_arithmetic", len(main_experts),
-                                        [sys.executable, "-c", NUMPY_FLOOR, *inputs, str(fresh("np.safetensors")), "0"])))
-    results.append(best(lambda: measure("import floor", "python -c 'import torch'", 0,
-                                        [sys.executable, "-c", "import torch"])))
+    results.append(
+        best(
+            lambda: measure(
+                "io floor",
+                "read inputs + write output",
+                len(main_experts),
+                [sys.executable, "-c", IO_FLOOR, *inputs, str(fresh("io.bin")), str(out_bytes)],
+            )
+        )
+    )
+    results.append(
+        best(
+            lambda: measure(
+                "numpy floor",
+                "task_arithmetic",
+                len(main_experts),
+                [sys.executable, "-c", NUMPY_FLOOR, *inputs, str(fresh("np.safetensors")), "0"],
+            )
+        )
+    )
+    results.append(
+        best(lambda: measure("import floor", "python -c 'import torch'", 0, [sys.executable, "-c", "import torch"]))
+    )
     cli = [sys.executable, "-m", "hf_fusion", "merge", "--quiet"]
     for method in methods:
-        results.append(best(lambda: measure(
-            "hf-fusion", method, len(main_experts),
-            cli + ["--repo-ids", *map(str, main_experts), "--base", str(base), "--method", method,
-                   "--output", str(fresh(f"hf-{method}"))])))
+        results.append(
+            best(
+                lambda: measure(
+                    "hf-fusion",
+                    method,
+                    len(main_experts),
+                    cli
+                    + [
+                        "--repo-ids",
+                        *map(str, main_experts),
+                        "--base",
+                        str(base),
+                        "--method",
+                        method,
+                        "--output",
+                        str(fresh(f"hf-{method}")),
+                    ],
+                )
+            )
+        )
     for n in scaling:
         if n == args.experts:
             continue
         for method in methods:
-            results.append(best(lambda: measure(
-                "hf-fusion", method, n,
-                cli + ["--repo-ids", *map(str, experts[:n]), "--base", str(base), "--method", method,
-                       "--output", str(fresh(f"hf-{method}-{n}"))])))
+            results.append(
+                best(
+                    lambda: measure(
+                        "hf-fusion",
+                        method,
+                        n,
+                        cli
+                        + [
+                            "--repo-ids",
+                            *map(str, experts[:n]),
+                            "--base",
+                            str(base),
+                            "--method",
+                            method,
+                            "--output",
+                            str(fresh(f"hf-{method}-{n}")),
+                        ],
+                    )
+                )
+            )
     if args.mergekit_python:
         import yaml
 
         for method in [m for m in methods if m in MERGEKIT_CONFIG]:
             cfg = scratch / f"mergekit-{method}.yaml"
             cfg.write_text(yaml.safe_dump({**MERGEKIT_CONFIG[method](base, main_experts), "dtype": "float32"}))
-            results.append(best(lambda: measure(
-                "mergekit", method, len(main_experts),
-                [str(args.mergekit_python), "-m", "mergekit.scripts.run_yaml", str(cfg), str(fresh(f"mk-{method}"))])))
+            results.append(
+                best(
+                    lambda: measure(
+                        "mergekit",
+                        method,
+                        len(main_experts),
+                        [
+                            str(args.mergekit_python),
+                            "-m",
+                            "mergekit.scripts.run_yaml",
+                            str(cfg),
+                            str(fresh(f"mk-{method}")),
+                        ],
+                    )
+                )
+            )
     if args.fusion_bench_python:
         runner = scratch / "fusion_bench_runner.py"
         runner.write_text(FUSION_BENCH_RUNNER)
         for method in [m for m in methods if m in FUSION_BENCH_METHODS]:
-            results.append(best(lambda: measure(
-                "fusion_bench", method, len(main_experts),
-                [str(args.fusion_bench_python), str(runner), method, str(base), str(fresh(f"fb-{method}")),
-                 *map(str, main_experts)])))
+            results.append(
+                best(
+                    lambda: measure(
+                        "fusion_bench",
+                        method,
+                        len(main_experts),
+                        [
+                            str(args.fusion_bench_python),
+                            str(runner),
+                            method,
+                            str(base),
+                            str(fresh(f"fb-{method}")),
+                            *map(str, main_experts),
+                        ],
+                    )
+                )
+            )
     subprocess.run(["rm", "-rf", str(scratch)], check=True)
 
     floor = next(r for r in results if r.name == "io floor")
@@ -346,8 +468,10 @@ def main() -> int:
     ]
     for r in results:
         time_text = f"{r.seconds:.2f}" if r.ok else f"failed ({r.note})"
-        lines.append(f"| {r.name} | {r.method} | {r.models} | {time_text} | {r.peak_rss_mb:.0f} | "
-                     f"{r.seconds / floor.seconds:.1f} | {r.seconds / np_floor.seconds:.1f} |")
+        lines.append(
+            f"| {r.name} | {r.method} | {r.models} | {time_text} | {r.peak_rss_mb:.0f} | "
+            f"{r.seconds / floor.seconds:.1f} | {r.seconds / np_floor.seconds:.1f} |"
+        )
     write_report(lines, [asdict(r) for r in results], args.markdown, args.json)
     return 0 if all(r.ok for r in results if r.name in ("hf-fusion", "io floor", "numpy floor")) else 1
 

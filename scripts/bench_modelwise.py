@@ -38,12 +38,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_merge import IO_FLOOR, Measurement, measure, write_report  # noqa: E402
 
-METHODS = ("task_arithmetic,simple_ensemble,weighted_ensemble,max_model_predictor,fisher_merging,regmean,"
-           "regmean_plusplus,task_wise_adamerging,layer_wise_adamerging,weight_ensembling_moe,"
-           "sparse_weight_ensembling_moe,smile_upscaling,mixtral_upscaling,model_recombination")
+METHODS = (
+    "task_arithmetic,simple_ensemble,weighted_ensemble,max_model_predictor,fisher_merging,regmean,"
+    "regmean_plusplus,task_wise_adamerging,layer_wise_adamerging,weight_ensembling_moe,"
+    "sparse_weight_ensembling_moe,smile_upscaling,mixtral_upscaling,model_recombination"
+)
 
 # Runs in a child so that this process stays small (a forked child starts with its parent's resident set).
-DESCRIBE = '''
+DESCRIBE = """
 import json, os, sys
 from hf_fusion.catalog import get_pool, resolve_builtin
 from hf_fusion.registry import get_method
@@ -57,11 +59,11 @@ for name in sys.argv[2].split(","):
     methods[name] = {"fields": sorted(method.params_model.model_fields), "data": str(method.data.value)}
 print(json.dumps({"files": files, "base_weights": os.path.join(folders[0], "model.safetensors"),
                   "experts": len(pool.experts), "methods": methods}))
-'''
+"""
 
 
 # Prepares FusionBench's inputs (hf-fusion venv): dense classifiers and tokenised calibration sets, per task.
-PREPARE_FOR_FUSION_BENCH = '''
+PREPARE_FOR_FUSION_BENCH = """
 import json, sys
 from pathlib import Path
 from peft import PeftModel
@@ -85,7 +87,7 @@ for spec in pool.tasks:
         str(out / f"{spec.name}-calibration"))
     tasks[spec.name] = spec.max_length
 print(json.dumps(sorted(tasks)))
-'''
+"""
 
 # Runs FusionBench's RegMean (fusion-bench venv) on the prepared models; saves the merged backbone.
 FUSION_BENCH_REGMEAN = '''
@@ -148,8 +150,9 @@ def main() -> int:
     args = parser.parse_args()
 
     names = [m for m in args.methods.split(",") if m]
-    described = subprocess.run([sys.executable, "-c", DESCRIBE, args.pool, ",".join(names)], check=True,
-                               capture_output=True, text=True)
+    described = subprocess.run(
+        [sys.executable, "-c", DESCRIBE, args.pool, ",".join(names)], check=True, capture_output=True, text=True
+    )
     info = json.loads(described.stdout.strip().splitlines()[-1])
     common = {"steps": args.steps, "calibration_samples": args.calibration_samples}
     scratch = Path(tempfile.mkdtemp(prefix="hf-fusion-modelwise-"))
@@ -158,27 +161,62 @@ def main() -> int:
     subprocess.run(io_argv[:-1] + ["0"], check=True)  # warm the page cache
     results: list[tuple[Measurement, str, float]] = [
         (measure("io floor", "read pool + write output", info["experts"], io_argv), "", 0.0),
-        (measure("import floor", "import torch, transformers", 0,
-                 [sys.executable, "-c", "import torch, transformers"]), "", 0.0),
+        (
+            measure(
+                "import floor", "import torch, transformers", 0, [sys.executable, "-c", "import torch, transformers"]
+            ),
+            "",
+            0.0,
+        ),
     ]
     for name in names:
         method = info["methods"][name]
-        flags = [f"--{key.replace('_', '-')}={value}" for key, value in common.items()
-                 if value is not None and key in method["fields"]]
+        flags = [
+            f"--{key.replace('_', '-')}={value}"
+            for key, value in common.items()
+            if value is not None and key in method["fields"]
+        ]
         out = scratch / name
-        argv = [sys.executable, "-m", "hf_fusion", "merge", "--quiet", "--pool", args.pool, "--method", name,
-                "--output", str(out), *flags]
+        argv = [
+            sys.executable,
+            "-m",
+            "hf_fusion",
+            "merge",
+            "--quiet",
+            "--pool",
+            args.pool,
+            "--method",
+            name,
+            "--output",
+            str(out),
+            *flags,
+        ]
         m = measure("hf-fusion", name, info["experts"], argv)
         results.append((m, method["data"], folder_megabytes(out) if out.exists() else 0.0))
     if args.fusion_bench_python and "regmean" in names:
         samples = args.calibration_samples or 256
-        prepared = subprocess.run([sys.executable, "-c", PREPARE_FOR_FUSION_BENCH, args.pool, str(scratch / "fb"),
-                                   str(samples)], check=True, capture_output=True, text=True)
+        prepared = subprocess.run(
+            [sys.executable, "-c", PREPARE_FOR_FUSION_BENCH, args.pool, str(scratch / "fb"), str(samples)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         tasks = json.loads(prepared.stdout.strip().splitlines()[-1])
         out = scratch / "fb-regmean"
-        m = measure("fusion_bench", "regmean", info["experts"],
-                    [str(args.fusion_bench_python), "-c", FUSION_BENCH_REGMEAN, str(scratch / "fb"), str(out),
-                     ",".join(tasks), str(samples)])
+        m = measure(
+            "fusion_bench",
+            "regmean",
+            info["experts"],
+            [
+                str(args.fusion_bench_python),
+                "-c",
+                FUSION_BENCH_REGMEAN,
+                str(scratch / "fb"),
+                str(out),
+                ",".join(tasks),
+                str(samples),
+            ],
+        )
         results.append((m, info["methods"]["regmean"]["data"], folder_megabytes(out) if out.exists() else 0.0))
     subprocess.run(["rm", "-rf", str(scratch)], check=True)
 
@@ -197,10 +235,16 @@ def main() -> int:
         time_text = f"{m.seconds:.2f}" if m.ok else f"failed ({m.note})"
         ratio = f"{m.seconds / reference:.1f}" if reference and m.name in ("hf-fusion", "fusion_bench") else ""
         size_text = f"{size:.0f}" if size else ""
-        lines.append(f"| {m.name} | {m.method} | {data} | {time_text} | {m.peak_rss_mb:.0f} | {size_text} | "
-                     f"{m.seconds / floor:.0f} | {ratio} |")
-    write_report(lines, [{**asdict(m), "data": data, "fused_mb": round(size, 1)} for m, data, size in results],
-                 args.markdown, args.json)
+        lines.append(
+            f"| {m.name} | {m.method} | {data} | {time_text} | {m.peak_rss_mb:.0f} | {size_text} | "
+            f"{m.seconds / floor:.0f} | {ratio} |"
+        )
+    write_report(
+        lines,
+        [{**asdict(m), "data": data, "fused_mb": round(size, 1)} for m, data, size in results],
+        args.markdown,
+        args.json,
+    )
     return 0 if all(m.ok for m, _, _ in results) else 1
 
 

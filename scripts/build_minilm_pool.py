@@ -41,8 +41,9 @@ def train_expert(task: str, *, epochs: int, batch_size: int, lr: float, seed: in
     model = BertForSequenceClassification.from_pretrained(
         base, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}
     )
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "key", "value", "dense"],
-                        task_type="SEQ_CLS")
+    config = LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "key", "value", "dense"], task_type="SEQ_CLS"
+    )
     model = get_peft_model(model, config)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01)
@@ -56,21 +57,26 @@ def train_expert(task: str, *, epochs: int, batch_size: int, lr: float, seed: in
         random.Random(seed + epoch).shuffle(order)
         for start in range(0, len(order), batch_size):
             rows = train.select(order[start : start + batch_size])
-            batch = tokenizer(list(rows["text"]), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            batch = tokenizer(
+                list(rows["text"]), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            )
             loss = model(**batch, labels=torch.tensor(list(rows["label"]))).loss
             loss.backward()
             optimizer.step()
             schedule.step()
             optimizer.zero_grad()
             losses.append(loss.item())
-        print(f"  {task}: epoch {epoch + 1}/{epochs}, mean loss {sum(losses[-20:]) / len(losses[-20:]):.3f}",
-              flush=True)
+        print(
+            f"  {task}: epoch {epoch + 1}/{epochs}, mean loss {sum(losses[-20:]) / len(losses[-20:]):.3f}", flush=True
+        )
     model.eval()
     correct = 0
     with torch.no_grad():
         for start in range(0, len(test), 64):
             rows = test[start : start + 64]
-            batch = tokenizer(list(rows["text"]), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            batch = tokenizer(
+                list(rows["text"]), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            )
             correct += int((model(**batch).logits.argmax(-1) == torch.tensor(rows["label"])).sum())
     folder = OUT / task
     folder.mkdir(parents=True, exist_ok=True)
@@ -79,9 +85,19 @@ def train_expert(task: str, *, epochs: int, batch_size: int, lr: float, seed: in
     adapter_config["base_model_name_or_path"] = BASE_ID
     (folder / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
     model.base_model.model.config.save_pretrained(folder)
-    stats = {"task": task, "labels": names, "train_examples": len(train), "test_examples": len(test),
-             "epochs": epochs, "batch_size": batch_size, "learning_rate": lr, "max_length": max_length, "seed": seed,
-             "train_seconds": round(time.perf_counter() - started, 1), "test_accuracy": correct / len(test)}
+    stats = {
+        "task": task,
+        "labels": names,
+        "train_examples": len(train),
+        "test_examples": len(test),
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "learning_rate": lr,
+        "max_length": max_length,
+        "seed": seed,
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "test_accuracy": correct / len(test),
+    }
     (folder / "README.md").write_text(
         f"# minilm-text3 expert: {task}\n\nLoRA (r=8, alpha=16; query, key, value, dense) and a classifier head on "
         f"[{BASE_ID}](https://huggingface.co/{BASE_ID}), trained by scripts/build_minilm_pool.py.\n\n"
@@ -101,8 +117,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     for task in args.tasks.split(","):
-        stats = train_expert(task, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                             max_length=args.max_length)
+        stats = train_expert(
+            task, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, max_length=args.max_length
+        )
         print(json.dumps(stats))
 
 

@@ -43,12 +43,15 @@ def deploy(repo_id: str, *, private: bool = False, token: str | None = None, roo
     token = require_token(token, "deploying the Space")
     api = HfApi()
     with hub_errors(repo_id, None, "deploy the Space"):
-        url = api.create_repo(repo_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True,
-                              token=token)
-        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
-                      for name, path in space_files(root).items()]
-        api.create_commit(url.repo_id, operations, commit_message="Deploy the hf-fusion Space", repo_type="space",
-                          token=token)
+        url = api.create_repo(
+            repo_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True, token=token
+        )
+        operations = [
+            CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in space_files(root).items()
+        ]
+        api.create_commit(
+            url.repo_id, operations, commit_message="Deploy the hf-fusion Space", repo_type="space", token=token
+        )
     return str(url)
 
 

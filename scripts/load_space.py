@@ -96,16 +96,18 @@ def wait_until_up(url: str, proc: subprocess.Popen, timeout: float = 180) -> Non
     raise SystemExit("the server did not start")
 
 
-def visitor(url: str, index: int, scratch: Path, results: list[dict[str, Any]], start: threading.Event,
-            clients: list[Any]) -> None:
+def visitor(
+    url: str, index: int, scratch: Path, results: list[dict[str, Any]], start: threading.Event, clients: list[Any]
+) -> None:
     """One visitor: a merge with its own scaling factor; the zip is fetched later (see :func:`check_isolation`) so
     that the latency is the server's, not this machine's download of 90 MB per visitor."""
     from gradio_client import Client
     from gradio_client.exceptions import AppError
 
     factor = round(0.1 + 0.05 * index, 2)
-    recipe = yaml.safe_dump({"method": "task_arithmetic", "pool": "minilm-text3",
-                             "parameters": {"scaling_factor": factor}})
+    recipe = yaml.safe_dump(
+        {"method": "task_arithmetic", "pool": "minilm-text3", "parameters": {"scaling_factor": factor}}
+    )
     client = Client(url, verbose=False, analytics_enabled=False, download_files=False)
     clients.append(client)  # kept open (its heartbeat running) until the idle time has been measured
     start.wait()
@@ -113,11 +115,18 @@ def visitor(url: str, index: int, scratch: Path, results: list[dict[str, Any]], 
     record: dict[str, Any] = {"visitor": index, "scaling_factor": factor}
     try:
         status, _, _, archive, _ = client.predict(recipe, False, 0, api_name="/merge")
-        record.update(outcome="served", seconds=time.perf_counter() - began, status=status,
-                      archive=archive["url"] if isinstance(archive, dict) else archive)
+        record.update(
+            outcome="served",
+            seconds=time.perf_counter() - began,
+            status=status,
+            archive=archive["url"] if isinstance(archive, dict) else archive,
+        )
     except AppError as err:
-        record.update(outcome="refused" if "busy" in str(err) else "failed", seconds=time.perf_counter() - began,
-                      status=str(err)[:200])
+        record.update(
+            outcome="refused" if "busy" in str(err) else "failed",
+            seconds=time.perf_counter() - began,
+            status=str(err)[:200],
+        )
     results.append(record)
 
 
@@ -172,15 +181,40 @@ def main() -> None:
     server_tmp.mkdir()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "TMPDIR": str(server_tmp), "GRADIO_TEMP_DIR": str(server_tmp / "gradio"),
-           "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    command = [sys.executable, "-m", "hf_fusion", "space", "--no-local-paths", "--port", str(port),
-               "--concurrency", str(args.concurrency), "--max-waiting", str(args.max_waiting),
-               "--idle-seconds", str(args.idle_seconds), "--disk-budget", args.disk_budget, "--quiet"]
+    env = {
+        **os.environ,
+        "TMPDIR": str(server_tmp),
+        "GRADIO_TEMP_DIR": str(server_tmp / "gradio"),
+        "HF_HUB_OFFLINE": "1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "hf_fusion",
+        "space",
+        "--no-local-paths",
+        "--port",
+        str(port),
+        "--concurrency",
+        str(args.concurrency),
+        "--max-waiting",
+        str(args.max_waiting),
+        "--idle-seconds",
+        str(args.idle_seconds),
+        "--disk-budget",
+        args.disk_budget,
+        "--quiet",
+    ]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    report: dict[str, Any] = {"visitors": args.visitors, "concurrency": args.concurrency,
-                              "max_waiting": args.max_waiting, "idle_seconds": args.idle_seconds,
-                              "disk_budget": args.disk_budget, "cpu_count": os.cpu_count()}
+    report: dict[str, Any] = {
+        "visitors": args.visitors,
+        "concurrency": args.concurrency,
+        "max_waiting": args.max_waiting,
+        "idle_seconds": args.idle_seconds,
+        "disk_budget": args.disk_budget,
+        "cpu_count": os.cpu_count(),
+    }
     try:
         wait_until_up(url, proc)
         report["rss_cold"] = rss(proc.pid)
@@ -193,8 +227,10 @@ def main() -> None:
         results: list[dict[str, Any]] = []
         start = threading.Event()
         clients: list[Any] = []
-        threads = [threading.Thread(target=visitor, args=(url, i, scratch, results, start, clients))
-                   for i in range(args.visitors)]
+        threads = [
+            threading.Thread(target=visitor, args=(url, i, scratch, results, start, clients))
+            for i in range(args.visitors)
+        ]
         for thread in threads:
             thread.start()
         time.sleep(3)  # every client has fetched the app's config
@@ -245,19 +281,25 @@ def main() -> None:
     args.output.write_text(json.dumps(report, indent=2))
     gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
     print(f"warm-up merge (cold server): {report['warmup_seconds']:.1f} s; RSS cold {gb(report['rss_cold'])}")
-    print(f"| visitors | served | refused at once | latency p50 / max | RSS before / peak / idle after | "
-          f"disk peak / after jobs / after idle / after stop |")
+    print(
+        "| visitors | served | refused at once | latency p50 / max | RSS before / peak / idle after | "
+        "disk peak / after jobs / after idle / after stop |"
+    )
     print("|---|---|---|---|---|---|")
-    print(f"| {args.visitors} | {report['served']} | {report['refused_busy']} "
-          f"(in <= {report['refusal_max_seconds'] or 0:.2f} s) | {report['latency_p50'] or 0:.1f} s / "
-          f"{report['latency_max'] or 0:.1f} s | {gb(report['rss_before_jobs'])} / {gb(report['rss_peak'])} / "
-          f"{gb(report['rss_idle'])} | {gb(report['disk_peak'])} / {gb(report['disk_after_jobs'])} / "
-          f"{gb(report['disk_after_idle'])} / {gb(report['disk_after_stop'])} |")
-    print(f"isolation ({report['isolation_checked']} zips downloaded after the burst, "
-          f"{report['evicted_before_download']} already evicted for the disk budget): own recipe in every zip: "
-          f"{report['isolation_own_recipe']}, distinct weights: "
-          f"{report['isolation_distinct_weights']}; failed: {len(report['failed'])}; "
-          f"server exit code after SIGTERM: {report['server_exit_code']}")
+    print(
+        f"| {args.visitors} | {report['served']} | {report['refused_busy']} "
+        f"(in <= {report['refusal_max_seconds'] or 0:.2f} s) | {report['latency_p50'] or 0:.1f} s / "
+        f"{report['latency_max'] or 0:.1f} s | {gb(report['rss_before_jobs'])} / {gb(report['rss_peak'])} / "
+        f"{gb(report['rss_idle'])} | {gb(report['disk_peak'])} / {gb(report['disk_after_jobs'])} / "
+        f"{gb(report['disk_after_idle'])} / {gb(report['disk_after_stop'])} |"
+    )
+    print(
+        f"isolation ({report['isolation_checked']} zips downloaded after the burst, "
+        f"{report['evicted_before_download']} already evicted for the disk budget): own recipe in every zip: "
+        f"{report['isolation_own_recipe']}, distinct weights: "
+        f"{report['isolation_distinct_weights']}; failed: {len(report['failed'])}; "
+        f"server exit code after SIGTERM: {report['server_exit_code']}"
+    )
 
 
 if __name__ == "__main__":

@@ -12,14 +12,22 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlparse
 
 CHROMIUM = os.environ.get("HF_FUSION_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+]
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 RESULT_TIMEOUT_MS = 300_000
 
@@ -64,19 +72,20 @@ def recipe_text(page: Any) -> str:
     return page.locator(".cm-content").first.inner_text()
 
 
-def drive_merge(page: Any, url: str, *, method: str = "task_arithmetic", scaling_factor: float = 0.4,
-                limit: int = 32) -> None:
+def drive_merge(
+    page: Any, url: str, *, method: str = "task_arithmetic", scaling_factor: float = 0.4, limit: int = 32
+) -> None:
     """Fills the Merge form (method, a parameter, examples per task), clicks Merge and waits for the scores."""
     page.goto(url)
     page.get_by_role("button", name="Merge", exact=True).wait_for()
     pick(page, "Method", f"{method} (merge)")
-    page.wait_for_function("m => document.querySelector('.cm-content').innerText.includes('method: ' + m)",
-                           arg=method)
+    page.wait_for_function("m => document.querySelector('.cm-content').innerText.includes('method: ' + m)", arg=method)
     slider_box = page.locator("#merge-params input[type=number]:visible").first
     slider_box.fill(str(scaling_factor))
     slider_box.press("Tab")
-    page.wait_for_function("v => document.querySelector('.cm-content').innerText.includes('scaling_factor: ' + v)",
-                           arg=str(scaling_factor))
+    page.wait_for_function(
+        "v => document.querySelector('.cm-content').innerText.includes('scaling_factor: ' + v)", arg=str(scaling_factor)
+    )
     set_number(page, "Examples per task (0 = all)", limit)
     page.get_by_role("button", name="Merge", exact=True).click()
     page.locator("#merge-scores").get_by_text("fused", exact=True).wait_for(timeout=RESULT_TIMEOUT_MS)
@@ -107,8 +116,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from hf_fusion.space import serving
 
-    with tempfile.TemporaryDirectory() as root, serving(root=root, in_space=False) as url, \
-            browser_page() as (page, refused):
+    with (
+        tempfile.TemporaryDirectory() as root,
+        serving(root=root, in_space=False) as url,
+        browser_page() as (page, refused),
+    ):
         drive_merge(page, url, limit=args.limit)
         page.screenshot(path=str(args.output / "merge.png"), full_page=True)
         drive_compare(page, url, limit=args.limit)

@@ -14,8 +14,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from hub_server import HubState, LoopbackHub  # noqa: E402
 from hub_helpers import READ_TOKEN, WRITE_TOKEN, publish  # noqa: E402
+from hub_server import HubState, LoopbackHub  # noqa: E402
 
 # The loopback Hub must be up, and the Hub client pointed at it, before anything imports huggingface_hub.
 HUB = LoopbackHub(HubState()).start()
@@ -36,8 +36,7 @@ os.environ.update(
 )
 
 import torch  # noqa: E402
-
-from hf_fusion.toy import make_pool  # noqa: E402
+from toy import make_pool  # noqa: E402
 
 
 @pytest.fixture(scope="session")

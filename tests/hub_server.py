@@ -77,30 +77,57 @@ class HubState:
         if not write:
             self.read_only.add(token)
 
-    def create(self, repo_id: str, repo_type: str = "model", *, private: bool = False, gated: bool = False,
-               sdk: str | None = None) -> Repo:
+    def create(
+        self,
+        repo_id: str,
+        repo_type: str = "model",
+        *,
+        private: bool = False,
+        gated: bool = False,
+        sdk: str | None = None,
+    ) -> Repo:
         with self.lock:
             repo = Repo(repo_type, repo_id, private, gated, sdk=sdk)
-            self._commit(repo, "main", {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"},
-                         "initial commit")
+            self._commit(
+                repo,
+                "main",
+                {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"},
+                "initial commit",
+            )
             self.repos[(repo_type, repo_id)] = repo
             return repo
 
-    def _commit(self, repo: Repo, branch: str, files: dict[str, bytes], title: str,
-                deleted: set[str] | None = None, parent: str | None = None) -> Commit:
+    def _commit(
+        self,
+        repo: Repo,
+        branch: str,
+        files: dict[str, bytes],
+        title: str,
+        deleted: set[str] | None = None,
+        parent: str | None = None,
+    ) -> Commit:
         base = repo.commits[parent].files if parent else (repo.resolve(branch).files if branch in repo.branches else {})
         tree = {k: v for k, v in base.items() if not deleted or k not in deleted}
         tree.update(files)
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-        oid = _sha1(f"{parent or repo.branches.get(branch)}{title}{time.time_ns()}".encode()
-                    + b"".join(k.encode() + _sha1(v).encode() for k, v in sorted(tree.items())))
+        oid = _sha1(
+            f"{parent or repo.branches.get(branch)}{title}{time.time_ns()}".encode()
+            + b"".join(k.encode() + _sha1(v).encode() for k, v in sorted(tree.items()))
+        )
         commit = Commit(oid, parent or repo.branches.get(branch), tree, title, stamp)
         repo.commits[oid] = commit
         repo.branches[branch] = oid
         return commit
 
-    def upload(self, repo_id: str, files: dict[str, bytes], *, repo_type: str = "model", branch: str = "main",
-               title: str = "upload") -> str:
+    def upload(
+        self,
+        repo_id: str,
+        files: dict[str, bytes],
+        *,
+        repo_type: str = "model",
+        branch: str = "main",
+        title: str = "upload",
+    ) -> str:
         """Test helper: commit files straight into a repository; returns the commit id."""
         with self.lock:
             return self._commit(self.repos[(repo_type, repo_id)], branch, files, title).oid
@@ -108,7 +135,7 @@ class HubState:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: "LoopbackHub"
+    server: LoopbackHub
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         pass
@@ -128,8 +155,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _can_write(self, namespace: str) -> bool:
         return self._user() == namespace and self._token() not in self.state.read_only
 
-    def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
-              content_type: str = "application/json") -> None:
+    def _send(
+        self,
+        status: int,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -143,8 +175,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(value).encode(), headers)
 
     def _error(self, status: int, message: str, code: str | None = None) -> None:
-        self._json(status, {"error": message}, {"X-Error-Code": code, "X-Error-Message": message} if code else
-                   {"X-Error-Message": message})
+        self._json(
+            status,
+            {"error": message},
+            {"X-Error-Code": code, "X-Error-Message": message} if code else {"X-Error-Message": message},
+        )
 
     def _body(self) -> bytes:
         length = int(self.headers.get("content-length") or 0)
@@ -181,7 +216,7 @@ class _Handler(BaseHTTPRequestHandler):
         for path, data in sorted(commit.files.items()):
             if not path.startswith(base):
                 continue
-            rest = path[len(base):].split("/")
+            rest = path[len(base) :].split("/")
             for depth in range(1, len(rest)):
                 if recursive or depth == 1:
                     folders.add(base + "/".join(rest[:depth]))
@@ -196,12 +231,22 @@ class _Handler(BaseHTTPRequestHandler):
             if blobs:
                 sibling.update({"size": len(data), "blobId": _sha1(data)})
                 if path.endswith(".safetensors"):
-                    sibling["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
-                                      "pointerSize": 134}
+                    sibling["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
             siblings.append(sibling)
-        info = {"_id": repo.repo_id, "id": repo.repo_id, "sha": commit.oid, "private": repo.private,
-                "gated": "auto" if repo.gated else False, "disabled": False, "siblings": siblings,
-                "lastModified": commit.date, "createdAt": commit.date, "tags": [], "downloads": 0, "likes": 0}
+        info = {
+            "_id": repo.repo_id,
+            "id": repo.repo_id,
+            "sha": commit.oid,
+            "private": repo.private,
+            "gated": "auto" if repo.gated else False,
+            "disabled": False,
+            "siblings": siblings,
+            "lastModified": commit.date,
+            "createdAt": commit.date,
+            "tags": [],
+            "downloads": 0,
+            "likes": 0,
+        }
         if repo.repo_type == "space":
             info.update({"sdk": repo.sdk, "runtime": {"stage": "RUNNING"}})
         return info
@@ -223,8 +268,9 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlparse(self.path)
         path, query = url.path, parse_qs(url.query)  # segments are decoded one by one: revisions may hold "%2F"
         with self.state.lock:
-            self.state.requests.append((self.command, unquote(path), self.headers.get("authorization"),
-                                        self.headers.get("range")))
+            self.state.requests.append(
+                (self.command, unquote(path), self.headers.get("authorization"), self.headers.get("range"))
+            )
         try:
             if path == "/api/whoami-v2":
                 return self._whoami()
@@ -248,9 +294,18 @@ class _Handler(BaseHTTPRequestHandler):
         if user is None:
             return self._error(401, "Invalid credentials in Authorization header")
         role = "read" if self._token() in self.state.read_only else "write"
-        self._json(200, {"type": "user", "id": user, "name": user, "fullname": user,
-                         "avatarUrl": f"/avatars/{user}.svg", "orgs": [],
-                         "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": role}}})
+        self._json(
+            200,
+            {
+                "type": "user",
+                "id": user,
+                "name": user,
+                "fullname": user,
+                "avatarUrl": f"/avatars/{user}.svg",
+                "orgs": [],
+                "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": role}},
+            },
+        )
 
     def _create(self) -> None:
         body = json.loads(self._body() or b"{}")
@@ -291,17 +346,36 @@ class _Handler(BaseHTTPRequestHandler):
             if commit:
                 self._json(200, self._tree(commit, prefix.strip("/"), query.get("recursive", ["false"])[0] == "true"))
         elif action == "refs":
-            self._json(200, {"branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": oid}
-                                          for b, oid in repo.branches.items() if not b.startswith("refs/")],
-                             "tags": [], "converts": [],
-                             "pullRequests": [{"name": b, "ref": b, "targetCommit": oid}
-                                              for b, oid in repo.branches.items() if b.startswith("refs/pr/")]})
+            self._json(
+                200,
+                {
+                    "branches": [
+                        {"name": b, "ref": f"refs/heads/{b}", "targetCommit": oid}
+                        for b, oid in repo.branches.items()
+                        if not b.startswith("refs/")
+                    ],
+                    "tags": [],
+                    "converts": [],
+                    "pullRequests": [
+                        {"name": b, "ref": b, "targetCommit": oid}
+                        for b, oid in repo.branches.items()
+                        if b.startswith("refs/pr/")
+                    ],
+                },
+            )
         elif action == "commits":
             commit = self._commit_of(repo, arg or "main")
             history = []
             while commit:
-                history.append({"id": commit.oid, "title": commit.title, "message": commit.title,
-                                "authors": [], "date": commit.date})
+                history.append(
+                    {
+                        "id": commit.oid,
+                        "title": commit.title,
+                        "message": commit.title,
+                        "authors": [],
+                        "date": commit.date,
+                    }
+                )
                 commit = repo.commits.get(commit.parent) if commit.parent else None
             self._json(200, history)
         elif action == "paths-info":
@@ -360,8 +434,11 @@ class _Handler(BaseHTTPRequestHandler):
                 repo.pulls.append(revision)
                 branch = f"refs/pr/{len(repo.pulls)}"
             commit = self.state._commit(repo, branch, files, header.get("summary", "commit"), deleted, parent=base.oid)
-        result = {"commitUrl": f"{self._url(repo.repo_type, repo.repo_id)}/commit/{commit.oid}",
-                  "commitOid": commit.oid, "success": True}
+        result = {
+            "commitUrl": f"{self._url(repo.repo_type, repo.repo_id)}/commit/{commit.oid}",
+            "commitOid": commit.oid,
+            "success": True,
+        }
         if create_pr:
             result["pullRequestUrl"] = f"{self._url(repo.repo_type, repo.repo_id)}/discussions/{len(repo.pulls)}"
         self._json(200, result)
@@ -380,11 +457,11 @@ class _Handler(BaseHTTPRequestHandler):
         if commit is None:
             return self._error(404, f"Invalid rev id: {rest.split('/')[0]}", "RevisionNotFound")
         if repo.gated and self._user() is None:
-            return self._error(401, f"Access to model {repo_id} is restricted. You must be authenticated.",
-                               "GatedRepo")
+            return self._error(401, f"Access to model {repo_id} is restricted. You must be authenticated.", "GatedRepo")
         if repo.gated:
-            return self._error(403, f"Access to model {repo_id} is restricted and you are not in the authorized list.",
-                               "GatedRepo")
+            return self._error(
+                403, f"Access to model {repo_id} is restricted and you are not in the authorized list.", "GatedRepo"
+            )
         data = commit.files.get(filename)
         if data is None:
             return self._error(404, "Entry not found", "EntryNotFound")
@@ -428,7 +505,7 @@ class LoopbackHub(ThreadingHTTPServer):
         self.endpoint = f"http://127.0.0.1:{self.server_address[1]}"
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
 
-    def start(self) -> "LoopbackHub":
+    def start(self) -> LoopbackHub:
         self._thread.start()
         return self
 

@@ -49,8 +49,9 @@ def linear(a: StateDict, b: StateDict, t: float) -> StateDict:
 
 
 def task_arithmetic(base: StateDict, experts: list[StateDict], lam: float) -> StateDict:
-    return {k: base[k].double() + lam * sum(e[k].double() - base[k].double() for e in experts)
-            for k in floating(experts[0])}
+    return {
+        k: base[k].double() + lam * sum(e[k].double() - base[k].double() for e in experts) for k in floating(experts[0])
+    }
 
 
 def expo(base: StateDict, experts: list[StateDict], alpha: float) -> StateDict:
@@ -98,8 +99,15 @@ def _ties_vector(tv: torch.Tensor, keep: float, merge_func: str) -> torch.Tensor
     return selected.abs().max(0).values * sign
 
 
-def ties(base: StateDict, experts: list[StateDict], lam: float, threshold: float, merge_func: str = "sum",
-         scope: str = "model", task_vectors: list[StateDict] | None = None) -> StateDict:
+def ties(
+    base: StateDict,
+    experts: list[StateDict],
+    lam: float,
+    threshold: float,
+    merge_func: str = "sum",
+    scope: str = "model",
+    task_vectors: list[StateDict] | None = None,
+) -> StateDict:
     keys = sorted(floating(experts[0]))
     # float32 task vectors, as the engine computes them, so that magnitude ranks agree element for element
     tvs = task_vectors or [{k: e[k].float() - base[k].float() for k in keys} for e in experts]
@@ -133,8 +141,14 @@ def dare_keep_mask(seed: int, model_index: int, name: str, numel: int, p: float)
     return keyed_draws(seed, model_index, name, numel) >= p
 
 
-def dare_task_vectors(base: StateDict, experts: list[StateDict], p: float, seed: int, rescale: str = "inverse",
-                      only: set[str] | None = None) -> list[StateDict]:
+def dare_task_vectors(
+    base: StateDict,
+    experts: list[StateDict],
+    p: float,
+    seed: int,
+    rescale: str = "inverse",
+    only: set[str] | None = None,
+) -> list[StateDict]:
     """``only``: the tensor names DARE applies to (all when None); the others keep their whole task vector."""
     out = []
     for i, e in enumerate(experts):
@@ -155,8 +169,15 @@ def dare_task_vectors(base: StateDict, experts: list[StateDict], p: float, seed:
     return out
 
 
-def dare_task_arithmetic(base: StateDict, experts: list[StateDict], lam: float, p: float, seed: int,
-                         rescale: str = "inverse", only: set[str] | None = None) -> StateDict:
+def dare_task_arithmetic(
+    base: StateDict,
+    experts: list[StateDict],
+    lam: float,
+    p: float,
+    seed: int,
+    rescale: str = "inverse",
+    only: set[str] | None = None,
+) -> StateDict:
     tvs = dare_task_vectors(base, experts, p, seed, rescale, only)
     return {k: base[k].double() + lam * sum(tv[k].double() for tv in tvs) for k in tvs[0]}
 
@@ -236,6 +257,7 @@ def iso_cts(base: StateDict, experts: list[StateDict], scale: float = 1.0, fract
 
 def wudi(base: StateDict, experts: list[StateDict], iter_num: int = 400, lr: float = 1e-5) -> StateDict:
     """The paper's loss through autograd, sum_i ||(tau - tau_i) tau_i^T||^2 / ||tau_i||^2, minimised by Adam."""
+
     def matrix(tvs: np.ndarray) -> np.ndarray:
         t = torch.from_numpy(tvs).float()
         live = t.flatten(1).norm(dim=1) > 0
@@ -243,12 +265,14 @@ def wudi(base: StateDict, experts: list[StateDict], iter_num: int = 400, lr: flo
         merged = torch.nn.Parameter(t.sum(0).clone())
         opt = torch.optim.Adam([merged], lr=lr)
         for _ in range(iter_num):
-            loss = (((merged - t_live) @ t_live.transpose(1, 2)).square().sum((1, 2))
-                    / t_live.square().sum((1, 2))).sum()
+            loss = (
+                ((merged - t_live) @ t_live.transpose(1, 2)).square().sum((1, 2)) / t_live.square().sum((1, 2))
+            ).sum()
             opt.zero_grad()
             loss.backward()
             opt.step()
         return merged.detach().double().numpy()
+
     return _per_key(base, experts, matrix, 1.0)
 
 
@@ -278,8 +302,9 @@ def model_stock(base: StateDict, experts: list[StateDict]) -> StateDict:
     return out
 
 
-def breadcrumbs(base: StateDict, experts: list[StateDict], scale: float = 0.3, density: float = 0.9,
-                gamma: float = 0.01) -> StateDict:
+def breadcrumbs(
+    base: StateDict, experts: list[StateDict], scale: float = 0.3, density: float = 0.9, gamma: float = 0.01
+) -> StateDict:
     out = {}
     for k in floating(experts[0]):
         total = torch.zeros_like(base[k], dtype=torch.float64)
@@ -296,13 +321,19 @@ def breadcrumbs(base: StateDict, experts: list[StateDict], scale: float = 0.3, d
     return out
 
 
-def della(base: StateDict, experts: list[StateDict], scale: float = 1.0, density: float = 0.7, epsilon: float = 0.1,
-          seed: int = 0) -> StateDict:
+def della(
+    base: StateDict,
+    experts: list[StateDict],
+    scale: float = 1.0,
+    density: float = 0.7,
+    epsilon: float = 0.1,
+    seed: int = 0,
+) -> StateDict:
     out = {}
     for k in floating(experts[0]):
         pruned = []
         for i, e in enumerate(experts):
-            delta = (e[k].float() - base[k].float())
+            delta = e[k].float() - base[k].float()
             rows = delta.reshape(-1, delta.shape[-1]) if delta.dim() > 1 else delta.reshape(1, -1)
             width = rows.shape[1]
             ranks = np.argsort(np.argsort(np.abs(rows.numpy()), axis=1, kind="stable"), axis=1, kind="stable")
@@ -318,8 +349,13 @@ def della(base: StateDict, experts: list[StateDict], scale: float = 1.0, density
     return out
 
 
-def karcher(experts: list[StateDict], base: StateDict | None = None, weights: list[float] | None = None,
-            max_iter: int = 10, tol: float = 1e-5) -> StateDict:
+def karcher(
+    experts: list[StateDict],
+    base: StateDict | None = None,
+    weights: list[float] | None = None,
+    max_iter: int = 10,
+    tol: float = 1e-5,
+) -> StateDict:
     w = np.array(weights or [1.0] * len(experts), dtype=np.float64)
     w = w / w.sum()
     out = {}
@@ -361,8 +397,9 @@ def tall_masks(base: StateDict, experts: list[StateDict], lam: float = 0.6) -> l
     return outs
 
 
-def consensus(base: StateDict, experts: list[StateDict], scale: float = 0.3, lam: float = 0.6, k_min: int = 2
-              ) -> StateDict:
+def consensus(
+    base: StateDict, experts: list[StateDict], scale: float = 0.3, lam: float = 0.6, k_min: int = 2
+) -> StateDict:
     out = {}
     for k in floating(experts[0]):
         tvs = _task_vectors(base, experts, k)
@@ -386,12 +423,14 @@ def emr(base: StateDict, experts: list[StateDict]) -> list[StateDict]:
         before += np.abs(tvs).reshape(n, -1).mean(axis=1)
         after += np.abs(m * unified[k]).reshape(n, -1).mean(axis=1)
     rescale = np.where(after > 0, before / np.where(after > 0, after, 1), 1.0)
-    return [{k: base[k].double() + torch.from_numpy(rescale[t] * masks[k][t] * unified[k]) for k in keys}
-            for t in range(n)]
+    return [
+        {k: base[k].double() + torch.from_numpy(rescale[t] * masks[k][t] * unified[k]) for k in keys} for t in range(n)
+    ]
 
 
-def scope_aligned_average(experts: list[StateDict], weights: list[float] | None = None, normalize: bool = True
-                          ) -> StateDict:
+def scope_aligned_average(
+    experts: list[StateDict], weights: list[float] | None = None, normalize: bool = True
+) -> StateDict:
     w = np.array(weights or [1.0] * len(experts), dtype=np.float64)
     wn = w / w.sum()
     out = {}

@@ -7,15 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
+import reference as ref
 import torch
 from peft import LoraConfig, get_peft_model
+from toy import bert, example_inputs
 from transformers import AutoConfig, AutoModel, BertModel
-
-import reference as ref
 
 import hf_fusion
 from hf_fusion.errors import RecipeError
-from hf_fusion.toy import bert, example_inputs
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +28,9 @@ def lora_pool(tmp_path_factory: pytest.TempPathFactory) -> dict:
     for i, labels in enumerate((2, 3, 5)):
         task = bert(num_labels=labels)
         task.bert.load_state_dict(task0.bert.state_dict())
-        model = get_peft_model(task, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "dense"],
-                                                task_type="SEQ_CLS"))
+        model = get_peft_model(
+            task, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "dense"], task_type="SEQ_CLS")
+        )
         g = torch.Generator().manual_seed(10 + i)
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -47,12 +47,18 @@ def lora_pool(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def _backbone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k[len("bert."):]: v for k, v in state.items() if k.startswith("bert.") and v.is_floating_point()}
+    return {k[len("bert.") :]: v for k, v in state.items() if k.startswith("bert.") and v.is_floating_point()}
 
 
 def test_lora_experts_fuse_into_the_base_architecture(lora_pool: dict, tmp_path: Path) -> None:
-    result = hf_fusion.merge(models=[str(e) for e in lora_pool["experts"]], base=str(lora_pool["base"]),
-                             method="ties_merging", heads=["classifier.*"], output=tmp_path / "o", show_progress=False)
+    result = hf_fusion.merge(
+        models=[str(e) for e in lora_pool["experts"]],
+        base=str(lora_pool["base"]),
+        method="ties_merging",
+        heads=["classifier.*"],
+        output=tmp_path / "o",
+        show_progress=False,
+    )
     base_state = ref.load_state(lora_pool["base"])
     expected = ref.ties(base_state, [_backbone(d) for d in lora_pool["dense"]], 0.3, 20)
     fused = ref.load_state(tmp_path / "o")
@@ -70,8 +76,13 @@ def test_lora_experts_fuse_into_the_base_architecture(lora_pool: dict, tmp_path:
 
 def test_adapters_name_their_own_base(lora_pool: dict, tmp_path: Path) -> None:
     """simple_average ignores --base, but the adapters still need theirs: adapter_config names it."""
-    result = hf_fusion.merge(models=[str(e) for e in lora_pool["experts"]], method="simple_average",
-                             heads=["classifier.*"], output=tmp_path / "o", show_progress=False)
+    result = hf_fusion.merge(
+        models=[str(e) for e in lora_pool["experts"]],
+        method="simple_average",
+        heads=["classifier.*"],
+        output=tmp_path / "o",
+        show_progress=False,
+    )
     expected = ref.simple_average([_backbone(d) for d in lora_pool["dense"]])
     fused = ref.load_state(tmp_path / "o")
     for name, value in expected.items():
@@ -105,5 +116,10 @@ def test_heads_of_different_shapes_need_heads(lora_pool: dict, tmp_path: Path) -
     from hf_fusion.errors import IncompatibleModelsError
 
     with pytest.raises(IncompatibleModelsError, match=r"tensor 'classifier\.(weight|bias)' has shape"):
-        hf_fusion.merge(models=[str(e) for e in lora_pool["experts"]], base=str(lora_pool["base"]),
-                        method="task_arithmetic", output=tmp_path / "o", show_progress=False)
+        hf_fusion.merge(
+            models=[str(e) for e in lora_pool["experts"]],
+            base=str(lora_pool["base"]),
+            method="task_arithmetic",
+            output=tmp_path / "o",
+            show_progress=False,
+        )

@@ -18,9 +18,26 @@ pytestmark = pytest.mark.slow
 def test_minilm_text3_fuses_and_scores_offline(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = subprocess.run(
-        [sys.executable, "-m", "hf_fusion", "merge", "--pool", "minilm-text3", "--method", "task_arithmetic",
-         "--evaluate", "--limit", "100", "--output", str(tmp_path / "m"), "--quiet"],
-        capture_output=True, text=True, env=env, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "hf_fusion",
+            "merge",
+            "--pool",
+            "minilm-text3",
+            "--method",
+            "task_arithmetic",
+            "--evaluate",
+            "--limit",
+            "100",
+            "--output",
+            str(tmp_path / "m"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
     )
     assert out.returncode == 0, out.stderr
     report = EvaluationReport.load(tmp_path / "m")

@@ -9,10 +9,17 @@ import pytest
 from hf_fusion.catalog import PoolError, get_pool, pool_names
 
 FUSIONBENCH_POOLS = {
-    f"clip-vit-{arch}_{suite}" for arch in ("base-patch32", "base-patch16", "large-patch14")
+    f"clip-vit-{arch}_{suite}"
+    for arch in ("base-patch32", "base-patch16", "large-patch14")
     for suite in ("TA8", "TALL14", "TALL20")
-} | {"clip-vit-base-patch16_TA8_lora", "flan-t5-base_glue", "flan-t5-base_glue_lora16", "flan-t5-large_glue_lora16",
-     "gpt-2_glue", "convnext-base-224_8-tasks"}
+} | {
+    "clip-vit-base-patch16_TA8_lora",
+    "flan-t5-base_glue",
+    "flan-t5-base_glue_lora16",
+    "flan-t5-large_glue_lora16",
+    "gpt-2_glue",
+    "convnext-base-224_8-tasks",
+}
 TA8 = ["sun397", "stanford-cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
 
 
@@ -32,14 +39,25 @@ def test_pool_is_well_formed(name: str) -> None:
             assert task.templates and all("{}" in t for t in task.templates)
         if task.kind == "text_to_text":
             fields = set(re.findall(r"{(\w+)}", task.prompt))
-            assert fields and fields <= {"sentence", "premise", "hypothesis", "sentence1", "sentence2", "question",
-                                         "question1", "question2"}
+            assert fields and fields <= {
+                "sentence",
+                "premise",
+                "hypothesis",
+                "sentence1",
+                "sentence2",
+                "question",
+                "question1",
+                "question2",
+            }
         if task.kind == "classification" and task.task_type == "text-classification":
             assert task.text
 
 
 def test_ids_follow_fusionbench() -> None:
-    for arch, base in (("base-patch32", "openai/clip-vit-base-patch32"), ("large-patch14", "openai/clip-vit-large-patch14")):
+    for arch, base in (
+        ("base-patch32", "openai/clip-vit-base-patch32"),
+        ("large-patch14", "openai/clip-vit-large-patch14"),
+    ):
         pool = get_pool(f"clip-vit-{arch}_TALL20")
         assert pool.base == base and len(pool.tasks) == 20
         assert [t.name for t in pool.tasks][:8] == TA8

@@ -12,15 +12,15 @@ import time
 from pathlib import Path
 
 import pytest
+import reference as ref
 import yaml
 from safetensors.torch import load_file
 
-import reference as ref
-
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hf_fusion", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "hf_fusion", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 def test_help_is_fast_and_lists_commands() -> None:
@@ -34,8 +34,18 @@ def test_methods_lists_every_registered_method() -> None:
     out = run("methods", "--json")
     assert out.returncode == 0
     methods = {m["name"]: m for m in json.loads(out.stdout)}
-    assert {"simple_average", "weighted_average", "linear_interpolation", "task_arithmetic", "ties_merging",
-            "dare_simple_average", "dare_task_arithmetic", "dare_ties_merging", "slerp", "expo"} <= set(methods)
+    assert {
+        "simple_average",
+        "weighted_average",
+        "linear_interpolation",
+        "task_arithmetic",
+        "ties_merging",
+        "dare_simple_average",
+        "dare_task_arithmetic",
+        "dare_ties_merging",
+        "slerp",
+        "expo",
+    } <= set(methods)
     ties = {p["name"]: p for p in methods["ties_merging"]["parameters"]}
     assert ties["scaling_factor"]["default"] == 0.3 and ties["threshold"]["default"] == 20
     assert "ties" in methods["ties_merging"]["aliases"]
@@ -45,23 +55,50 @@ def test_methods_lists_every_registered_method() -> None:
 
 def test_merge_from_flags_then_from_the_saved_recipe(tmp_path: Path, bert_pool) -> None:
     base, experts = bert_pool
-    out = run("merge", "--repo-ids", *map(str, experts), "--base", str(base), "--method", "ties_merging",
-              "--param", "scaling_factor=0.3", "--param", "threshold=20", "--output", str(tmp_path / "merged"))
+    out = run(
+        "merge",
+        "--repo-ids",
+        *map(str, experts),
+        "--base",
+        str(base),
+        "--method",
+        "ties_merging",
+        "--param",
+        "scaling_factor=0.3",
+        "--param",
+        "threshold=20",
+        "--output",
+        str(tmp_path / "merged"),
+    )
     assert out.returncode == 0, out.stderr
     assert "Fused 3 models with ties_merging" in out.stdout
     expected = ref.ties(ref.load_state(base), [ref.load_state(e) for e in experts], 0.3, 20)
     fused = load_file(tmp_path / "merged" / "model.safetensors")
     assert all(abs(fused[k].double() - v).max() < 1e-5 for k, v in expected.items())
-    again = run("merge", "--config", str(tmp_path / "merged" / "fusion_recipe.yaml"), "--output",
-                str(tmp_path / "again"), "--quiet")
+    again = run(
+        "merge",
+        "--config",
+        str(tmp_path / "merged" / "fusion_recipe.yaml"),
+        "--output",
+        str(tmp_path / "again"),
+        "--quiet",
+    )
     assert again.returncode == 0 and again.stdout == "" and again.stderr == ""
-    assert (tmp_path / "merged" / "model.safetensors").read_bytes() == (tmp_path / "again" / "model.safetensors").read_bytes()
+    assert (tmp_path / "merged" / "model.safetensors").read_bytes() == (
+        tmp_path / "again" / "model.safetensors"
+    ).read_bytes()
 
 
 def test_handwritten_recipe_with_flag_overrides(tmp_path: Path, bert_pool) -> None:
     base, experts = bert_pool
-    recipe = {"method": "task_arithmetic", "models": [str(e) for e in experts[:2]], "base": str(base),
-              "parameters": {"scaling_factor": 0.5}, "dtype": "bf16", "output": str(tmp_path / "from_yaml")}
+    recipe = {
+        "method": "task_arithmetic",
+        "models": [str(e) for e in experts[:2]],
+        "base": str(base),
+        "parameters": {"scaling_factor": 0.5},
+        "dtype": "bf16",
+        "output": str(tmp_path / "from_yaml"),
+    }
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     out = run("merge", "--config", str(tmp_path / "recipe.yaml"), "--param", "scaling_factor=0.7")
     assert out.returncode == 0, out.stderr
@@ -69,11 +106,14 @@ def test_handwritten_recipe_with_flag_overrides(tmp_path: Path, bert_pool) -> No
     assert saved["parameters"] == {"scaling_factor": 0.7} and saved["dtype"] == "bfloat16"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--method", "tiess"], "unknown method 'tiess'. Did you mean 'ties_merging'"),
-    (["--method", "ties", "--param", "threshold=0"], "threshold: Input should be greater than 0"),
-    (["--method", "ties", "--param", "oops"], "--param takes NAME=VALUE"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "tiess"], "unknown method 'tiess'. Did you mean 'ties_merging'"),
+        (["--method", "ties", "--param", "threshold=0"], "threshold: Input should be greater than 0"),
+        (["--method", "ties", "--param", "oops"], "--param takes NAME=VALUE"),
+    ],
+)
 def test_errors_exit_non_zero_without_traceback(tmp_path: Path, bert_pool, args: list[str], message: str) -> None:
     base, experts = bert_pool
     out = run("merge", "--repo-ids", *map(str, experts), "--base", str(base), "--output", str(tmp_path / "o"), *args)
@@ -88,7 +128,7 @@ def test_bad_recipe_file(tmp_path: Path) -> None:
     assert out.returncode == 1 and "unknown recipe field 'scaling_factor'" in out.stderr
 
 
-SLOW_MERGE = textwrap.dedent('''
+SLOW_MERGE = textwrap.dedent("""
     import os, pathlib, signal, sys, time
     from hf_fusion.methods.task_arithmetic import TaskArithmetic
     # a test run started in the background inherits an ignored SIGINT; a user's terminal delivers it
@@ -101,7 +141,7 @@ SLOW_MERGE = textwrap.dedent('''
     TaskArithmetic.merge = slow
     from hf_fusion.cli import main
     sys.exit(main(sys.argv[1:]))
-''')
+""")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -111,9 +151,22 @@ def test_interrupted_merge_leaves_no_output(tmp_path: Path, bert_pool, sig: sign
     work = tmp_path / "work"
     work.mkdir()
     proc = subprocess.Popen(
-        [sys.executable, str(tmp_path / "slow.py"), "merge", "--repo-ids", *map(str, experts), "--base", str(base),
-         "--method", "task_arithmetic", "--output", str(work / "merged")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            str(tmp_path / "slow.py"),
+            "merge",
+            "--repo-ids",
+            *map(str, experts),
+            "--base",
+            str(base),
+            "--method",
+            "task_arithmetic",
+            "--output",
+            str(work / "merged"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1", "MERGING_MARKER": str(tmp_path / "merging")},
     )
     deadline = time.time() + 60
@@ -134,11 +187,24 @@ def test_a_killed_merge_leaves_a_folder_the_next_run_removes(tmp_path: Path, ber
     (tmp_path / "slow.py").write_text(SLOW_MERGE)
     work = tmp_path / "work"
     work.mkdir()
-    args = ["merge", "--repo-ids", *map(str, experts), "--base", str(base), "--method", "task_arithmetic",
-            "--output", str(work / "merged")]
-    proc = subprocess.Popen([sys.executable, str(tmp_path / "slow.py"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "MERGING_MARKER": str(tmp_path / "merging")})
+    args = [
+        "merge",
+        "--repo-ids",
+        *map(str, experts),
+        "--base",
+        str(base),
+        "--method",
+        "task_arithmetic",
+        "--output",
+        str(work / "merged"),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, str(tmp_path / "slow.py"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "MERGING_MARKER": str(tmp_path / "merging")},
+    )
     deadline = time.time() + 60
     while not (tmp_path / "merging").exists():
         assert proc.poll() is None and time.time() < deadline, "the merge never started writing"
@@ -153,17 +219,31 @@ def test_a_killed_merge_leaves_a_folder_the_next_run_removes(tmp_path: Path, ber
     assert sorted(p.name for p in work.iterdir()) == ["merged"]
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("--push", "", "argument --push: needs a repo name"),
-    ("--push", "a b", "is not a valid Hub repo id"),
-    ("--max-shard-size", "0", "argument --max-shard-size: a size must be positive"),
-    ("--limit", "0", "argument --limit: must be at least 1"),
-    ("--batch-size", "-3", "argument --batch-size: must be at least 1"),
-    ("--lr", "nan", "argument --lr: must be a finite number"),
-])
-def test_flag_values_that_would_be_ignored_or_misread_are_refused(tmp_path: Path, flag: str, value: str,
-                                                                   message: str) -> None:
-    out = run("merge", "--repo-ids", "org/a", "org/b", "--method", "simple_average", "--output",
-              str(tmp_path / "o"), flag, value)
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--push", "", "argument --push: needs a repo name"),
+        ("--push", "a b", "is not a valid Hub repo id"),
+        ("--max-shard-size", "0", "argument --max-shard-size: a size must be positive"),
+        ("--limit", "0", "argument --limit: must be at least 1"),
+        ("--batch-size", "-3", "argument --batch-size: must be at least 1"),
+        ("--lr", "nan", "argument --lr: must be a finite number"),
+    ],
+)
+def test_flag_values_that_would_be_ignored_or_misread_are_refused(
+    tmp_path: Path, flag: str, value: str, message: str
+) -> None:
+    out = run(
+        "merge",
+        "--repo-ids",
+        "org/a",
+        "org/b",
+        "--method",
+        "simple_average",
+        "--output",
+        str(tmp_path / "o"),
+        flag,
+        value,
+    )
     assert out.returncode == 2 and message in out.stderr
     assert not (tmp_path / "o").exists()

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
-from hf_fusion.toy import make_pool
+from toy import make_pool
 
 import hf_fusion
 from hf_fusion.engine import checkpoint as checkpoint_module
@@ -45,9 +44,21 @@ def _assert_nothing_written(tmp_path: Path) -> None:
 
 
 CASES = {
-    "unknown method": (dict(method="tie_merging"), UnknownMethodError, r"unknown method 'tie_merging'\. Did you mean 'ties_merging'"),
-    "unknown parameter": (dict(method="ties", scaling=0.3), ParameterError, r"unknown parameter 'scaling'.*Did you mean 'scaling_factor'"),
-    "out of range": (dict(method="ties", threshold=150), ParameterError, r"threshold: Input should be less than or equal to 100"),
+    "unknown method": (
+        dict(method="tie_merging"),
+        UnknownMethodError,
+        r"unknown method 'tie_merging'\. Did you mean 'ties_merging'",
+    ),
+    "unknown parameter": (
+        dict(method="ties", scaling=0.3),
+        ParameterError,
+        r"unknown parameter 'scaling'.*Did you mean 'scaling_factor'",
+    ),
+    "out of range": (
+        dict(method="ties", threshold=150),
+        ParameterError,
+        r"threshold: Input should be less than or equal to 100",
+    ),
     "wrong type": (dict(method="ties", merge_func="median"), ParameterError, r"merge_func"),
     "sparsity of one": (dict(method="dare_ties", sparsity_ratio=1.0), ParameterError, r"sparsity_ratio"),
     "missing base": (dict(method="task_arithmetic", base=None), RecipeError, r"needs a base .*--base"),
@@ -72,19 +83,24 @@ def test_recipe_errors(case: str, tmp_path: Path, bert_pool, no_tensor_reads) ->
 def test_different_architectures_are_named(tmp_path: Path, pools, no_tensor_reads) -> None:
     bert_base, bert_experts = pools["bert"]
     _, gpt2_experts = pools["gpt2"]
-    with pytest.raises(IncompatibleModelsError, match=r"different architectures: .*bert_ft0 is BertForSequenceClassification \(bert\), .*gpt2_ft0 is GPT2LMHeadModel \(gpt2\)"):
+    with pytest.raises(
+        IncompatibleModelsError,
+        match=r"different architectures: .*bert_ft0 is BertForSequenceClassification \(bert\), .*gpt2_ft0 is GPT2LMHeadModel \(gpt2\)",
+    ):
         _merge(tmp_path, models=[str(bert_experts[0]), str(gpt2_experts[0])], base=str(bert_base), method="ties")
     _assert_nothing_written(tmp_path)
 
 
 def test_different_shapes_name_model_and_tensor(tmp_path: Path, no_tensor_reads) -> None:
     base, experts = make_pool(tmp_path / "a", "bert", 2)
-    from hf_fusion.toy import bert
+    from toy import bert
 
     torch.manual_seed(0)
     bert(num_labels=5).save_pretrained(tmp_path / "five_labels")
-    with pytest.raises(IncompatibleModelsError,
-                       match=r"tensor 'classifier\.(bias|weight)' has shape \[5.*\] in .*five_labels but \[3.*\]"):
+    with pytest.raises(
+        IncompatibleModelsError,
+        match=r"tensor 'classifier\.(bias|weight)' has shape \[5.*\] in .*five_labels but \[3.*\]",
+    ):
         _merge(tmp_path, models=[str(experts[0]), str(tmp_path / "five_labels")], base=str(base), method="ties")
     _assert_nothing_written(tmp_path)
 
@@ -128,13 +144,22 @@ def test_pickle_needs_opt_in(tmp_path: Path, bert_pool) -> None:
     (pickled / "config.json").write_bytes((experts[0] / "config.json").read_bytes())
     torch.save(load_file(experts[0] / "model.safetensors"), pickled / "pytorch_model.bin")
     args = dict(models=[str(pickled), str(experts[1])], base=str(base), method="task_arithmetic")
-    with pytest.raises(PickleCheckpointError, match=r"pickled: weights are a pickle \(pytorch_model\.bin\).*--allow-pickle"):
+    with pytest.raises(
+        PickleCheckpointError, match=r"pickled: weights are a pickle \(pytorch_model\.bin\).*--allow-pickle"
+    ):
         _merge(tmp_path, **args)
     _assert_nothing_written(tmp_path)
     _merge(tmp_path, allow_pickle=True, **args)
-    reference = hf_fusion.merge(models=[str(experts[0]), str(experts[1])], base=str(base), method="task_arithmetic",
-                                output=tmp_path / "from_safetensors", show_progress=False)
-    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (reference.output / "model.safetensors").read_bytes()
+    reference = hf_fusion.merge(
+        models=[str(experts[0]), str(experts[1])],
+        base=str(base),
+        method="task_arithmetic",
+        output=tmp_path / "from_safetensors",
+        show_progress=False,
+    )
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (
+        reference.output / "model.safetensors"
+    ).read_bytes()
 
 
 def test_existing_output_is_kept(tmp_path: Path, bert_pool, no_tensor_reads) -> None:
@@ -178,16 +203,22 @@ def test_output_cannot_replace_an_input(tmp_path: Path, which: str, no_tensor_re
     base, experts = make_pool(tmp_path / "pool", "bert", 2)
     target = experts[0] if which == "model" else tmp_path / "pool"
     with pytest.raises(RecipeError, match="would replace the input model"):
-        hf_fusion.merge(models=[str(e) for e in experts], base=str(base), method="ties", output=target,
-                        overwrite=True, show_progress=False)
+        hf_fusion.merge(
+            models=[str(e) for e in experts],
+            base=str(base),
+            method="ties",
+            output=target,
+            overwrite=True,
+            show_progress=False,
+        )
     assert (experts[0] / "model.safetensors").is_file()
 
 
 def test_whole_tensor_method_that_cannot_fit_is_refused_from_headers(tmp_path: Path) -> None:
     from hf_fusion.engine.checkpoint import TensorEntry
     from hf_fusion.errors import InsufficientResourcesError
-    from hf_fusion.hub.resolve import HeaderCheckpoint
     from hf_fusion.fusion.tensor_wise import check_memory
+    from hf_fusion.hub.resolve import HeaderCheckpoint
 
     huge = TensorEntry("embed.weight", "F32", (1 << 20, 1 << 18), Path("model.safetensors"), 0, 4 << 38)
     headers = [HeaderCheckpoint(f"m{i}", {huge.name: huge}, []) for i in range(2)]
@@ -199,6 +230,10 @@ def test_whole_tensor_method_that_cannot_fit_is_refused_from_headers(tmp_path: P
 def test_heads_of_different_tasks_get_a_hint(tmp_path: Path, no_tensor_reads) -> None:
     """The built-in experts' classifiers have 5, 3 and 2 classes: named without --heads, the error says how."""
     with pytest.raises(IncompatibleModelsError, match=r"per-task head: .* --heads 'classifier\.\*'"):
-        _merge(tmp_path, models=["builtin:minilm-text3/bbc_news", "builtin:minilm-text3/sms_spam"],
-               base="builtin:all-MiniLM-L6-v2", method="task_arithmetic")
+        _merge(
+            tmp_path,
+            models=["builtin:minilm-text3/bbc_news", "builtin:minilm-text3/sms_spam"],
+            base="builtin:all-MiniLM-L6-v2",
+            method="task_arithmetic",
+        )
     assert not (tmp_path / "out").exists()

@@ -24,8 +24,9 @@ def test_bundled_metrics_match_direct_computation() -> None:
     spearman, _ = load_metric("spearmanr", "bundled")
     assert spearman.compute(predictions=x, references=z)["spearmanr"] == pytest.approx(spearmanr(x, z).statistic)
     exact, _ = load_metric("exact_match", "bundled")
-    result = exact.compute(predictions=[" Yes.", "no", "maybe"], references=["yes", "No", "no"], ignore_case=True,
-                           ignore_punctuation=True)
+    result = exact.compute(
+        predictions=[" Yes.", "no", "maybe"], references=["yes", "No", "no"], ignore_case=True, ignore_punctuation=True
+    )
     assert result["exact_match"] == pytest.approx(2 / 3)
     perplexity, _ = load_metric("perplexity", "auto")
     assert perplexity.compute(predictions=[3.0, 5.0], references=[2, 3])["perplexity"] == pytest.approx(math.exp(8 / 5))

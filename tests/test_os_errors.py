@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -24,8 +24,18 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 def _merge_args(pool: tuple[Path, list[Path]], output: Path) -> list[str]:
     base, experts = pool
-    return ["merge", "--repo-ids", *map(str, experts), "--base", str(base), "--method", "task_arithmetic",
-            "--output", str(output), "--quiet"]
+    return [
+        "merge",
+        "--repo-ids",
+        *map(str, experts),
+        "--base",
+        str(base),
+        "--method",
+        "task_arithmetic",
+        "--output",
+        str(output),
+        "--quiet",
+    ]
 
 
 @pytest.fixture
@@ -91,8 +101,13 @@ def test_python_api_raises_a_fusion_error(mount, bert_pool) -> None:
     disk = mount("full-api", "size=128m,nr_inodes=4")
     base, experts = bert_pool
     with pytest.raises(FileSystemError, match="no space left"):
-        hf_fusion.merge(models=[str(e) for e in experts], base=str(base), method="task_arithmetic",
-                        output=disk / "m", show_progress=False)
+        hf_fusion.merge(
+            models=[str(e) for e in experts],
+            base=str(base),
+            method="task_arithmetic",
+            output=disk / "m",
+            show_progress=False,
+        )
 
 
 def _dead_pid() -> int:

@@ -6,13 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+import reference as ref
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from toy import clip_full, example_inputs, make_pool
 from transformers import AutoConfig, AutoModel, CLIPVisionModel, GPT2LMHeadModel
-
-import reference as ref
-from hf_fusion.toy import clip_full, example_inputs, make_pool
 
 import hf_fusion
 from hf_fusion.recipe import RECIPE_FILENAME
@@ -49,8 +48,9 @@ def test_mixed_precision_inputs(tmp_path: Path) -> None:
     base, experts = make_pool(tmp_path, "gpt2", 2)
     half = tmp_path / "half"
     GPT2LMHeadModel.from_pretrained(experts[1]).half().save_pretrained(half)
-    hf_fusion.merge(models=[str(experts[0]), str(half)], base=str(base), method="ties", output=tmp_path / "o",
-                    show_progress=False)
+    hf_fusion.merge(
+        models=[str(experts[0]), str(half)], base=str(base), method="ties", output=tmp_path / "o", show_progress=False
+    )
     assert _dtypes(tmp_path / "o") == {"F32"}  # follows the base
     expected = ref.ties(ref.load_state(base), [ref.load_state(experts[0]), ref.load_state(half)], 0.3, 20)
     got = ref.load_state(tmp_path / "o")
@@ -62,8 +62,14 @@ def test_sharded_inputs_and_outputs(tmp_path: Path) -> None:
     base, experts = make_pool(tmp_path, "gpt2", 2, max_shard_size="40KB")
     assert (base / "model.safetensors.index.json").is_file()
     out = tmp_path / "o"
-    result = hf_fusion.merge(models=[str(e) for e in experts], base=str(base), method="task_arithmetic",
-                             output=out, max_shard_bytes=30_000, show_progress=False)
+    result = hf_fusion.merge(
+        models=[str(e) for e in experts],
+        base=str(base),
+        method="task_arithmetic",
+        output=out,
+        max_shard_bytes=30_000,
+        show_progress=False,
+    )
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and all((out / s).is_file() for s in shards)
@@ -83,15 +89,17 @@ def test_tied_copy_saved_by_one_model_only(tmp_path: Path) -> None:
     untied["lm_head.weight"] = untied["transformer.wte.weight"].clone()
     save_file(untied, experts[0] / "model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "o"
-    hf_fusion.merge(models=[str(e) for e in experts], base=str(base), method="dare_ties", output=out,
-                    show_progress=False)
+    hf_fusion.merge(
+        models=[str(e) for e in experts], base=str(base), method="dare_ties", output=out, show_progress=False
+    )
     fused = load_file(out / "model.safetensors")
     assert torch.equal(fused["lm_head.weight"], fused["transformer.wte.weight"])
     states = [ref.load_state(e) for e in experts]
     for s in states:
         s.pop("lm_head.weight", None)
-    expected = ref.ties(ref.load_state(base), states, 0.5, 20,
-                        task_vectors=ref.dare_task_vectors(ref.load_state(base), states, 0.5, 0))
+    expected = ref.ties(
+        ref.load_state(base), states, 0.5, 20, task_vectors=ref.dare_task_vectors(ref.load_state(base), states, 0.5, 0)
+    )
     for k, v in expected.items():
         torch.testing.assert_close(fused[k].double(), v, rtol=2e-5, atol=2e-6)
 
@@ -103,8 +111,14 @@ def test_integer_tensors_and_excluded_tensors_come_from_the_base(tmp_path: Path)
         state["extra.position_ids"] = torch.arange(8, dtype=torch.int64) + i
         save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "o"
-    result = hf_fusion.merge(models=[str(e) for e in experts], base=str(base), method="task_arithmetic",
-                             output=out, exclude=["classifier.*"], show_progress=False)
+    result = hf_fusion.merge(
+        models=[str(e) for e in experts],
+        base=str(base),
+        method="task_arithmetic",
+        output=out,
+        exclude=["classifier.*"],
+        show_progress=False,
+    )
     fused, base_state = load_file(out / "model.safetensors"), load_file(base / "model.safetensors")
     assert torch.equal(fused["extra.position_ids"], torch.arange(8))
     assert torch.equal(fused["classifier.weight"], base_state["classifier.weight"])
@@ -127,8 +141,13 @@ def test_clip_vision_experts_on_a_full_clip_base(tmp_path: Path) -> None:
         vision.save_pretrained(tmp_path / f"ft{i}")
         experts.append(tmp_path / f"ft{i}")
     out = tmp_path / "o"
-    hf_fusion.merge(models=[str(e) for e in experts], base=str(tmp_path / "base"), method="task_arithmetic",
-                    output=out, show_progress=False)
+    hf_fusion.merge(
+        models=[str(e) for e in experts],
+        base=str(tmp_path / "base"),
+        method="task_arithmetic",
+        output=out,
+        show_progress=False,
+    )
     assert AutoConfig.from_pretrained(out).model_type == "clip_vision_model"
     model = CLIPVisionModel.from_pretrained(out)
     fused = load_file(out / "model.safetensors")
@@ -163,9 +182,15 @@ def test_only_allow_listed_side_files_travel(tmp_path: Path, bert_pool) -> None:
     (src / "notes.txt").write_text("internal notes")
     (src / "private").mkdir()
     (src / "private" / "config.json").write_text('{"secret": "s3cr3t"}')
-    (src / "modules.json").write_text(json.dumps([{"idx": 0, "path": "", "type": "sentence_transformers.models.Transformer"},
-                                                  {"idx": 1, "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-                                                  {"idx": 2, "path": "../outside", "type": "x"}]))
+    (src / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": 0, "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                {"idx": 2, "path": "../outside", "type": "x"},
+            ]
+        )
+    )
     (src / "1_Pooling").mkdir()
     (src / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
     (src / "1_Pooling" / "notes.txt").write_text("internal notes")
@@ -173,11 +198,20 @@ def test_only_allow_listed_side_files_travel(tmp_path: Path, bert_pool) -> None:
     (tmp_path / "outside" / "config.json").write_text('{"secret": "s3cr3t"}')
     (src / "tokenizer.json").symlink_to(tmp_path / "outside" / "config.json")  # a link is never followed
     out = tmp_path / "o"
-    result = hf_fusion.merge(models=[str(e) for e in experts], base=str(src), method="ties", output=out,
-                             show_progress=False)
+    result = hf_fusion.merge(
+        models=[str(e) for e in experts], base=str(src), method="ties", output=out, show_progress=False
+    )
     written = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
-    assert written == {"config.json", "vocab.txt", "tokenizer_config.json", "modules.json", "1_Pooling/config.json",
-                       "model.safetensors", "fusion_recipe.yaml", "README.md"}
+    assert written == {
+        "config.json",
+        "vocab.txt",
+        "tokenizer_config.json",
+        "modules.json",
+        "1_Pooling/config.json",
+        "model.safetensors",
+        "fusion_recipe.yaml",
+        "README.md",
+    }
     assert {"vocab.txt", "tokenizer_config.json", "config.json"} <= set(result.files)
     assert "s3cr3t" not in "".join(p.read_text(errors="ignore") for p in out.rglob("*") if p.is_file())
     fused_config = json.loads((out / "config.json").read_text())
@@ -190,8 +224,14 @@ def test_only_allow_listed_side_files_travel(tmp_path: Path, bert_pool) -> None:
 
 def test_recipe_copy_reproduces_the_merge_bit_for_bit(tmp_path: Path, bert_pool) -> None:
     base, experts = bert_pool
-    first = hf_fusion.merge(models=[str(e) for e in experts], base=str(base), method="dare_ties",
-                            output=tmp_path / "a", seed=11, show_progress=False)
+    first = hf_fusion.merge(
+        models=[str(e) for e in experts],
+        base=str(base),
+        method="dare_ties",
+        output=tmp_path / "a",
+        seed=11,
+        show_progress=False,
+    )
     recipe = hf_fusion.Recipe.from_yaml(tmp_path / "a" / RECIPE_FILENAME)
     assert recipe.method == "dare_ties_merging" and recipe.parameters["seed"] == 11
     assert recipe.parameters["threshold"] == 20  # defaults are written out, so later default changes do not matter
@@ -208,7 +248,8 @@ def test_overwrite_replaces_and_keeps_nothing_old(tmp_path: Path, bert_pool) -> 
     with pytest.raises(hf_fusion.errors.OutputExistsError):
         hf_fusion.merge(models=[str(e) for e in experts], method="simple_average", output=out, show_progress=False)
     assert (out / "stale.txt").read_text() == "old"
-    hf_fusion.merge(models=[str(e) for e in experts], method="simple_average", output=out, overwrite=True,
-                    show_progress=False)
+    hf_fusion.merge(
+        models=[str(e) for e in experts], method="simple_average", output=out, overwrite=True, show_progress=False
+    )
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["o"]

@@ -62,9 +62,26 @@ def test_merge_logs_progress_to_a_file(bert_pool: tuple[Path, list[Path]], tmp_p
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}  # bars on, but no terminal
     env[INTERVAL_ENV] = "0.000001"
     with open(tmp_path / "log.txt", "w") as log:
-        out = subprocess.run([sys.executable, "-m", "hf_fusion", "merge", "--repo-ids", *map(str, experts),
-                              "--base", str(base), "--method", "task_arithmetic", "--output", str(tmp_path / "m")],
-                             stdout=subprocess.DEVNULL, stderr=log, env=env, timeout=120)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "hf_fusion",
+                "merge",
+                "--repo-ids",
+                *map(str, experts),
+                "--base",
+                str(base),
+                "--method",
+                "task_arithmetic",
+                "--output",
+                str(tmp_path / "m"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            env=env,
+            timeout=120,
+        )
     text = (tmp_path / "log.txt").read_text()
     assert out.returncode == 0, text
     lines = re.findall(r"^fusing: (\d+)/(\d+) tensors, \d+ s$", text, flags=re.M)

@@ -62,10 +62,13 @@ def test_python_example_runs_as_written(tmp_path: Path) -> None:
     script = tmp_path / "example.py"
     script.write_text(code)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, env=env,
-                          timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600
+    )
     assert done.returncode == 0, done.stderr
-    assert (tmp_path / "merged" / "model.safetensors").is_file() and (tmp_path / "again" / "model.safetensors").is_file()
+    assert (tmp_path / "merged" / "model.safetensors").is_file() and (
+        tmp_path / "again" / "model.safetensors"
+    ).is_file()
 
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")

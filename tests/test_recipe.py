@@ -22,8 +22,14 @@ def test_model_references(tmp_path: Path) -> None:
 
 
 def test_yaml_round_trip(tmp_path: Path) -> None:
-    recipe = Recipe.build(method="ties", models=["a/x@r1", "./local"], base="a/base", parameters={"threshold": 30},
-                          dtype="bf16", exclude=["classifier.*"])
+    recipe = Recipe.build(
+        method="ties",
+        models=["a/x@r1", "./local"],
+        base="a/base",
+        parameters={"threshold": 30},
+        dtype="bf16",
+        exclude=["classifier.*"],
+    )
     path = tmp_path / "r.yaml"
     path.write_text(recipe.to_yaml())
     again = Recipe.from_yaml(path)
@@ -42,11 +48,14 @@ def test_resolved_commits_round_trip(tmp_path: Path) -> None:
     assert again.models[1].pinned is None
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"method": "ties", "models": []}, "models"),
-    ({"method": "ties", "models": ["a"], "dtype": "int8"}, "dtype"),
-    ({"method": "ties", "modles": ["a"]}, "Did you mean 'models'"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"method": "ties", "models": []}, "models"),
+        ({"method": "ties", "models": ["a"], "dtype": "int8"}, "dtype"),
+        ({"method": "ties", "modles": ["a"]}, "Did you mean 'models'"),
+    ],
+)
 def test_invalid_recipes(fields: dict, message: str) -> None:
     with pytest.raises(RecipeError, match=message):
         Recipe.build(**fields)

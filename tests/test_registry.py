@@ -27,11 +27,18 @@ def test_fusionbench_defaults(name: str) -> None:
         assert defaults[key] == value
 
 
-@pytest.mark.parametrize("alias, canonical", [
-    ("ties", "ties_merging"), ("TIES-merging", "ties_merging"), ("dare_ties", "dare_ties_merging"),
-    ("dare_linear", "dare_task_arithmetic"), ("linear", "weighted_average"), ("lerp", "linear_interpolation"),
-    ("ExPO", "expo"),
-])
+@pytest.mark.parametrize(
+    "alias, canonical",
+    [
+        ("ties", "ties_merging"),
+        ("TIES-merging", "ties_merging"),
+        ("dare_ties", "dare_ties_merging"),
+        ("dare_linear", "dare_task_arithmetic"),
+        ("linear", "weighted_average"),
+        ("lerp", "linear_interpolation"),
+        ("ExPO", "expo"),
+    ],
+)
 def test_aliases_of_fusionbench_and_mergekit(alias: str, canonical: str) -> None:
     assert get_method(alias).name == canonical
 
@@ -82,8 +89,36 @@ def test_common_method_flags_follow_one_rule_for_merge_and_bench() -> None:
 def test_merge_and_bench_refuse_a_flag_no_chosen_method_takes(tmp_path) -> None:
     from hf_fusion.cli import main
 
-    assert main(["merge", "--pool", "minilm-text3", "--method", "ties_merging", "--steps", "5",
-                 "--output", str(tmp_path / "m")]) == 1
-    assert main(["bench", "--pool", "minilm-text3", "--methods", "ties_merging,task_arithmetic", "--lr", "0.1",
-                 "--output", str(tmp_path / "b")]) == 1
+    assert (
+        main(
+            [
+                "merge",
+                "--pool",
+                "minilm-text3",
+                "--method",
+                "ties_merging",
+                "--steps",
+                "5",
+                "--output",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 1
+    )
+    assert (
+        main(
+            [
+                "bench",
+                "--pool",
+                "minilm-text3",
+                "--methods",
+                "ties_merging,task_arithmetic",
+                "--lr",
+                "0.1",
+                "--output",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 1
+    )
     assert not (tmp_path / "m").exists() and not (tmp_path / "b").exists()

@@ -25,8 +25,12 @@ PACKAGED = ("hf_fusion/", "model_cards/")
 
 def _source_files() -> list[str]:
     """Tracked and new (not ignored) files of the package tree, as a fresh checkout has them."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", *PACKAGED],
-                            cwd=ROOT, capture_output=True, text=True)
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", *PACKAGED],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     if listed.returncode != 0:
         pytest.skip("not a git checkout: the packaged file list comes from git")
     return sorted({f for f in listed.stdout.splitlines() if (ROOT / f).exists()})
@@ -54,8 +58,12 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
         else:
             shutil.copy2(ROOT / name, dest)
     out = tmp_path_factory.mktemp("dist")
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            str(tree), "-w", str(out)], capture_output=True, text=True, timeout=600)
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(tree), "-w", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert built.returncode == 0, built.stderr
     (path,) = out.glob("hf_fusion-*.whl")
     return path
@@ -74,8 +82,23 @@ def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     (theirs,) = (env / "lib").glob("python3*/site-packages")
     (theirs / "dependencies.pth").write_text("\n".join(ours) + "\n")
     # --ignore-installed: without it pip would first uninstall this environment's own (editable) hf-fusion
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--ignore-installed", "-q", "--prefix", str(env),
-                           str(wheel)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--ignore-installed",
+            "-q",
+            "--prefix",
+            str(env),
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     return env
 
@@ -91,13 +114,15 @@ def _run_installed(env: Path, cwd: Path, *args: str) -> subprocess.CompletedProc
     """The wheel's own ``hf-fusion`` script, run by the fresh environment's interpreter."""
     variables = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     variables.update(HF_HUB_OFFLINE="1")
-    return subprocess.run([str(env / "bin" / "python"), *args], cwd=cwd, env=variables, capture_output=True,
-                          text=True, timeout=900)
+    return subprocess.run(
+        [str(env / "bin" / "python"), *args], cwd=cwd, env=variables, capture_output=True, text=True, timeout=900
+    )
 
 
 def test_cli_from_the_wheel_lists_methods_and_merges_the_builtin_pool(installed: Path, tmp_path: Path) -> None:
-    where = _run_installed(installed, tmp_path, "-c", "import hf_fusion.models, hf_fusion.modelwise, hf_fusion; "
-                           "print(hf_fusion.__file__)")
+    where = _run_installed(
+        installed, tmp_path, "-c", "import hf_fusion.models, hf_fusion.modelwise, hf_fusion; print(hf_fusion.__file__)"
+    )
     assert where.returncode == 0, where.stderr
     assert Path(where.stdout.strip()).is_relative_to(installed)
 
@@ -106,8 +131,19 @@ def test_cli_from_the_wheel_lists_methods_and_merges_the_builtin_pool(installed:
     assert methods.returncode == 0, methods.stderr
     assert "ties_merging" in methods.stdout and "regmean" in methods.stdout
 
-    merged = _run_installed(installed, tmp_path, script, "merge", "--pool", "minilm-text3", "--method",
-                            "ties_merging", "--output", str(tmp_path / "m"), "--quiet")
+    merged = _run_installed(
+        installed,
+        tmp_path,
+        script,
+        "merge",
+        "--pool",
+        "minilm-text3",
+        "--method",
+        "ties_merging",
+        "--output",
+        str(tmp_path / "m"),
+        "--quiet",
+    )
     assert merged.returncode == 0, merged.stderr
     files = set(os.listdir(tmp_path / "m"))
     assert {"model.safetensors", "config.json", "README.md", "fusion_recipe.yaml"} <= files

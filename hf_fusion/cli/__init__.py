@@ -8,7 +8,8 @@ import logging
 import os
 import signal
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from hf_fusion.cli import fusing, listing, scoring, serving
 from hf_fusion.cli.listing import methods_markdown
@@ -35,7 +36,9 @@ def configure_logging(args: argparse.Namespace) -> None:
     """hf-fusion's own messages at INFO (DEBUG with --verbose); other libraries stay at WARNING, so their debug
     output (HTTP internals included) never reaches the terminal."""
     verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s"
+    )
     log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     if quiet:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"

@@ -103,12 +103,22 @@ COMMON_METHOD_FLAGS = ("calibration_samples", "steps", "lr", "seed")
 
 
 def add_eval_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--limit", type=positive_int, metavar="N", help="score N examples per task (a fixed, seeded subset)")
-    parser.add_argument("--batch-size", type=positive_int, metavar="N",
-                        help="examples per forward pass, for evaluation (default 32) and data-driven methods")
+    parser.add_argument(
+        "--limit", type=positive_int, metavar="N", help="score N examples per task (a fixed, seeded subset)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        metavar="N",
+        help="examples per forward pass, for evaluation (default 32) and data-driven methods",
+    )
     parser.add_argument("--eval-device", default="cpu", metavar="DEVICE", help="device for evaluation (default cpu)")
-    parser.add_argument("--metrics", choices=["auto", "hub", "bundled"], default="auto",
-                        help="metric modules from the Hub, or bundled ones (auto: bundled when HF_HUB_OFFLINE=1)")
+    parser.add_argument(
+        "--metrics",
+        choices=["auto", "hub", "bundled"],
+        default="auto",
+        help="metric modules from the Hub, or bundled ones (auto: bundled when HF_HUB_OFFLINE=1)",
+    )
 
 
 def add_method_data_options(parser: argparse.ArgumentParser) -> None:
@@ -127,8 +137,9 @@ def common_method_params(args: argparse.Namespace) -> dict[str, Any]:
 def eval_settings(args: argparse.Namespace) -> Any:
     from hf_fusion.tasks.base import EvalSettings
 
-    return EvalSettings(batch_size=args.batch_size or 32, device=args.eval_device, limit=args.limit,
-                        metrics=args.metrics)
+    return EvalSettings(
+        batch_size=args.batch_size or 32, device=args.eval_device, limit=args.limit, metrics=args.metrics
+    )
 
 
 def add_push_options(parser: argparse.ArgumentParser) -> None:
@@ -145,8 +156,14 @@ def push_target(args: argparse.Namespace, repo: str | None) -> Any:
         return None
     from hf_fusion.hub.push import PushTarget
 
-    return PushTarget(repo, private=args.private, revision=args.revision, create_pr=args.create_pr,
-                      overwrite=args.overwrite, commit_message=args.commit_message)
+    return PushTarget(
+        repo,
+        private=args.private,
+        revision=args.revision,
+        create_pr=args.create_pr,
+        overwrite=args.overwrite,
+        commit_message=args.commit_message,
+    )
 
 
 def print_push(result: Any) -> None:

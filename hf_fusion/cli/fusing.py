@@ -29,36 +29,76 @@ def register(sub: Any) -> None:
         description="Fuse models with any registered method. Flags override the fields of --config.",
     )
     merge.add_argument("--config", metavar="RECIPE.yaml", help="recipe file (the output keeps a copy)")
-    merge.add_argument("--repo-ids", nargs="+", metavar="MODEL",
-                       help="models to fuse: Hub repo ids (org/name[@revision]) or local folders")
+    merge.add_argument(
+        "--repo-ids",
+        nargs="+",
+        metavar="MODEL",
+        help="models to fuse: Hub repo ids (org/name[@revision]) or local folders",
+    )
     merge.add_argument("--base", metavar="MODEL", help="the pretrained model the others were fine-tuned from")
     merge.add_argument("--method", help="fusion method (see `hf-fusion methods`)")
-    merge.add_argument("--param", action="append", type=parse_param, default=[], metavar="NAME=VALUE",
-                       help="method parameter, repeatable (e.g. --param scaling_factor=0.3)")
+    merge.add_argument(
+        "--param",
+        action="append",
+        type=parse_param,
+        default=[],
+        metavar="NAME=VALUE",
+        help="method parameter, repeatable (e.g. --param scaling_factor=0.3)",
+    )
     merge.add_argument("--output", metavar="FOLDER", help="where to write the fused model")
-    merge.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16"],
-                       help="output dtype of floating-point tensors (default: as the reference model)")
+    merge.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16"],
+        help="output dtype of floating-point tensors (default: as the reference model)",
+    )
     merge.add_argument("--device", help="compute device: cpu (default), cuda, cuda:N")
-    merge.add_argument("--exclude", nargs="+", metavar="PATTERN",
-                       help="tensor-name globs copied unfused from the base (e.g. 'classifier.*')")
-    merge.add_argument("--heads", nargs="+", metavar="PATTERN",
-                       help="tensor-name globs of per-task heads, left out: the output is the fused backbone")
-    merge.add_argument("--overwrite", action="store_true",
-                       help="replace an existing output folder, and files on an existing Hub branch with --push")
-    merge.add_argument("--allow-pickle", action="store_true",
-                       help="load .bin/.pt pickle checkpoints (can run code; only for models you trust)")
-    merge.add_argument("--allow-nonfinite", action="store_true", default=None,
-                       help="fuse tensors holding NaN or inf instead of refusing them (carried through to the output)")
-    merge.add_argument("--clamp-overflow", action="store_true", default=None,
-                       help="clamp fused values beyond the output dtype's range instead of refusing them")
-    merge.add_argument("--max-shard-size", type=size_argument, default=None, metavar="SIZE",
-                       help="largest output shard (default 5GB)")
+    merge.add_argument(
+        "--exclude",
+        nargs="+",
+        metavar="PATTERN",
+        help="tensor-name globs copied unfused from the base (e.g. 'classifier.*')",
+    )
+    merge.add_argument(
+        "--heads",
+        nargs="+",
+        metavar="PATTERN",
+        help="tensor-name globs of per-task heads, left out: the output is the fused backbone",
+    )
+    merge.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output folder, and files on an existing Hub branch with --push",
+    )
+    merge.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="load .bin/.pt pickle checkpoints (can run code; only for models you trust)",
+    )
+    merge.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        default=None,
+        help="fuse tensors holding NaN or inf instead of refusing them (carried through to the output)",
+    )
+    merge.add_argument(
+        "--clamp-overflow",
+        action="store_true",
+        default=None,
+        help="clamp fused values beyond the output dtype's range instead of refusing them",
+    )
+    merge.add_argument(
+        "--max-shard-size", type=size_argument, default=None, metavar="SIZE", help="largest output shard (default 5GB)"
+    )
     merge.add_argument("--pool", help="a catalog pool (see `hf-fusion pools`) or pool file: its base, experts, heads")
-    merge.add_argument("--tasks", type=comma_list, metavar="T1,T2", help="only these tasks (and their experts) of the pool")
+    merge.add_argument(
+        "--tasks", type=comma_list, metavar="T1,T2", help="only these tasks (and their experts) of the pool"
+    )
     merge.add_argument("--evaluate", action="store_true", help="score the fused model on the pool's tasks")
     add_eval_options(merge)
     add_method_data_options(merge)
-    merge.add_argument("--push", metavar="REPO", type=repo_id, help="push the fused model to this Hub repo (org/name or name)")
+    merge.add_argument(
+        "--push", metavar="REPO", type=repo_id, help="push the fused model to this Hub repo (org/name or name)"
+    )
     add_push_options(merge)
     add_common(merge)
     merge.set_defaults(run=cmd_merge)

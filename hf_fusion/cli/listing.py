@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from hf_fusion.cli.arguments import add_common
 
@@ -47,11 +48,21 @@ def cmd_methods(args: argparse.Namespace) -> int:
     if args.json:
         out = [
             {
-                "name": s.name, "aliases": list(s.aliases), "family": s.family.value, "data": s.data.value,
-                "base": s.base.value, "summary": s.summary, "paper": s.paper.url if s.paper else None,
+                "name": s.name,
+                "aliases": list(s.aliases),
+                "family": s.family.value,
+                "data": s.data.value,
+                "base": s.base.value,
+                "summary": s.summary,
+                "paper": s.paper.url if s.paper else None,
                 "parameters": [
-                    {"name": p.name, "type": p.type, "default": p.default, "range": p.range_text(),
-                     "description": p.description}
+                    {
+                        "name": p.name,
+                        "type": p.type,
+                        "default": p.default,
+                        "range": p.range_text(),
+                        "description": p.description,
+                    }
                     for p in s.parameters()
                 ],
             }

@@ -32,11 +32,22 @@ def register(sub: Any) -> None:
 
     bench = sub.add_parser("bench", help="compare methods (and a parameter sweep) on a pool: leaderboard and plots")
     bench.add_argument("--pool", required=True, help="catalog pool or pool file")
-    bench.add_argument("--methods", required=True, type=method_list, metavar="M1,M2[K=V;K=V]",
-                       help="methods to compare; a method may carry its own parameters in brackets")
+    bench.add_argument(
+        "--methods",
+        required=True,
+        type=method_list,
+        metavar="M1,M2[K=V;K=V]",
+        help="methods to compare; a method may carry its own parameters in brackets",
+    )
     bench.add_argument("--sweep", metavar="NAME=START:STOP:STEP", help="sweep one parameter of the methods having it")
-    bench.add_argument("--param", action="append", type=parse_param, default=[], metavar="NAME=VALUE",
-                       help="fixed method parameter, repeatable")
+    bench.add_argument(
+        "--param",
+        action="append",
+        type=parse_param,
+        default=[],
+        metavar="NAME=VALUE",
+        help="fixed method parameter, repeatable",
+    )
     bench.add_argument("--tasks", type=comma_list, metavar="T1,T2", help="only these tasks")
     bench.add_argument("--output", required=True, metavar="FOLDER", help="report folder (models under models/)")
     bench.add_argument("--overwrite", action="store_true", help="replace fused models from an earlier run")
@@ -53,8 +64,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from hf_fusion.cards import CARD_FILENAME, write_card
     from hf_fusion.catalog import get_pool
     from hf_fusion.evaluation import evaluate_pool
-    from hf_fusion.leaderboard import to_markdown
     from hf_fusion.fusion import fused_models
+    from hf_fusion.leaderboard import to_markdown
     from hf_fusion.recipe import RECIPE_FILENAME, ModelRef, Recipe
     from hf_fusion.sources import fetch, resolve
 
@@ -64,14 +75,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if local_fusion:  # may hold one model per task in subfolders
         folder = Path(ref.path)
     else:
-        fetched = fetch(resolve(ref, token=args.token, allow_pickle=False), token=args.token,
-                        show_progress=not args.quiet).folder
+        fetched = fetch(
+            resolve(ref, token=args.token, allow_pickle=False), token=args.token, show_progress=not args.quiet
+        ).folder
         assert fetched is not None
         folder = fetched
     label = "fused" if (folder / RECIPE_FILENAME).is_file() else Path(args.model).name
     models = fused_models(folder, Recipe.from_yaml(folder / RECIPE_FILENAME), pool) if local_fusion else folder
-    report = evaluate_pool(pool, {label: models}, tasks=args.tasks, baselines=not args.no_baselines,
-                           settings=eval_settings(args), token=args.token, show_progress=not args.quiet)
+    report = evaluate_pool(
+        pool,
+        {label: models},
+        tasks=args.tasks,
+        baselines=not args.no_baselines,
+        settings=eval_settings(args),
+        token=args.token,
+        show_progress=not args.quiet,
+    )
     written = []
     if local_fusion:
         written.append(f"Wrote {report.save(folder)}")
@@ -84,8 +103,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     subsets = report.subset_results
     if subsets:
         counts = ", ".join(f"{r.task} {r.examples}" for r in subsets)
-        print(f"\nScored a seeded sample of each task's split, not the whole split (--limit {args.limit}): {counts} "
-              "examples.")
+        print(
+            f"\nScored a seeded sample of each task's split, not the whole split (--limit {args.limit}): {counts} "
+            "examples."
+        )
     if written and not args.quiet:
         print("\n" + "\n".join(written))
     return 0
@@ -98,10 +119,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from hf_fusion.catalog import get_pool
 
     result = run_bench(
-        get_pool(args.pool), args.methods, Path(args.output), sweep=Sweep.parse(args.sweep) if args.sweep else None,
-        tasks=args.tasks, settings=eval_settings(args), parameters=dict(args.param), common=common_method_params(args),
+        get_pool(args.pool),
+        args.methods,
+        Path(args.output),
+        sweep=Sweep.parse(args.sweep) if args.sweep else None,
+        tasks=args.tasks,
+        settings=eval_settings(args),
+        parameters=dict(args.param),
+        common=common_method_params(args),
         token=args.token,
-        overwrite=args.overwrite, show_progress=not args.quiet,
+        overwrite=args.overwrite,
+        show_progress=not args.quiet,
     )
     print(result.leaderboard)
     print(f"\nReport, leaderboard and plots in {result.output}")

@@ -13,19 +13,36 @@ def register(sub: Any) -> None:
     space = sub.add_parser("space", help="start the Gradio app (merge and compare in the browser) on this machine")
     space.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     space.add_argument("--port", type=positive_int, default=7860, help="port (default: 7860)")
-    space.add_argument("--concurrency", type=positive_int, default=None,
-                       help="jobs run at once (default: HF_FUSION_SPACE_CONCURRENCY or 1)")
-    space.add_argument("--max-waiting", type=non_negative_int, default=None,
-                       help="jobs that may wait for a slot; more are refused at once (default: "
-                            "HF_FUSION_SPACE_MAX_WAITING or 16)")
-    space.add_argument("--idle-seconds", type=positive_float, default=None,
-                       help="a session's files are removed after this long without a request (default: "
-                            "HF_FUSION_SPACE_IDLE_SECONDS or 900)")
-    space.add_argument("--disk-budget", type=size_argument, default=None, metavar="SIZE",
-                       help="disk for all sessions' files; idle sessions are evicted to stay under it (default: "
-                            "HF_FUSION_SPACE_DISK_BUDGET, or half the free space, at most 20GB)")
-    space.add_argument("--no-local-paths", action="store_true",
-                       help="refuse local folders as models, as on a shared Space")
+    space.add_argument(
+        "--concurrency",
+        type=positive_int,
+        default=None,
+        help="jobs run at once (default: HF_FUSION_SPACE_CONCURRENCY or 1)",
+    )
+    space.add_argument(
+        "--max-waiting",
+        type=non_negative_int,
+        default=None,
+        help="jobs that may wait for a slot; more are refused at once (default: HF_FUSION_SPACE_MAX_WAITING or 16)",
+    )
+    space.add_argument(
+        "--idle-seconds",
+        type=positive_float,
+        default=None,
+        help="a session's files are removed after this long without a request (default: "
+        "HF_FUSION_SPACE_IDLE_SECONDS or 900)",
+    )
+    space.add_argument(
+        "--disk-budget",
+        type=size_argument,
+        default=None,
+        metavar="SIZE",
+        help="disk for all sessions' files; idle sessions are evicted to stay under it (default: "
+        "HF_FUSION_SPACE_DISK_BUDGET, or half the free space, at most 20GB)",
+    )
+    space.add_argument(
+        "--no-local-paths", action="store_true", help="refuse local folders as models, as on a shared Space"
+    )
     add_common(space)
     space.set_defaults(run=cmd_space)
 
@@ -36,8 +53,10 @@ def cmd_space(args: argparse.Namespace) -> int:
     from hf_fusion.errors import FusionError
 
     if importlib.util.find_spec("gradio") is None:
-        raise FusionError('the Space needs gradio, which is not installed: pip install -c constraints.txt ".[space]" '
-                          "from a checkout of hf-fusion.")
+        raise FusionError(
+            'the Space needs gradio, which is not installed: pip install -c constraints.txt ".[space]" '
+            "from a checkout of hf-fusion."
+        )
     from dataclasses import replace
 
     from hf_fusion.space import launch

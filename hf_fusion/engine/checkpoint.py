@@ -16,9 +16,9 @@ import logging
 import os
 import struct
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -84,7 +84,7 @@ class Checkpoint(ABC):
     def read_rows(self, name: str, row_start: int, row_stop: int, out: torch.Tensor) -> None:
         """Copies rows ``[row_start, row_stop)`` of tensor ``name`` as raw bytes into the uint8 tensor ``out``."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a checkpoint without open files has nothing to release
         """Releases open files."""
 
 
@@ -204,8 +204,9 @@ def read_safetensors_entries(path: Path) -> Iterator[TensorEntry]:
             raise CheckpointError(f"{path}: header entry for {name!r} is malformed.") from None
         entries.append(HeaderEntry(name, dtype, shape, begin, end))
     for entry in check_layout(str(path), entries, data_size):
-        yield TensorEntry(entry.name, entry.dtype, tuple(entry.shape), path, data_start + entry.begin,
-                          entry.end - entry.begin)
+        yield TensorEntry(
+            entry.name, entry.dtype, tuple(entry.shape), path, data_start + entry.begin, entry.end - entry.begin
+        )
 
 
 @dataclass(frozen=True)
@@ -234,30 +235,38 @@ def check_layout(label: str, entries: list[HeaderEntry], data_size: int | None) 
         if e.dtype not in SAFETENSORS_TO_TORCH:
             raise CheckpointError(f"{label}: tensor {e.name!r} has unsupported dtype {e.dtype!r}.")
         if not isinstance(e.shape, list) or not all(_is_index(d) for d in e.shape):
-            raise CheckpointError(f"{label}: tensor {e.name!r} has an invalid shape {e.shape!r} "
-                                  "(dimensions must be non-negative integers).")
+            raise CheckpointError(
+                f"{label}: tensor {e.name!r} has an invalid shape {e.shape!r} "
+                "(dimensions must be non-negative integers)."
+            )
         if not (_is_index(e.begin) and _is_index(e.end)) or e.end < e.begin:  # type: ignore[operator]
             raise CheckpointError(f"{label}: tensor {e.name!r} has invalid data offsets [{e.begin!r}, {e.end!r}].")
         numel = 1
         for d in e.shape:
             numel *= d
         if e.end - e.begin != numel * itemsize(e.dtype):  # type: ignore[operator]
-            raise CheckpointError(f"{label}: tensor {e.name!r} declares shape {e.shape} {e.dtype} but "
-                                  f"{e.end - e.begin} bytes of data.")  # type: ignore[operator]
+            raise CheckpointError(
+                f"{label}: tensor {e.name!r} declares shape {e.shape} {e.dtype} but {e.end - e.begin} bytes of data."
+            )  # type: ignore[operator]
     ordered = sorted(entries, key=lambda e: (e.begin, e.end))  # type: ignore[arg-type, return-value]
     position = 0
     for e in ordered:
         if e.begin != position:
             problem = "overlaps the tensor before it" if e.begin < position else "leaves a gap before it"  # type: ignore[operator]
-            raise CheckpointError(f"{label}: tensor {e.name!r} {problem} (data offsets [{e.begin}, {e.end}]); "
-                                  "not a valid safetensors file.")
+            raise CheckpointError(
+                f"{label}: tensor {e.name!r} {problem} (data offsets [{e.begin}, {e.end}]); "
+                "not a valid safetensors file."
+            )
         position = e.end  # type: ignore[assignment]
     if data_size is not None and position > data_size:
-        raise CheckpointError(f"{label}: file is truncated: tensor {ordered[-1].name!r} ends at data byte "
-                              f"{position}, the file holds {data_size} bytes of data.")
+        raise CheckpointError(
+            f"{label}: file is truncated: tensor {ordered[-1].name!r} ends at data byte "
+            f"{position}, the file holds {data_size} bytes of data."
+        )
     if data_size is not None and position < data_size:
-        raise CheckpointError(f"{label}: {data_size - position} bytes after the last tensor; not a valid "
-                              "safetensors file.")
+        raise CheckpointError(
+            f"{label}: {data_size - position} bytes after the last tensor; not a valid safetensors file."
+        )
     return ordered
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-
 SAFETENSORS_TO_TORCH: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,

@@ -50,12 +50,14 @@ class LoraCheckpoint(Checkpoint):
         if config.get("peft_type", "LORA") != "LORA":
             raise CheckpointError(f"{label}: {config.get('peft_type')} adapters are not supported, only LoRA.")
         if config.get("use_dora"):
-            raise CheckpointError(f"{label}: DoRA adapters are not supported; merge them with peft's merge_and_unload "
-                                  "and fuse the merged model.")
+            raise CheckpointError(
+                f"{label}: DoRA adapters are not supported; merge them with peft's merge_and_unload "
+                "and fuse the merged model."
+            )
         weights = folder / "adapter_model.safetensors"
         if not weights.is_file():
             raise CheckpointError(f"{label}: no adapter_model.safetensors (pickled adapters are not read).")
-        raw = {k[len(_PEFT_PREFIX):] if k.startswith(_PEFT_PREFIX) else k: v for k, v in load_file(weights).items()}
+        raw = {k[len(_PEFT_PREFIX) :] if k.startswith(_PEFT_PREFIX) else k: v for k, v in load_file(weights).items()}
         lora: dict[str, dict[str, torch.Tensor]] = {}
         whole: dict[str, torch.Tensor] = {}
         for key, value in raw.items():
@@ -75,8 +77,10 @@ class LoraCheckpoint(Checkpoint):
         matched = align_names(sorted(targets), base.entries)
         missing = sorted(set(targets) - set(matched))
         if missing:
-            raise CheckpointError(f"{label}: the adapter targets {missing[0]!r}, which the base {base.label} lacks; "
-                                  "is it the adapter's base model?")
+            raise CheckpointError(
+                f"{label}: the adapter targets {missing[0]!r}, which the base {base.label} lacks; "
+                "is it the adapter's base model?"
+            )
         to_task = _naming(matched)
         self._base = base
         self._task_to_base: dict[str, str] = {}
@@ -86,13 +90,17 @@ class LoraCheckpoint(Checkpoint):
             if task_name is None:
                 continue
             self._task_to_base[task_name] = base_name
-            entries[task_name] = TensorEntry(task_name, base_entry.dtype, base_entry.shape, weights, 0, base_entry.nbytes)
+            entries[task_name] = TensorEntry(
+                task_name, base_entry.dtype, base_entry.shape, weights, 0, base_entry.nbytes
+            )
         self._whole = whole
         for name, value in whole.items():
             code = TORCH_TO_SAFETENSORS.get(value.dtype)
             if code is None:
                 raise CheckpointError(f"{label}: tensor {name!r} has unsupported dtype {value.dtype}.")
-            entries[name] = TensorEntry(name, code, tuple(value.shape), weights, 0, value.numel() * value.element_size())
+            entries[name] = TensorEntry(
+                name, code, tuple(value.shape), weights, 0, value.numel() * value.element_size()
+            )
         r_default = config.get("r", 8)
         alpha_default = config.get("lora_alpha", r_default)
         self._deltas: dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]] = {}
@@ -128,8 +136,9 @@ class LoraCheckpoint(Checkpoint):
         weight.copy_((weight.float() + update * scale).to(dtype))
 
 
-def _layout(name: str, shape: tuple[int, ...], a: torch.Tensor, b: torch.Tensor, fan_in_fan_out: bool,
-            label: str) -> bool:
+def _layout(
+    name: str, shape: tuple[int, ...], a: torch.Tensor, b: torch.Tensor, fan_in_fan_out: bool, label: str
+) -> bool:
     """Whether the weight stores ``(B @ A).T`` (Conv1D, embeddings) rather than ``B @ A`` (Linear)."""
     straight = shape == (b.shape[0], a.shape[1])
     transposed = shape == (a.shape[1], b.shape[0])
@@ -152,5 +161,5 @@ def _naming(matched: dict[str, str]):  # type: ignore[no-untyped-def]
         return lambda base_name: prefix + base_name
     if len(removed) == 1 and not added:
         prefix = removed.pop()
-        return lambda base_name: base_name[len(prefix):] if base_name.startswith(prefix) else None
+        return lambda base_name: base_name[len(prefix) :] if base_name.startswith(prefix) else None
     raise CheckpointError("the adapter's module names do not map onto the base's tensor names by one prefix.")

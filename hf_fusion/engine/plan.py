@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Collection, Sequence
 
 import torch
 
@@ -180,13 +180,13 @@ def align_names(names: Sequence[str], available: Collection[str]) -> dict[str, s
         parts = probe.split(".")
         for i in range(1, len(parts)):
             prefix = ".".join(parts[:i]) + "."
-            if probe[len(prefix):] in available:
+            if probe[len(prefix) :] in available:
                 candidates.add(("strip", prefix))
 
     def apply(kind: str, prefix: str, name: str) -> str | None:
         if kind == "add":
             return prefix + name if prefix + name in available else None
-        return name[len(prefix):] if name.startswith(prefix) and name[len(prefix):] in available else None
+        return name[len(prefix) :] if name.startswith(prefix) and name[len(prefix) :] in available else None
 
     best: dict[str, str] = direct
     for kind, prefix in sorted(candidates):
@@ -248,17 +248,26 @@ def check_headers(
                     f"tensor {name!r} has shape {list(entry.shape)} in {other.label} but {list(theirs.shape)} "
                     f"in {first.label}. Models fused together must share an architecture and sizes.{_head_hint(name)}"
                 )
-        missing = [n for n, e in first.entries.items()
-                   if n not in other.entries and not _matches(n, heads) and not _could_be_tied(other, e)]
-        extra = [n for n, e in other.entries.items()
-                 if n not in first.entries and not _matches(n, heads) and not _could_be_tied(first, e)]
+        missing = [
+            n
+            for n, e in first.entries.items()
+            if n not in other.entries and not _matches(n, heads) and not _could_be_tied(other, e)
+        ]
+        extra = [
+            n
+            for n, e in other.entries.items()
+            if n not in first.entries and not _matches(n, heads) and not _could_be_tied(first, e)
+        ]
         if missing or extra:
             raise _names_differ(first, other, missing, extra)
     if not uses_base or base is None:
         return
     base_ckpt = checkpoints[base]
-    fused = [n for n, e in first.entries.items()
-             if is_floating(e.dtype) and not _matches(n, exclude) and not _matches(n, heads)]
+    fused = [
+        n
+        for n, e in first.entries.items()
+        if is_floating(e.dtype) and not _matches(n, exclude) and not _matches(n, heads)
+    ]
     matched = align_names(fused, base_ckpt.entries)
     for name in fused:
         entry = first.entries[name]
@@ -287,8 +296,10 @@ def _head_hint(name: str) -> str:
     if module is None:
         return ""
     pattern = ".".join(parts[: parts.index(module) + 1]) + ".*"
-    return (f" It looks like a per-task head: fuse the shared backbone and leave the heads out with "
-            f"--heads '{pattern}' (heads=[{pattern!r}] in Python; pools with task heads set this).")
+    return (
+        f" It looks like a per-task head: fuse the shared backbone and leave the heads out with "
+        f"--heads '{pattern}' (heads=[{pattern!r}] in Python; pools with task heads set this)."
+    )
 
 
 def build_plan(
@@ -318,8 +329,11 @@ def build_plan(
     # Classes where some model lacks a member and reads its twin: those members must fuse as one (shared key).
     # Tensors that are merely equal everywhere (untouched LayerNorms under LoRA) stay independent parameters.
     # (The base is matched by name alignment, so only the models decide.)
-    reconciled = {primary for primary, group in members.items()
-                  if any(not all(m in ckpts[i].entries for m in group) for i in experts)}
+    reconciled = {
+        primary
+        for primary, group in members.items()
+        if any(not all(m in ckpts[i].entries for m in group) for i in experts)
+    }
 
     def key_of(name: str) -> str:
         primary = aliases.get(name)
@@ -337,8 +351,11 @@ def build_plan(
     for index in experts[1:]:
         other = ckpts[index]
         missing = [n for n in names if resolve(index, n) is None]
-        extra = [n for n in other.entries
-                 if n not in first.entries and not _matches(n, heads) and resolve(experts[0], n) is None]
+        extra = [
+            n
+            for n in other.entries
+            if n not in first.entries and not _matches(n, heads) and resolve(experts[0], n) is None
+        ]
         if missing or extra:
             raise _names_differ(first, other, missing, extra)
         names += [n for n in other.entries if n not in first.entries and not _matches(n, heads)]
@@ -414,8 +431,11 @@ def build_plan(
         wanted = {r for t in planned for i, r in t.reads.items() if i == base}
         dropped = [n for n in ckpts[base].entries if n not in wanted and n not in base_names.values()]
         if dropped:
-            log.info("the base has %d tensor(s) the models lack (e.g. %s); they are not in the output", len(dropped),
-                     dropped[0])
+            log.info(
+                "the base has %d tensor(s) the models lack (e.g. %s); they are not in the output",
+                len(dropped),
+                dropped[0],
+            )
     if not any(t.fuse for t in planned):
         raise IncompatibleModelsError("no floating-point tensor is left to fuse (check `exclude`).")
     return FusionPlan(ckpts, base, list(experts), reference, planned, aliases, dropped)

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -98,7 +98,9 @@ class _BufferPool:
     def take(self, nbytes: int) -> torch.Tensor:
         if nbytes > self.block_bytes:
             return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
-        block = self._free.pop() if self._free else torch.empty(self.block_bytes, dtype=torch.uint8, pin_memory=self.pin)
+        block = (
+            self._free.pop() if self._free else torch.empty(self.block_bytes, dtype=torch.uint8, pin_memory=self.pin)
+        )
         return block
 
     def give(self, block: torch.Tensor) -> None:
@@ -184,7 +186,9 @@ class StreamingEngine:
             out.append((buffer, typed))
         return out
 
-    def _prefetched(self, jobs: Iterator[SliceJob]) -> Iterator[tuple[SliceJob, list[tuple[torch.Tensor, torch.Tensor]]]]:
+    def _prefetched(
+        self, jobs: Iterator[SliceJob]
+    ) -> Iterator[tuple[SliceJob, list[tuple[torch.Tensor, torch.Tensor]]]]:
         pending: deque[tuple[SliceJob, Future]] = deque()
         jobs = iter(jobs)
 
@@ -219,9 +223,7 @@ class StreamingEngine:
 
     def _inputs(self, job: SliceJob, slices: list[tuple[torch.Tensor, torch.Tensor]]) -> _Prepared:
         """The slice as the method sees it, after the non-finite check (see the module docstring)."""
-        values = [
-            typed.to(self.device, non_blocking=True).to(self.compute_dtype) for _, typed in slices
-        ]
+        values = [typed.to(self.device, non_blocking=True).to(self.compute_dtype) for _, typed in slices]
         poison = None
         bad = [i for i, v in enumerate(values) if not bool(torch.isfinite(v).all())]
         if bad:
@@ -232,8 +234,9 @@ class StreamingEngine:
             values, poison = _set_aside(values)
         base = values[0] if self.has_base else None
         experts = values[1:] if self.has_base else values
-        inputs = TensorInputs(job.tensor.key, base, experts, job.tensor.shape, job.flat_offset,
-                              self.module_types.get(job.tensor.key))
+        inputs = TensorInputs(
+            job.tensor.key, base, experts, job.tensor.shape, job.flat_offset, self.module_types.get(job.tensor.key)
+        )
         return _Prepared(inputs, poison)
 
     def _nonfinite_input(self, job: SliceJob, position: int, value: torch.Tensor) -> NonFiniteError:
@@ -264,8 +267,9 @@ class StreamingEngine:
             cast = torch.where(poison.where, poison.values.to(out_dtype), cast)
         return cast.cpu()
 
-    def _nonfinite_output(self, name: str, result: torch.Tensor, cast: torch.Tensor, finite: torch.Tensor
-                          ) -> NonFiniteError:
+    def _nonfinite_output(
+        self, name: str, result: torch.Tensor, cast: torch.Tensor, finite: torch.Tensor
+    ) -> NonFiniteError:
         bad = int((~finite).sum())
         dtype = str(cast.dtype).removeprefix("torch.")
         if bool(torch.isnan(result[~finite]).any()):
@@ -304,8 +308,9 @@ class StreamingEngine:
             if tensor.key not in seen:
                 seen.add(tensor.key)
                 fused.append(tensor)
-        with progress_bar(total=len(fused), desc=f"statistics pass {self.passes}", unit="tensor",
-                          disable=not self.show_progress) as bar:
+        with progress_bar(
+            total=len(fused), desc=f"statistics pass {self.passes}", unit="tensor", disable=not self.show_progress
+        ) as bar:
             for job, slices in self._prefetched(self._jobs(fused)):
                 prepared = self._inputs(job, slices)
                 if prepared.inputs is not None:
@@ -313,8 +318,9 @@ class StreamingEngine:
                 if job.row_stop >= self._rows(job):
                     bar.update(1)
 
-    def _per_writer(self, writers: Sequence[ShardedSafetensorsWriter], result: torch.Tensor
-                    ) -> list[tuple[ShardedSafetensorsWriter, torch.Tensor]]:
+    def _per_writer(
+        self, writers: Sequence[ShardedSafetensorsWriter], result: torch.Tensor
+    ) -> list[tuple[ShardedSafetensorsWriter, torch.Tensor]]:
         """Pairs each writer with its part of a fused result (the i-th model's for ``outputs_per_model``)."""
         if self.method.outputs_per_model:
             return list(zip(writers, result.unbind(0)))
@@ -338,8 +344,11 @@ class StreamingEngine:
     def _rows(self, job: SliceJob) -> int:
         return job.tensor.shape[0] if job.tensor.shape else 1
 
-    def run(self, writers: ShardedSafetensorsWriter | Sequence[ShardedSafetensorsWriter],
-            on_tensor: Callable[[int, int], None] | None = None) -> None:
+    def run(
+        self,
+        writers: ShardedSafetensorsWriter | Sequence[ShardedSafetensorsWriter],
+        on_tensor: Callable[[int, int], None] | None = None,
+    ) -> None:
         """Computes statistics if the method needs them, then fuses or copies every planned tensor into the writer
         (one writer per model for methods with ``outputs_per_model``; copied tensors go to each)."""
         writers = [writers] if isinstance(writers, ShardedSafetensorsWriter) else list(writers)

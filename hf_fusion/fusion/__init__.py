@@ -10,5 +10,14 @@ from hf_fusion.fusion.options import FusionOptions
 from hf_fusion.fusion.result import MergeResult
 from hf_fusion.fusion.validate import ValidatedRecipe, as_recipe, validate_recipe
 
-__all__ = ["FusionOptions", "MergeResult", "ValidatedRecipe", "as_recipe", "evaluate_fused", "fused_models", "merge",
-           "run_fusion", "validate_recipe"]
+__all__ = [
+    "FusionOptions",
+    "MergeResult",
+    "ValidatedRecipe",
+    "as_recipe",
+    "evaluate_fused",
+    "fused_models",
+    "merge",
+    "run_fusion",
+    "validate_recipe",
+]

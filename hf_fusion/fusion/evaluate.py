@@ -20,15 +20,29 @@ def fused_models(folder: Path, recipe: Recipe, pool: Any) -> Path | dict[str, Pa
     return {task: by_path[path] for task, path in pool.expert_paths().items() if path in by_path}
 
 
-def evaluate_fused(folder: Path, recipe: Recipe, settings: EvalSettings, *, tasks: list[str] | None,
-                   token: str | None, show_progress: bool, repo_id: str | None) -> EvaluationReport:
+def evaluate_fused(
+    folder: Path,
+    recipe: Recipe,
+    settings: EvalSettings,
+    *,
+    tasks: list[str] | None,
+    token: str | None,
+    show_progress: bool,
+    repo_id: str | None,
+) -> EvaluationReport:
     """Scores the fused folder on its pool's tasks; the report joins the folder and its card."""
     from hf_fusion.catalog import get_pool
     from hf_fusion.evaluation import evaluate_pool
 
     pool = get_pool(recipe.pool)  # type: ignore[arg-type]
-    report = evaluate_pool(pool, {"fused": fused_models(folder, recipe, pool)}, tasks=tasks, settings=settings,
-                           token=token, show_progress=show_progress)
+    report = evaluate_pool(
+        pool,
+        {"fused": fused_models(folder, recipe, pool)},
+        tasks=tasks,
+        settings=settings,
+        token=token,
+        show_progress=show_progress,
+    )
     report.save(folder)
     write_card(folder, repo_id=repo_id)
     return report

@@ -71,8 +71,14 @@ def resolve_inputs(checked: ValidatedRecipe, options: FusionOptions) -> tuple[In
     check_same_architecture([s.label for s in experts], [s.config for s in experts])
     headers = [header_checkpoint(s, allow_pickle=options.allow_pickle) for s in inputs.sources]
     if all(h is not None for h in headers):
-        check_headers(headers, base=0 if inputs.base_is_input else None, experts=inputs.experts,  # type: ignore[arg-type]
-                      uses_base=inputs.base_is_input, exclude=recipe.exclude, heads=recipe.heads)
+        check_headers(
+            headers,
+            base=0 if inputs.base_is_input else None,
+            experts=inputs.experts,  # type: ignore[arg-type]
+            uses_base=inputs.base_is_input,
+            exclude=recipe.exclude,
+            heads=recipe.heads,
+        )
     return inputs, headers
 
 

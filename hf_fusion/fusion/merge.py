@@ -11,10 +11,11 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from hf_fusion.engine.stream import DEFAULT_BUDGET_ELEMENTS
 from hf_fusion.engine.writer import DEFAULT_MAX_SHARD_BYTES
@@ -68,15 +69,30 @@ def merge(
     ``output`` the fused folder is then built in a temporary folder, removed after a successful push.
     """
     overrides = {
-        "models": models, "base": base, "method": method, "output": str(output) if output else None,
-        "dtype": dtype, "device": device, "exclude": exclude, "heads": heads, "pool": pool, "tasks": tasks,
-        "parameters": parameters, "allow_nonfinite": allow_nonfinite, "clamp_overflow": clamp_overflow,
+        "models": models,
+        "base": base,
+        "method": method,
+        "output": str(output) if output else None,
+        "dtype": dtype,
+        "device": device,
+        "exclude": exclude,
+        "heads": heads,
+        "pool": pool,
+        "tasks": tasks,
+        "parameters": parameters,
+        "allow_nonfinite": allow_nonfinite,
+        "clamp_overflow": clamp_overflow,
     }
     checked = validate_recipe(as_recipe(recipe, overrides))
     settings = EvalSettings() if evaluate is True else evaluate or None
     push_target = _check_request(checked, settings, push, max_shard_bytes)
-    options = FusionOptions(overwrite=overwrite, allow_pickle=allow_pickle, show_progress=show_progress,
-                            max_shard_bytes=max_shard_bytes, budget_elements=budget_elements)
+    options = FusionOptions(
+        overwrite=overwrite,
+        allow_pickle=allow_pickle,
+        show_progress=show_progress,
+        max_shard_bytes=max_shard_bytes,
+        budget_elements=budget_elements,
+    )
     scratch = None if checked.recipe.output else Path(tempfile.mkdtemp(prefix="hf-fusion-"))
     target = Path(checked.recipe.output).expanduser() if checked.recipe.output else scratch / "fused"  # type: ignore[operator]
     try:
@@ -93,23 +109,27 @@ def merge(
         result = _scored(result, settings, tasks, options, push_target)
     if push_target is None:
         return result
-    pushed = push_folder(target, push_target, token=options.token,  # on failure the folder stays
-                         default_message=push_message(result.recipe))
+    pushed = push_folder(
+        target,
+        push_target,
+        token=options.token,  # on failure the folder stays
+        default_message=push_message(result.recipe),
+    )
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)
     return replace(result, push=pushed)
 
 
-def run_fusion(checked: ValidatedRecipe, target: Path, options: FusionOptions, *, repo_id: str | None
-               ) -> MergeResult:
+def run_fusion(checked: ValidatedRecipe, target: Path, options: FusionOptions, *, repo_id: str | None) -> MergeResult:
     """Runs the method by its declared kind: through the streaming engine, or on whole models."""
     if checked.spec.kind is MethodKind.MODEL_WISE:
         return fuse_model_wise(checked, target, options, repo_id=repo_id)
     return fuse_tensor_wise(checked, target, options, repo_id=repo_id)
 
 
-def _check_request(checked: ValidatedRecipe, settings: EvalSettings | None, push: str | PushTarget | None,
-                   max_shard_bytes: int) -> PushTarget | None:
+def _check_request(
+    checked: ValidatedRecipe, settings: EvalSettings | None, push: str | PushTarget | None, max_shard_bytes: int
+) -> PushTarget | None:
     """What can be refused from the request alone, before any folder is made."""
     if settings is not None and not checked.recipe.pool:
         raise RecipeError("evaluating needs a pool that says which tasks to score: pass --pool.")
@@ -123,8 +143,9 @@ def _check_request(checked: ValidatedRecipe, settings: EvalSettings | None, push
     return target
 
 
-def _prepare_output(checked: ValidatedRecipe, target: Path, options: FusionOptions, push: PushTarget | None,
-                    token: str | None) -> tuple[FusionOptions, PushTarget | None]:
+def _prepare_output(
+    checked: ValidatedRecipe, target: Path, options: FusionOptions, push: PushTarget | None, token: str | None
+) -> tuple[FusionOptions, PushTarget | None]:
     """The output folder and the push target, checked before any input is read; returns the options with the
     resolved token."""
     clean_leftovers(target)
@@ -134,11 +155,23 @@ def _prepare_output(checked: ValidatedRecipe, target: Path, options: FusionOptio
     return options, (check_target(push, options.token) if push is not None else None)
 
 
-def _scored(result: MergeResult, settings: EvalSettings, tasks: list[str] | None, options: FusionOptions,
-            push: PushTarget | None) -> MergeResult:
+def _scored(
+    result: MergeResult,
+    settings: EvalSettings,
+    tasks: list[str] | None,
+    options: FusionOptions,
+    push: PushTarget | None,
+) -> MergeResult:
     started = time.perf_counter()
-    report = evaluate_fused(result.output, result.recipe, settings, tasks=tasks, token=options.token,
-                            show_progress=options.show_progress, repo_id=push.repo_id if push else None)
+    report = evaluate_fused(
+        result.output,
+        result.recipe,
+        settings,
+        tasks=tasks,
+        token=options.token,
+        show_progress=options.show_progress,
+        repo_id=push.repo_id if push else None,
+    )
     return replace(result, evaluation=report, evaluation_seconds=time.perf_counter() - started)
 
 

@@ -33,14 +33,17 @@ from hf_fusion.tasks.weights import ModelUnderTest, quiet_transformers
 log = logging.getLogger(__name__)
 
 
-def fuse_model_wise(checked: ValidatedRecipe, target: Path, options: FusionOptions, *,
-                    repo_id: str | None) -> MergeResult:
+def fuse_model_wise(
+    checked: ValidatedRecipe, target: Path, options: FusionOptions, *, repo_id: str | None
+) -> MergeResult:
     """Fuses whole models with a model-wise method and writes the folder (with its card) atomically."""
     if options.allow_pickle:
-        raise RecipeError("model-wise methods load models with transformers from safetensors only; convert "
-                          "pickled checkpoints first.")
+        raise RecipeError(
+            "model-wise methods load models with transformers from safetensors only; convert pickled checkpoints first."
+        )
     method: ModelFusion[Any] = checked.spec.implementation(
-        checked.params, num_models=len(checked.recipe.models), has_base=checked.uses_base)
+        checked.params, num_models=len(checked.recipe.models), has_base=checked.uses_base
+    )
     inputs, headers = resolve_inputs(checked, options)
     inputs = fetch_inputs(inputs, options)
     recipe = pin(checked.recipe, inputs)
@@ -61,8 +64,16 @@ def fuse_model_wise(checked: ValidatedRecipe, target: Path, options: FusionOptio
             (temp / name).write_text(text)
         files = seal(atomic, temp, recipe, target=target, repo_id=repo_id)
     output_bytes = sum((target / f).stat().st_size for f in files if (target / f).is_file())
-    return MergeResult(output=target, recipe=recipe, files=files, seconds=0.0, fused_tensors=len(model.state_dict()),
-                       copied_tensors=0, statistics_passes=0, output_bytes=output_bytes)
+    return MergeResult(
+        output=target,
+        recipe=recipe,
+        files=files,
+        seconds=0.0,
+        fused_tensors=len(model.state_dict()),
+        copied_tensors=0,
+        statistics_passes=0,
+        output_bytes=output_bytes,
+    )
 
 
 def build_context(recipe: Recipe, inputs: Inputs, *, show_progress: bool) -> ModelwiseContext:
@@ -70,8 +81,10 @@ def build_context(recipe: Recipe, inputs: Inputs, *, show_progress: bool) -> Mod
     base_source = inputs.base
     base_folder = base_source.folder if base_source is not None else None
     expert_sources = [inputs.sources[i] for i in inputs.experts]
-    experts = [ModelUnderTest(s.label, s.folder, base_folder if s.adapter_config is not None else None)  # type: ignore[arg-type]
-               for s in expert_sources]
+    experts = [
+        ModelUnderTest(s.label, s.folder, base_folder if s.adapter_config is not None else None)  # type: ignore[arg-type]
+        for s in expert_sources
+    ]
     base = ModelUnderTest("base", base_folder) if base_folder is not None else None
     first = expert_sources[0]
     use_base_config = reference_is_base(base_source, first, recipe.heads)
@@ -81,9 +94,16 @@ def build_context(recipe: Recipe, inputs: Inputs, *, show_progress: bool) -> Mod
     if recipe.heads and not use_base_config:  # task models with per-task heads: fuse their shared backbone
         member_config = {k: v for k, v in member_config.items() if k != "architectures"}
     tasks = _tasks(recipe) if recipe.pool else None  # validate_recipe refused data methods without a pool
-    return ModelwiseContext(experts=experts, member_config=member_config, base=base, heads=tuple(recipe.heads),
-                            tasks=tasks, device=recipe.device, show_progress=show_progress,
-                            reference_folder=base_folder if use_base_config else first.folder)
+    return ModelwiseContext(
+        experts=experts,
+        member_config=member_config,
+        base=base,
+        heads=tuple(recipe.heads),
+        tasks=tasks,
+        device=recipe.device,
+        show_progress=show_progress,
+        reference_folder=base_folder if use_base_config else first.folder,
+    )
 
 
 def _tasks(recipe: Recipe) -> list[Any]:

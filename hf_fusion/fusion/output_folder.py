@@ -6,12 +6,12 @@ import os
 import re
 from pathlib import Path
 
-from hf_fusion.version import __version__
 from hf_fusion.cards import write_card
 from hf_fusion.engine.dtypes import TORCH_NAMES
 from hf_fusion.model_files import copy_side_files, set_config_dtype
 from hf_fusion.output import AtomicFolder
 from hf_fusion.recipe import OUTPUT_DTYPES, RECIPE_FILENAME, ModelRef, Recipe
+from hf_fusion.version import __version__
 
 
 def write_side_files(reference: Path, others: list[Path], dest: Path, dtype: str | None = None) -> None:

@@ -7,10 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from hf_fusion.version import __version__
 from hf_fusion.architecture import parameter_module_types
 from hf_fusion.engine.checkpoint import Checkpoint
-
 from hf_fusion.engine.plan import FusionPlan, build_plan
 from hf_fusion.engine.stream import StreamingEngine
 from hf_fusion.engine.writer import ShardedSafetensorsWriter
@@ -23,15 +21,18 @@ from hf_fusion.fusion.validate import ValidatedRecipe
 from hf_fusion.output import AtomicFolder, check_free_space
 from hf_fusion.recipe import OUTPUT_DTYPES, Recipe
 from hf_fusion.sources import open_source
+from hf_fusion.version import __version__
 
 log = logging.getLogger(__name__)
 
 
-def fuse_tensor_wise(checked: ValidatedRecipe, target: Path, options: FusionOptions, *,
-                     repo_id: str | None) -> MergeResult:
+def fuse_tensor_wise(
+    checked: ValidatedRecipe, target: Path, options: FusionOptions, *, repo_id: str | None
+) -> MergeResult:
     """Resolves and checks the inputs, downloads them, and writes the fused folder (with its card) atomically."""
-    method = checked.spec.implementation(checked.params, num_models=len(checked.recipe.models),
-                                         has_base=checked.uses_base)
+    method = checked.spec.implementation(
+        checked.params, num_models=len(checked.recipe.models), has_base=checked.uses_base
+    )
     inputs, headers = resolve_inputs(checked, options)
     check_memory(headers, method.elementwise, options.budget_elements)
     inputs = fetch_inputs(inputs, options)
@@ -54,53 +55,81 @@ def fuse_tensor_wise(checked: ValidatedRecipe, target: Path, options: FusionOpti
     finally:
         for checkpoint in checkpoints:
             checkpoint.close()
-    return MergeResult(output=target, recipe=recipe, files=files, seconds=0.0, fused_tensors=len(plan.fused),
-                       copied_tensors=len(plan.tensors) - len(plan.fused), statistics_passes=engine.passes,
-                       output_bytes=plan.output_bytes * copies)
+    return MergeResult(
+        output=target,
+        recipe=recipe,
+        files=files,
+        seconds=0.0,
+        fused_tensors=len(plan.fused),
+        copied_tensors=len(plan.tensors) - len(plan.fused),
+        statistics_passes=engine.passes,
+        output_bytes=plan.output_bytes * copies,
+    )
 
 
-def open_plan(checked: ValidatedRecipe, inputs: Inputs, checkpoints: list[Checkpoint], options: FusionOptions
-              ) -> FusionPlan:
+def open_plan(
+    checked: ValidatedRecipe, inputs: Inputs, checkpoints: list[Checkpoint], options: FusionOptions
+) -> FusionPlan:
     """Opens the fetched checkpoints (adapters as dense models) into ``checkpoints`` and builds the full plan, tied
     tensors included."""
     sources = inputs.sources
     base = open_source(sources[0], allow_pickle=options.allow_pickle, lora_base=None) if inputs.has_base else None
     checkpoints += [base] if base is not None else []
-    checkpoints += [open_source(sources[i], allow_pickle=options.allow_pickle, lora_base=base)
-                    for i in inputs.experts]
-    base_is_reference = inputs.base_is_input and reference_is_base(inputs.base, inputs.first_expert,
-                                                                   checked.recipe.heads)
+    checkpoints += [open_source(sources[i], allow_pickle=options.allow_pickle, lora_base=base) for i in inputs.experts]
+    base_is_reference = inputs.base_is_input and reference_is_base(
+        inputs.base, inputs.first_expert, checked.recipe.heads
+    )
     return build_plan(
-        checkpoints, base=0 if inputs.base_is_input else None, experts=inputs.experts,
-        uses_base=inputs.base_is_input, reference=0 if base_is_reference else inputs.experts[0],
-        exclude=checked.recipe.exclude, heads=checked.recipe.heads, out_dtype=OUTPUT_DTYPES[checked.recipe.dtype],
+        checkpoints,
+        base=0 if inputs.base_is_input else None,
+        experts=inputs.experts,
+        uses_base=inputs.base_is_input,
+        reference=0 if base_is_reference else inputs.experts[0],
+        exclude=checked.recipe.exclude,
+        heads=checked.recipe.heads,
+        out_dtype=OUTPUT_DTYPES[checked.recipe.dtype],
     )
 
 
-def _engine(plan: FusionPlan, method: Any, checked: ValidatedRecipe, inputs: Inputs, recipe: Recipe,
-            options: FusionOptions) -> StreamingEngine:
+def _engine(
+    plan: FusionPlan, method: Any, checked: ValidatedRecipe, inputs: Inputs, recipe: Recipe, options: FusionOptions
+) -> StreamingEngine:
     module_types = None
     if method.needs_module_types:
-        module_types = parameter_module_types(inputs.sources[plan.experts[0]].folder,  # type: ignore[arg-type]
-                                              [t.key for t in plan.fused])
+        module_types = parameter_module_types(
+            inputs.sources[plan.experts[0]].folder,  # type: ignore[arg-type]
+            [t.key for t in plan.fused],
+        )
     return StreamingEngine(
-        plan, method, uses_base=checked.uses_base, device=recipe.device, budget_elements=options.budget_elements,
-        show_progress=options.show_progress, module_types=module_types, allow_nonfinite=recipe.allow_nonfinite,
+        plan,
+        method,
+        uses_base=checked.uses_base,
+        device=recipe.device,
+        budget_elements=options.budget_elements,
+        show_progress=options.show_progress,
+        module_types=module_types,
+        allow_nonfinite=recipe.allow_nonfinite,
         clamp_overflow=recipe.clamp_overflow,
     )
 
 
-def _write_weights(engine: StreamingEngine, plan: FusionPlan, folders: list[Path], method_name: str,
-                   options: FusionOptions) -> None:
+def _write_weights(
+    engine: StreamingEngine, plan: FusionPlan, folders: list[Path], method_name: str, options: FusionOptions
+) -> None:
     """Runs the engine into one sharded writer per output folder; a failure leaves no partial shard."""
     writers: list[ShardedSafetensorsWriter] = []
     try:
         for folder in folders:
             folder.mkdir(exist_ok=True)
-            writers.append(ShardedSafetensorsWriter(
-                folder, plan.output_tensors(), stem=output_stem(plan), max_shard_bytes=options.max_shard_bytes,
-                metadata={"fused_by": f"hf-fusion {__version__}", "fusion_method": method_name},
-            ))
+            writers.append(
+                ShardedSafetensorsWriter(
+                    folder,
+                    plan.output_tensors(),
+                    stem=output_stem(plan),
+                    max_shard_bytes=options.max_shard_bytes,
+                    metadata={"fused_by": f"hf-fusion {__version__}", "fusion_method": method_name},
+                )
+            )
         engine.run(writers)
         for writer in writers:
             writer.close()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -31,8 +32,10 @@ def validate_recipe(recipe: Recipe) -> ValidatedRecipe:
     uses_base = has_base and spec.base is not BaseUse.UNUSED
     spec.validate_pool(params, len(recipe.models), uses_base)
     if spec.data is not DataNeed.NONE and not recipe.pool:
-        raise RecipeError(f"method {spec.name!r} needs {spec.data.value} data from each model's task: pass --pool "
-                          "(a catalog pool or a pool file) so the tasks and their datasets are known.")
+        raise RecipeError(
+            f"method {spec.name!r} needs {spec.data.value} data from each model's task: pass --pool "
+            "(a catalog pool or a pool file) so the tasks and their datasets are known."
+        )
     check_device(recipe.device)
     canonical = recipe.replace(method=spec.name, parameters=params.model_dump())
     return ValidatedRecipe(canonical, spec, params, uses_base)

@@ -15,6 +15,8 @@ def resolve_token(token: str | None) -> str | None:
 def require_token(token: str | None, action: str) -> str:
     resolved = resolve_token(token)
     if not resolved:
-        raise MissingTokenError(f"{action} needs a Hugging Face token with write access: pass --token, set HF_TOKEN, "
-                                "or run `hf auth login`.")
+        raise MissingTokenError(
+            f"{action} needs a Hugging Face token with write access: pass --token, set HF_TOKEN, "
+            "or run `hf auth login`."
+        )
     return resolved

@@ -5,15 +5,15 @@ Tokens never appear in these messages: they are built from the repo id, the revi
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from huggingface_hub import constants
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
-    HFValidationError,
     HfHubHTTPError,
+    HFValidationError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
@@ -84,7 +84,9 @@ def hub_errors(repo_id: str, revision: str | None, action: str) -> Iterator[None
             "Download it once while online, or pass a local folder."
         ) from None
     except EntryNotFoundError as err:
-        raise HubAccessError(f"{where}: a file is missing while trying to {action} ({err.__class__.__name__}).") from None
+        raise HubAccessError(
+            f"{where}: a file is missing while trying to {action} ({err.__class__.__name__})."
+        ) from None
     except HfHubHTTPError as err:
         status = _status(err)
         if status == 401:

@@ -65,8 +65,9 @@ def check_target(target: PushTarget, token: str | None) -> PushTarget:
         if namespace != user and namespace not in orgs:
             raise PushError(f"the token belongs to {user!r}, who cannot create repos under {namespace!r}.")
         if not api.repo_exists(repo_id, token=resolved):
-            return PushTarget(repo_id, target.private, target.revision, target.create_pr, target.overwrite,
-                              target.commit_message)
+            return PushTarget(
+                repo_id, target.private, target.revision, target.create_pr, target.overwrite, target.commit_message
+            )
         refs = api.list_repo_refs(repo_id, token=resolved)
         branches = {b.name for b in refs.branches}
         if target.branch in branches and not target.create_pr and not target.overwrite:
@@ -79,8 +80,9 @@ def check_target(target: PushTarget, token: str | None) -> PushTarget:
                 )
         if target.create_pr and target.branch not in branches:
             raise PushError(f"cannot open a pull request against {repo_id}@{target.branch}: no such branch.")
-    return PushTarget(repo_id, target.private, target.revision, target.create_pr, target.overwrite,
-                      target.commit_message)
+    return PushTarget(
+        repo_id, target.private, target.revision, target.create_pr, target.overwrite, target.commit_message
+    )
 
 
 def push_folder(folder: Path, target: PushTarget, *, token: str | None, default_message: str) -> PushResult:
@@ -115,8 +117,13 @@ def push_folder(folder: Path, target: PushTarget, *, token: str | None, default_
 def _log_left_out(folder: Path, patterns: list[str]) -> None:
     """Names the files of ``folder`` that are not pushed: only what hf-fusion writes into an output goes up."""
     left = [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*")) if p.is_file()]
-    left = [name for name in left if not name.startswith(".") and "/." not in name
-            and not any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)]
+    left = [
+        name
+        for name in left
+        if not name.startswith(".")
+        and "/." not in name
+        and not any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+    ]
     if left:
         log.warning("not pushed (not a file hf-fusion writes into an output): %s", ", ".join(left[:20]))
 
@@ -126,8 +133,9 @@ def push_message(recipe: Recipe) -> str:
     return f"Fuse {len(recipe.models)} models with {recipe.method} (hf-fusion)"
 
 
-def push_merged_folder(folder: Path, target: PushTarget, *, token: str | None, rewrite_card: bool = False
-                       ) -> PushResult:
+def push_merged_folder(
+    folder: Path, target: PushTarget, *, token: str | None, rewrite_card: bool = False
+) -> PushResult:
     """Pushes a folder written by ``hf-fusion merge``: the target is checked first, the card is written (naming the
     repo) when missing or when ``rewrite_card``, then everything goes up in one commit."""
     from hf_fusion.cards import CARD_FILENAME, write_card

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download, try_to_load_from_cache
 from huggingface_hub.errors import SafetensorsParsingError
@@ -20,7 +21,6 @@ from hf_fusion.errors import CheckpointError, PickleCheckpointError
 from hf_fusion.hub.errors import TRANSPORT_ERRORS, HubAccessError, hub_errors
 from hf_fusion.model_files import is_side_file
 from hf_fusion.recipe import ModelRef
-
 
 T = TypeVar("T")
 
@@ -122,8 +122,14 @@ def resolve_hub_model(ref: ModelRef, *, token: str | None, allow_pickle: bool) -
                 for t in check_layout(f"{label}: {name}", declared, None):
                     if weight_map is not None and weight_map.get(t.name, name) != name:
                         continue
-                    entries[t.name] = TensorEntry(t.name, t.dtype, tuple(t.shape), Path(name), t.begin,  # type: ignore[arg-type]
-                                                  t.end - t.begin)  # type: ignore[operator]
+                    entries[t.name] = TensorEntry(
+                        t.name,
+                        t.dtype,
+                        tuple(t.shape),
+                        Path(name),
+                        t.begin,  # type: ignore[arg-type]
+                        t.end - t.begin,
+                    )  # type: ignore[operator]
             headers = HeaderCheckpoint(label, entries, [Path(f) for f in files])
     fetch_revision = ref.commit or ref.revision or "main"
     return HubModel(pinned, sizes, kind, files, index, config, headers, adapter, fetch_revision)
@@ -142,8 +148,11 @@ def download(model: HubModel, *, token: str | None, show_progress: bool) -> Path
         if silence:
             disable_progress_bars()
         try:
-            folder = Path(snapshot_download(model.ref.path, revision=model.fetch_revision,
-                                            allow_patterns=model.download_files, token=token))
+            folder = Path(
+                snapshot_download(
+                    model.ref.path, revision=model.fetch_revision, allow_patterns=model.download_files, token=token
+                )
+            )
         finally:
             if silence:
                 enable_progress_bars()
@@ -159,6 +168,9 @@ def cached_model(ref: ModelRef) -> tuple[ModelRef, Path]:
     """Offline mode: the cached snapshot of ``ref`` (its revision, or ``main``) and the commit it holds."""
     with hub_errors(ref.path, ref.pinned, "find in the cache"):
         # A narrow pattern: fusions download a subset of each repo, which a full offline lookup calls incomplete.
-        folder = Path(snapshot_download(ref.path, revision=ref.pinned or "main", local_files_only=True,
-                                        allow_patterns=["config.json"]))
+        folder = Path(
+            snapshot_download(
+                ref.path, revision=ref.pinned or "main", local_files_only=True, allow_patterns=["config.json"]
+            )
+        )
     return ref.model_copy(update={"commit": folder.name}), folder

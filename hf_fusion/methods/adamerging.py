@@ -32,8 +32,15 @@ class MergedBackbone(nn.Module):
     """The base with ``theta_0 + sum_i lambda_i tau_i`` substituted into its parameters on every forward pass,
     so gradients reach the coefficients ``lambda`` (shape (tasks,) or (tasks, parameters))."""
 
-    def __init__(self, base: nn.Module, task_vectors: dict[str, torch.Tensor], coefficients: torch.Tensor, *,
-                 clamp: bool, tie: bool) -> None:
+    def __init__(
+        self,
+        base: nn.Module,
+        task_vectors: dict[str, torch.Tensor],
+        coefficients: torch.Tensor,
+        *,
+        clamp: bool,
+        tie: bool,
+    ) -> None:
         super().__init__()
         self.base = base.requires_grad_(False)
         self.names = list(task_vectors)
@@ -62,8 +69,10 @@ class MergedBackbone(nn.Module):
 def task_vectors(context: ModelwiseContext, base: nn.Module, device: str) -> dict[str, torch.Tensor]:
     """(tasks, ...) task vectors of every base parameter, experts loaded one at a time."""
     base_state = dict(base.named_parameters())
-    stacked = {name: torch.empty((context.num_models, *p.shape), dtype=p.dtype, device=device)
-               for name, p in base_state.items()}
+    stacked = {
+        name: torch.empty((context.num_models, *p.shape), dtype=p.dtype, device=device)
+        for name, p in base_state.items()
+    }
     for i, expert in context.iter_experts():
         for name, p in expert.named_parameters():
             stacked[name][i] = p.detach().to(device) - base_state[name].detach()
@@ -79,8 +88,9 @@ class AdaMerging(ModelFusion[AdaMergingParams]):
         vectors = task_vectors(context, base, context.device)
         shape = (context.num_models, len(vectors)) if self.layer_wise else (context.num_models,)
         coefficients = self._initial(shape, list(vectors))
-        backbone = MergedBackbone(base, vectors, coefficients.to(context.device), clamp=p.clamp_weights,
-                                  tie=p.tie_weights)
+        backbone = MergedBackbone(
+            base, vectors, coefficients.to(context.device), clamp=p.clamp_weights, tie=p.tie_weights
+        )
         losses: list[float] = []
         if p.weights is None:
             losses = adapt(context, backbone, [backbone.coefficients], p, desc="AdaMerging")
@@ -100,13 +110,19 @@ class AdaMerging(ModelFusion[AdaMergingParams]):
             raise ParameterError(f"cannot read AdaMerging weights {self.params.weights}: {err}") from None
         values = torch.tensor(data.get("coefficients"), dtype=torch.float32)
         if tuple(values.shape) != shape or (self.layer_wise and data.get("parameters") != names):
-            raise ParameterError(f"the AdaMerging weights in {self.params.weights} have shape "
-                                 f"{tuple(values.shape)}; this pool needs {shape} ({'layer' if self.layer_wise else 'task'}-wise).")
+            raise ParameterError(
+                f"the AdaMerging weights in {self.params.weights} have shape "
+                f"{tuple(values.shape)}; this pool needs {shape} ({'layer' if self.layer_wise else 'task'}-wise)."
+            )
         return values
 
     def _weights_json(self, backbone: MergedBackbone, names: list[str], losses: list[float]) -> str:
-        data = {"granularity": "layer" if self.layer_wise else "task", "clamped": self.params.clamp_weights,
-                "coefficients": backbone.lambdas().detach().cpu().tolist(), **describe(losses)}
+        data = {
+            "granularity": "layer" if self.layer_wise else "task",
+            "clamped": self.params.clamp_weights,
+            "coefficients": backbone.lambdas().detach().cpu().tolist(),
+            **describe(losses),
+        }
         if self.layer_wise:
             data["parameters"] = names
         return json.dumps(data, indent=1) + "\n"
@@ -121,17 +137,37 @@ def _check_weights_file(params: AdaMergingParams, num_models: int, has_base: boo
         raise ParameterError(f"AdaMerging weights file {params.weights} does not exist.")
 
 
-PAPER = Paper("AdaMerging: adaptive model merging for multi-task learning (Yang et al., 2024)",
-              "https://arxiv.org/abs/2310.02575")
-register(MethodSpec(
-    kind=MethodKind.MODEL_WISE, name="task_wise_adamerging", summary="Task arithmetic with one coefficient per task, learned by test-time "
-    "entropy minimisation.", family=Family.MERGE, data=DataNeed.UNLABELLED, base=BaseUse.REQUIRED,
-    implementation=AdaMerging, params_model=AdaMergingParams, paper=PAPER, check_pool=_check_weights_file,
-    aliases=("clip_task_wise_adamerging", "task_adamerging"),
-))
-register(MethodSpec(
-    kind=MethodKind.MODEL_WISE, name="layer_wise_adamerging", summary="Task arithmetic with one coefficient per task and parameter tensor, "
-    "learned by test-time entropy minimisation.", family=Family.MERGE, data=DataNeed.UNLABELLED,
-    base=BaseUse.REQUIRED, implementation=LayerWiseAdaMerging, params_model=AdaMergingParams, paper=PAPER,
-    check_pool=_check_weights_file, aliases=("adamerging", "clip_layer_wise_adamerging", "layer_adamerging"),
-))
+PAPER = Paper(
+    "AdaMerging: adaptive model merging for multi-task learning (Yang et al., 2024)", "https://arxiv.org/abs/2310.02575"
+)
+register(
+    MethodSpec(
+        kind=MethodKind.MODEL_WISE,
+        name="task_wise_adamerging",
+        summary="Task arithmetic with one coefficient per task, learned by test-time entropy minimisation.",
+        family=Family.MERGE,
+        data=DataNeed.UNLABELLED,
+        base=BaseUse.REQUIRED,
+        implementation=AdaMerging,
+        params_model=AdaMergingParams,
+        paper=PAPER,
+        check_pool=_check_weights_file,
+        aliases=("clip_task_wise_adamerging", "task_adamerging"),
+    )
+)
+register(
+    MethodSpec(
+        kind=MethodKind.MODEL_WISE,
+        name="layer_wise_adamerging",
+        summary="Task arithmetic with one coefficient per task and parameter tensor, "
+        "learned by test-time entropy minimisation.",
+        family=Family.MERGE,
+        data=DataNeed.UNLABELLED,
+        base=BaseUse.REQUIRED,
+        implementation=LayerWiseAdaMerging,
+        params_model=AdaMergingParams,
+        paper=PAPER,
+        check_pool=_check_weights_file,
+        aliases=("adamerging", "clip_layer_wise_adamerging", "layer_adamerging"),
+    )
+)

@@ -19,11 +19,16 @@ from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, reg
 class BreadcrumbsParams(pydantic.BaseModel):
     model_config = FROZEN
     scaling_factor: float = scaling_factor_field(0.3)
-    density: float = pydantic.Field(0.9, gt=0.0, le=1.0, description="share of each task vector kept",
-                                    json_schema_extra={"ui_range": (0.05, 1.0)})
-    gamma: float = pydantic.Field(0.01, ge=0.0, lt=1.0,
-                                  description="share of each task vector's largest magnitudes dropped as outliers",
-                                  json_schema_extra={"ui_range": (0.0, 0.2)})
+    density: float = pydantic.Field(
+        0.9, gt=0.0, le=1.0, description="share of each task vector kept", json_schema_extra={"ui_range": (0.05, 1.0)}
+    )
+    gamma: float = pydantic.Field(
+        0.01,
+        ge=0.0,
+        lt=1.0,
+        description="share of each task vector's largest magnitudes dropped as outliers",
+        json_schema_extra={"ui_range": (0.0, 0.2)},
+    )
 
 
 def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -40,7 +45,7 @@ def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch
         top, bottom = top + bottom, 0
     order = torch.sort(delta.abs().reshape(-1), stable=True).indices
     mask = torch.zeros(numel, dtype=torch.bool, device=delta.device)
-    mask[order[bottom:numel - top]] = True
+    mask[order[bottom : numel - top]] = True
     return mask.view(delta.shape)
 
 
@@ -67,7 +72,9 @@ register(
         implementation=Breadcrumbs,
         params_model=BreadcrumbsParams,
         aliases=("model_breadcrumbs", "breadcrumbs_merging"),
-        paper=Paper("Model Breadcrumbs: scaling multi-task model merging with sparse masks (Davari & Belilovsky, "
-                    "2024)", "https://arxiv.org/abs/2312.06795"),
+        paper=Paper(
+            "Model Breadcrumbs: scaling multi-task model merging with sparse masks (Davari & Belilovsky, 2024)",
+            "https://arxiv.org/abs/2312.06795",
+        ),
     )
 )

@@ -29,7 +29,10 @@ DARE_PAPER = Paper(
 class DareOptions(pydantic.BaseModel):
     model_config = FROZEN
     sparsity_ratio: float = pydantic.Field(
-        0.5, ge=0.0, lt=1.0, description="p: probability of dropping each task-vector element",
+        0.5,
+        ge=0.0,
+        lt=1.0,
+        description="p: probability of dropping each task-vector element",
         json_schema_extra={"ui_range": (0.0, 0.99)},
     )
     rescale: Rescale = pydantic.Field(
@@ -63,9 +66,7 @@ class DareTiesParams(TiesParams, DareOptions):
 def dropped_task_vectors(inputs: TensorInputs, options: DareOptions) -> list[torch.Tensor]:
     """DARE applied to each model's task vector of one tensor (slice)."""
     assert inputs.base is not None
-    if options.only_on_linear_weights and not (
-        inputs.module_type in LINEAR_MODULES and inputs.name.endswith("weight")
-    ):
+    if options.only_on_linear_weights and not (inputs.module_type in LINEAR_MODULES and inputs.name.endswith("weight")):
         return [expert - inputs.base for expert in inputs.experts]
     return [
         random_drop(

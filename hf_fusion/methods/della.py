@@ -25,11 +25,20 @@ from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, reg
 class DellaParams(pydantic.BaseModel):
     model_config = FROZEN
     scaling_factor: float = scaling_factor_field(1.0)
-    density: float = pydantic.Field(0.7, gt=0.0, le=1.0, description="mean share of each task vector kept",
-                                    json_schema_extra={"ui_range": (0.05, 1.0)})
-    epsilon: float = pydantic.Field(0.1, ge=0.0, lt=0.5,
-                                    description="keep probabilities spread from density-epsilon to density+epsilon",
-                                    json_schema_extra={"ui_range": (0.0, 0.3)})
+    density: float = pydantic.Field(
+        0.7,
+        gt=0.0,
+        le=1.0,
+        description="mean share of each task vector kept",
+        json_schema_extra={"ui_range": (0.05, 1.0)},
+    )
+    epsilon: float = pydantic.Field(
+        0.1,
+        ge=0.0,
+        lt=0.5,
+        description="keep probabilities spread from density-epsilon to density+epsilon",
+        json_schema_extra={"ui_range": (0.0, 0.3)},
+    )
     seed: int = pydantic.Field(0, ge=0, description="seed of the keep decisions")
 
 
@@ -71,8 +80,10 @@ class Della(TensorMerge[DellaParams]):
 
 def _check(params: Any, num_models: int, has_base: bool) -> None:
     if params.density < 1.0 and not (0.0 < params.density - params.epsilon and params.density + params.epsilon <= 1.0):
-        raise RecipeError(f"della: density +/- epsilon must stay within (0, 1] (got density {params.density}, "
-                          f"epsilon {params.epsilon}).")
+        raise RecipeError(
+            f"della: density +/- epsilon must stay within (0, 1] (got density {params.density}, "
+            f"epsilon {params.epsilon})."
+        )
 
 
 register(
@@ -85,8 +96,11 @@ register(
         implementation=Della,
         params_model=DellaParams,
         aliases=("della_merging", "magprune"),
-        paper=Paper("DELLA-Merging: reducing interference in model merging through magnitude-based sampling "
-                    "(Deep et al., 2024)", "https://arxiv.org/abs/2406.11617"),
+        paper=Paper(
+            "DELLA-Merging: reducing interference in model merging through magnitude-based sampling "
+            "(Deep et al., 2024)",
+            "https://arxiv.org/abs/2406.11617",
+        ),
         check_pool=_check,
     )
 )

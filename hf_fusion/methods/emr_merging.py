@@ -67,7 +67,9 @@ register(
         base=BaseUse.REQUIRED,
         implementation=EmrMerging,
         aliases=("emr", "emr_merge"),
-        paper=Paper("EMR-Merging: tuning-free high-performance model merging (Huang et al., 2024)",
-                    "https://arxiv.org/abs/2405.17461"),
+        paper=Paper(
+            "EMR-Merging: tuning-free high-performance model merging (Huang et al., 2024)",
+            "https://arxiv.org/abs/2405.17461",
+        ),
     )
 )

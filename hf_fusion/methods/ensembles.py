@@ -22,8 +22,7 @@ class _Ensemble(ModelFusion[pydantic.BaseModel]):
         from hf_fusion.models.ensemble import FusedEnsembleModel
 
         members = [model for _, model in context.iter_experts()]
-        return FusedEnsembleModel.from_members(members, weights=self.weights(),
-                                               aggregation=self.aggregation)  # type: ignore[arg-type]
+        return FusedEnsembleModel.from_members(members, weights=self.weights(), aggregation=self.aggregation)  # type: ignore[arg-type]
 
 
 class SimpleEnsemble(_Ensemble):
@@ -58,21 +57,50 @@ def _check_weights(params: WeightedEnsembleParams, num_models: int, has_base: bo
         raise ParameterError("weighted_ensemble: the weights sum to 0 and cannot be normalised.")
 
 
-ENSEMBLE_PAPER = Paper("Deep model fusion: a survey (Li et al., 2023), section on ensembles",
-                       "https://arxiv.org/abs/2309.15698")
+ENSEMBLE_PAPER = Paper(
+    "Deep model fusion: a survey (Li et al., 2023), section on ensembles", "https://arxiv.org/abs/2309.15698"
+)
 
-register(MethodSpec(
-    kind=MethodKind.MODEL_WISE, name="simple_ensemble", summary="Runs every model and averages their outputs.", family=Family.ENSEMBLE,
-    data=DataNeed.NONE, base=BaseUse.UNUSED, implementation=SimpleEnsemble, params_model=NoParams,
-    aliases=("ensemble", "output_ensemble"), paper=ENSEMBLE_PAPER, min_models=1,
-))
-register(MethodSpec(
-    kind=MethodKind.MODEL_WISE, name="weighted_ensemble", summary="Runs every model and sums their outputs with fixed weights.",
-    family=Family.ENSEMBLE, data=DataNeed.NONE, base=BaseUse.UNUSED, implementation=WeightedEnsemble,
-    params_model=WeightedEnsembleParams, paper=ENSEMBLE_PAPER, check_pool=_check_weights,
-))
-register(MethodSpec(
-    kind=MethodKind.MODEL_WISE, name="max_model_predictor", summary="Runs every model and keeps the element-wise maximum of their outputs.",
-    family=Family.ENSEMBLE, data=DataNeed.NONE, base=BaseUse.UNUSED, implementation=MaxModelPredictor,
-    params_model=NoParams, aliases=("max_predictor",), paper=ENSEMBLE_PAPER,
-))
+register(
+    MethodSpec(
+        kind=MethodKind.MODEL_WISE,
+        name="simple_ensemble",
+        summary="Runs every model and averages their outputs.",
+        family=Family.ENSEMBLE,
+        data=DataNeed.NONE,
+        base=BaseUse.UNUSED,
+        implementation=SimpleEnsemble,
+        params_model=NoParams,
+        aliases=("ensemble", "output_ensemble"),
+        paper=ENSEMBLE_PAPER,
+        min_models=1,
+    )
+)
+register(
+    MethodSpec(
+        kind=MethodKind.MODEL_WISE,
+        name="weighted_ensemble",
+        summary="Runs every model and sums their outputs with fixed weights.",
+        family=Family.ENSEMBLE,
+        data=DataNeed.NONE,
+        base=BaseUse.UNUSED,
+        implementation=WeightedEnsemble,
+        params_model=WeightedEnsembleParams,
+        paper=ENSEMBLE_PAPER,
+        check_pool=_check_weights,
+    )
+)
+register(
+    MethodSpec(
+        kind=MethodKind.MODEL_WISE,
+        name="max_model_predictor",
+        summary="Runs every model and keeps the element-wise maximum of their outputs.",
+        family=Family.ENSEMBLE,
+        data=DataNeed.NONE,
+        base=BaseUse.UNUSED,
+        implementation=MaxModelPredictor,
+        params_model=NoParams,
+        aliases=("max_predictor",),
+        paper=ENSEMBLE_PAPER,
+    )
+)

@@ -13,14 +13,14 @@ from hf_fusion.modelwise.data import CalibrationParams, calibration_batches
 from hf_fusion.progress import progress_bar
 from hf_fusion.registry import BaseUse, DataNeed, Family, MethodKind, MethodSpec, Paper, register
 
-
 MAX_CLASSES = 1000
 """Most classes a task's logits may have: the exact Fisher sums one backward pass per class."""
 
 
 class FisherParams(CalibrationParams):
     normalize_fisher_weight: bool = pydantic.Field(
-        True, description="scale each model's Fisher by the inverse of its global L2 norm")
+        True, description="scale each model's Fisher by the inverse of its global L2 norm"
+    )
     minimal_fisher_weight: float = pydantic.Field(1e-6, ge=0, description="added to every Fisher value")
 
 
@@ -38,13 +38,16 @@ def diagonal_fisher(network: nn.Module, backbone: nn.Module, logits_of, batches)
             example = {k: v[row : row + 1] for k, v in inputs.items()}
             log_probs = logits_of(network, example).float().log_softmax(dim=-1)[0]
             if log_probs.shape[0] > MAX_CLASSES:
-                raise FusionError(f"Fisher merging takes one backward pass per class, and this task's logits have "
-                                  f"{log_probs.shape[0]} (a vocabulary: a regression target, or target words that "
-                                  f"share a first token); it supports up to {MAX_CLASSES}.")
+                raise FusionError(
+                    f"Fisher merging takes one backward pass per class, and this task's logits have "
+                    f"{log_probs.shape[0]} (a vocabulary: a regression target, or target words that "
+                    f"share a first token); it supports up to {MAX_CLASSES}."
+                )
             probs = log_probs.detach().exp()
             for y in range(log_probs.shape[0]):
-                grads = torch.autograd.grad(log_probs[y], list(params.values()), retain_graph=y + 1 < log_probs.shape[0],
-                                            allow_unused=True)
+                grads = torch.autograd.grad(
+                    log_probs[y], list(params.values()), retain_graph=y + 1 < log_probs.shape[0], allow_unused=True
+                )
                 for (name, _), g in zip(params.items(), grads):
                     if g is not None:
                         fisher[name].add_(g.detach().square(), alpha=float(probs[y]))
@@ -52,13 +55,22 @@ def diagonal_fisher(network: nn.Module, backbone: nn.Module, logits_of, batches)
     return {name: f / max(count, 1) for name, f in fisher.items()}
 
 
-def accumulate(numerator: dict[str, torch.Tensor], denominator: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
-               fisher: dict[str, torch.Tensor], *, normalize: bool, minimal: float) -> None:
+def accumulate(
+    numerator: dict[str, torch.Tensor],
+    denominator: dict[str, torch.Tensor],
+    state: dict[str, torch.Tensor],
+    fisher: dict[str, torch.Tensor],
+    *,
+    normalize: bool,
+    minimal: float,
+) -> None:
     """Adds one model to the running ``sum_i c_i (F_i + m) theta_i`` and ``sum_i c_i (F_i + m)``, with
     ``c_i = 1 / (||F_i|| + m)`` when ``normalize`` (the normalisation over models cancels in the ratio), else 1."""
     scale = 1.0
     if normalize:
-        norm = torch.sqrt(sum((f.double().square().sum() for f in fisher.values()), torch.zeros((), dtype=torch.float64)))
+        norm = torch.sqrt(
+            sum((f.double().square().sum() for f in fisher.values()), torch.zeros((), dtype=torch.float64))
+        )
         scale = 1.0 / (float(norm) + minimal)
     for name, theta in state.items():
         weight = (fisher[name] + minimal) * scale
@@ -76,15 +88,22 @@ class FisherMerging(ModelFusion[FisherParams]):
         numerator: dict[str, torch.Tensor] = {}
         denominator: dict[str, torch.Tensor] = {}
         model: nn.Module | None = None
-        with progress_bar(total=context.num_models, desc="Fisher information", unit="model",
-                          disable=not context.show_progress) as bar:
+        with progress_bar(
+            total=context.num_models, desc="Fisher information", unit="model", disable=not context.show_progress
+        ) as bar:
             for i, model in context.iter_experts():
                 evaluator = context.evaluator(i, calibration=True, limit=p.calibration_samples, batch_size=p.batch_size)
                 network = evaluator.task_network(model)
                 fisher = diagonal_fisher(network, model, evaluator.logits, calibration_batches(evaluator))
                 state = {name: t.detach().cpu() for name, t in model.named_parameters()}
-                accumulate(numerator, denominator, state, {k: v.cpu() for k, v in fisher.items()},
-                           normalize=p.normalize_fisher_weight, minimal=p.minimal_fisher_weight)
+                accumulate(
+                    numerator,
+                    denominator,
+                    state,
+                    {k: v.cpu() for k, v in fisher.items()},
+                    normalize=p.normalize_fisher_weight,
+                    minimal=p.minimal_fisher_weight,
+                )
                 bar.update(1)
         assert model is not None
         model = model.cpu()
@@ -95,11 +114,20 @@ class FisherMerging(ModelFusion[FisherParams]):
         return model
 
 
-register(MethodSpec(
-    kind=MethodKind.MODEL_WISE, name="fisher_merging", summary="Parameter-wise average weighted by each model's diagonal Fisher on its task.",
-    family=Family.MERGE, data=DataNeed.UNLABELLED, base=BaseUse.UNUSED, implementation=FisherMerging,
-    params_model=FisherParams, aliases=("fisher", "clip_fisher_merging", "gpt2_fisher_merging"),
-    paper=Paper("Merging models with Fisher-weighted averaging (Matena & Raffel, 2022)",
-                "https://arxiv.org/abs/2111.09832"),
-    min_models=1,
-))
+register(
+    MethodSpec(
+        kind=MethodKind.MODEL_WISE,
+        name="fisher_merging",
+        summary="Parameter-wise average weighted by each model's diagonal Fisher on its task.",
+        family=Family.MERGE,
+        data=DataNeed.UNLABELLED,
+        base=BaseUse.UNUSED,
+        implementation=FisherMerging,
+        params_model=FisherParams,
+        aliases=("fisher", "clip_fisher_merging", "gpt2_fisher_merging"),
+        paper=Paper(
+            "Merging models with Fisher-weighted averaging (Matena & Raffel, 2022)", "https://arxiv.org/abs/2111.09832"
+        ),
+        min_models=1,
+    )
+)

@@ -10,7 +10,8 @@ norm, not in the mean direction.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import pydantic
 import torch
@@ -95,8 +96,10 @@ register(
         implementation=KarcherMean,
         params_model=KarcherParams,
         aliases=("karcher", "multi_slerp", "riemannian_mean"),
-        paper=Paper("Riemannian center of mass and mollifier smoothing (Karcher, 1977)",
-                    "https://doi.org/10.1002/cpa.3160300502"),
+        paper=Paper(
+            "Riemannian center of mass and mollifier smoothing (Karcher, 1977)",
+            "https://doi.org/10.1002/cpa.3160300502",
+        ),
         check_pool=_check_weights,
     )
 )

@@ -41,7 +41,9 @@ register(
         implementation=MagMax,
         params_model=MagMaxParams,
         aliases=("mag_max", "magmax_merging", "max_magnitude"),
-        paper=Paper("MagMax: leveraging model merging for seamless continual learning (Marczak et al., 2024)",
-                    "https://arxiv.org/abs/2407.06322"),
+        paper=Paper(
+            "MagMax: leveraging model merging for seamless continual learning (Marczak et al., 2024)",
+            "https://arxiv.org/abs/2407.06322",
+        ),
     )
 )

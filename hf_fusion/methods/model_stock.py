@@ -72,8 +72,10 @@ register(
         base=BaseUse.REQUIRED,
         implementation=ModelStock,
         aliases=("modelstock", "model_stock_merging"),
-        paper=Paper("Model Stock: all we need is just a few fine-tuned models (Jang et al., 2024)",
-                    "https://arxiv.org/abs/2403.19522"),
+        paper=Paper(
+            "Model Stock: all we need is just a few fine-tuned models (Jang et al., 2024)",
+            "https://arxiv.org/abs/2403.19522",
+        ),
         min_models=2,
     )
 )

@@ -10,7 +10,8 @@ elements whether the engine reads a tensor whole or in slices, on any device.
 from __future__ import annotations
 
 import hashlib
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 

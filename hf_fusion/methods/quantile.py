@@ -10,8 +10,8 @@ values), which pins the k-th value exactly.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Hashable
 
 import torch
 

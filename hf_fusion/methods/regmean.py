@@ -5,8 +5,9 @@ inputs of each block from the partly merged model instead of from each expert.""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import pydantic
 import torch
@@ -24,7 +25,8 @@ DEFAULT_RATIOS = {"gpt2": 0.6}
 
 class RegMeanParams(CalibrationParams):
     reduce_non_diagonal_ratio: float | None = pydantic.Field(
-        None, ge=0, le=1, description="scale of the Grams' off-diagonal entries (default 0.95; 0.6 for GPT-2)")
+        None, ge=0, le=1, description="scale of the Grams' off-diagonal entries (default 0.95; 0.6 for GPT-2)"
+    )
 
 
 def ratio_for(params: RegMeanParams, config: dict[str, Any]) -> float:
@@ -101,10 +103,11 @@ class InputGrams:
             gram = x.T @ x
             self.sums[name] = self.sums[name] + gram if name in self.sums else gram
             self.rows[name] = self.rows.get(name, 0) + x.shape[0]
+
         return hook
 
     @contextmanager
-    def attached(self) -> Iterator["InputGrams"]:
+    def attached(self) -> Iterator[InputGrams]:
         handles = [m.register_forward_hook(self._hook(n)) for n, m in self.modules.items()]
         try:
             yield self
@@ -134,8 +137,12 @@ class RegMean(ModelFusion[RegMeanParams]):
         store = GramStore(ratio_for(p, context.member_config))
         sums: dict[str, torch.Tensor] = {}
         model: nn.Module | None = None
-        with progress_bar(total=context.num_models, desc="RegMean statistics", unit="model",
-                          disable=not context.show_progress) as bar, torch.no_grad():
+        with (
+            progress_bar(
+                total=context.num_models, desc="RegMean statistics", unit="model", disable=not context.show_progress
+            ) as bar,
+            torch.no_grad(),
+        ):
             for i, model in context.iter_experts():
                 evaluator = context.evaluator(i, calibration=True, limit=p.calibration_samples, batch_size=p.batch_size)
                 network = evaluator.task_network(model)
@@ -167,8 +174,10 @@ class RegMeanPlusPlus(ModelFusion[RegMeanParams]):
 
     def fuse(self, context: ModelwiseContext) -> nn.Module:
         if context.member_config.get("is_encoder_decoder"):
-            raise FusionError("RegMean++ feeds one stack of blocks its merged inputs; encoder-decoder models (T5) have "
-                              "two, with state passed between blocks: use regmean.")
+            raise FusionError(
+                "RegMean++ feeds one stack of blocks its merged inputs; encoder-decoder models (T5) have "
+                "two, with state passed between blocks: use regmean."
+            )
         p = self.params
         ratio = ratio_for(p, context.member_config)
         experts = [m for _, m in context.iter_experts()]
@@ -182,13 +191,16 @@ class RegMeanPlusPlus(ModelFusion[RegMeanParams]):
             for name, tensor in merged.state_dict().items():
                 if not name.startswith(stack_name + ".") and tensor.is_floating_point():
                     tensor.copy_(torch.stack([o[name].float() for o in outside]).mean(dim=0))
-        evaluators = [context.evaluator(i, calibration=True, limit=p.calibration_samples, batch_size=p.batch_size)
-                      for i in range(context.num_models)]
+        evaluators = [
+            context.evaluator(i, calibration=True, limit=p.calibration_samples, batch_size=p.batch_size)
+            for i in range(context.num_models)
+        ]
         networks = [ev.task_network(merged) for ev in evaluators]
         with torch.no_grad():
             block_inputs = [self._first_inputs(ev, net, merged_stack[0]) for ev, net in zip(evaluators, networks)]
-            with progress_bar(total=len(merged_stack), desc="RegMean++ blocks", unit="block",
-                              disable=not context.show_progress) as bar:
+            with progress_bar(
+                total=len(merged_stack), desc="RegMean++ blocks", unit="block", disable=not context.show_progress
+            ) as bar:
                 for layer in range(len(merged_stack)):
                     store = GramStore(ratio)
                     for i, stack in enumerate(stacks):
@@ -203,8 +215,10 @@ class RegMeanPlusPlus(ModelFusion[RegMeanParams]):
                         stack[layer].cpu()
                     merge_with_grams(merged_stack[layer], [s[layer].state_dict() for s in stacks], store)
                     merged_stack[layer].to(context.device)
-                    block_inputs = [[(*_next_inputs(merged_stack[layer](*a, **k), a, k), m) for a, k, m in batches]
-                                    for batches in block_inputs]
+                    block_inputs = [
+                        [(*_next_inputs(merged_stack[layer](*a, **k), a, k), m) for a, k, m in batches]
+                        for batches in block_inputs
+                    ]
                     bar.update(1)
             self._merge_outside_linears(merged, stack_name, experts, evaluators, networks, ratio)
         return merged.cpu()
@@ -235,8 +249,14 @@ class RegMeanPlusPlus(ModelFusion[RegMeanParams]):
         return captured
 
     @staticmethod
-    def _merge_outside_linears(merged: nn.Module, stack_name: str, experts: list[nn.Module], evaluators: list[Any],
-                               networks: list[nn.Module], ratio: float) -> None:
+    def _merge_outside_linears(
+        merged: nn.Module,
+        stack_name: str,
+        experts: list[nn.Module],
+        evaluators: list[Any],
+        networks: list[nn.Module],
+        ratio: float,
+    ) -> None:
         names = [n for n, m in merged.named_modules() if is_linear(m) and not n.startswith(stack_name + ".")]
         if not names:
             return
@@ -270,22 +290,46 @@ def _next_inputs(output: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
         return (hidden, *args[1:]), kwargs
     if "hidden_states" in kwargs:
         return args, {**kwargs, "hidden_states": hidden}
-    raise FusionError("RegMean++ cannot find the hidden states among a block's inputs: they are neither its first "
-                      f"positional argument nor a 'hidden_states' keyword (keywords: {sorted(kwargs)}).")
+    raise FusionError(
+        "RegMean++ cannot find the hidden states among a block's inputs: they are neither its first "
+        f"positional argument nor a 'hidden_states' keyword (keywords: {sorted(kwargs)})."
+    )
 
 
-REGMEAN_PAPER = Paper("Dataless knowledge fusion by merging weights of language models (Jin et al., 2023)",
-                      "https://arxiv.org/abs/2212.09849")
+REGMEAN_PAPER = Paper(
+    "Dataless knowledge fusion by merging weights of language models (Jin et al., 2023)",
+    "https://arxiv.org/abs/2212.09849",
+)
 
-register(MethodSpec(
-    kind=MethodKind.MODEL_WISE, name="regmean", summary="Least-squares merge of each linear layer on the experts' own layer inputs.",
-    family=Family.MERGE, data=DataNeed.UNLABELLED, base=BaseUse.UNUSED, implementation=RegMean,
-    params_model=RegMeanParams, aliases=("clip_regmean", "gpt2_regmean"), paper=REGMEAN_PAPER,
-))
-register(MethodSpec(
-    kind=MethodKind.MODEL_WISE, name="regmean_plusplus", summary="RegMean with each block's inputs taken from the merged blocks before it.",
-    family=Family.MERGE, data=DataNeed.UNLABELLED, base=BaseUse.UNUSED, implementation=RegMeanPlusPlus,
-    params_model=RegMeanParams, aliases=("regmean++", "clip_regmean_plusplus"),
-    paper=Paper("RegMean++: enhancing effectiveness and generalization of regression mean for model merging "
-                "(Nguyen et al., 2025)", "https://arxiv.org/abs/2508.03121"),
-))
+register(
+    MethodSpec(
+        kind=MethodKind.MODEL_WISE,
+        name="regmean",
+        summary="Least-squares merge of each linear layer on the experts' own layer inputs.",
+        family=Family.MERGE,
+        data=DataNeed.UNLABELLED,
+        base=BaseUse.UNUSED,
+        implementation=RegMean,
+        params_model=RegMeanParams,
+        aliases=("clip_regmean", "gpt2_regmean"),
+        paper=REGMEAN_PAPER,
+    )
+)
+register(
+    MethodSpec(
+        kind=MethodKind.MODEL_WISE,
+        name="regmean_plusplus",
+        summary="RegMean with each block's inputs taken from the merged blocks before it.",
+        family=Family.MERGE,
+        data=DataNeed.UNLABELLED,
+        base=BaseUse.UNUSED,
+        implementation=RegMeanPlusPlus,
+        params_model=RegMeanParams,
+        aliases=("regmean++", "clip_regmean_plusplus"),
+        paper=Paper(
+            "RegMean++: enhancing effectiveness and generalization of regression mean for model merging "
+            "(Nguyen et al., 2025)",
+            "https://arxiv.org/abs/2508.03121",
+        ),
+    )
+)

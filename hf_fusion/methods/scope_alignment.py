@@ -10,7 +10,8 @@ single value, or a model whose tensor is constant, are left as they are.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import pydantic
 import torch

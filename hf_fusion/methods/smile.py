@@ -51,14 +51,25 @@ class SmileUpscaling(ModelFusion[SmileParams]):
                     gate, u, svh = smile_factors(d, rank, gate_k)
                     bias = e.get_submodule(name).bias - b0 if b0 is not None else None
                     factors[name].append((gate, u, svh, bias))
-                routed.append({"name": name, "kind": "smile", "in_features": w0.shape[1], "out_features": w0.shape[0],
-                               "num_experts": len(experts), "rank": rank, "gate_k": gate_k,
-                               "top_k": min(p.top_k, len(experts)), "bias": b0 is not None})
+                routed.append(
+                    {
+                        "name": name,
+                        "kind": "smile",
+                        "in_features": w0.shape[1],
+                        "out_features": w0.shape[0],
+                        "num_experts": len(experts),
+                        "rank": rank,
+                        "gate_k": gate_k,
+                        "top_k": min(p.top_k, len(experts)),
+                        "bias": b0 is not None,
+                    }
+                )
         model = context.upscaled_model(routed)
         with torch.no_grad():
             routed_names = tuple(f"{spec['name']}." for spec in routed)
-            model.backbone.load_state_dict({k: v for k, v in base.state_dict().items() if not k.startswith(routed_names)},
-                                           strict=False)
+            model.backbone.load_state_dict(
+                {k: v for k, v in base.state_dict().items() if not k.startswith(routed_names)}, strict=False
+            )
             for spec in routed:
                 name = spec["name"]
                 module = model.backbone.get_submodule(name)
@@ -74,10 +85,22 @@ class SmileUpscaling(ModelFusion[SmileParams]):
         return model.eval()
 
 
-register(MethodSpec(
-    kind=MethodKind.MODEL_WISE, name="smile_upscaling", summary="Linear layers become sparse mixtures of low-rank (SVD) task experts, routed "
-    "by the input's projection on each task's subspace (data-free).", family=Family.MIX, data=DataNeed.NONE,
-    base=BaseUse.REQUIRED, implementation=SmileUpscaling, params_model=SmileParams, aliases=("smile",),
-    paper=Paper("SMILE: zero-shot sparse mixture of low-rank experts construction from pre-trained foundation "
-                "models (Tang et al., 2024)", "https://arxiv.org/abs/2408.10174"),
-))
+register(
+    MethodSpec(
+        kind=MethodKind.MODEL_WISE,
+        name="smile_upscaling",
+        summary="Linear layers become sparse mixtures of low-rank (SVD) task experts, routed "
+        "by the input's projection on each task's subspace (data-free).",
+        family=Family.MIX,
+        data=DataNeed.NONE,
+        base=BaseUse.REQUIRED,
+        implementation=SmileUpscaling,
+        params_model=SmileParams,
+        aliases=("smile",),
+        paper=Paper(
+            "SMILE: zero-shot sparse mixture of low-rank experts construction from pre-trained foundation "
+            "models (Tang et al., 2024)",
+            "https://arxiv.org/abs/2408.10174",
+        ),
+    )
+)

@@ -49,9 +49,9 @@ def tsv_merge(task_vectors: torch.Tensor) -> torch.Tensor:
     for i, tau in enumerate(task_vectors):  # one task at a time: a single full set of singular vectors in memory
         u, s, vh = torch.linalg.svd(tau, full_matrices=False)
         live = (s[:rank] > 0).to(u.dtype)
-        left[:, i * rank:(i + 1) * rank] = u[:, :rank] * live
-        right[i * rank:(i + 1) * rank] = vh[:rank] * live[:, None]
-        values[i * rank:(i + 1) * rank] = s[:rank]
+        left[:, i * rank : (i + 1) * rank] = u[:, :rank] * live
+        right[i * rank : (i + 1) * rank] = vh[:rank] * live[:, None]
+        values[i * rank : (i + 1) * rank] = s[:rank]
         del u, s, vh
     return (orthonormal_factor(left) * values) @ orthonormal_factor(right)
 
@@ -96,7 +96,10 @@ def iso_cts(task_vectors: torch.Tensor, common_space_fraction: float) -> torch.T
 class TsvParams(pydantic.BaseModel):
     model_config = FROZEN
     alpha: float = pydantic.Field(
-        1.0, ge=-10.0, le=10.0, validation_alias=pydantic.AliasChoices("alpha", "scaling_factor"),
+        1.0,
+        ge=-10.0,
+        le=10.0,
+        validation_alias=pydantic.AliasChoices("alpha", "scaling_factor"),
         description="scale of the merged task vector added to the base",
         json_schema_extra={"ui_range": (0.0, 2.0)},
     )
@@ -109,7 +112,10 @@ class IsoCParams(pydantic.BaseModel):
 
 class IsoCtsParams(IsoCParams):
     common_space_fraction: float = pydantic.Field(
-        0.8, ge=0.0, le=1.0, description="share of each matrix's rank given to the subspace common to all tasks",
+        0.8,
+        ge=0.0,
+        le=1.0,
+        description="share of each matrix's rank given to the subspace common to all tasks",
         json_schema_extra={"ui_range": (0.0, 1.0)},
     )
 
@@ -165,8 +171,10 @@ register(
         implementation=TsvMerging,
         params_model=TsvParams,
         aliases=("tsv_m", "tsvm", "task_singular_vectors", "task_singular_vector_merging"),
-        paper=Paper("Task Singular Vectors: reducing task interference in model merging (Gargiulo et al., 2025)",
-                    "https://arxiv.org/abs/2412.00081"),
+        paper=Paper(
+            "Task Singular Vectors: reducing task interference in model merging (Gargiulo et al., 2025)",
+            "https://arxiv.org/abs/2412.00081",
+        ),
     )
 )
 register(

@@ -20,13 +20,17 @@ from hf_fusion.methods.common import FROZEN, scaling_factor_field
 from hf_fusion.methods.operations import stacked_task_vectors
 from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
 
-PAPER = Paper("Localizing task information for improved model merging and compression (Wang et al., 2024)",
-              "https://arxiv.org/abs/2405.07813")
+PAPER = Paper(
+    "Localizing task information for improved model merging and compression (Wang et al., 2024)",
+    "https://arxiv.org/abs/2405.07813",
+)
 
 
 def _lambda_field(default: float) -> Any:
     return pydantic.Field(
-        default, ge=0.0, le=100.0,
+        default,
+        ge=0.0,
+        le=100.0,
         description="lambda: a weight belongs to a task when |tau_t| > lambda |tau_MTL - tau_t|",
         json_schema_extra={"ui_range": (0.0, 1.0)},
     )
@@ -71,8 +75,10 @@ class ConsensusMerging(TensorMerge[ConsensusParams]):
 
 def _check_k(params: Any, num_models: int, has_base: bool) -> None:
     if params.k > num_models:
-        raise RecipeError(f"consensus_merging with k={params.k} needs at least {params.k} models, got {num_models}: "
-                          "no weight could reach the consensus.")
+        raise RecipeError(
+            f"consensus_merging with k={params.k} needs at least {params.k} models, got {num_models}: "
+            "no weight could reach the consensus."
+        )
 
 
 register(

@@ -15,7 +15,8 @@ engine re-fuses just the slices that held such positions when the vote says othe
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Hashable, Literal
+from collections.abc import Hashable
+from typing import Literal
 
 import pydantic
 import torch

@@ -62,15 +62,29 @@ class MixtralUpscaling(ModelFusion[MixtralParams]):
             name, exit_name = feed_forward(block)
             prefix = f"{stack_name}.{index}."
             entry = block.get_submodule(name)
-            hidden = next(linear_weight(m).shape[1] for m in entry.modules() if hasattr(m, "weight") and m.weight.dim() == 2)
-            routed.append({"name": prefix + name, "kind": "moe_mlp", "exit": prefix + exit_name if exit_name else None,
-                           "num_experts": count, "top_k": p.experts_per_token, "hidden_size": hidden})
+            hidden = next(
+                linear_weight(m).shape[1] for m in entry.modules() if hasattr(m, "weight") and m.weight.dim() == 2
+            )
+            routed.append(
+                {
+                    "name": prefix + name,
+                    "kind": "moe_mlp",
+                    "exit": prefix + exit_name if exit_name else None,
+                    "num_experts": count,
+                    "top_k": p.experts_per_token,
+                    "hidden_size": hidden,
+                }
+            )
         model = context.upscaled_model(routed)
         with torch.no_grad():
             states = [m.state_dict() for m in experts]
-            average = {k: torch.stack([s[k].float() for s in states]).mean(0) if v.is_floating_point() else v
-                       for k, v in states[0].items()}
-            inner = tuple(f"{spec['name']}." for spec in routed) + tuple(f"{spec['exit']}." for spec in routed if spec["exit"])
+            average = {
+                k: torch.stack([s[k].float() for s in states]).mean(0) if v.is_floating_point() else v
+                for k, v in states[0].items()
+            }
+            inner = tuple(f"{spec['name']}." for spec in routed) + tuple(
+                f"{spec['exit']}." for spec in routed if spec["exit"]
+            )
             model.backbone.load_state_dict({k: v for k, v in average.items() if not k.startswith(inner)}, strict=False)
             generator = seeded(p.seed)
             for spec in routed:
@@ -105,7 +119,8 @@ def parse_indices(values: list[Any] | None, num_layers: int) -> list[int]:
 class DepthParams(pydantic.BaseModel):
     model_config = FROZEN
     layer_indices: list[int | str] | None = pydantic.Field(
-        None, description='base layers to stack, in order; ints or "start:stop" ranges, e.g. ["0:24", "8:32"]')
+        None, description='base layers to stack, in order; ints or "start:stop" ranges, e.g. ["0:24", "8:32"]'
+    )
 
 
 class DepthUpscaling(ModelFusion[DepthParams]):
@@ -156,25 +171,55 @@ class ModelRecombination(ModelFusion[RecombinationParams]):
         return model
 
 
-register(MethodSpec(
-    kind=MethodKind.MODEL_WISE, name="mixtral_upscaling", summary="Feed-forward blocks become a routed sparse MoE: copies of one model's "
-    "block (up-cycling), or each model's own block (MoE merging).", family=Family.MIX, data=DataNeed.NONE,
-    base=BaseUse.UNUSED, implementation=MixtralUpscaling, params_model=MixtralParams,
-    aliases=("mixtral_moe_upscaling", "mixtral_moe_merging", "moe_upscaling", "sparse_upcycling"),
-    paper=Paper("Sparse upcycling: training mixture-of-experts from dense checkpoints (Komatsuzaki et al., 2023)",
-                "https://arxiv.org/abs/2212.05055"),
-))
-register(MethodSpec(
-    kind=MethodKind.MODEL_WISE, name="depth_upscaling", summary="A deeper model stacking copies of chosen layers of one model (SOLAR).",
-    family=Family.MIX, data=DataNeed.NONE, base=BaseUse.UNUSED, implementation=DepthUpscaling,
-    params_model=DepthParams, max_models=1,
-    paper=Paper("SOLAR 10.7B: scaling large language models with simple yet effective depth up-scaling "
-                "(Kim et al., 2023)", "https://arxiv.org/abs/2312.15166"),
-))
-register(MethodSpec(
-    kind=MethodKind.MODEL_WISE, name="model_recombination", summary="A model assembled from whole blocks and modules of randomly chosen "
-    "input models.", family=Family.MIX, data=DataNeed.NONE, base=BaseUse.UNUSED,
-    implementation=ModelRecombination, params_model=RecombinationParams, min_models=2,
-    paper=Paper("Learning from models beyond fine-tuning (Zheng et al., 2023), model recombination",
-                "https://arxiv.org/abs/2310.12808"),
-))
+register(
+    MethodSpec(
+        kind=MethodKind.MODEL_WISE,
+        name="mixtral_upscaling",
+        summary="Feed-forward blocks become a routed sparse MoE: copies of one model's "
+        "block (up-cycling), or each model's own block (MoE merging).",
+        family=Family.MIX,
+        data=DataNeed.NONE,
+        base=BaseUse.UNUSED,
+        implementation=MixtralUpscaling,
+        params_model=MixtralParams,
+        aliases=("mixtral_moe_upscaling", "mixtral_moe_merging", "moe_upscaling", "sparse_upcycling"),
+        paper=Paper(
+            "Sparse upcycling: training mixture-of-experts from dense checkpoints (Komatsuzaki et al., 2023)",
+            "https://arxiv.org/abs/2212.05055",
+        ),
+    )
+)
+register(
+    MethodSpec(
+        kind=MethodKind.MODEL_WISE,
+        name="depth_upscaling",
+        summary="A deeper model stacking copies of chosen layers of one model (SOLAR).",
+        family=Family.MIX,
+        data=DataNeed.NONE,
+        base=BaseUse.UNUSED,
+        implementation=DepthUpscaling,
+        params_model=DepthParams,
+        max_models=1,
+        paper=Paper(
+            "SOLAR 10.7B: scaling large language models with simple yet effective depth up-scaling (Kim et al., 2023)",
+            "https://arxiv.org/abs/2312.15166",
+        ),
+    )
+)
+register(
+    MethodSpec(
+        kind=MethodKind.MODEL_WISE,
+        name="model_recombination",
+        summary="A model assembled from whole blocks and modules of randomly chosen input models.",
+        family=Family.MIX,
+        data=DataNeed.NONE,
+        base=BaseUse.UNUSED,
+        implementation=ModelRecombination,
+        params_model=RecombinationParams,
+        min_models=2,
+        paper=Paper(
+            "Learning from models beyond fine-tuning (Zheng et al., 2023), model recombination",
+            "https://arxiv.org/abs/2310.12808",
+        ),
+    )
+)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import pydantic
 import torch
@@ -65,8 +66,9 @@ def _check_weights(params: Any, num_models: int, has_base: bool) -> None:
     if params.normalize and abs(sum(params.weights)) < 1e-12:
         raise RecipeError("weighted_average with normalize=true needs weights that do not sum to zero.")
     if params.weight_scope_alignment and sum(params.weights) <= 0:
-        raise RecipeError("weight_scope_alignment averages the models' scopes with the weights: their sum must be "
-                          "positive.")
+        raise RecipeError(
+            "weight_scope_alignment averages the models' scopes with the weights: their sum must be positive."
+        )
 
 
 SPEC = register(

@@ -35,16 +35,19 @@ def mlp_linears(block: nn.Module) -> list[tuple[str, bool]]:
 
 class WEMoEParams(TrainingParams):
     lr: float = pydantic.Field(1e-4, gt=0, description="Adam learning rate")
-    init_lambda: float = pydantic.Field(0.3, description="initial routing weight, and the task-arithmetic scaling "
-                                        "of everything outside the MLPs")
+    init_lambda: float = pydantic.Field(
+        0.3, description="initial routing weight, and the task-arithmetic scaling of everything outside the MLPs"
+    )
     router_hidden_layers: int = pydantic.Field(2, ge=0, le=2, description="hidden layers of each router")
-    batch_reduce: bool = pydantic.Field(False, description="one routing weight per batch (FusionBench's shortcut) "
-                                        "instead of per sample")
+    batch_reduce: bool = pydantic.Field(
+        False, description="one routing weight per batch (FusionBench's shortcut) instead of per sample"
+    )
 
 
 class SparseWEMoEParams(WEMoEParams):
-    tv_prune_ratio: float = pydantic.Field(0.9, ge=0, lt=1, description="fraction of each MLP task vector's "
-                                           "entries (smallest magnitudes) set to zero")
+    tv_prune_ratio: float = pydantic.Field(
+        0.9, ge=0, lt=1, description="fraction of each MLP task vector's entries (smallest magnitudes) set to zero"
+    )
 
 
 def prune_smallest(tensor: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -73,14 +76,26 @@ class WEMoE(ModelFusion[WEMoEParams]):
             if not linears:
                 continue
             hidden = min(linear_weight(block.get_submodule(n)).shape[1] for n, _ in linears)
-            routers[group] = {"hidden_size": hidden, "num_experts": context.num_models,
-                              "hidden_layers": p.router_hidden_layers, "batch_reduce": p.batch_reduce}
+            routers[group] = {
+                "hidden_size": hidden,
+                "num_experts": context.num_models,
+                "hidden_layers": p.router_hidden_layers,
+                "batch_reduce": p.batch_reduce,
+            }
             for name, entry in linears:
                 weight = linear_weight(block.get_submodule(name))
-                routed.append({"name": f"{group}.{name}", "kind": "weight_ensembling", "router": group,
-                               "entry": entry, "in_features": weight.shape[1], "out_features": weight.shape[0],
-                               "bias": block.get_submodule(name).bias is not None,
-                               "num_experts": context.num_models})
+                routed.append(
+                    {
+                        "name": f"{group}.{name}",
+                        "kind": "weight_ensembling",
+                        "router": group,
+                        "entry": entry,
+                        "in_features": weight.shape[1],
+                        "out_features": weight.shape[0],
+                        "bias": block.get_submodule(name).bias is not None,
+                        "num_experts": context.num_models,
+                    }
+                )
         if not routed:
             raise FusionError(f"{type(base).__name__} has no feed-forward linears that WEMoE knows how to route.")
         model = context.upscaled_model(routed, routers)
@@ -93,8 +108,7 @@ class WEMoE(ModelFusion[WEMoEParams]):
         adapt(context, model, trainable, p, desc="WEMoE routers")
         return model.cpu().eval()
 
-    def _fill(self, model: Any, base: nn.Module, context: ModelwiseContext,
-              routed: list[dict[str, Any]]) -> None:
+    def _fill(self, model: Any, base: nn.Module, context: ModelwiseContext, routed: list[dict[str, Any]]) -> None:
         """Task arithmetic (scaling ``init_lambda``) outside the routed MLPs; inside, the pretrained weights and
         each expert's (pruned) task vectors."""
         base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
@@ -124,18 +138,40 @@ class WEMoE(ModelFusion[WEMoEParams]):
             model.backbone.load_state_dict({k: v for k, v in merged.items() if not k.startswith(skip)}, strict=False)
 
 
-PAPER = Paper("Merging multi-task models via weight-ensembling mixture of experts (Tang et al., 2024)",
-              "https://arxiv.org/abs/2402.00433")
-register(MethodSpec(
-    kind=MethodKind.MODEL_WISE, name="weight_ensembling_moe", summary="MLPs become routed mixtures of task vectors (routers trained on "
-    "unlabelled test inputs); the rest is task arithmetic.", family=Family.MIX, data=DataNeed.UNLABELLED,
-    base=BaseUse.REQUIRED, implementation=WEMoE, params_model=WEMoEParams, paper=PAPER,
-    aliases=("wemoe", "we_moe", "clip_weight_ensembling_moe"),
-))
-register(MethodSpec(
-    kind=MethodKind.MODEL_WISE, name="sparse_weight_ensembling_moe", summary="WEMoE with each MLP task vector pruned to its largest entries.",
-    family=Family.MIX, data=DataNeed.UNLABELLED, base=BaseUse.REQUIRED, implementation=WEMoE,
-    params_model=SparseWEMoEParams, aliases=("sparse_wemoe", "e_wemoe", "sparse_clip_weight_ensembling_moe"),
-    paper=Paper("Efficient and effective weight-ensembling mixture of experts for multi-task model merging "
-                "(Shen et al., 2024)", "https://arxiv.org/abs/2410.21804"),
-))
+PAPER = Paper(
+    "Merging multi-task models via weight-ensembling mixture of experts (Tang et al., 2024)",
+    "https://arxiv.org/abs/2402.00433",
+)
+register(
+    MethodSpec(
+        kind=MethodKind.MODEL_WISE,
+        name="weight_ensembling_moe",
+        summary="MLPs become routed mixtures of task vectors (routers trained on "
+        "unlabelled test inputs); the rest is task arithmetic.",
+        family=Family.MIX,
+        data=DataNeed.UNLABELLED,
+        base=BaseUse.REQUIRED,
+        implementation=WEMoE,
+        params_model=WEMoEParams,
+        paper=PAPER,
+        aliases=("wemoe", "we_moe", "clip_weight_ensembling_moe"),
+    )
+)
+register(
+    MethodSpec(
+        kind=MethodKind.MODEL_WISE,
+        name="sparse_weight_ensembling_moe",
+        summary="WEMoE with each MLP task vector pruned to its largest entries.",
+        family=Family.MIX,
+        data=DataNeed.UNLABELLED,
+        base=BaseUse.REQUIRED,
+        implementation=WEMoE,
+        params_model=SparseWEMoEParams,
+        aliases=("sparse_wemoe", "e_wemoe", "sparse_clip_weight_ensembling_moe"),
+        paper=Paper(
+            "Efficient and effective weight-ensembling mixture of experts for multi-task model merging "
+            "(Shen et al., 2024)",
+            "https://arxiv.org/abs/2410.21804",
+        ),
+    )
+)

@@ -17,5 +17,10 @@ for _config, _model in ((FusedEnsembleConfig, FusedEnsembleModel), (FusedUpscale
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
     AutoModel.register(_config, _model, exist_ok=True)
 
-__all__ = ["CUSTOM_MODEL_TYPES", "FusedEnsembleConfig", "FusedEnsembleModel", "FusedUpscaledConfig",
-           "FusedUpscaledModel"]
+__all__ = [
+    "CUSTOM_MODEL_TYPES",
+    "FusedEnsembleConfig",
+    "FusedEnsembleModel",
+    "FusedUpscaledConfig",
+    "FusedUpscaledModel",
+]

@@ -21,8 +21,14 @@ Aggregation = Literal["mean", "weighted", "max"]
 class FusedEnsembleConfig(PretrainedConfig):
     model_type = "hf_fusion_ensemble"
 
-    def __init__(self, member_config: dict[str, Any] | None = None, num_members: int = 1,
-                 weights: list[float] | None = None, aggregation: Aggregation = "mean", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        member_config: dict[str, Any] | None = None,
+        num_members: int = 1,
+        weights: list[float] | None = None,
+        aggregation: Aggregation = "mean",
+        **kwargs: Any,
+    ) -> None:
         self.member_config = plain_config(member_config or {})
         self.num_members = num_members
         self.weights = list(weights) if weights is not None else None
@@ -61,13 +67,15 @@ class FusedEnsembleModel(PreTrainedModel):
         return combine_outputs(outputs, weights, self.config.aggregation)
 
     @classmethod
-    def from_members(cls, members: list[nn.Module], *, weights: list[float] | None = None,
-                     aggregation: Aggregation = "mean") -> "FusedEnsembleModel":
+    def from_members(
+        cls, members: list[nn.Module], *, weights: list[float] | None = None, aggregation: Aggregation = "mean"
+    ) -> FusedEnsembleModel:
         """An ensemble holding ``members`` (loaded stock models) as they are. The members' class is recorded in the
         config (``architectures``), so a reload builds the same heads even for models that were never saved."""
         member_config = {**members[0].config.to_dict(), "architectures": [type(members[0]).__name__]}
-        config = FusedEnsembleConfig(member_config=member_config, num_members=len(members),
-                                     weights=weights, aggregation=aggregation)
+        config = FusedEnsembleConfig(
+            member_config=member_config, num_members=len(members), weights=weights, aggregation=aggregation
+        )
         with torch.device("meta"):
             model = cls(config)
         model.members = nn.ModuleList(members)

@@ -33,8 +33,11 @@ def build_member(config: dict[str, Any]) -> nn.Module:
 def plain_config(config: Any) -> dict[str, Any]:
     """A JSON-ready dict of a transformers config (or a dict), for nesting in a fused config."""
     data = config if isinstance(config, dict) else config.to_dict()
-    return {k: v for k, v in data.items() if not k.startswith("_") and k not in ("transformers_version", "dtype",
-                                                                                 "torch_dtype")}
+    return {
+        k: v
+        for k, v in data.items()
+        if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")
+    }
 
 
 def combine_outputs(outputs: list[Any], weights: torch.Tensor | None, aggregation: str) -> Any:
@@ -48,8 +51,13 @@ def combine_outputs(outputs: list[Any], weights: torch.Tensor | None, aggregatio
             return stacked.mean(dim=0)
         return torch.tensordot(weights.to(stacked.dtype), stacked, dims=1)
     if isinstance(first, dict):
-        combined = type(first)(**{k: combine_outputs([o[k] for o in outputs], weights, aggregation)
-                                  for k in first.keys() if first[k] is not None})
+        combined = type(first)(
+            **{
+                k: combine_outputs([o[k] for o in outputs], weights, aggregation)
+                for k in first.keys()
+                if first[k] is not None
+            }
+        )
         return combined
     if isinstance(first, (tuple, list)):
         return type(first)(combine_outputs([o[i] for o in outputs], weights, aggregation) for i in range(len(first)))

@@ -21,8 +21,13 @@ from hf_fusion.models.members import build_member, plain_config
 class FusedUpscaledConfig(PretrainedConfig):
     model_type = "hf_fusion_upscaled"
 
-    def __init__(self, backbone_config: dict[str, Any] | None = None, routed_modules: list[dict[str, Any]] | None = None,
-                 routers: dict[str, dict[str, Any]] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        backbone_config: dict[str, Any] | None = None,
+        routed_modules: list[dict[str, Any]] | None = None,
+        routers: dict[str, dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.backbone_config = plain_config(backbone_config or {})
         self.routed_modules = list(routed_modules or [])
         self.routers = dict(routers or {})
@@ -109,8 +114,9 @@ class SmileLinear(nn.Module):
     SVD of one task's weight difference, routed by the norm of the input's projection on each task's top right
     singular vectors."""
 
-    def __init__(self, in_features: int, out_features: int, num_experts: int, rank: int, gate_k: int, top_k: int,
-                 bias: bool) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, num_experts: int, rank: int, gate_k: int, top_k: int, bias: bool
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.num_experts, self.rank, self.gate_k, self.top_k = num_experts, rank, gate_k, top_k
@@ -177,11 +183,19 @@ def build_routed(spec: dict[str, Any], model: nn.Module) -> nn.Module:
     """The module that replaces ``spec['name']`` in ``model``, built empty from its spec."""
     kind = spec["kind"]
     if kind == "weight_ensembling":
-        return WeightEnsemblingLinear(spec["in_features"], spec["out_features"], spec["num_experts"], spec["bias"],
-                                      spec["entry"])
+        return WeightEnsemblingLinear(
+            spec["in_features"], spec["out_features"], spec["num_experts"], spec["bias"], spec["entry"]
+        )
     if kind == "smile":
-        return SmileLinear(spec["in_features"], spec["out_features"], spec["num_experts"], spec["rank"],
-                           spec["gate_k"], spec["top_k"], spec["bias"])
+        return SmileLinear(
+            spec["in_features"],
+            spec["out_features"],
+            spec["num_experts"],
+            spec["rank"],
+            spec["gate_k"],
+            spec["top_k"],
+            spec["bias"],
+        )
     if kind == "moe_mlp":
         block = model.get_submodule(spec["name"])
         if spec.get("exit"):
@@ -200,8 +214,9 @@ class FusedUpscaledModel(PreTrainedModel):
         super().__init__(config)
         self.backbone = build_member(config.backbone_config)
         self.main_input_name = getattr(self.backbone, "main_input_name", "input_ids")
-        self.routers = nn.ModuleDict({router_key(group): WeightEnsemblingRouter(**args)
-                                      for group, args in config.routers.items()})
+        self.routers = nn.ModuleDict(
+            {router_key(group): WeightEnsemblingRouter(**args) for group, args in config.routers.items()}
+        )
         for spec in config.routed_modules:
             module = build_routed(spec, self.backbone)
             if spec.get("exit"):

@@ -13,13 +13,16 @@ from hf_fusion.modelwise.data import TrainingParams, entropy, random_batches
 from hf_fusion.progress import check_stop, progress_bar
 
 
-def adapt(context: ModelwiseContext, backbone: nn.Module, trainable: list[nn.Parameter], params: TrainingParams,
-          desc: str) -> list[float]:
+def adapt(
+    context: ModelwiseContext, backbone: nn.Module, trainable: list[nn.Parameter], params: TrainingParams, desc: str
+) -> list[float]:
     """Runs ``params.steps`` Adam steps on ``trainable``; returns the summed entropy of each step."""
     if params.steps == 0:
         return []
-    evaluators = [context.evaluator(i, calibration=False, limit=None, batch_size=params.batch_size)
-                  for i in range(context.num_models)]
+    evaluators = [
+        context.evaluator(i, calibration=False, limit=None, batch_size=params.batch_size)
+        for i in range(context.num_models)
+    ]
     networks = [ev.task_network(backbone) for ev in evaluators]
     for network in networks:
         network.eval()
@@ -50,5 +53,8 @@ def adapt(context: ModelwiseContext, backbone: nn.Module, trainable: list[nn.Par
 
 
 def describe(losses: list[float]) -> dict[str, Any]:
-    return {"steps": len(losses), "first_entropy": losses[0] if losses else None,
-            "last_entropy": losses[-1] if losses else None}
+    return {
+        "steps": len(losses),
+        "first_entropy": losses[0] if losses else None,
+        "last_entropy": losses[-1] if losses else None,
+    }

@@ -8,9 +8,10 @@ at a few models whatever the pool size.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, Iterator, TypeVar
+from typing import Any, Generic, TypeVar
 
 import pydantic
 import torch
@@ -59,14 +60,16 @@ class ModelwiseContext:
     def load_expert(self, index: int) -> nn.Module:
         return self._load(self.experts[index])
 
-    def upscaled_model(self, routed: list[dict[str, Any]], routers: dict[str, dict[str, Any]] | None = None
-                       ) -> nn.Module:
+    def upscaled_model(
+        self, routed: list[dict[str, Any]], routers: dict[str, dict[str, Any]] | None = None
+    ) -> nn.Module:
         """An (unfilled) ``FusedUpscaledModel`` of this fusion's architecture with the ``routed`` modules in place;
         the hf-fusion architectures (and transformers) load here, not when the method registry does."""
         from hf_fusion.models.upscaled import FusedUpscaledConfig, FusedUpscaledModel
 
-        return FusedUpscaledModel(FusedUpscaledConfig(backbone_config=self.member_config, routed_modules=routed,
-                                                      routers=routers))
+        return FusedUpscaledModel(
+            FusedUpscaledConfig(backbone_config=self.member_config, routed_modules=routed, routers=routers)
+        )
 
     def iter_experts(self) -> Iterator[tuple[int, nn.Module]]:
         """Each expert in turn, loaded when asked for and released after."""
@@ -83,8 +86,9 @@ class ModelwiseContext:
             raise RecipeError("this method needs data: pass --pool so each model's task (and its data) is known.")
         spec = self.tasks[index]
         if spec.kind not in PROBED_KINDS:
-            raise FusionError(f"task {spec.name}: data-driven methods support {', '.join(PROBED_KINDS)} tasks, "
-                              f"not {spec.kind}.")
+            raise FusionError(
+                f"task {spec.name}: data-driven methods support {', '.join(PROBED_KINDS)} tasks, not {spec.kind}."
+            )
         if calibration:
             spec = spec.model_copy(update={"split": spec.calibration_split})
         base_folder = self.base.folder if self.base is not None else self.experts[index].folder

@@ -3,7 +3,8 @@ batches from its test split for test-time adaptation, and the entropy objective.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pydantic
 import torch

@@ -18,10 +18,11 @@ import socket
 import tempfile
 import threading
 import zipfile
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Generator, Iterator, TypeVar
+from typing import Any, TypeVar
 
 from hf_fusion.errors import FusionError, RecipeError
 from hf_fusion.output import disk_reservation
@@ -89,7 +90,10 @@ def leaderboard_frame(report: Any, order: list[str] | None = None) -> Any:
 
     laid = table(report, order)
     frame = pd.DataFrame(
-        [[label, *(None if v is None else round(v, 1) for v in values)] for label, values in zip(laid.labels, laid.cells)],
+        [
+            [label, *(None if v is None else round(v, 1) for v in values)]
+            for label, values in zip(laid.labels, laid.cells)
+        ],
         columns=["model", *laid.columns],
     )
 
@@ -107,8 +111,13 @@ def eval_settings(limit: float | None) -> Any:
     pinned, so scores do not change between restarts and need no network."""
     from hf_fusion.tasks.base import EvalSettings
 
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit)
-                              or limit < 0 or limit != int(limit)):
+    if limit is not None and (
+        isinstance(limit, bool)
+        or not isinstance(limit, (int, float))
+        or not math.isfinite(limit)
+        or limit < 0
+        or limit != int(limit)
+    ):
         raise RecipeError(f"examples per task must be 0 (all) or a positive whole number, got {limit!r}.")
     return EvalSettings(limit=int(limit) if limit else None, metrics="bundled")
 
@@ -132,8 +141,9 @@ def _user_error(err: BaseException, *, public: bool) -> Exception:
         return gr.Error(str(err), print_exception=False)
     log.exception("unexpected error in the Space", exc_info=err)
     if public:
-        return gr.Error(f"unexpected error ({type(err).__name__}); the details are in the server's log.",
-                        print_exception=False)
+        return gr.Error(
+            f"unexpected error ({type(err).__name__}); the details are in the server's log.", print_exception=False
+        )
     return gr.Error(f"unexpected error ({type(err).__name__}): {err}", print_exception=False)
 
 
@@ -147,7 +157,7 @@ class SpaceLimits:
     disk_budget: int = DEFAULT_BUDGET_CAP
 
     @classmethod
-    def from_environment(cls, root: Path, running: int | None = None) -> "SpaceLimits":
+    def from_environment(cls, root: Path, running: int | None = None) -> SpaceLimits:
         """``HF_FUSION_SPACE_CONCURRENCY``, ``HF_FUSION_SPACE_MAX_WAITING``, ``HF_FUSION_SPACE_IDLE_SECONDS`` and
         ``HF_FUSION_SPACE_DISK_BUDGET`` (a size such as ``20GB``; by default half the free space where sessions are
         kept, at most 20 GB)."""
@@ -163,8 +173,10 @@ class SpaceLimits:
         except ValueError as err:
             raise RecipeError(f"the Space's settings are invalid: {err}") from None
         if limits.running < 1 or limits.waiting < 0 or not 0 < limits.idle_seconds < float("inf"):
-            raise RecipeError("the Space's settings are invalid: HF_FUSION_SPACE_CONCURRENCY must be at least 1, "
-                              "HF_FUSION_SPACE_MAX_WAITING at least 0 and HF_FUSION_SPACE_IDLE_SECONDS positive.")
+            raise RecipeError(
+                "the Space's settings are invalid: HF_FUSION_SPACE_CONCURRENCY must be at least 1, "
+                "HF_FUSION_SPACE_MAX_WAITING at least 0 and HF_FUSION_SPACE_IDLE_SECONDS positive."
+            )
         return limits
 
 
@@ -178,8 +190,9 @@ def _default_budget(root: Path) -> int:
 class SpaceApp:
     """Builds the Blocks and holds the handlers; one instance per server, never per-user data."""
 
-    def __init__(self, *, root: Path, files_root: Path, in_space: bool, allow_local_paths: bool,
-                 limits: SpaceLimits) -> None:
+    def __init__(
+        self, *, root: Path, files_root: Path, in_space: bool, allow_local_paths: bool, limits: SpaceLimits
+    ) -> None:
         from hf_fusion.catalog import pool_names
         from hf_fusion.registry import all_methods
 
@@ -212,8 +225,9 @@ class SpaceApp:
         """The disk reservation of ``session``'s outputs: ``factor`` copies of each (a folder and its zip)."""
         return lambda target, needed: self.store.reserve(session, needed * factor)
 
-    def _run_job(self, session: Session, job: Job[T], progress: Any, *, results: int
-                 ) -> Generator[tuple[Any, ...], None, T | None]:
+    def _run_job(
+        self, session: Session, job: Job[T], progress: Any, *, results: int
+    ) -> Generator[tuple[Any, ...], None, T | None]:
         """Starts ``job`` in the session and streams (session, status, log, *results) while it runs; returns its
         result, or None when it was stopped (after showing so). Errors reach the UI with their own message."""
         import gradio as gr
@@ -241,25 +255,40 @@ class SpaceApp:
         return job.result
 
     # Merge tab --------------------------------------------------------------------------------------------------
-    def form_to_yaml(self, source: str, pool_name: str, models_text: str, base: str, method: str, dtype: str,
-                     *values: Any) -> str:
+    def form_to_yaml(
+        self, source: str, pool_name: str, models_text: str, base: str, method: str, dtype: str, *values: Any
+    ) -> str:
         from hf_fusion.catalog import get_pool
 
         if source == POOL_SOURCE and pool_name and self.public:
             check_pool_name(pool_name)
         pool = get_pool(pool_name) if source == POOL_SOURCE and pool_name else None
-        return to_yaml(recipe_fields(source=source, pool=pool, models_text=models_text or "", base=base or "",
-                                     method=method, dtype=dtype, slots=self.slots, values=values))
+        return to_yaml(
+            recipe_fields(
+                source=source,
+                pool=pool,
+                models_text=models_text or "",
+                base=base or "",
+                method=method,
+                dtype=dtype,
+                slots=self.slots,
+                values=values,
+            )
+        )
 
     def method_blurb(self, method: str) -> str:
         from hf_fusion.registry import get_method
 
         spec = get_method(method)
         paper = f" · [{spec.paper.title}]({spec.paper.url})" if spec.paper else ""
-        return (f"**{spec.name}**: {spec.summary}  \nfamily: {spec.family.value} · data: {spec.data.value} · "
-                f"base model: {spec.base.value}{paper}")
+        return (
+            f"**{spec.name}**: {spec.summary}  \nfamily: {spec.family.value} · data: {spec.data.value} · "
+            f"base model: {spec.base.value}{paper}"
+        )
 
-    def _prepare_merge(self, recipe_text: str, evaluate: bool, limit: float | None) -> tuple[Any, Any, list[str] | None]:
+    def _prepare_merge(
+        self, recipe_text: str, evaluate: bool, limit: float | None
+    ) -> tuple[Any, Any, list[str] | None]:
         """Everything checkable without weights, in the request itself, so bad input fails at once."""
         from hf_fusion.fusion import as_recipe, validate_recipe
 
@@ -270,8 +299,9 @@ class SpaceApp:
         if not evaluate:
             return recipe, False, None
         if not recipe.pool:
-            raise RecipeError("scoring needs a pool that says which tasks to evaluate: pick a catalog pool, or untick "
-                              "Evaluate.")
+            raise RecipeError(
+                "scoring needs a pool that says which tasks to evaluate: pick a catalog pool, or untick Evaluate."
+            )
         return recipe, eval_settings(limit), self._pool_tasks(recipe)
 
     @staticmethod
@@ -287,8 +317,16 @@ class SpaceApp:
             raise RecipeError(f"none of the recipe's models is an expert of pool {pool.name!r}; nothing to score.")
         return tasks
 
-    def run_merge(self, recipe_text: str, evaluate: bool, limit: float | None, session: Session | None,
-                  token: str | None, progress: Any, visitor: str | None = None) -> Iterator[tuple[Any, ...]]:
+    def run_merge(
+        self,
+        recipe_text: str,
+        evaluate: bool,
+        limit: float | None,
+        session: Session | None,
+        token: str | None,
+        progress: Any,
+        visitor: str | None = None,
+    ) -> Iterator[tuple[Any, ...]]:
         from hf_fusion.fusion import merge
 
         try:
@@ -301,10 +339,13 @@ class SpaceApp:
 
         def work() -> tuple[Any, Path]:
             with disk_reservation(self._reserving(session, factor=2)):  # the folder, then its zip
-                result = merge(recipe.replace(output=str(folder)), evaluate=settings, tasks=tasks, token=token,
-                               show_progress=False)
-            job.write(f"fused {result.fused_tensors} tensors ({result.copied_tensors} copied) in "
-                      f"{result.seconds:.1f} s; {result.output_bytes / 1e6:.0f} MB")
+                result = merge(
+                    recipe.replace(output=str(folder)), evaluate=settings, tasks=tasks, token=token, show_progress=False
+                )
+            job.write(
+                f"fused {result.fused_tensors} tensors ({result.copied_tensors} copied) in "
+                f"{result.seconds:.1f} s; {result.output_bytes / 1e6:.0f} MB"
+            )
             if result.evaluation is not None:
                 job.write(f"scored {len(result.evaluation.results)} task(s) in {result.evaluation_seconds:.1f} s")
             try:
@@ -321,9 +362,11 @@ class SpaceApp:
         result, archive = outcome
         session.keep_merged(result.output, archive)
         scores = leaderboard_frame(result.evaluation) if result.evaluation else None
-        status = (f"Merged {len(result.recipe.models)} models with **{result.recipe.method}** in {result.seconds:.1f} s"
-                  + (f", scored in {result.evaluation_seconds:.1f} s." if result.evaluation else ".")
-                  + " Download it below, or push it to the Hub.")
+        status = (
+            f"Merged {len(result.recipe.models)} models with **{result.recipe.method}** in {result.seconds:.1f} s"
+            + (f", scored in {result.evaluation_seconds:.1f} s." if result.evaluation else ".")
+            + " Download it below, or push it to the Hub."
+        )
         yield session, status, job.log_text(), scores, str(archive), card_body(result.output)
 
     async def stop(self, session: Session | None) -> str:
@@ -334,15 +377,24 @@ class SpaceApp:
         """gradio's ``unload``: the browser tab went away, so its sessions' files go too."""
         self.store.close_visitor(getattr(request, "session_hash", None))
 
-    def push(self, repo_id: str, private: bool, overwrite: bool, session: Session | None, token: str | None,
-             visitor: str | None = None) -> str:
+    def push(
+        self,
+        repo_id: str,
+        private: bool,
+        overwrite: bool,
+        session: Session | None,
+        token: str | None,
+        visitor: str | None = None,
+    ) -> str:
         from hf_fusion.hub.auth import resolve_token
         from hf_fusion.hub.push import PushTarget, push_merged_folder
 
         try:
             if session is not None and session.closed and session.removed_reason:
-                raise RecipeError(f"nothing to push: this session's merged model was removed because "
-                                  f"{session.removed_reason}. Run the merge again.")
+                raise RecipeError(
+                    f"nothing to push: this session's merged model was removed because "
+                    f"{session.removed_reason}. Run the merge again."
+                )
             if session is None or session.merged is None or not session.merged.is_dir():
                 raise RecipeError("nothing to push yet: run a merge first.")
             session.touch()
@@ -360,9 +412,17 @@ class SpaceApp:
         return f"Pushed to [{pushed.repo_id}]({link}) ({visibility})."
 
     # Compare tab ------------------------------------------------------------------------------------------------
-    def run_compare(self, pool_name: str, methods: list[str], sweep_text: str, limit: float | None,
-                    session: Session | None, token: str | None, progress: Any, visitor: str | None = None
-                    ) -> Iterator[tuple[Any, ...]]:
+    def run_compare(
+        self,
+        pool_name: str,
+        methods: list[str],
+        sweep_text: str,
+        limit: float | None,
+        session: Session | None,
+        token: str | None,
+        progress: Any,
+        visitor: str | None = None,
+    ) -> Iterator[tuple[Any, ...]]:
         from hf_fusion.bench import Sweep, run_bench
         from hf_fusion.catalog import get_pool
         from hf_fusion.evaluation import INDIVIDUAL, PRETRAINED
@@ -376,12 +436,15 @@ class SpaceApp:
             sweep = Sweep.parse(sweep_text.strip()) if sweep_text and sweep_text.strip() else None
             if sweep is not None and not any(sweep.parameter in s.params_model.model_fields for s in specs):
                 raise RecipeError(f"none of the chosen methods has a parameter {sweep.parameter!r} to sweep.")
-            runs = sum(len(sweep.values) if sweep and sweep.parameter in s.params_model.model_fields else 1
-                       for s in specs)
+            runs = sum(
+                len(sweep.values) if sweep and sweep.parameter in s.params_model.model_fields else 1 for s in specs
+            )
             if self.public and runs > MAX_COMPARE_RUNS:
-                raise RecipeError(f"this comparison would fuse and score {runs} models; a shared Space runs at most "
-                                  f"{MAX_COMPARE_RUNS} per comparison (fewer methods or sweep values, or run "
-                                  "`hf-fusion bench` on your own machine).")
+                raise RecipeError(
+                    f"this comparison would fuse and score {runs} models; a shared Space runs at most "
+                    f"{MAX_COMPARE_RUNS} per comparison (fewer methods or sweep values, or run "
+                    "`hf-fusion bench` on your own machine)."
+                )
             settings = eval_settings(limit)
         except FusionError as err:  # refused in the request: nothing was created for it
             raise self._error(err) from None
@@ -394,8 +457,15 @@ class SpaceApp:
                 shutil.rmtree(previous, ignore_errors=True)
             try:
                 with disk_reservation(self._reserving(session, factor=1)):
-                    return run_bench(pool, [s.name for s in specs], output, sweep=sweep, settings=settings,
-                                     token=token, show_progress=False)
+                    return run_bench(
+                        pool,
+                        [s.name for s in specs],
+                        output,
+                        sweep=sweep,
+                        settings=settings,
+                        token=token,
+                        show_progress=False,
+                    )
             finally:
                 shutil.rmtree(output / "models", ignore_errors=True)  # only the scores are shown
 
@@ -408,8 +478,14 @@ class SpaceApp:
         bars = output / "scores_per_task.png"
         lines = output / f"sweep_{sweep.parameter}.png" if sweep else None
         status = f"Compared {len(labels)} fused model(s) on {len(bench.report.results)} task(s) of {pool.name}."
-        yield (session, status, job.log_text(), frame, str(bars) if bars.is_file() else None,
-               str(lines) if lines is not None and lines.is_file() else None)
+        yield (
+            session,
+            status,
+            job.log_text(),
+            frame,
+            str(bars) if bars.is_file() else None,
+            str(lines) if lines is not None and lines.is_file() else None,
+        )
 
     # layout -----------------------------------------------------------------------------------------------------
     def build(self) -> Any:
@@ -418,9 +494,11 @@ class SpaceApp:
         # delete_cache: files gradio itself copies into its cache (not the sessions', which the store removes)
         with gr.Blocks(title="hf-fusion", fill_width=True, delete_cache=(1800, 7200)) as demo:
             session = gr.State(None, time_to_live=SESSION_TTL_SECONDS, delete_callback=self.store.close)
-            gr.Markdown("# hf-fusion\nFuse fine-tuned models from the Hub, score them against their experts, and "
-                        "push the result. Every method and parameter below comes from the same registry as the "
-                        "`hf-fusion` command line.")
+            gr.Markdown(
+                "# hf-fusion\nFuse fine-tuned models from the Hub, score them against their experts, and "
+                "push the result. Every method and parameter below comes from the same registry as the "
+                "`hf-fusion` command line."
+            )
             if self.in_space:
                 gr.LoginButton()
             else:
@@ -464,8 +542,9 @@ class SpaceApp:
         Param = inspect.Parameter
         params = [Param(f"input_{i}", Param.POSITIONAL_OR_KEYWORD) for i in range(inputs)]
         if self.in_space:
-            params.append(Param("oauth_token", Param.POSITIONAL_OR_KEYWORD, default=None,
-                                annotation=gr.OAuthToken | None))
+            params.append(
+                Param("oauth_token", Param.POSITIONAL_OR_KEYWORD, default=None, annotation=gr.OAuthToken | None)
+            )
         params.append(Param("request", Param.POSITIONAL_OR_KEYWORD, default=None, annotation=gr.Request))
         if generator:
             params.append(Param("progress", Param.POSITIONAL_OR_KEYWORD, default=gr.Progress()))
@@ -475,17 +554,24 @@ class SpaceApp:
             values, extra = list(args[:inputs]), list(args[inputs:])
             oauth = extra.pop(0) if in_space and extra else None
             request = extra.pop(0) if extra else None
-            return (values, (oauth.token if oauth is not None else None), getattr(request, "session_hash", None),
-                    (extra[0] if extra else None))
+            return (
+                values,
+                (oauth.token if oauth is not None else None),
+                getattr(request, "session_hash", None),
+                (extra[0] if extra else None),
+            )
 
         if generator:
+
             def run(*args: Any) -> Any:
                 values, token, visitor, progress = split(args)
                 yield from handler(*values, token, progress, visitor=visitor)
         else:
+
             def run(*args: Any) -> Any:  # type: ignore[misc]
                 values, token, visitor, _ = split(args)
                 return handler(*values, token, visitor=visitor)
+
         run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         run.__annotations__ = {p.name: p.annotation for p in params if p.annotation is not Param.empty}
         return run
@@ -496,14 +582,28 @@ class SpaceApp:
         with gr.Row():
             with gr.Column(scale=1):
                 source = gr.Radio([POOL_SOURCE, REPO_SOURCE], value=POOL_SOURCE, label="Models from")
-                pool = gr.Dropdown(self.pools, value=DEFAULT_POOL, label="Pool",
-                                   info="FusionBench's pools and the built-in minilm-text3 (runs offline)")
-                models = gr.Textbox(label="Models", lines=4, visible=False,
-                                    placeholder="org/model-a\norg/model-b@revision", info="Hub repo ids, one per line")
-                base = gr.Textbox(label="Base model", visible=False, placeholder="org/pretrained",
-                                  info="the model the others were fine-tuned from (task vectors are taken against it)")
-                method = gr.Dropdown([(f"{s.name} ({s.family.value})", s.name) for s in self.specs],
-                                     value=DEFAULT_METHOD, label="Method")
+                pool = gr.Dropdown(
+                    self.pools,
+                    value=DEFAULT_POOL,
+                    label="Pool",
+                    info="FusionBench's pools and the built-in minilm-text3 (runs offline)",
+                )
+                models = gr.Textbox(
+                    label="Models",
+                    lines=4,
+                    visible=False,
+                    placeholder="org/model-a\norg/model-b@revision",
+                    info="Hub repo ids, one per line",
+                )
+                base = gr.Textbox(
+                    label="Base model",
+                    visible=False,
+                    placeholder="org/pretrained",
+                    info="the model the others were fine-tuned from (task vectors are taken against it)",
+                )
+                method = gr.Dropdown(
+                    [(f"{s.name} ({s.family.value})", s.name) for s in self.specs], value=DEFAULT_METHOD, label="Method"
+                )
                 blurb = gr.Markdown(self.method_blurb(DEFAULT_METHOD))
                 groups, widgets = [], []
                 with gr.Column(elem_id="merge-params"):
@@ -517,10 +617,12 @@ class SpaceApp:
                         groups.append(group)
                 dtype = gr.Dropdown(DTYPES, value="auto", label="Output dtype")
             with gr.Column(scale=1):
-                initial = self.form_to_yaml(POOL_SOURCE, DEFAULT_POOL, "", "", DEFAULT_METHOD, "auto",
-                                            *[s.info.default for s in self.slots])
-                recipe = gr.Code(initial, language="yaml", label="Recipe (editable; Merge runs exactly this)",
-                                 interactive=True)
+                initial = self.form_to_yaml(
+                    POOL_SOURCE, DEFAULT_POOL, "", "", DEFAULT_METHOD, "auto", *[s.info.default for s in self.slots]
+                )
+                recipe = gr.Code(
+                    initial, language="yaml", label="Recipe (editable; Merge runs exactly this)", interactive=True
+                )
                 with gr.Row():
                     evaluate = gr.Checkbox(True, label="Evaluate on the pool's tasks")
                     limit = gr.Number(DEFAULT_LIMIT, precision=0, minimum=0, label="Examples per task (0 = all)")
@@ -528,8 +630,12 @@ class SpaceApp:
                     merge_btn = gr.Button("Merge", variant="primary", elem_id="merge-button")
                     stop_btn = gr.Button("Stop", variant="stop", elem_id="merge-stop")
                 status = gr.Markdown(elem_id="merge-status")
-                scores = gr.Dataframe(label="Scores (fused against the pretrained model and each task's expert)",
-                                      interactive=False, elem_id="merge-scores", headers=EMPTY_BOARD)
+                scores = gr.Dataframe(
+                    label="Scores (fused against the pretrained model and each task's expert)",
+                    interactive=False,
+                    elem_id="merge-scores",
+                    headers=EMPTY_BOARD,
+                )
                 download = gr.File(label="Merged model (zip)", interactive=False)
                 with gr.Accordion("Log", open=False):
                     log_box = gr.Textbox(lines=12, max_lines=20, show_label=False, autoscroll=True)
@@ -543,19 +649,42 @@ class SpaceApp:
                     push_btn = gr.Button("Push to the Hub")
                     push_status = gr.Markdown()
 
-        source.change(lambda s: (gr.update(visible=s == POOL_SOURCE), gr.update(visible=s == REPO_SOURCE),
-                                 gr.update(visible=s == REPO_SOURCE)),
-                      source, [pool, models, base], api_visibility="private", queue=False)
-        method.change(lambda m: [self.method_blurb(m), *(gr.update(visible=s.name == m) for s in self.specs)],
-                      method, [blurb, *groups], api_visibility="private", queue=False)
+        source.change(
+            lambda s: (
+                gr.update(visible=s == POOL_SOURCE),
+                gr.update(visible=s == REPO_SOURCE),
+                gr.update(visible=s == REPO_SOURCE),
+            ),
+            source,
+            [pool, models, base],
+            api_visibility="private",
+            queue=False,
+        )
+        method.change(
+            lambda m: [self.method_blurb(m), *(gr.update(visible=s.name == m) for s in self.specs)],
+            method,
+            [blurb, *groups],
+            api_visibility="private",
+            queue=False,
+        )
         form = [source, pool, models, base, method, dtype, *widgets]
         gr.on([c.change for c in form], self.form_to_yaml, form, recipe, api_visibility="private", queue=False)
-        merge_btn.click(self._with_token(self.run_merge, 4, generator=True), [recipe, evaluate, limit, session],
-                              [session, status, log_box, scores, download, card], api_name="merge",
-                              concurrency_limit=None)
+        merge_btn.click(
+            self._with_token(self.run_merge, 4, generator=True),
+            [recipe, evaluate, limit, session],
+            [session, status, log_box, scores, download, card],
+            api_name="merge",
+            concurrency_limit=None,
+        )
         stop_btn.click(self.stop, session, status, api_name="stop", queue=False)
-        push_btn.click(self._with_token(self.push, 4, generator=False), [repo, private, overwrite, session], push_status,
-                       api_name="push", concurrency_limit=PUSH_CONCURRENCY, concurrency_id="push")
+        push_btn.click(
+            self._with_token(self.push, 4, generator=False),
+            [repo, private, overwrite, session],
+            push_status,
+            api_name="push",
+            concurrency_limit=PUSH_CONCURRENCY,
+            concurrency_id="push",
+        )
 
     def _compare_tab(self, session: Any) -> None:
         import gradio as gr
@@ -564,8 +693,11 @@ class SpaceApp:
             with gr.Column(scale=1):
                 pool = gr.Dropdown(self.pools, value=DEFAULT_POOL, label="Pool")
                 methods = gr.CheckboxGroup([s.name for s in self.specs], value=DEFAULT_COMPARE, label="Methods")
-                sweep = gr.Textbox(label="Sweep (optional)", placeholder="scaling_factor=0.1:1.0:0.1",
-                                   info="NAME=START:STOP:STEP or NAME=V1,V2,...; methods without it run once")
+                sweep = gr.Textbox(
+                    label="Sweep (optional)",
+                    placeholder="scaling_factor=0.1:1.0:0.1",
+                    info="NAME=START:STOP:STEP or NAME=V1,V2,...; methods without it run once",
+                )
                 limit = gr.Number(DEFAULT_LIMIT, precision=0, minimum=0, label="Examples per task (0 = all)")
                 with gr.Row():
                     run_btn = gr.Button("Compare", variant="primary", elem_id="compare-button")
@@ -574,21 +706,36 @@ class SpaceApp:
                 with gr.Accordion("Log", open=False):
                     log_box = gr.Textbox(lines=12, max_lines=20, show_label=False, autoscroll=True)
             with gr.Column(scale=2):
-                board = gr.Dataframe(label="Leaderboard (best fused value per column in bold)", interactive=False,
-                                     elem_id="compare-leaderboard", headers=EMPTY_BOARD)
+                board = gr.Dataframe(
+                    label="Leaderboard (best fused value per column in bold)",
+                    interactive=False,
+                    elem_id="compare-leaderboard",
+                    headers=EMPTY_BOARD,
+                )
                 with gr.Row():
                     bars = gr.Image(label="Scores per task", type="filepath", interactive=False)
-                    lines = gr.Image(label="Average score against the swept parameter", type="filepath",
-                                     interactive=False)
-        run_btn.click(self._with_token(self.run_compare, 5, generator=True), [pool, methods, sweep, limit, session],
-                      [session, status, log_box, board, bars, lines], api_name="compare",
-                      concurrency_limit=None)
+                    lines = gr.Image(
+                        label="Average score against the swept parameter", type="filepath", interactive=False
+                    )
+        run_btn.click(
+            self._with_token(self.run_compare, 5, generator=True),
+            [pool, methods, sweep, limit, session],
+            [session, status, log_box, board, bars, lines],
+            api_name="compare",
+            concurrency_limit=None,
+        )
         stop_btn.click(self.stop, session, status, api_name="stop_compare", queue=False)
 
 
-def create_app(*, root: str | Path | None = None, files_root: str | Path | None = None, in_space: bool | None = None,
-               allow_local_paths: bool | None = None, concurrency: int | None = None,
-               limits: SpaceLimits | None = None) -> SpaceApp:
+def create_app(
+    *,
+    root: str | Path | None = None,
+    files_root: str | Path | None = None,
+    in_space: bool | None = None,
+    allow_local_paths: bool | None = None,
+    concurrency: int | None = None,
+    limits: SpaceLimits | None = None,
+) -> SpaceApp:
     """The Space's handlers and its session store. Outside a Space, local folders may be fused and the local token
     pushes; inside one, only Hub ids, catalog pools and built-in models, and the signed-in user's OAuth token.
     Limits come from ``limits`` or the environment (see :meth:`SpaceLimits.from_environment`)."""
@@ -627,8 +774,14 @@ def launch(*, host: str = "127.0.0.1", port: int | None = None, demo: Any = None
     demo = demo if demo is not None else build_app(**options)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
-    demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False, footer_links=["api", "settings"],
-                max_file_size="1mb")  # nothing in the app takes uploads
+    demo.launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        ssr_mode=False,
+        footer_links=["api", "settings"],
+        max_file_size="1mb",
+    )  # nothing in the app takes uploads
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -644,8 +797,15 @@ def serving(*, host: str = "127.0.0.1", port: int | None = None, **build: Any) -
     Leaving the block stops the server and removes every session's files."""
     app = create_app(**build)
     demo = app.build()
-    _, url, _ = demo.launch(server_name=host, server_port=port or free_port(host), prevent_thread_lock=True,
-                            quiet=True, share=False, ssr_mode=False, max_file_size="1mb")
+    _, url, _ = demo.launch(
+        server_name=host,
+        server_port=port or free_port(host),
+        prevent_thread_lock=True,
+        quiet=True,
+        share=False,
+        ssr_mode=False,
+        max_file_size="1mb",
+    )
     try:
         yield url.rstrip("/")
     finally:

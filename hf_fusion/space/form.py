@@ -9,8 +9,9 @@ Merge button runs whatever that YAML says, so editing the YAML by hand and filli
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
@@ -72,8 +73,9 @@ def make_widget(slot: ParamSlot) -> Any:
     if kind == "number":
         return gr.Number(value=info.default, precision=0 if info.type == "int" else None, **common)
     placeholder = "YAML, e.g. [0.5, 0.3, 0.2]; empty for the default"
-    return gr.Textbox(value="" if info.default is None else yaml.safe_dump(info.default).strip(),
-                      placeholder=placeholder, **common)
+    return gr.Textbox(
+        value="" if info.default is None else yaml.safe_dump(info.default).strip(), placeholder=placeholder, **common
+    )
 
 
 def param_slots(specs: Sequence[MethodSpec]) -> list[ParamSlot]:
@@ -144,8 +146,9 @@ class _NoAliasLoader(yaml.SafeLoader):
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
-            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not accepted in a recipe",
-                                              event.start_mark)
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not accepted in a recipe", event.start_mark
+            )
         return super().compose_node(parent, index)
 
 
@@ -161,4 +164,3 @@ def parse_recipe_yaml(text: str) -> dict[str, Any]:
         raise RecipeError("the recipe must be a YAML mapping with at least `method` and `models` (or `pool`).")
     data.pop("output", None)
     return data
-

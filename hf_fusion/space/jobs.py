@@ -15,7 +15,8 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
 
 from hf_fusion.errors import JobStopped
 from hf_fusion.progress import JobMonitor, monitored
@@ -30,7 +31,7 @@ MAX_LOG_LINES = 400
 class _ThreadLog(logging.Handler):
     """Keeps the records emitted by the job's own thread."""
 
-    def __init__(self, job: "Job[Any]") -> None:
+    def __init__(self, job: Job[Any]) -> None:
         super().__init__(logging.DEBUG)
         self.job = job
         self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
@@ -60,7 +61,7 @@ class Job(Generic[T]):
         self._thread = threading.Thread(target=self._run, name=f"hf-fusion-{name}", daemon=True)
 
     # lifecycle ----------------------------------------------------------------------------------------------
-    def start(self) -> "Job[T]":
+    def start(self) -> Job[T]:
         self._thread.start()
         return self
 
@@ -109,8 +110,11 @@ class Job(Generic[T]):
             return_memory()
 
     def _on_wait(self, ahead: int) -> None:
-        stage = f"waiting for a free slot ({ahead} in line before this job)" if ahead > 1 else \
-            "waiting for a free slot (next in line)"
+        stage = (
+            f"waiting for a free slot ({ahead} in line before this job)"
+            if ahead > 1
+            else "waiting for a free slot (next in line)"
+        )
         if stage != self.stage:
             self.write(stage)
         self.stage, self.done, self.total = stage, 0, None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 from hf_fusion.errors import InsufficientResourcesError, JobStopped
 
@@ -21,7 +21,7 @@ class SpaceBusyError(InsufficientResourcesError):
 class Ticket:
     """One admitted job's place: granted at once when a slot is free, else waiting in line."""
 
-    def __init__(self, slots: "JobSlots") -> None:
+    def __init__(self, slots: JobSlots) -> None:
         self._slots = slots
         self.granted = False
         self.released = False

@@ -35,7 +35,7 @@ def remove_dead_servers(parent: Path) -> list[Path]:
     """Removes the ``server-<pid>-*`` folders under ``parent`` whose process is gone (killed, crashed, restarted)."""
     removed = []
     for folder in sorted(parent.glob(f"{SERVER_PREFIX}*")) if parent.is_dir() else ():
-        pid = folder.name[len(SERVER_PREFIX):].split("-")[0]
+        pid = folder.name[len(SERVER_PREFIX) :].split("-")[0]
         if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
@@ -138,8 +138,9 @@ class SessionStore:
                 )
             self._reserved[session.key] = 0
             used = self.used_bytes()
-            others = sorted((s for s in self._sessions.values() if s is not session and not s.busy),
-                            key=lambda s: s.last_used)
+            others = sorted(
+                (s for s in self._sessions.values() if s is not session and not s.busy), key=lambda s: s.last_used
+            )
             for other in others:
                 if used + needed <= self.budget_bytes:
                     break

@@ -8,7 +8,8 @@ sent (shortened), never the content or the location of a server file.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -28,8 +29,10 @@ def shown(value: Any, limit: int = 80) -> str:
 def check_pool_name(name: Any) -> str:
     """A catalog pool's name; pool files and anything else are refused without being opened."""
     if not isinstance(name, str) or name.strip() not in pool_names():
-        raise RecipeError(f"pool {shown(name)} is not a catalog pool; this Space accepts only the catalog's pools "
-                          "(run `hf-fusion pools` for the list), not pool files.")
+        raise RecipeError(
+            f"pool {shown(name)} is not a catalog pool; this Space accepts only the catalog's pools "
+            "(run `hf-fusion pools` for the list), not pool files."
+        )
     return name.strip()
 
 

@@ -20,8 +20,13 @@ class CausalLM(TaskEvaluator):
 
     def encode(self, batch: dict[str, list[Any]]) -> dict[str, torch.Tensor]:
         """The texts of a batch, tokenised, on the device."""
-        encoded = self.tokenizer(batch[self.spec.text[0]], padding=True, truncation=True,
-                                 max_length=self.spec.max_length, return_tensors="pt")
+        encoded = self.tokenizer(
+            batch[self.spec.text[0]],
+            padding=True,
+            truncation=True,
+            max_length=self.spec.max_length,
+            return_tensors="pt",
+        )
         return {k: v.to(self.settings.device) for k, v in encoded.items()}
 
     def logits(self, network: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

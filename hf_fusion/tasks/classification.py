@@ -24,7 +24,9 @@ class HeadClassification(TaskEvaluator):
         self.is_text = bool(spec.text)
         self.auto_class = AutoModelForSequenceClassification if self.is_text else AutoModelForImageClassification
         expert = context.expert.checkpoint()
-        self.head = read_state(expert, [n for n in expert.entries if any(fnmatch.fnmatchcase(n, p) for p in context.heads)])
+        self.head = read_state(
+            expert, [n for n in expert.entries if any(fnmatch.fnmatchcase(n, p) for p in context.heads)]
+        )
         if self.is_text:
             self.tokenizer = tokenizer_for(context.expert.folder, context.base)
             if self.config.get("pad_token_id") is None:
@@ -33,14 +35,18 @@ class HeadClassification(TaskEvaluator):
             from transformers import AutoImageProcessor
 
             self.image_processor = AutoImageProcessor.from_pretrained(
-                context.expert.folder if (context.expert.folder / "preprocessor_config.json").is_file() else context.base
+                context.expert.folder
+                if (context.expert.folder / "preprocessor_config.json").is_file()
+                else context.base
             )
 
     def encode(self, batch: dict[str, list[Any]]) -> dict[str, torch.Tensor]:
         """Model inputs of a batch of examples, on the device."""
         if self.is_text:
             columns = [batch[c] for c in self.spec.text]
-            encoded = self.tokenizer(*columns, padding=True, truncation=True, max_length=self.spec.max_length, return_tensors="pt")
+            encoded = self.tokenizer(
+                *columns, padding=True, truncation=True, max_length=self.spec.max_length, return_tensors="pt"
+            )
         else:
             images = [image.convert("RGB") for image in batch[self.spec.image]]
             encoded = self.image_processor(images=images, return_tensors="pt")
@@ -49,7 +55,9 @@ class HeadClassification(TaskEvaluator):
     def task_network(self, backbone: torch.nn.Module) -> torch.nn.Module:
         """The task's classifier (its expert's head) around ``backbone``, a module that stands in for the model's
         own backbone (a fused ensemble or mixture, or a backbone under training)."""
-        base = without_heads(read_state(ModelUnderTest("pretrained", self.context.base).checkpoint()), self.context.heads)
+        base = without_heads(
+            read_state(ModelUnderTest("pretrained", self.context.base).checkpoint()), self.context.heads
+        )
         network = build_model(self.auto_class, self.config, {**self.head, **base}, "task", self.settings.device)
         setattr(network, network.base_model_prefix, backbone.to(self.settings.device))
         return network

@@ -41,8 +41,11 @@ class ClipZeroShot(TaskEvaluator):
 
     def encode(self, batch: dict[str, list[Any]]) -> dict[str, torch.Tensor]:
         images = [image.convert("RGB") for image in batch[self.spec.image]]
-        return {"pixel_values": self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-                .to(self.settings.device)}
+        return {
+            "pixel_values": self.image_processor(images=images, return_tensors="pt")["pixel_values"].to(
+                self.settings.device
+            )
+        }
 
     def task_network(self, backbone: torch.nn.Module) -> torch.nn.Module:
         """The pretrained CLIP with ``backbone`` (a vision model, or a fused module wrapping one) as its vision
@@ -51,8 +54,9 @@ class ClipZeroShot(TaskEvaluator):
 
         clip = build_model(CLIPModel, self.config, self.base_state, "task", self.settings.device)  # type: ignore[arg-type]
         backbone = backbone.to(self.settings.device)
-        clip.vision_model = getattr(backbone, "vision_model", None) if type(backbone).__name__ == "CLIPVisionModel" \
-            else backbone
+        clip.vision_model = (
+            getattr(backbone, "vision_model", None) if type(backbone).__name__ == "CLIPVisionModel" else backbone
+        )
         return clip
 
     def logits(self, network: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

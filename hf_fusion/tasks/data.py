@@ -8,7 +8,6 @@ from typing import Any
 from hf_fusion.catalog import BUILTIN_PREFIX, TaskSpec
 from hf_fusion.errors import FusionError
 
-
 SUBSET_SEED = 0  # the shuffle seed of ``limit`` subsets; reports record it so a card can say how the subset was drawn
 
 
@@ -21,7 +20,7 @@ def load_examples(spec: TaskSpec, limit: int | None = None) -> Any:
     if spec.dataset.startswith(BUILTIN_PREFIX):
         from hf_fusion.builtin.text3_data import load_text3
 
-        data = load_text3(spec.dataset[len(BUILTIN_PREFIX):], spec.split)
+        data = load_text3(spec.dataset[len(BUILTIN_PREFIX) :], spec.split)
     else:
         data = _load_hub_or_local(spec)
     if limit is not None and limit < len(data):
@@ -38,13 +37,19 @@ def _load_hub_or_local(spec: TaskSpec) -> Any:
         return datasets.load_dataset(spec.dataset, spec.config, split=spec.split)
     except (FileNotFoundError, ValueError) as err:
         offline = constants.is_offline_mode()
-        hint = ("it is not in the local datasets cache (HF_HUB_OFFLINE=1): download it once while online"
-                if offline else "check the dataset id, config and split, or download it while online and rerun "
-                "with HF_HUB_OFFLINE=1")
-        raise DatasetError(f"task {spec.name}: cannot load dataset {where}: {hint} ({err.__class__.__name__}).") from None
+        hint = (
+            "it is not in the local datasets cache (HF_HUB_OFFLINE=1): download it once while online"
+            if offline
+            else "check the dataset id, config and split, or download it while online and rerun with HF_HUB_OFFLINE=1"
+        )
+        raise DatasetError(
+            f"task {spec.name}: cannot load dataset {where}: {hint} ({err.__class__.__name__})."
+        ) from None
     except ConnectionError as err:
-        raise DatasetError(f"task {spec.name}: cannot reach the Hub for dataset {where} ({err}); rerun with "
-                           "HF_HUB_OFFLINE=1 to use the cache.") from None
+        raise DatasetError(
+            f"task {spec.name}: cannot reach the Hub for dataset {where} ({err}); rerun with "
+            "HF_HUB_OFFLINE=1 to use the cache."
+        ) from None
 
 
 def class_names(spec: TaskSpec, data: Any) -> list[str]:
@@ -54,6 +59,8 @@ def class_names(spec: TaskSpec, data: Any) -> list[str]:
     feature = data.features.get(spec.label)
     names = getattr(feature, "names", None)
     if not names:
-        raise DatasetError(f"task {spec.name}: dataset {spec.dataset} has no class names in its {spec.label!r} "
-                           "feature; list them as class_names in the pool.")
+        raise DatasetError(
+            f"task {spec.name}: dataset {spec.dataset} has no class names in its {spec.label!r} "
+            "feature; list them as class_names in the pool."
+        )
     return [name.rsplit("/", 1)[-1].replace("_", " ").strip() for name in names]

@@ -50,8 +50,9 @@ class TextToText(TaskEvaluator):
 
     def encode(self, batch: dict[str, list[Any]]) -> dict[str, torch.Tensor]:
         """The prompts of a batch, tokenised, on the device."""
-        encoded = self.tokenizer(self._prompts(batch), padding=True, truncation=True, max_length=self.spec.max_length,
-                                 return_tensors="pt")
+        encoded = self.tokenizer(
+            self._prompts(batch), padding=True, truncation=True, max_length=self.spec.max_length, return_tensors="pt"
+        )
         return {k: v.to(self.settings.device) for k, v in encoded.items()}
 
     def logits(self, network: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

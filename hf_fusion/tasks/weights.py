@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import fnmatch
 import json
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -68,8 +69,9 @@ def replace_part(state: dict[str, torch.Tensor], part: dict[str, torch.Tensor], 
     return {**state, **{k: part[mapping[k]] for k in targets}}
 
 
-def build_model(auto_class: Any, config: dict[str, Any], state: dict[str, torch.Tensor], label: str,
-                device: str) -> torch.nn.Module:
+def build_model(
+    auto_class: Any, config: dict[str, Any], state: dict[str, torch.Tensor], label: str, device: str
+) -> torch.nn.Module:
     """A transformers model of ``config``'s architecture with ``state`` (checkpoint naming) loaded through
     ``from_pretrained``, so transformers' own key conversions and prefix handling apply; a weight left at its
     random initialisation is an error, since it would give a meaningless score."""
@@ -81,8 +83,9 @@ def build_model(auto_class: Any, config: dict[str, Any], state: dict[str, torch.
         model, info = model_class.from_pretrained(None, config=cfg, state_dict=state, output_loading_info=True)
     missing = sorted(info.get("missing_keys") or [])
     if missing:
-        raise FusionError(f"{label}: no weights for {len(missing)} tensor(s) of {type(model).__name__}, "
-                          f"e.g. {missing[0]!r}.")
+        raise FusionError(
+            f"{label}: no weights for {len(missing)} tensor(s) of {type(model).__name__}, e.g. {missing[0]!r}."
+        )
     return model.to(device).eval()
 
 

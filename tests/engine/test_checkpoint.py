@@ -54,9 +54,14 @@ def test_sharded_checkpoint_via_index(tmp_path: Path) -> None:
     tensors = _tensors()
     save_file({"w": tensors["w"]}, tmp_path / "model-00001-of-00002.safetensors")
     save_file({"h": tensors["h"]}, tmp_path / "model-00002-of-00002.safetensors")
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {"w": "model-00001-of-00002.safetensors",
-                                        "h": "model-00002-of-00002.safetensors"}}))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "metadata": {},
+                "weight_map": {"w": "model-00001-of-00002.safetensors", "h": "model-00002-of-00002.safetensors"},
+            }
+        )
+    )
     ckpt = open_checkpoint(tmp_path, "m")
     assert list(ckpt.entries) == ["w", "h"]
     assert ckpt.weights_stem == "model"
@@ -114,19 +119,35 @@ def _raw_safetensors(path: Path, header: dict, data: bytes) -> None:
     path.write_bytes(len(text).to_bytes(8, "little") + text + data)
 
 
-@pytest.mark.parametrize("header, data, message", [
-    ({"a": {"dtype": "F32", "shape": [-1, -2], "data_offsets": [0, 8]}}, 8, "invalid shape"),
-    ({"a": {"dtype": "F32", "shape": [True, 2], "data_offsets": [0, 8]}}, 8, "invalid shape"),
-    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-      "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 8, "overlaps the tensor before it"),
-    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12, "overlaps the tensor before it"),
-    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12, "leaves a gap"),
-    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, 8, "invalid data offsets"),
-    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 12, "bytes after the last tensor"),
-])
-def test_headers_the_safetensors_library_refuses_are_refused(tmp_path: Path, header: dict, data: int,
-                                                            message: str) -> None:
+@pytest.mark.parametrize(
+    "header, data, message",
+    [
+        ({"a": {"dtype": "F32", "shape": [-1, -2], "data_offsets": [0, 8]}}, 8, "invalid shape"),
+        ({"a": {"dtype": "F32", "shape": [True, 2], "data_offsets": [0, 8]}}, 8, "invalid shape"),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            },
+            8,
+            "overlaps the tensor before it",
+        ),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            12,
+            "overlaps the tensor before it",
+        ),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12, "leaves a gap"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, 8, "invalid data offsets"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 12, "bytes after the last tensor"),
+    ],
+)
+def test_headers_the_safetensors_library_refuses_are_refused(
+    tmp_path: Path, header: dict, data: int, message: str
+) -> None:
     from safetensors import SafetensorError
 
     path = tmp_path / "model.safetensors"

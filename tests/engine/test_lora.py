@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from toy import bert, gpt2
 
 from hf_fusion.engine.checkpoint import open_checkpoint
 from hf_fusion.engine.dtypes import SAFETENSORS_TO_TORCH
 from hf_fusion.engine.lora import LoraCheckpoint
 from hf_fusion.errors import CheckpointError
-from hf_fusion.toy import bert, gpt2
 
 
 def _read_all(ckpt, rows_per_read: int) -> dict[str, torch.Tensor]:
@@ -54,8 +54,14 @@ def test_dense_view_equals_peft_merge(case: str, tmp_path: Path) -> None:
         base_model = task
     else:
         task = bert(num_labels=2)
-        config = LoraConfig(r=4, lora_alpha=8, target_modules=["word_embeddings", "query"], use_rslora=True,
-                            alpha_pattern={"query": 2.0}, task_type="SEQ_CLS")
+        config = LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["word_embeddings", "query"],
+            use_rslora=True,
+            alpha_pattern={"query": 2.0},
+            task_type="SEQ_CLS",
+        )
         base_model = task.bert
     base_model.save_pretrained(tmp_path / "base")
     peft_model = get_peft_model(copy.deepcopy(task), config)

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from toy import make_pool
 
 import hf_fusion
 from hf_fusion.cli import main
 from hf_fusion.errors import NonFiniteError
-from hf_fusion.toy import make_pool
 
 TENSOR = "transformer.h.0.attn.c_attn.weight"
 MASK = "transformer.h.0.attn.bias"
@@ -42,6 +43,7 @@ def _poison(value: float) -> Callable[[dict[str, torch.Tensor]], None]:
     def change(tensors: dict[str, torch.Tensor]) -> None:
         for row, col in BAD:
             tensors[TENSOR][row, col] = value
+
     return change
 
 
@@ -73,8 +75,15 @@ METHODS: dict[str, tuple[dict[str, Any], bool]] = {
 def _merge(pool: tuple[Path, list[Path]], method: str, out: Path, **kwargs: Any) -> hf_fusion.MergeResult:
     base, experts = pool
     params, with_base = METHODS.get(method, ({}, True))
-    return hf_fusion.merge(models=[str(e) for e in experts], base=str(base) if with_base else None, method=method,
-                           output=out, show_progress=False, **params, **kwargs)
+    return hf_fusion.merge(
+        models=[str(e) for e in experts],
+        base=str(base) if with_base else None,
+        method=method,
+        output=out,
+        show_progress=False,
+        **params,
+        **kwargs,
+    )
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -142,8 +151,13 @@ def test_a_mask_that_differs_between_inputs_is_refused(gpt2, tmp_path: Path) -> 
 
 def test_weights_that_overflow_float32_are_refused_then_clamped(gpt2, tmp_path: Path) -> None:
     _, experts = gpt2
-    kwargs = dict(models=[str(e) for e in experts], method="weighted_average", weights=[1e300, 1.0],
-                  normalize=False, show_progress=False)
+    kwargs = dict(
+        models=[str(e) for e in experts],
+        method="weighted_average",
+        weights=[1e300, 1.0],
+        normalize=False,
+        show_progress=False,
+    )
     with pytest.raises(NonFiniteError, match="overflows float32") as err:
         hf_fusion.merge(output=tmp_path / "out", **kwargs)
     assert "transformer." in str(err.value) and "--clamp-overflow" in str(err.value)
@@ -156,8 +170,13 @@ def test_weights_that_overflow_float32_are_refused_then_clamped(gpt2, tmp_path: 
 
 def test_large_normalised_weights_do_not_overflow(gpt2, tmp_path: Path) -> None:
     _, experts = gpt2
-    hf_fusion.merge(models=[str(e) for e in experts], method="weighted_average", weights=[1e300, 1e300],
-                    output=tmp_path / "out", show_progress=False)
+    hf_fusion.merge(
+        models=[str(e) for e in experts],
+        method="weighted_average",
+        weights=[1e300, 1e300],
+        output=tmp_path / "out",
+        show_progress=False,
+    )
     fused = load_file(tmp_path / "out" / "model.safetensors")
     a, b = (load_file(e / "model.safetensors") for e in experts)
     assert torch.allclose(fused[TENSOR], (a[TENSOR] + b[TENSOR]) / 2)
@@ -175,8 +194,13 @@ def fp16_pool(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path
 
 def test_fp16_task_arithmetic_that_overflows_is_refused_then_clamped(fp16_pool, tmp_path: Path) -> None:
     base, experts = fp16_pool
-    kwargs = dict(models=[str(e) for e in experts], base=str(base), method="task_arithmetic", scaling_factor=1.0,
-                  show_progress=False)
+    kwargs = dict(
+        models=[str(e) for e in experts],
+        base=str(base),
+        method="task_arithmetic",
+        scaling_factor=1.0,
+        show_progress=False,
+    )
     with pytest.raises(NonFiniteError, match=rf"{TENSOR.replace('.', '[.]')}.*overflows float16"):
         hf_fusion.merge(output=tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()
@@ -187,10 +211,35 @@ def test_fp16_task_arithmetic_that_overflows_is_refused_then_clamped(fp16_pool, 
 
 def test_cli_reports_a_nan_input_as_an_error_line(nan_pool, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     base, experts = nan_pool
-    code = main(["merge", "--repo-ids", *map(str, experts), "--base", str(base), "--method", "ties_merging",
-                 "--output", str(tmp_path / "out"), "-q"])
+    code = main(
+        [
+            "merge",
+            "--repo-ids",
+            *map(str, experts),
+            "--base",
+            str(base),
+            "--method",
+            "ties_merging",
+            "--output",
+            str(tmp_path / "out"),
+            "-q",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("hf-fusion: error: ") and TENSOR in err and "Traceback" not in err
-    code = main(["merge", "--repo-ids", *map(str, experts), "--base", str(base), "--method", "ties_merging",
-                 "--output", str(tmp_path / "out"), "-q", "--allow-nonfinite"])
+    code = main(
+        [
+            "merge",
+            "--repo-ids",
+            *map(str, experts),
+            "--base",
+            str(base),
+            "--method",
+            "ties_merging",
+            "--output",
+            str(tmp_path / "out"),
+            "-q",
+            "--allow-nonfinite",
+        ]
+    )
     assert code == 0 and (tmp_path / "out" / "model.safetensors").exists()

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from huggingface_hub import ModelCard
-
 from hub_helpers import publish
+from huggingface_hub import ModelCard
 
 import hf_fusion
 from hf_fusion.report import REPORT_FILENAME, EvaluationReport, TaskResult
@@ -49,23 +48,47 @@ def test_front_matter_is_valid_in_every_combination(case: str, hub_pool, bert_po
 def test_license_is_unknown_when_inputs_disagree(hub, hub_pool, bert_pool, tmp_path: Path) -> None:
     base, experts = bert_pool
     publish(hub, "fusion-lab/mit-ft", experts[1], license="mit")
-    hf_fusion.merge(models=[hub_pool["experts"][0], "fusion-lab/mit-ft"], method="simple_average",
-                    output=tmp_path / "o", show_progress=False)
+    hf_fusion.merge(
+        models=[hub_pool["experts"][0], "fusion-lab/mit-ft"],
+        method="simple_average",
+        output=tmp_path / "o",
+        show_progress=False,
+    )
     assert _front_matter(tmp_path / "o")["license"] == "unknown"
 
 
 def test_card_command_adds_evaluation_results(hub_pool, tmp_path: Path) -> None:
-    hf_fusion.merge(models=hub_pool["experts"], base=hub_pool["base"], method="ties", output=tmp_path / "o",
-                    show_progress=False)
-    report = EvaluationReport(results=[
-        TaskResult(task="sst2", task_type="text-classification", dataset="glue", dataset_config="sst2",
-                   split="validation", metric="accuracy", scores={"fused": 0.9123, "pretrained": 0.5, "ft0": 0.93}),
-        TaskResult(task="cola", task_type="text-classification", dataset="glue", dataset_config="cola",
-                   split="validation", metric="accuracy", scores={"fused": 0.7, "pretrained": 0.6, "ft1": 0.8}),
-    ])
+    hf_fusion.merge(
+        models=hub_pool["experts"], base=hub_pool["base"], method="ties", output=tmp_path / "o", show_progress=False
+    )
+    report = EvaluationReport(
+        results=[
+            TaskResult(
+                task="sst2",
+                task_type="text-classification",
+                dataset="glue",
+                dataset_config="sst2",
+                split="validation",
+                metric="accuracy",
+                scores={"fused": 0.9123, "pretrained": 0.5, "ft0": 0.93},
+            ),
+            TaskResult(
+                task="cola",
+                task_type="text-classification",
+                dataset="glue",
+                dataset_config="cola",
+                split="validation",
+                metric="accuracy",
+                scores={"fused": 0.7, "pretrained": 0.6, "ft1": 0.8},
+            ),
+        ]
+    )
     (tmp_path / "o" / REPORT_FILENAME).write_text(report.model_dump_json(indent=2))
-    out = subprocess.run([sys.executable, "-m", "hf_fusion", "card", str(tmp_path / "o"), "--repo-id", "alice/fused"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "hf_fusion", "card", str(tmp_path / "o"), "--repo-id", "alice/fused"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     card = ModelCard.load(tmp_path / "o" / "README.md")
     results = {(r.dataset_config, r.metric_type): r.metric_value for r in card.data.eval_results}

@@ -11,19 +11,20 @@ import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard, snapshot_download
 from huggingface_hub.errors import RepositoryNotFoundError
+from toy import example_inputs
 from transformers import AutoModelForSequenceClassification
 
 import hf_fusion
 from hf_fusion.hub.errors import MissingTokenError, PushError
-from hf_fusion.toy import example_inputs
 
 
 def cli(*args: str, token: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
     if token:
         env["HF_TOKEN"] = token
-    return subprocess.run([sys.executable, "-m", "hf_fusion", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "hf_fusion", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
+    )
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -32,8 +33,22 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 def test_merge_push_download_load_and_card(hub, hub_pool, tokens, repo_name: str, tmp_path: Path) -> None:
     experts, base = hub_pool["experts"], hub_pool["base"]
-    out = cli("merge", "--repo-ids", *experts, "--base", base, "--method", "task_arithmetic", "--output",
-              str(tmp_path / "merged"), "--push", repo_name, "--token", tokens["write"], cwd=tmp_path)
+    out = cli(
+        "merge",
+        "--repo-ids",
+        *experts,
+        "--base",
+        base,
+        "--method",
+        "task_arithmetic",
+        "--output",
+        str(tmp_path / "merged"),
+        "--push",
+        repo_name,
+        "--token",
+        tokens["write"],
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     assert f"Pushed to {hub.endpoint}/{repo_name}" in out.stdout
     local = _files(tmp_path / "merged")
@@ -68,8 +83,20 @@ def test_merge_push_download_load_and_card(hub, hub_pool, tokens, repo_name: str
 
 
 def test_verbose_logs_never_show_the_token(hub, hub_pool, tokens, repo_name: str, tmp_path: Path) -> None:
-    out = cli("merge", "--verbose", "--repo-ids", *hub_pool["experts"][:2], "--method", "simple_average", "--output",
-              str(tmp_path / "m"), "--push", repo_name, "--token", tokens["write"])
+    out = cli(
+        "merge",
+        "--verbose",
+        "--repo-ids",
+        *hub_pool["experts"][:2],
+        "--method",
+        "simple_average",
+        "--output",
+        str(tmp_path / "m"),
+        "--push",
+        repo_name,
+        "--token",
+        tokens["write"],
+    )
     assert out.returncode == 0, out.stderr
     assert "DEBUG hf_fusion" in out.stderr  # verbose really logs
     assert tokens["write"] not in out.stdout + out.stderr
@@ -109,25 +136,50 @@ def test_missing_token_fails_before_any_work(hub, hub_pool, monkeypatch, tmp_pat
     monkeypatch.delenv("HF_TOKEN", raising=False)
     since = len(hub.state.requests)
     with pytest.raises(MissingTokenError, match="pass --token, set HF_TOKEN, or run `hf auth login`"):
-        hf_fusion.merge(models=hub_pool["experts"][:2], method="simple_average", output=tmp_path / "o",
-                        push="alice/x", show_progress=False)
+        hf_fusion.merge(
+            models=hub_pool["experts"][:2],
+            method="simple_average",
+            output=tmp_path / "o",
+            push="alice/x",
+            show_progress=False,
+        )
     assert hub.state.requests[since:] == [] and not (tmp_path / "o").exists()
 
 
 def test_foreign_namespace_is_refused_early(hub, hub_pool, tokens, tmp_path: Path) -> None:
     with pytest.raises(PushError, match="the token belongs to 'alice', who cannot create repos under 'bob'"):
-        hf_fusion.merge(models=hub_pool["experts"][:2], method="simple_average", output=tmp_path / "o",
-                        push="bob/x", token=tokens["write"], show_progress=False)
+        hf_fusion.merge(
+            models=hub_pool["experts"][:2],
+            method="simple_average",
+            output=tmp_path / "o",
+            push="bob/x",
+            token=tokens["write"],
+            show_progress=False,
+        )
     assert not (tmp_path / "o").exists()
 
 
-def test_refused_push_keeps_the_folder_and_says_how_to_retry(hub, hub_pool, tokens, repo_name: str,
-                                                              tmp_path: Path) -> None:
-    out = cli("merge", "--repo-ids", *hub_pool["experts"][:2], "--method", "simple_average", "--output",
-              str(tmp_path / "merged"), "--push", repo_name, token=tokens["read"])
+def test_refused_push_keeps_the_folder_and_says_how_to_retry(
+    hub, hub_pool, tokens, repo_name: str, tmp_path: Path
+) -> None:
+    out = cli(
+        "merge",
+        "--repo-ids",
+        *hub_pool["experts"][:2],
+        "--method",
+        "simple_average",
+        "--output",
+        str(tmp_path / "merged"),
+        "--push",
+        repo_name,
+        token=tokens["read"],
+    )
     assert out.returncode == 1
     assert "forbidden (403)" in out.stderr
-    assert f"The fused model is intact in {tmp_path / 'merged'}; retry with: hf-fusion push {tmp_path / 'merged'} {repo_name}" in out.stderr
+    assert (
+        f"The fused model is intact in {tmp_path / 'merged'}; retry with: hf-fusion push {tmp_path / 'merged'} {repo_name}"
+        in out.stderr
+    )
     assert (tmp_path / "merged" / "model.safetensors").is_file()
     assert tokens["read"] not in out.stdout + out.stderr
     (tmp_path / "merged" / "README.md").unlink()
@@ -143,8 +195,13 @@ def test_push_without_output_cleans_up(hub, hub_pool, tokens, repo_name: str, tm
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", None)
-    result = hf_fusion.merge(models=hub_pool["experts"][:2], method="simple_average", push=repo_name,
-                             token=tokens["write"], show_progress=False)
+    result = hf_fusion.merge(
+        models=hub_pool["experts"][:2],
+        method="simple_average",
+        push=repo_name,
+        token=tokens["write"],
+        show_progress=False,
+    )
     assert "model.safetensors" in HfApi().list_repo_files(repo_name)
     assert not result.output.exists()
     assert list(tmp_path.iterdir()) == []
@@ -157,8 +214,13 @@ def test_stored_login_is_used(hub, hub_pool, tokens, repo_name: str, tmp_path: P
     token_file = tmp_path / "stored_token"
     token_file.write_text(tokens["write"])
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(token_file))
-    result = hf_fusion.merge(models=hub_pool["experts"][:2], method="simple_average", output=tmp_path / "o",
-                             push=repo_name, show_progress=False)
+    result = hf_fusion.merge(
+        models=hub_pool["experts"][:2],
+        method="simple_average",
+        output=tmp_path / "o",
+        push=repo_name,
+        show_progress=False,
+    )
     assert result.push.repo_id == repo_name
 
 

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
+import reference as ref
 import torch
+from toy import example_inputs, make_pool
 from transformers import AutoModel
 
-import reference as ref
-from hf_fusion.errors import RecipeError
-from hf_fusion.toy import example_inputs, make_pool
-
 import hf_fusion
+from hf_fusion.errors import RecipeError
 
 # method -> (params, reference(base, experts)); every data-free method added with the subspace family
 SINGLE: dict[str, tuple[dict[str, Any], Callable[[ref.StateDict, list[ref.StateDict]], ref.StateDict]]] = {
@@ -37,8 +37,9 @@ SVD_LIKE = {"tsv_merging", "iso_c", "iso_cts", "karcher_mean", "wudi_merging"}
 
 
 def _merge(method: str, base: Path, experts: list[Path], out: Path, **params: Any) -> hf_fusion.MergeResult:
-    return hf_fusion.merge(models=[str(p) for p in experts], base=str(base), method=method, output=out,
-                           show_progress=False, **params)
+    return hf_fusion.merge(
+        models=[str(p) for p in experts], base=str(base), method=method, output=out, show_progress=False, **params
+    )
 
 
 def _assert_matches(folder: Path, expected: ref.StateDict, *, loose: bool) -> None:
@@ -51,8 +52,9 @@ def _assert_matches(folder: Path, expected: ref.StateDict, *, loose: bool) -> No
 
 
 @pytest.mark.parametrize("method", list(PER_TASK))
-def test_one_model_per_task_matches_reference_and_loads(method: str, bert_pool: tuple[Path, list[Path]],
-                                                        tmp_path: Path) -> None:
+def test_one_model_per_task_matches_reference_and_loads(
+    method: str, bert_pool: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
     base, experts = bert_pool
     params, reference = PER_TASK[method]
     result = _merge(method, base, experts, tmp_path / "out", **params)
@@ -88,8 +90,9 @@ def zero_pool(bert_pool: tuple[Path, list[Path]], tmp_path_factory: pytest.TempP
 
 
 @pytest.mark.parametrize("method", list(SINGLE) + list(PER_TASK))
-def test_zero_task_vector(method: str, bert_pool: tuple[Path, list[Path]], zero_pool: list[Path],
-                          tmp_path: Path) -> None:
+def test_zero_task_vector(
+    method: str, bert_pool: tuple[Path, list[Path]], zero_pool: list[Path], tmp_path: Path
+) -> None:
     base, _ = bert_pool
     params, reference = {**SINGLE, **PER_TASK}[method]
     _merge(method, base, zero_pool, tmp_path / "out", **params)
@@ -160,7 +163,14 @@ def test_della_is_reproducible_under_any_slicing(bert_pool: tuple[Path, list[Pat
     """Row slices (a tiny budget) give the same bits as whole tensors: the keep draws are keyed by element."""
     base, experts = bert_pool
     _merge("della", base, experts, tmp_path / "whole", seed=3)
-    hf_fusion.merge(models=[str(p) for p in experts], base=str(base), method="della", output=tmp_path / "rows",
-                    show_progress=False, seed=3, budget_elements=96)
+    hf_fusion.merge(
+        models=[str(p) for p in experts],
+        base=str(base),
+        method="della",
+        output=tmp_path / "rows",
+        show_progress=False,
+        seed=3,
+        budget_elements=96,
+    )
     whole, rows = ref.load_state(tmp_path / "whole"), ref.load_state(tmp_path / "rows")
     assert all(torch.equal(whole[k], rows[k]) for k in whole)

@@ -4,17 +4,16 @@ values stay where they were: every other output element is finite."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from toy import make_pool
 
 import hf_fusion
 from hf_fusion.errors import FusionError
 from hf_fusion.registry import DataNeed, MethodKind, all_methods
-from hf_fusion.toy import make_pool
 
 MATRIX = "bert.encoder.layer.0.attention.self.query.weight"
 VECTOR = "bert.encoder.layer.1.output.dense.bias"
@@ -23,8 +22,7 @@ PARAMS = {"wudi_merging": {"iter_num": 5}}
 
 
 def _tensor_wise() -> list[str]:
-    return [s.name for s in all_methods()
-            if s.data is DataNeed.NONE and s.kind is MethodKind.TENSOR_WISE]
+    return [s.name for s in all_methods() if s.data is DataNeed.NONE and s.kind is MethodKind.TENSOR_WISE]
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +48,14 @@ def test_without_the_flag_the_model_and_tensor_are_named(tmp_path: Path, poisone
     base, experts, _ = poisoned
     models = experts[:1] if method in TWO_MODEL else experts
     with pytest.raises(FusionError) as err:
-        hf_fusion.merge(models=[str(m) for m in models], base=str(base), method=method, output=tmp_path / "out",
-                        show_progress=False, **PARAMS.get(method, {}))
+        hf_fusion.merge(
+            models=[str(m) for m in models],
+            base=str(base),
+            method=method,
+            output=tmp_path / "out",
+            show_progress=False,
+            **PARAMS.get(method, {}),
+        )
     message = str(err.value)
     assert str(experts[0].name) in message and ("NaN" in message or "infinite" in message), message
     assert MATRIX in message or VECTOR in message, message
@@ -62,9 +66,15 @@ def test_without_the_flag_the_model_and_tensor_are_named(tmp_path: Path, poisone
 def test_with_allow_nonfinite_every_method_keeps_them_in_place(tmp_path: Path, poisoned, method: str) -> None:
     base, experts, masks = poisoned
     models = experts[:1] if method in TWO_MODEL else experts
-    result = hf_fusion.merge(models=[str(m) for m in models], base=str(base), method=method,
-                             output=tmp_path / "out", show_progress=False, allow_nonfinite=True,
-                             **PARAMS.get(method, {}))
+    result = hf_fusion.merge(
+        models=[str(m) for m in models],
+        base=str(base),
+        method=method,
+        output=tmp_path / "out",
+        show_progress=False,
+        allow_nonfinite=True,
+        **PARAMS.get(method, {}),
+    )
     outputs = _outputs(result.output)
     assert outputs
     for tensors in outputs:

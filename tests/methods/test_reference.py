@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
-import torch
-from transformers import AutoConfig
-
 import reference as ref
-from hf_fusion.toy import ARCHITECTURES, example_inputs
+import torch
+from toy import ARCHITECTURES, example_inputs
+from transformers import AutoConfig
 
 import hf_fusion
 
@@ -19,51 +19,121 @@ ARCHS = ["bert", "gpt2", "clip_vision"]
 # name -> (method, params, uses the base, how many experts, reference(base_sd, expert_sds))
 CASES: dict[str, tuple[str, dict[str, Any], bool, int, Callable[..., ref.StateDict]]] = {
     "simple_average": ("simple_average", {}, False, 3, lambda b, e: ref.simple_average(e)),
-    "weighted_average": ("weighted_average", {"weights": [0.2, 0.3, 0.5]}, False, 3,
-                         lambda b, e: ref.weighted_average(e, [0.2, 0.3, 0.5], True)),
-    "weighted_sum": ("weighted_average", {"weights": [0.5, 1.0, -0.25], "normalize": False}, False, 3,
-                     lambda b, e: ref.weighted_average(e, [0.5, 1.0, -0.25], False)),
+    "weighted_average": (
+        "weighted_average",
+        {"weights": [0.2, 0.3, 0.5]},
+        False,
+        3,
+        lambda b, e: ref.weighted_average(e, [0.2, 0.3, 0.5], True),
+    ),
+    "weighted_sum": (
+        "weighted_average",
+        {"weights": [0.5, 1.0, -0.25], "normalize": False},
+        False,
+        3,
+        lambda b, e: ref.weighted_average(e, [0.5, 1.0, -0.25], False),
+    ),
     "linear_interpolation": ("linear_interpolation", {"t": 0.3}, True, 1, lambda b, e: ref.linear(b, e[0], 0.3)),
     "linear_two_models": ("lerp", {"t": 0.7}, False, 2, lambda b, e: ref.linear(e[0], e[1], 0.7)),
-    "task_arithmetic": ("task_arithmetic", {"scaling_factor": 0.3}, True, 3,
-                        lambda b, e: ref.task_arithmetic(b, e, 0.3)),
+    "task_arithmetic": (
+        "task_arithmetic",
+        {"scaling_factor": 0.3},
+        True,
+        3,
+        lambda b, e: ref.task_arithmetic(b, e, 0.3),
+    ),
     "ties_sum": ("ties_merging", {}, True, 3, lambda b, e: ref.ties(b, e, 0.3, 20, "sum")),
-    "ties_mean": ("ties", {"merge_func": "mean", "threshold": 50, "scaling_factor": 1.0}, True, 3,
-                  lambda b, e: ref.ties(b, e, 1.0, 50, "mean")),
-    "ties_max": ("ties_merging", {"merge_func": "max", "threshold": 5}, True, 3,
-                 lambda b, e: ref.ties(b, e, 0.3, 5, "max")),
-    "ties_tensor_scope": ("ties_merging", {"threshold_scope": "tensor"}, True, 3,
-                          lambda b, e: ref.ties(b, e, 0.3, 20, "sum", scope="tensor")),
-    "dare_simple_average": ("dare_simple_average", {"seed": 7}, True, 3,
-                            lambda b, e: ref.dare_task_arithmetic(b, e, 1 / 3, 0.5, 7)),
-    "dare_task_arithmetic": ("dare_task_arithmetic", {"sparsity_ratio": 0.3, "scaling_factor": 0.4}, True, 3,
-                             lambda b, e: ref.dare_task_arithmetic(b, e, 0.4, 0.3, 0)),
-    "dare_l1": ("dare_linear", {"rescale": "l1", "scaling_factor": 1.0}, True, 3,
-                lambda b, e: ref.dare_task_arithmetic(b, e, 1.0, 0.5, 0, rescale="l1")),
-    "dare_ties": ("dare_ties", {"seed": 3}, True, 3,
-                  lambda b, e: ref.ties(b, e, 0.5, 20, task_vectors=ref.dare_task_vectors(b, e, 0.5, 3))),
+    "ties_mean": (
+        "ties",
+        {"merge_func": "mean", "threshold": 50, "scaling_factor": 1.0},
+        True,
+        3,
+        lambda b, e: ref.ties(b, e, 1.0, 50, "mean"),
+    ),
+    "ties_max": (
+        "ties_merging",
+        {"merge_func": "max", "threshold": 5},
+        True,
+        3,
+        lambda b, e: ref.ties(b, e, 0.3, 5, "max"),
+    ),
+    "ties_tensor_scope": (
+        "ties_merging",
+        {"threshold_scope": "tensor"},
+        True,
+        3,
+        lambda b, e: ref.ties(b, e, 0.3, 20, "sum", scope="tensor"),
+    ),
+    "dare_simple_average": (
+        "dare_simple_average",
+        {"seed": 7},
+        True,
+        3,
+        lambda b, e: ref.dare_task_arithmetic(b, e, 1 / 3, 0.5, 7),
+    ),
+    "dare_task_arithmetic": (
+        "dare_task_arithmetic",
+        {"sparsity_ratio": 0.3, "scaling_factor": 0.4},
+        True,
+        3,
+        lambda b, e: ref.dare_task_arithmetic(b, e, 0.4, 0.3, 0),
+    ),
+    "dare_l1": (
+        "dare_linear",
+        {"rescale": "l1", "scaling_factor": 1.0},
+        True,
+        3,
+        lambda b, e: ref.dare_task_arithmetic(b, e, 1.0, 0.5, 0, rescale="l1"),
+    ),
+    "dare_ties": (
+        "dare_ties",
+        {"seed": 3},
+        True,
+        3,
+        lambda b, e: ref.ties(b, e, 0.5, 20, task_vectors=ref.dare_task_vectors(b, e, 0.5, 3)),
+    ),
     "slerp": ("slerp", {"t": 0.3}, True, 1, lambda b, e: ref.slerp(b, e[0], 0.3)),
     "slerp_two_models": ("slerp", {"t": 0.6}, False, 2, lambda b, e: ref.slerp(e[0], e[1], 0.6)),
     "expo": ("expo", {"extrapolation_factor": 0.5}, True, 2, lambda b, e: ref.expo(b, e, 0.5)),
     "tsv_merging": ("tsv_m", {}, True, 3, lambda b, e: ref.tsv(b, e, 1.0)),
     "iso_c": ("iso_c", {"scaling_factor": 1.5}, True, 3, lambda b, e: ref.iso_c(b, e, 1.5)),
     "iso_cts": ("iso_cts", {}, True, 3, lambda b, e: ref.iso_cts(b, e, 1.0, 0.8)),
-    "iso_cts_half": ("iso_cts", {"common_space_fraction": 0.5, "scaling_factor": 1.5}, True, 3,
-                     lambda b, e: ref.iso_cts(b, e, 1.5, 0.5)),
+    "iso_cts_half": (
+        "iso_cts",
+        {"common_space_fraction": 0.5, "scaling_factor": 1.5},
+        True,
+        3,
+        lambda b, e: ref.iso_cts(b, e, 1.5, 0.5),
+    ),
     "wudi_merging": ("wudi", {"iter_num": 40, "lr": 1e-4}, True, 3, lambda b, e: ref.wudi(b, e, 40, 1e-4)),
     "magmax": ("magmax", {}, True, 3, lambda b, e: ref.magmax(b, e, 0.5)),
     "model_stock": ("model_stock", {}, True, 3, ref.model_stock),
     "model_stock_two": ("model_stock", {}, True, 2, ref.model_stock),
-    "breadcrumbs": ("breadcrumbs", {"density": 0.7, "gamma": 0.05}, True, 3,
-                    lambda b, e: ref.breadcrumbs(b, e, 0.3, 0.7, 0.05)),
+    "breadcrumbs": (
+        "breadcrumbs",
+        {"density": 0.7, "gamma": 0.05},
+        True,
+        3,
+        lambda b, e: ref.breadcrumbs(b, e, 0.3, 0.7, 0.05),
+    ),
     "della": ("della", {"seed": 5}, True, 3, lambda b, e: ref.della(b, e, 1.0, 0.7, 0.1, 5)),
     "karcher": ("karcher", {"weights": [1.0, 2.0, 1.0]}, False, 3, lambda b, e: ref.karcher(e, None, [1.0, 2.0, 1.0])),
     "karcher_task_vectors": ("multi_slerp", {}, True, 3, lambda b, e: ref.karcher(e, b)),
     "consensus_merging": ("consensus", {}, True, 3, lambda b, e: ref.consensus(b, e, 0.3, 0.6, 2)),
-    "scope_aligned_average": ("simple_average", {"weight_scope_alignment": True}, False, 3,
-                              lambda b, e: ref.scope_aligned_average(e)),
-    "scope_aligned_weighted": ("weighted_average", {"weights": [0.2, 0.3, 0.5], "weight_scope_alignment": True},
-                               False, 3, lambda b, e: ref.scope_aligned_average(e, [0.2, 0.3, 0.5])),
+    "scope_aligned_average": (
+        "simple_average",
+        {"weight_scope_alignment": True},
+        False,
+        3,
+        lambda b, e: ref.scope_aligned_average(e),
+    ),
+    "scope_aligned_weighted": (
+        "weighted_average",
+        {"weights": [0.2, 0.3, 0.5], "weight_scope_alignment": True},
+        False,
+        3,
+        lambda b, e: ref.scope_aligned_average(e, [0.2, 0.3, 0.5]),
+    ),
 }
 
 
@@ -81,8 +151,15 @@ def _run(case: str, arch: str, pools: dict, tmp_path: Path, **kwargs: Any) -> tu
     method, params, uses_base, n, reference = CASES[case]
     base, experts = pools[arch]
     out = tmp_path / f"{arch}-{case}"
-    hf_fusion.merge(models=[str(p) for p in experts[:n]], base=str(base) if uses_base else None, method=method,
-                    output=out, show_progress=False, **params, **kwargs)
+    hf_fusion.merge(
+        models=[str(p) for p in experts[:n]],
+        base=str(base) if uses_base else None,
+        method=method,
+        output=out,
+        show_progress=False,
+        **params,
+        **kwargs,
+    )
     expected = reference(ref.load_state(base), [ref.load_state(p) for p in experts[:n]])
     return out, expected
 
@@ -131,9 +208,17 @@ def test_dare_only_on_linear_weights(arch: str, pools: dict, tmp_path: Path) -> 
 
     base, experts = pools[arch]
     model = ARCHITECTURES[arch]()
-    linear = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D))}
-    hf_fusion.merge(models=[str(e) for e in experts], base=str(base), method="dare_task_arithmetic",
-                    only_on_linear_weights=True, output=tmp_path / "o", show_progress=False)
+    linear = {
+        f"{name}.weight" for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D))
+    }
+    hf_fusion.merge(
+        models=[str(e) for e in experts],
+        base=str(base),
+        method="dare_task_arithmetic",
+        only_on_linear_weights=True,
+        output=tmp_path / "o",
+        show_progress=False,
+    )
     base_sd, expert_sds = ref.load_state(base), [ref.load_state(e) for e in experts]
     expected = ref.dare_task_arithmetic(base_sd, expert_sds, 0.3, 0.5, 0, only=linear)
     fused = ref.load_state(tmp_path / "o")

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import reference as ref
 import torch
 from safetensors.torch import save_file
-
-import reference as ref
 
 import hf_fusion
 from hf_fusion.methods.operations import disjoint_merge, elected_sign, fill_zero_sign
@@ -59,9 +58,18 @@ def test_cancellations_and_threshold_ties_match_reference(
     tvs = [{k: e[k] - base_sd[k] for k in base_sd} for e in expert_sds]
     zero_sums = sum(int(((sum(tv[k] for tv in tvs) == 0) & (tvs[0][k] != 0)).sum()) for k in base_sd)
     assert zero_sums > 0, "the crafted pool must contain exact cancellations"
-    result = hf_fusion.merge(models=[str(e) for e in experts], base=str(base), method="ties_merging",
-                             output=tmp_path / "out", threshold=40, merge_func=merge_func, threshold_scope=scope,
-                             scaling_factor=1.0, show_progress=False, budget_elements=50)
+    result = hf_fusion.merge(
+        models=[str(e) for e in experts],
+        base=str(base),
+        method="ties_merging",
+        output=tmp_path / "out",
+        threshold=40,
+        merge_func=merge_func,
+        threshold_scope=scope,
+        scaling_factor=1.0,
+        show_progress=False,
+        budget_elements=50,
+    )
     expected = ref.ties(base_sd, expert_sds, 1.0, 40, merge_func, scope=scope)
     fused = ref.load_state(tmp_path / "out")
     for name, value in expected.items():
@@ -82,8 +90,15 @@ def test_two_passes_and_revisits_only_when_the_vote_is_negative(tmp_path: Path, 
     monkeypatch.setattr(TiesMerging, "revisit", spy)
     for negative in (False, True):
         base, experts = _crafted_pool(tmp_path / str(negative), negative, seed=3)
-        result = hf_fusion.merge(models=[str(e) for e in experts], base=str(base), method="ties", threshold=40,
-                                 output=tmp_path / f"out{negative}", budget_elements=60, show_progress=False)
+        result = hf_fusion.merge(
+            models=[str(e) for e in experts],
+            base=str(base),
+            method="ties",
+            threshold=40,
+            output=tmp_path / f"out{negative}",
+            budget_elements=60,
+            show_progress=False,
+        )
         assert result.statistics_passes == 2
     assert revisited[0] == set()  # provisional +1 was right
     assert len(revisited[1]) > 1  # several slices held exact cancellations and were fused again

@@ -10,9 +10,8 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tasks"))
-from task_helpers import publish_splits, review_texts, tiny_bert_classifiers, word_tokenizer  # noqa: E402
-
 from modelwise_tasks import TASKS  # noqa: E402
+from task_helpers import publish_splits, review_texts, tiny_bert_classifiers, word_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -21,10 +20,23 @@ def cls_pool(tmp_path_factory, hub) -> Path:
     tiny_bert_classifiers(root, word_tokenizer(), {name: 20 + i for i, name in enumerate(TASKS)})
     tasks = {}
     for i, name in enumerate(TASKS):
-        repo = publish_splits(hub, f"fusion-lab/mw-{name}", {"train": review_texts(20, seed=30 + i),
-                                                             "test": review_texts(12, seed=40 + i)})
-        tasks[name] = {"expert": str(root / name), "dataset": repo, "split": "test", "kind": "classification",
-                       "task_type": "text-classification", "metric": "accuracy", "text": ["sentence"]}
-    (root / "pool.yaml").write_text(yaml.safe_dump({"name": "tiny-modelwise", "base": str(root / "base"),
-                                                    "heads": ["classifier.*"], "tasks": tasks}))
+        repo = publish_splits(
+            hub,
+            f"fusion-lab/mw-{name}",
+            {"train": review_texts(20, seed=30 + i), "test": review_texts(12, seed=40 + i)},
+        )
+        tasks[name] = {
+            "expert": str(root / name),
+            "dataset": repo,
+            "split": "test",
+            "kind": "classification",
+            "task_type": "text-classification",
+            "metric": "accuracy",
+            "text": ["sentence"],
+        }
+    (root / "pool.yaml").write_text(
+        yaml.safe_dump(
+            {"name": "tiny-modelwise", "base": str(root / "base"), "heads": ["classifier.*"], "tasks": tasks}
+        )
+    )
     return root

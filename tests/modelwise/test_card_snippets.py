@@ -40,38 +40,58 @@ def run_snippet(code: str, *, hf_fusion_installed: bool, check: str) -> None:
 
 
 def test_stock_merge_snippet_needs_only_transformers(cls_pool: Path, tmp_path: Path) -> None:
-    hf_fusion.merge(pool=str(cls_pool / "pool.yaml"), method="task_arithmetic", output=tmp_path / "ta",
-                    show_progress=False)
+    hf_fusion.merge(
+        pool=str(cls_pool / "pool.yaml"), method="task_arithmetic", output=tmp_path / "ta", show_progress=False
+    )
     section, blocks = usage((tmp_path / "ta" / "README.md").read_text())
     assert "`pip install transformers torch`" in section and "hf_fusion" not in "".join(blocks)
     assert len(blocks) == 1
-    run_snippet(blocks[0], hf_fusion_installed=False, check=(
-        "assert type(model).__name__ == 'BertModel' and model.num_parameters() > 0\n"
-        "assert tokenizer('good film')['input_ids']\nprint('ok')"))
+    run_snippet(
+        blocks[0],
+        hf_fusion_installed=False,
+        check=(
+            "assert type(model).__name__ == 'BertModel' and model.num_parameters() > 0\n"
+            "assert tokenizer('good film')['input_ids']\nprint('ok')"
+        ),
+    )
 
 
 def test_per_task_snippet_loads_a_subfolder(bert_pool: tuple[Path, list[Path]], tmp_path: Path) -> None:
     base, experts = bert_pool
-    hf_fusion.merge(models=[str(e) for e in experts], base=str(base), method="tall_masks", output=tmp_path / "tall",
-                    show_progress=False)
+    hf_fusion.merge(
+        models=[str(e) for e in experts],
+        base=str(base),
+        method="tall_masks",
+        output=tmp_path / "tall",
+        show_progress=False,
+    )
     section, blocks = usage((tmp_path / "tall" / "README.md").read_text())
     assert "`pip install transformers torch`" in section
     assert f'subfolder="{experts[0].name}"' in blocks[0]
-    run_snippet(blocks[0], hf_fusion_installed=False, check=(
-        "import torch\nfrom safetensors.torch import load_file\n"
-        f"state = load_file({str(tmp_path / 'tall' / experts[0].name / 'model.safetensors')!r})\n"
-        "mine = model.state_dict()\n"
-        "assert set(state) <= set(mine) and all(torch.equal(mine[k], v) for k, v in state.items())\nprint('ok')"))
+    run_snippet(
+        blocks[0],
+        hf_fusion_installed=False,
+        check=(
+            "import torch\nfrom safetensors.torch import load_file\n"
+            f"state = load_file({str(tmp_path / 'tall' / experts[0].name / 'model.safetensors')!r})\n"
+            "mine = model.state_dict()\n"
+            "assert set(state) <= set(mine) and all(torch.equal(mine[k], v) for k, v in state.items())\nprint('ok')"
+        ),
+    )
 
 
 def test_ensemble_snippet_imports_hf_fusion_models(cls_pool: Path, tmp_path: Path) -> None:
-    hf_fusion.merge(pool=str(cls_pool / "pool.yaml"), method="simple_ensemble", output=tmp_path / "ens",
-                    show_progress=False)
+    hf_fusion.merge(
+        pool=str(cls_pool / "pool.yaml"), method="simple_ensemble", output=tmp_path / "ens", show_progress=False
+    )
     card = (tmp_path / "ens" / "README.md").read_text()
     section, blocks = usage(card)
     assert "import hf_fusion.models" in blocks[0] and "not on PyPI" in section and "pip install ./hf-fusion" in section
-    run_snippet(blocks[0], hf_fusion_installed=True, check=(
-        "assert type(model).__name__ == 'FusedEnsembleModel' and len(model.members) == 3\nprint('ok')"))
+    run_snippet(
+        blocks[0],
+        hf_fusion_installed=True,
+        check=("assert type(model).__name__ == 'FusedEnsembleModel' and len(model.members) == 3\nprint('ok')"),
+    )
 
 
 @pytest.mark.parametrize("folder", ["ta", "ens"])

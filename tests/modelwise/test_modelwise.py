@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from modelwise_tasks import TASKS
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer, BertForSequenceClassification, BertModel
 
@@ -18,8 +19,6 @@ from hf_fusion.errors import FusionError, ParameterError, RecipeError
 from hf_fusion.models import FusedEnsembleModel, FusedUpscaledModel
 from hf_fusion.tasks.base import EvalSettings
 from hf_fusion.tasks.data import load_examples
-
-from modelwise_tasks import TASKS
 
 
 def fuse(pool: Path, method: str, out: Path, **params):
@@ -55,15 +54,21 @@ def assert_same_outputs(a: torch.nn.Module, b: torch.nn.Module, inputs: dict[str
 def calibration_inputs(pool: Path, task: str, n: int) -> dict[str, torch.Tensor]:
     spec = get_pool(str(pool / "pool.yaml")).task(task)
     data = load_examples(spec.model_copy(update={"split": "train"}), n)
-    tokenizer = AutoTokenizer.from_pretrained(pool / task) if (pool / task / "tokenizer.json").exists() else \
-        AutoTokenizer.from_pretrained(pool / "base")
+    tokenizer = (
+        AutoTokenizer.from_pretrained(pool / task)
+        if (pool / task / "tokenizer.json").exists()
+        else AutoTokenizer.from_pretrained(pool / "base")
+    )
     return dict(tokenizer(list(data["sentence"]), padding=True, truncation=True, max_length=256, return_tensors="pt"))
 
 
 # --- ensembles -------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method,params", [("simple_ensemble", {}), ("weighted_ensemble", {"weights": [1.0, 2.0, 5.0]}),
-                                           ("max_model_predictor", {})])
+
+@pytest.mark.parametrize(
+    "method,params",
+    [("simple_ensemble", {}), ("weighted_ensemble", {"weights": [1.0, 2.0, 5.0]}), ("max_model_predictor", {})],
+)
 def test_ensembles_combine_the_members_outputs(cls_pool: Path, tmp_path: Path, method: str, params: dict) -> None:
     fuse(cls_pool, method, tmp_path / "e", **params)
     fused = AutoModel.from_pretrained(tmp_path / "e")
@@ -87,8 +92,7 @@ def test_an_ensemble_of_language_models_keeps_their_tied_heads(tmp_path: Path) -
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=32, bos_token_id=0,
-                        eos_token_id=0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=32, bos_token_id=0, eos_token_id=0)
     members = [GPT2LMHeadModel(config).eval() for _ in range(2)]  # never saved: no 'architectures' in the config
     tokens = torch.randint(0, 100, (2, 7))
     with torch.no_grad():
@@ -108,6 +112,7 @@ def test_weighted_ensemble_checks_the_weights_before_any_work(cls_pool: Path, tm
 
 
 # --- Fisher merging --------------------------------------------------------------------------------------------
+
 
 def reference_fisher(model: BertForSequenceClassification, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """E_x sum_y p(y|x) (grad log p(y|x))^2 by per-example Jacobians (torch.func), float64."""
@@ -148,11 +153,14 @@ def test_fisher_merging_is_the_fisher_weighted_average(cls_pool: Path, tmp_path:
     for name in numerator:
         torch.testing.assert_close(got[name].double(), numerator[name] / denominator[name], atol=2e-6, rtol=1e-4)
     reloaded = BertModel.from_pretrained(tmp_path / "f")
-    assert torch.equal(reloaded.state_dict()["encoder.layer.0.attention.self.query.weight"],
-                       got["encoder.layer.0.attention.self.query.weight"])
+    assert torch.equal(
+        reloaded.state_dict()["encoder.layer.0.attention.self.query.weight"],
+        got["encoder.layer.0.attention.self.query.weight"],
+    )
 
 
 # --- RegMean ---------------------------------------------------------------------------------------------------
+
 
 def reference_regmean(pool: Path, n: int, ratio: float) -> dict[str, torch.Tensor]:
     """The closed form W^T = (sum G_i)^-1 sum G_i W_i^T per linear, G_i over real (non-padding) tokens."""
@@ -164,8 +172,11 @@ def reference_regmean(pool: Path, n: int, ratio: float) -> dict[str, torch.Tenso
         inputs = calibration_inputs(pool, task, n)
         mask = inputs["attention_mask"].bool()
         captured: dict[str, torch.Tensor] = {}
-        hooks = [m.register_forward_hook(lambda mod, a, o, name=name: captured.__setitem__(name, a[0]))
-                 for name, m in model.bert.named_modules() if isinstance(m, torch.nn.Linear)]
+        hooks = [
+            m.register_forward_hook(lambda mod, a, o, name=name: captured.__setitem__(name, a[0]))
+            for name, m in model.bert.named_modules()
+            if isinstance(m, torch.nn.Linear)
+        ]
         with torch.no_grad():
             model(**inputs)
         for h in hooks:
@@ -179,7 +190,9 @@ def reference_regmean(pool: Path, n: int, ratio: float) -> dict[str, torch.Tenso
         states.append({k: v.detach() for k, v in model.bert.state_dict().items()})
     merged = {k: torch.stack([s[k] for s in states]).mean(0) for k in states[0]}
     for name in grams:
-        merged[f"{name}.weight"] = torch.linalg.inv(sum(grams[name])) @ sum(g @ w.T for g, w in zip(grams[name], weights[name]))
+        merged[f"{name}.weight"] = torch.linalg.inv(sum(grams[name])) @ sum(
+            g @ w.T for g, w in zip(grams[name], weights[name])
+        )
         merged[f"{name}.weight"] = merged[f"{name}.weight"].T
     return merged
 
@@ -201,8 +214,9 @@ def test_regmean_plusplus_of_one_model_is_that_model(cls_pool: Path, tmp_path: P
     fuse(cls_pool, "regmean", tmp_path / "r1", calibration_samples=6)
     a, b = load_file(tmp_path / "r3" / "model.safetensors"), load_file(tmp_path / "r1" / "model.safetensors")
     first = "encoder.layer.0.attention.self.query.weight"  # its inputs come from merged embeddings instead
-    assert not torch.allclose(a["encoder.layer.1.attention.self.query.weight"],
-                              b["encoder.layer.1.attention.self.query.weight"], atol=1e-6)
+    assert not torch.allclose(
+        a["encoder.layer.1.attention.self.query.weight"], b["encoder.layer.1.attention.self.query.weight"], atol=1e-6
+    )
     assert a[first].shape == b[first].shape
 
 
@@ -236,12 +250,18 @@ def test_regmean_plusplus_passes_merged_hidden_states_on_however_a_block_takes_t
 
 def test_data_methods_need_a_pool(cls_pool: Path, tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="needs unlabelled data"):
-        hf_fusion.merge(models=[str(cls_pool / t) for t in TASKS], base=str(cls_pool / "base"), method="regmean",
-                        output=tmp_path / "x", show_progress=False)
+        hf_fusion.merge(
+            models=[str(cls_pool / t) for t in TASKS],
+            base=str(cls_pool / "base"),
+            method="regmean",
+            output=tmp_path / "x",
+            show_progress=False,
+        )
     assert not (tmp_path / "x").exists()
 
 
 # --- AdaMerging ------------------------------------------------------------------------------------------------
+
 
 def test_adamerging_without_steps_is_task_arithmetic(cls_pool: Path, tmp_path: Path) -> None:
     fuse(cls_pool, "task_wise_adamerging", tmp_path / "a", steps=0, init_values=0.25)
@@ -249,8 +269,9 @@ def test_adamerging_without_steps_is_task_arithmetic(cls_pool: Path, tmp_path: P
     got = backbone(tmp_path / "a").state_dict()
     for name in vectors[0]:
         if got[name].is_floating_point():
-            torch.testing.assert_close(got[name].double(), base[name] + 0.25 * sum(v[name] for v in vectors),
-                                       atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(
+                got[name].double(), base[name] + 0.25 * sum(v[name] for v in vectors), atol=1e-6, rtol=1e-5
+            )
 
 
 @pytest.mark.parametrize("method", ["task_wise_adamerging", "layer_wise_adamerging"])
@@ -269,7 +290,9 @@ def test_adamerging_learns_saves_and_reuses_its_coefficients(cls_pool: Path, tmp
         want = base[name] + sum(c * v[name] for c, v in zip(column, vectors))
         torch.testing.assert_close(got[name].double(), want, atol=1e-6, rtol=1e-5)
     fuse(cls_pool, method, tmp_path / "b", weights=str(tmp_path / "a" / "merging_weights.json"), clamp_weights=True)
-    assert load_file(tmp_path / "a" / "model.safetensors").keys() == load_file(tmp_path / "b" / "model.safetensors").keys()
+    assert (
+        load_file(tmp_path / "a" / "model.safetensors").keys() == load_file(tmp_path / "b" / "model.safetensors").keys()
+    )
     for name, t in load_file(tmp_path / "a" / "model.safetensors").items():
         assert torch.equal(t, load_file(tmp_path / "b" / "model.safetensors")[name])
 
@@ -280,6 +303,7 @@ def test_adamerging_refuses_a_missing_weights_file(cls_pool: Path, tmp_path: Pat
 
 
 # --- WEMoE -----------------------------------------------------------------------------------------------------
+
 
 def test_wemoe_with_fixed_routing_is_task_arithmetic(cls_pool: Path, tmp_path: Path) -> None:
     """With 0 router layers every routing weight is init_lambda, so the mixture is task arithmetic everywhere."""
@@ -323,12 +347,15 @@ def test_sparse_wemoe_keeps_the_largest_task_vector_entries(cls_pool: Path, tmp_
 
 # --- SMILE -----------------------------------------------------------------------------------------------------
 
+
 def test_smile_with_one_expert_has_that_experts_linears(cls_pool: Path, tmp_path: Path) -> None:
     """Full-rank experts and one task: every linear is the expert's; other modules stay pretrained."""
     fuse(cls_pool, "smile_upscaling", tmp_path / "s", tasks=["reviews_c"])
     expert = expert_backbones(cls_pool)[2]
     reference = backbone(cls_pool / "base")
-    linears = {f"{n}.{p}" for n, m in expert.named_modules() if isinstance(m, torch.nn.Linear) for p in ("weight", "bias")}
+    linears = {
+        f"{n}.{p}" for n, m in expert.named_modules() if isinstance(m, torch.nn.Linear) for p in ("weight", "bias")
+    }
     reference.load_state_dict({k: v for k, v in expert.state_dict().items() if k in linears}, strict=False)
     assert_same_outputs(AutoModel.from_pretrained(tmp_path / "s").eval(), reference, batch(cls_pool), atol=1e-4)
 
@@ -358,6 +385,7 @@ def test_smile_routes_to_the_expert_whose_subspace_holds_the_input(cls_pool: Pat
 
 # --- up-scaling ------------------------------------------------------------------------------------------------
 
+
 def test_mixtral_upcycling_of_one_model_keeps_its_function(cls_pool: Path, tmp_path: Path) -> None:
     fuse(cls_pool, "mixtral_upscaling", tmp_path / "m", tasks=["reviews_a"], num_experts=4, experts_per_token=2)
     fused = AutoModel.from_pretrained(tmp_path / "m").eval()
@@ -383,7 +411,9 @@ def test_depth_upscaling_stacks_the_chosen_layers(cls_pool: Path, tmp_path: Path
     source = expert_backbones(cls_pool)[0]
     assert deep.config.num_hidden_layers == 3
     for new, old in enumerate([0, 1, 1]):
-        for (name, a), b in zip(deep.encoder.layer[new].state_dict().items(), source.encoder.layer[old].state_dict().values()):
+        for (name, a), b in zip(
+            deep.encoder.layer[new].state_dict().items(), source.encoder.layer[old].state_dict().values()
+        ):
             assert torch.equal(a, b), name
 
 
@@ -395,14 +425,23 @@ def test_model_recombination_takes_whole_blocks_from_the_models(cls_pool: Path, 
         state = layer.state_dict()
         assert any(all(torch.equal(state[k], m.encoder.layer[i].state_dict()[k]) for k in state) for m in models)
     fuse(cls_pool, "model_recombination", tmp_path / "c2", seed=3)
-    assert load_file(tmp_path / "c" / "model.safetensors").keys() == load_file(tmp_path / "c2" / "model.safetensors").keys()
+    assert (
+        load_file(tmp_path / "c" / "model.safetensors").keys()
+        == load_file(tmp_path / "c2" / "model.safetensors").keys()
+    )
 
 
 # --- evaluation of fused modules --------------------------------------------------------------------------------
 
+
 def test_an_ensemble_of_one_scores_like_its_member(cls_pool: Path, tmp_path: Path) -> None:
-    result = hf_fusion.merge(pool=str(cls_pool / "pool.yaml"), method="simple_ensemble", tasks=["reviews_b"],
-                             output=tmp_path / "e", evaluate=EvalSettings(metrics="bundled"),
-                             show_progress=False)
+    result = hf_fusion.merge(
+        pool=str(cls_pool / "pool.yaml"),
+        method="simple_ensemble",
+        tasks=["reviews_b"],
+        output=tmp_path / "e",
+        evaluate=EvalSettings(metrics="bundled"),
+        show_progress=False,
+    )
     scores = result.evaluation.results[0].scores
     assert scores["fused"] == scores["individual"]

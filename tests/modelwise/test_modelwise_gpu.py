@@ -17,8 +17,16 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("method", ["layer_wise_adamerging", "weight_ensembling_moe"])
 def test_adaptation_on_cuda_matches_cpu(cls_pool: Path, tmp_path: Path, method: str) -> None:
     for device in ("cpu", "cuda"):
-        hf_fusion.merge(pool=str(cls_pool / "pool.yaml"), method=method, output=tmp_path / device, device=device,
-                        steps=3, lr=0.01, batch_size=4, show_progress=False)
+        hf_fusion.merge(
+            pool=str(cls_pool / "pool.yaml"),
+            method=method,
+            output=tmp_path / device,
+            device=device,
+            steps=3,
+            lr=0.01,
+            batch_size=4,
+            show_progress=False,
+        )
     cpu, gpu = load_file(tmp_path / "cpu" / "model.safetensors"), load_file(tmp_path / "cuda" / "model.safetensors")
     assert cpu.keys() == gpu.keys()
     for name in cpu:

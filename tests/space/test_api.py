@@ -7,14 +7,13 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import reference as ref
 import torch
 import yaml
 from gradio_client.exceptions import AppError
 from huggingface_hub import HfApi, ModelCard, snapshot_download
+from toy import example_inputs
 from transformers import AutoModelForSequenceClassification
-
-import reference as ref
-from hf_fusion.toy import example_inputs
 
 
 def _recipe(**fields: object) -> str:
@@ -32,8 +31,9 @@ def _unzip(archive: str, into: Path) -> Path:
 
 def test_merge_tiny_models_through_the_api(client, bert_pool, tmp_path: Path) -> None:
     base, experts = bert_pool
-    recipe = _recipe(method="task_arithmetic", models=[str(e) for e in experts], base=str(base),
-                     parameters={"scaling_factor": 0.4})
+    recipe = _recipe(
+        method="task_arithmetic", models=[str(e) for e in experts], base=str(base), parameters={"scaling_factor": 0.4}
+    )
     status, log, scores, archive, card = client.predict(recipe, False, 0, api_name="/merge")
     assert "Merged 3 models with **task_arithmetic**" in status
     assert "fusing" in log and "fused" in log
@@ -57,11 +57,17 @@ def test_merge_tiny_models_through_the_api(client, bert_pool, tmp_path: Path) ->
     ("recipe", "evaluate", "message"),
     [
         (_recipe(method="ties_mergin", models=["a/b"], base="a/c"), False, "did you mean 'ties_merging'"),
-        (_recipe(method="task_arithmetic", models=["a/b"], base="a/c", parameters={"scaling_factor": 50}), False,
-         "scaling_factor"),
+        (
+            _recipe(method="task_arithmetic", models=["a/b"], base="a/c", parameters={"scaling_factor": 50}),
+            False,
+            "scaling_factor",
+        ),
         (_recipe(method="task_arithmetic", models=["a/b"]), False, "needs a base"),
-        (_recipe(method="task_arithmetic", models=["a/b"], base="a/c", parameters={"lambda_": 1}), False,
-         "unknown parameter 'lambda_'"),
+        (
+            _recipe(method="task_arithmetic", models=["a/b"], base="a/c", parameters={"lambda_": 1}),
+            False,
+            "unknown parameter 'lambda_'",
+        ),
         ("method: [unclosed", False, "not valid YAML"),
         (_recipe(method="task_arithmetic", models=["a/b"], base="a/c"), True, "scoring needs a pool"),
     ],
@@ -123,14 +129,20 @@ def test_push_needs_a_merge_in_this_session_and_a_token(client, space_url, bert_
 @pytest.mark.slow
 def test_compare_returns_a_leaderboard_with_plots(client) -> None:
     status, log, board, bars, lines = client.predict(
-        "minilm-text3", ["task_arithmetic", "ties_merging"], "scaling_factor=0.3,0.6", 24, api_name="/compare")
+        "minilm-text3", ["task_arithmetic", "ties_merging"], "scaling_factor=0.3,0.6", 24, api_name="/compare"
+    )
     assert "Compared 4 fused model(s) on 3 task(s)" in status
     headers, data = board["headers"], board["data"]
     assert headers == ["model", "bbc_news", "twitter_sentiment", "sms_spam", "average", "normalized"]
     labels = [row[0] for row in data]
-    assert labels == ["pretrained", "individual", "task_arithmetic[scaling_factor=0.3]",
-                      "task_arithmetic[scaling_factor=0.6]", "ties_merging[scaling_factor=0.3]",
-                      "ties_merging[scaling_factor=0.6]"]
+    assert labels == [
+        "pretrained",
+        "individual",
+        "task_arithmetic[scaling_factor=0.3]",
+        "task_arithmetic[scaling_factor=0.6]",
+        "ties_merging[scaling_factor=0.3]",
+        "ties_merging[scaling_factor=0.6]",
+    ]
     individual = data[1]
     for row in data:
         scores = row[1:4]
@@ -147,8 +159,13 @@ def test_compare_returns_a_leaderboard_with_plots(client) -> None:
 
 @pytest.mark.slow
 def test_stop_really_stops_the_job(client, space_root: Path) -> None:
-    job = client.submit("minilm-text3", ["task_arithmetic", "ties_merging", "simple_average"],
-                        "scaling_factor=0.1:1.0:0.1", 0, api_name="/compare")
+    job = client.submit(
+        "minilm-text3",
+        ["task_arithmetic", "ties_merging", "simple_average"],
+        "scaling_factor=0.1:1.0:0.1",
+        0,
+        api_name="/compare",
+    )
     deadline = time.time() + 60
     while time.time() < deadline:  # wait until the job is inside the engine or the evaluation
         outputs = job.outputs()

@@ -6,8 +6,8 @@ Only loopback is reachable from the page: any other request is refused and fails
 from __future__ import annotations
 
 import shutil
-import time
 import sys
+import time
 from pathlib import Path
 from typing import Any
 

@@ -8,8 +8,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import yaml
@@ -179,8 +179,12 @@ def small_space(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str,
     patch = pytest.MonkeyPatch()
     patch.setenv("GRADIO_TEMP_DIR", str(cache))
     try:
-        with serving(root=sessions, in_space=False, allow_local_paths=False,
-                     limits=SpaceLimits(running=1, waiting=1, idle_seconds=4, disk_budget=10**10)) as url:
+        with serving(
+            root=sessions,
+            in_space=False,
+            allow_local_paths=False,
+            limits=SpaceLimits(running=1, waiting=1, idle_seconds=4, disk_budget=10**10),
+        ) as url:
             yield url, sessions, cache
     finally:
         patch.undo()
@@ -201,8 +205,7 @@ def test_refused_requests_leave_nothing(small_space, tmp_path: Path) -> None:
         with pytest.raises(AppError):
             client.predict(f"method: task_arithmetic\npool: no-such-pool-{i}\n", False, 0, api_name="/merge")
     with pytest.raises(AppError, match="org/does-not-exist"):  # accepted, then failed in the job: nothing stays
-        client.predict("method: simple_average\nmodels: [org/does-not-exist, org/other]\n", False, 0,
-                       api_name="/merge")
+        client.predict("method: simple_average\nmodels: [org/does-not-exist, org/other]\n", False, 0, api_name="/merge")
     assert list(sessions.rglob("*")) == [] and list((cache / "hf-fusion").rglob("*")) == []
 
 
@@ -252,20 +255,23 @@ def test_leaving_the_server_removes_every_session(tmp_path: Path, monkeypatch: p
     from hf_fusion.space import SpaceLimits, serving
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "cache"))
-    with serving(root=tmp_path / "sessions", in_space=False, allow_local_paths=False,
-                 limits=SpaceLimits(disk_budget=10**10)) as url:
+    with serving(
+        root=tmp_path / "sessions", in_space=False, allow_local_paths=False, limits=SpaceLimits(disk_budget=10**10)
+    ) as url:
         _client(url, tmp_path, "a").predict(RECIPE, False, 0, api_name="/merge")
         assert _files(tmp_path / "sessions") and _files(tmp_path / "cache" / "hf-fusion")
     assert _files(tmp_path / "sessions") == [] and _files(tmp_path / "cache" / "hf-fusion") == []
 
 
-def test_a_merge_beyond_the_disk_budget_is_refused_and_leaves_nothing(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_merge_beyond_the_disk_budget_is_refused_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from hf_fusion.space import SpaceLimits, serving
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "cache"))
-    with serving(root=tmp_path / "sessions", in_space=False, allow_local_paths=False,
-                 limits=SpaceLimits(disk_budget=50 * MB)) as url:
+    with serving(
+        root=tmp_path / "sessions", in_space=False, allow_local_paths=False, limits=SpaceLimits(disk_budget=50 * MB)
+    ) as url:
         with pytest.raises(AppError, match="more than this Space's budget of 0.05 GB"):
             _client(url, tmp_path, "a").predict(RECIPE, False, 0, api_name="/merge")
         assert _files(tmp_path / "sessions") == [] and _files(tmp_path / "cache" / "hf-fusion") == []

@@ -38,15 +38,24 @@ def test_every_parameter_gets_a_widget_matching_its_registry_entry() -> None:
         if widget_kind(slot.info) == "slider":
             lo, hi = slider_range(slot.info)  # type: ignore[misc]
             assert (slot.info.minimum is None or lo >= slot.info.minimum) and (
-                slot.info.maximum is None or hi <= slot.info.maximum)
+                slot.info.maximum is None or hi <= slot.info.maximum
+            )
             assert lo <= slot.info.default <= hi
 
 
 @pytest.mark.parametrize("method", [m.name for m in all_methods()])
 def test_the_default_form_is_a_valid_recipe_for_every_method(method: str) -> None:
     slots = param_slots(all_methods())
-    fields = recipe_fields(source=POOL_SOURCE, pool=get_pool("minilm-text3"), models_text="", base="", method=method,
-                           dtype="auto", slots=slots, values=[s.info.default for s in slots])
+    fields = recipe_fields(
+        source=POOL_SOURCE,
+        pool=get_pool("minilm-text3"),
+        models_text="",
+        base="",
+        method=method,
+        dtype="auto",
+        slots=slots,
+        values=[s.info.default for s in slots],
+    )
     recipe = as_recipe(yaml.safe_load(yaml.safe_dump(fields)), {})
     if method in TWO_MODEL_METHODS:  # a 3-expert pool is the wrong shape for them, and the form says so
         with pytest.raises(RecipeError, match="exactly two models"):
@@ -66,19 +75,40 @@ def test_repo_ids_form_and_typed_values() -> None:
     slots = [s for s in param_slots(all_methods()) if s.method == "weighted_average"]
     values = [widget_value(s, v) for s, v in zip(slots, ["[0.7, 0.3]", True])]
     assert values == [[0.7, 0.3], True]
-    fields = recipe_fields(source=REPO_SOURCE, pool=None, models_text="org/a, org/b@v1\norg/c", base=" org/base ",
-                           method="weighted_average", dtype="bfloat16", slots=slots, values=["[0.5, 0.3, 0.2]", True])
-    assert fields == {"method": "weighted_average", "models": ["org/a", "org/b@v1", "org/c"], "base": "org/base",
-                      "parameters": {"weights": [0.5, 0.3, 0.2], "normalize": True}, "dtype": "bfloat16"}
+    fields = recipe_fields(
+        source=REPO_SOURCE,
+        pool=None,
+        models_text="org/a, org/b@v1\norg/c",
+        base=" org/base ",
+        method="weighted_average",
+        dtype="bfloat16",
+        slots=slots,
+        values=["[0.5, 0.3, 0.2]", True],
+    )
+    assert fields == {
+        "method": "weighted_average",
+        "models": ["org/a", "org/b@v1", "org/c"],
+        "base": "org/base",
+        "parameters": {"weights": [0.5, 0.3, 0.2], "normalize": True},
+        "dtype": "bfloat16",
+    }
     with pytest.raises(RecipeError, match="weights"):
         widget_value(slots[0], "[0.5, ")
 
 
 def test_a_shared_space_refuses_server_paths(tmp_path: Path) -> None:
-    app = SpaceApp(root=tmp_path / "sessions", files_root=tmp_path / "files", in_space=True, allow_local_paths=False,
-                   limits=SpaceLimits())
-    for recipe in (f"method: simple_average\nmodels: [{tmp_path}]\n", "method: simple_average\nmodels: [/etc]\n",
-                   "method: task_arithmetic\nmodels: [org/a]\nbase: ./base\n"):
+    app = SpaceApp(
+        root=tmp_path / "sessions",
+        files_root=tmp_path / "files",
+        in_space=True,
+        allow_local_paths=False,
+        limits=SpaceLimits(),
+    )
+    for recipe in (
+        f"method: simple_average\nmodels: [{tmp_path}]\n",
+        "method: simple_average\nmodels: [/etc]\n",
+        "method: task_arithmetic\nmodels: [org/a]\nbase: ./base\n",
+    ):
         with pytest.raises(RecipeError, match="cannot be used on this Space"):
             app._prepare_merge(recipe, False, 0)
     recipe, settings, tasks = app._prepare_merge("method: ties_merging\npool: minilm-text3\n", True, 50)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import yaml
 from gradio_client.exceptions import AppError
-
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +24,8 @@ def space_mode_url(tmp_path_factory: pytest.TempPathFactory, tokens) -> Iterator
 
 
 def test_in_a_space_the_handlers_take_the_oauth_token_and_never_the_local_one(
-        space_mode_url: str, bert_pool, tmp_path: Path) -> None:
+    space_mode_url: str, bert_pool, tmp_path: Path
+) -> None:
     from gradio_client import Client
 
     client = Client(space_mode_url, verbose=False, analytics_enabled=False, download_files=str(tmp_path))

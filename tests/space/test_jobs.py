@@ -19,8 +19,14 @@ def test_stop_during_a_merge_leaves_no_output(tmp_path: Path, bert_pool) -> None
     out = tmp_path / "merged"
 
     def work() -> object:
-        return hf_fusion.merge(models=[str(e) for e in experts], base=str(base), method="ties_merging", output=out,
-                               show_progress=False, budget_elements=256)  # many small slices: many steps
+        return hf_fusion.merge(
+            models=[str(e) for e in experts],
+            base=str(base),
+            method="ties_merging",
+            output=out,
+            show_progress=False,
+            budget_elements=256,
+        )  # many small slices: many steps
 
     job = Job(work, "merge")
     original = job._on_progress

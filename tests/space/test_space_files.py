@@ -7,10 +7,10 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from huggingface_hub import SpaceCard, snapshot_download
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,8 +37,11 @@ def _names(requirements: list[str]) -> dict[str, str]:
 def test_space_requirements_match_the_package() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     wanted = project["dependencies"] + project["optional-dependencies"]["demo"]
-    listed = [line.strip() for line in (SPACE / "requirements.txt").read_text().splitlines()
-              if line.strip() and not line.startswith("#")]
+    listed = [
+        line.strip()
+        for line in (SPACE / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert _names(listed) == _names(wanted)
 
 
@@ -52,10 +55,18 @@ def test_deployed_space_starts_from_its_own_files(hub, tokens, tmp_path: Path) -
 
     url = deploy("alice/hf-fusion-space", token=tokens["write"])
     assert url.endswith("alice/hf-fusion-space")
-    local = Path(snapshot_download("alice/hf-fusion-space", repo_type="space", local_dir=tmp_path / "space",
-                                   token=tokens["write"]))
-    assert {"app.py", "README.md", "requirements.txt", "hf_fusion/__init__.py",
-            "hf_fusion/model_cards/fused_model.md.j2"} <= {p.relative_to(local).as_posix() for p in local.rglob("*")}
+    local = Path(
+        snapshot_download(
+            "alice/hf-fusion-space", repo_type="space", local_dir=tmp_path / "space", token=tokens["write"]
+        )
+    )
+    assert {
+        "app.py",
+        "README.md",
+        "requirements.txt",
+        "hf_fusion/__init__.py",
+        "hf_fusion/model_cards/fused_model.md.j2",
+    } <= {p.relative_to(local).as_posix() for p in local.rglob("*")}
     port = free_port()
     script = (
         "import runpy, sys\n"
@@ -68,8 +79,15 @@ def test_deployed_space_starts_from_its_own_files(hub, tokens, tmp_path: Path) -
         "sys.stdin.read()\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=local, env=env, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=local,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         lines = []
         for line in proc.stdout:  # type: ignore[union-attr]
@@ -79,8 +97,9 @@ def test_deployed_space_starts_from_its_own_files(hub, tokens, tmp_path: Path) -
         package = next(line.split(" ", 1)[1].strip() for line in lines if line.startswith("PACKAGE"))
         assert Path(package).resolve().is_relative_to(local.resolve())  # the deployed copy, not the installed one
         client = Client(f"http://127.0.0.1:{port}", verbose=False, download_files=False, analytics_enabled=False)
-        status, _, _, _, card = client.predict("method: task_arithmetic\npool: minilm-text3\n", False, 0,
-                                               api_name="/merge")
+        status, _, _, _, card = client.predict(
+            "method: task_arithmetic\npool: minilm-text3\n", False, 0, api_name="/merge"
+        )
         assert "Merged 3 models with **task_arithmetic**" in status
         assert "task_arithmetic" in card  # the card template travelled with the package
     finally:

@@ -8,8 +8,8 @@ anything is read or created, with a message that never carries the server file's
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import yaml
@@ -27,7 +27,7 @@ SECRET = "SECRET-7f3a9c-do-not-serve"
 def server_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder on the 'server' that looks like a model and holds secrets, and a pool file that is a secret."""
     folder = tmp_path_factory.mktemp("server-private")
-    (folder / "config.json").write_text('{"model_type": "bert", "note": "%s"}' % SECRET)
+    (folder / "config.json").write_text(f'{{"model_type": "bert", "note": "{SECRET}"}}')
     (folder / "credentials.json").write_text(SECRET)
     (folder / "pool.yaml").write_text(f"{SECRET}: [unclosed\n")
     (folder / "other.yaml").write_text(yaml.safe_dump({"name": SECRET, "base": "x", "tasks": {}}))
@@ -44,8 +44,12 @@ def public_space(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
     patch = pytest.MonkeyPatch()
     patch.setenv("GRADIO_TEMP_DIR", str(cache))
     try:
-        with serving(root=sessions, in_space=False, allow_local_paths=False,
-                     limits=SpaceLimits(running=1, waiting=2, idle_seconds=600, disk_budget=10**10)) as url:
+        with serving(
+            root=sessions,
+            in_space=False,
+            allow_local_paths=False,
+            limits=SpaceLimits(running=1, waiting=2, idle_seconds=600, disk_budget=10**10),
+        ) as url:
             yield url, sessions, cache
     finally:
         patch.undo()
@@ -64,13 +68,19 @@ def hostile_recipes(private: Path) -> list[tuple[str, str]]:
     outside = os.path.relpath(private, Path.cwd())
     return [
         (_recipe(method="simple_average", models=[f"builtin:{private}"]), "not a built-in model name"),
-        (_recipe(method="simple_average", models=["builtin:../../../../../../" + str(private).lstrip("/")]),
-         "not a built-in model name"),
+        (
+            _recipe(method="simple_average", models=["builtin:../../../../../../" + str(private).lstrip("/")]),
+            "not a built-in model name",
+        ),
         (_recipe(method="simple_average", models=["builtin:minilm-text3/../../../../etc"]), "not a built-in model"),
-        (_recipe(method="task_arithmetic", models=["builtin:minilm-text3/bbc_news"], base=f"builtin:{private}"),
-         "not a built-in model name"),
-        (_recipe(method="task_arithmetic", models=["builtin:minilm-text3/bbc_news"], base=str(private)),
-         "cannot be used on this Space"),
+        (
+            _recipe(method="task_arithmetic", models=["builtin:minilm-text3/bbc_news"], base=f"builtin:{private}"),
+            "not a built-in model name",
+        ),
+        (
+            _recipe(method="task_arithmetic", models=["builtin:minilm-text3/bbc_news"], base=str(private)),
+            "cannot be used on this Space",
+        ),
         (_recipe(method="simple_average", models=[str(private), "org/model"]), "cannot be used on this Space"),
         (_recipe(method="simple_average", models=[{"path": str(private)}]), "cannot be used on this Space"),
         (_recipe(method="simple_average", models=["~/.cache/huggingface"]), "cannot be used on this Space"),
@@ -79,13 +89,16 @@ def hostile_recipes(private: Path) -> list[tuple[str, str]]:
         (_recipe(method="ties_merging", pool=str(private / "pool.yaml")), "not a catalog pool"),
         (_recipe(method="ties_merging", pool=str(private / "other.yaml")), "not a catalog pool"),
         (_recipe(method="ties_merging", pool="/etc/passwd"), "not a catalog pool"),
-        (_recipe(method="ties_merging", pool=str(private / "pool.yaml"), models=["org/a", "org/b"], base="org/c"),
-         "not a catalog pool"),
+        (
+            _recipe(method="ties_merging", pool=str(private / "pool.yaml"), models=["org/a", "org/b"], base="org/c"),
+            "not a catalog pool",
+        ),
     ]
 
 
-def test_hostile_recipes_are_refused_without_echo_and_create_nothing(public_space, server_files: Path,
-                                                                      tmp_path: Path) -> None:
+def test_hostile_recipes_are_refused_without_echo_and_create_nothing(
+    public_space, server_files: Path, tmp_path: Path
+) -> None:
     url, sessions, cache = public_space
     client = Client(url, verbose=False, analytics_enabled=False, download_files=str(tmp_path))
     for recipe, message in hostile_recipes(server_files):
@@ -110,9 +123,14 @@ def test_the_compare_tab_takes_only_catalog_pools(public_space, server_files: Pa
 def test_the_builtin_pool_and_its_references_still_merge(public_space, tmp_path: Path) -> None:
     url, sessions, cache = public_space
     client = Client(url, verbose=False, analytics_enabled=False, download_files=str(tmp_path))
-    recipe = _recipe(method="task_arithmetic", pool="minilm-text3",
-                     models=["builtin:minilm-text3/bbc_news", "builtin:minilm_text3/sms_spam"],
-                     base="builtin:all-MiniLM-L6-v2", heads=["classifier.*"], parameters={"scaling_factor": 0.3})
+    recipe = _recipe(
+        method="task_arithmetic",
+        pool="minilm-text3",
+        models=["builtin:minilm-text3/bbc_news", "builtin:minilm_text3/sms_spam"],
+        base="builtin:all-MiniLM-L6-v2",
+        heads=["classifier.*"],
+        parameters={"scaling_factor": 0.3},
+    )
     status, *_ = client.predict(recipe, False, 0, api_name="/merge")
     assert "Merged 2 models" in status
 
@@ -127,8 +145,16 @@ def test_builtin_names_never_leave_the_package(tmp_path: Path, monkeypatch: pyte
     (root / "pool" / "escape").symlink_to(outside)  # a link inside the package that points out of it
     monkeypatch.setattr(catalog, "builtin_root", lambda: root.resolve())
     assert Path(resolve_builtin("builtin:pool/expert")) == (root / "pool" / "expert").resolve()
-    for name in ("builtin:pool/escape", f"builtin:{outside}", "builtin:pool/../../outside", "builtin:pool",
-                 "builtin:pool/expert/..", "builtin:", "builtin:pool/expert/x", "builtin:.hidden/x"):
+    for name in (
+        "builtin:pool/escape",
+        f"builtin:{outside}",
+        "builtin:pool/../../outside",
+        "builtin:pool",
+        "builtin:pool/expert/..",
+        "builtin:",
+        "builtin:pool/expert/x",
+        "builtin:.hidden/x",
+    ):
         with pytest.raises(PoolError, match="not a built-in model name"):
             resolve_builtin(name)
         with pytest.raises(RecipeError):
@@ -146,11 +172,32 @@ def _message(name: str) -> str:
 
 
 def test_what_a_visitor_may_name() -> None:
-    for accepted in ("org/model", "model", "org/model@v1.0", "org/model@refs/pr/1", "builtin:minilm-text3/bbc_news",
-                     {"path": "org/model", "revision": "main"}):
+    for accepted in (
+        "org/model",
+        "model",
+        "org/model@v1.0",
+        "org/model@refs/pr/1",
+        "builtin:minilm-text3/bbc_news",
+        {"path": "org/model", "revision": "main"},
+    ):
         check_model_reference(accepted)
-    for refused in ("", "  ", "/etc", "./x", "../x", "~/x", "org/../x", "org//x", "a/b/c", "org/model@", 7, None,
-                    "x" * 300, "C:\\Windows", "org/mo del"):
+    for refused in (
+        "",
+        "  ",
+        "/etc",
+        "./x",
+        "../x",
+        "~/x",
+        "org/../x",
+        "org//x",
+        "a/b/c",
+        "org/model@",
+        7,
+        None,
+        "x" * 300,
+        "C:\\Windows",
+        "org/mo del",
+    ):
         with pytest.raises(RecipeError, match="cannot be used on this Space"):
             check_model_reference(refused)
     assert check_pool_name(" minilm-text3 ") == "minilm-text3"
@@ -178,7 +225,8 @@ def test_recipe_bombs_and_bad_numbers_are_refused_in_the_request(public_space, t
     before = _created(sessions, cache / "hf-fusion")
     client = Client(url, verbose=False, analytics_enabled=False, download_files=str(tmp_path))
     laughs = "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
-        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8))
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)
+    )
     laughs += "method: weighted_average\nmodels: [org/a, org/b]\nparameters: {weights: *i}\n"
     cases = [
         (laughs, False, 0, "aliases"),
@@ -189,8 +237,9 @@ def test_recipe_bombs_and_bad_numbers_are_refused_in_the_request(public_space, t
         with pytest.raises(AppError, match=message):
             client.predict(recipe, evaluate, limit, api_name="/merge")
     with pytest.raises(AppError, match="at most 48 per comparison"):
-        client.predict("minilm-text3", ["task_arithmetic", "ties_merging"], "scaling_factor=0.01:1.0:0.01", 4,
-                       api_name="/compare")
+        client.predict(
+            "minilm-text3", ["task_arithmetic", "ties_merging"], "scaling_factor=0.01:1.0:0.01", 4, api_name="/compare"
+        )
     with pytest.raises(AppError, match="at most 1000"):
         client.predict("minilm-text3", ["task_arithmetic"], "scaling_factor=0:1e12:1e-12", 4, api_name="/compare")
     assert _created(sessions, cache / "hf-fusion") == before

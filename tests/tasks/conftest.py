@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from transformers import PreTrainedTokenizerFast
-
 from task_helpers import publish_dataset, review_texts, tiny_bert_classifiers, word_tokenizer
+from transformers import PreTrainedTokenizerFast
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +27,7 @@ def text_pool(tmp_path_factory, hub, tokenizer) -> Path:
     }
     for fields in tasks.values():
         fields.update(kind="classification", task_type="text-classification", metric="accuracy", text=["sentence"])
-    (root / "pool.yaml").write_text(yaml.safe_dump({"name": "tiny-text", "base": str(root / "base"),
-                                                    "heads": ["classifier.*"], "tasks": tasks}))
+    (root / "pool.yaml").write_text(
+        yaml.safe_dump({"name": "tiny-text", "base": str(root / "base"), "heads": ["classifier.*"], "tasks": tasks})
+    )
     return root

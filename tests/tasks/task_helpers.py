@@ -12,9 +12,11 @@ from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import BertConfig, BertForSequenceClassification, BertModel, PreTrainedTokenizerFast
 
-WORDS = ("a photo of the color red green blue an image showing picture good bad movie review is it positive "
-         "negative yes no great awful film plot reply how similar are they from 0 to 5 first second story text "
-         "the cat sat on mat dog ran fast").split()
+WORDS = (
+    "a photo of the color red green blue an image showing picture good bad movie review is it positive "
+    "negative yes no great awful film plot reply how similar are they from 0 to 5 first second story text "
+    "the cat sat on mat dog ran fast"
+).split()
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:
@@ -23,10 +25,12 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {w: i for i, w in enumerate(specials + sorted(set(WORDS) | {".", ",", "?", ":", "'"}))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
-    tok.post_processor = processors.TemplateProcessing(single="[BOS] $A [EOS]", pair="[BOS] $A [EOS] $B:1 [EOS]:1",
-                                                       special_tokens=[("[BOS]", 2), ("[EOS]", 3)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
-                                   eos_token="[EOS]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A [EOS]", pair="[BOS] $A [EOS] $B:1 [EOS]:1", special_tokens=[("[BOS]", 2), ("[EOS]", 3)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
+    )
 
 
 def perturb(model: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.nn.Module:
@@ -58,8 +62,15 @@ def tiny_bert_classifiers(root: Path, tokenizer: PreTrainedTokenizerFast, expert
     """A tiny BERT base in ``root/base`` (with the tokenizer) and, per ``folder: seed``, a two-class classifier
     fine-tuned from it (a seeded perturbation; its own head)."""
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=48, max_position_embeddings=64, pad_token_id=0)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
     BertModel(config).save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
     base = BertModel.from_pretrained(root / "base")
@@ -79,7 +90,9 @@ def color_images(n: int, seed: int) -> datasets.Dataset:
         pixels[..., label] += 180
         images.append(Image.fromarray(pixels))
         labels.append(label)
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["red", "green", "blue"])})
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=["red", "green", "blue"])}
+    )
     return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
 
 
@@ -87,10 +100,11 @@ def review_texts(n: int, seed: int) -> datasets.Dataset:
     rng = np.random.default_rng(seed)
     good, bad = ["good movie", "great film", "good plot"], ["bad movie", "awful film", "bad plot"]
     texts, labels = [], []
-    for i in range(n):
+    for _ in range(n):
         label = int(rng.integers(0, 2))
         texts.append(str(rng.choice(good if label else bad)) + " review")
         labels.append(label)
-    features = datasets.Features({"sentence": datasets.Value("string"),
-                                  "label": datasets.ClassLabel(names=["negative", "positive"])})
+    features = datasets.Features(
+        {"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=["negative", "positive"])}
+    )
     return datasets.Dataset.from_dict({"sentence": texts, "label": labels}, features=features)

@@ -25,20 +25,36 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_bench_with_a_sweep(text_pool_file: Path, tmp_path: Path) -> None:
-    out = run("bench", "--pool", str(text_pool_file), "--methods", "simple_average,task_arithmetic",
-              "--sweep", "scaling_factor=0.2:0.6:0.2", "--output", str(tmp_path / "r"), "--metrics", "bundled",
-              "--quiet")
+    out = run(
+        "bench",
+        "--pool",
+        str(text_pool_file),
+        "--methods",
+        "simple_average,task_arithmetic",
+        "--sweep",
+        "scaling_factor=0.2:0.6:0.2",
+        "--output",
+        str(tmp_path / "r"),
+        "--metrics",
+        "bundled",
+        "--quiet",
+    )
     assert out.returncode == 0, out.stderr
     report = EvaluationReport.model_validate_json((tmp_path / "r" / "evaluation.json").read_text())
-    labels = ["simple_average", "task_arithmetic[scaling_factor=0.2]", "task_arithmetic[scaling_factor=0.4]",
-              "task_arithmetic[scaling_factor=0.6]"]
+    labels = [
+        "simple_average",
+        "task_arithmetic[scaling_factor=0.2]",
+        "task_arithmetic[scaling_factor=0.4]",
+        "task_arithmetic[scaling_factor=0.6]",
+    ]
     assert set(report.columns()) == {*labels, "pretrained", "individual"}
     table = list(csv.DictReader(io.StringIO((tmp_path / "r" / "leaderboard.csv").read_text())))
     by_model = {r["model"]: r for r in table}
     for row in rows(report):
         assert float(by_model[row.label]["average"]) == pytest.approx(row.average)
         assert float(by_model[row.label]["normalized"]) == pytest.approx(
-            sum(r.scores[row.label] / r.scores["individual"] for r in report.results) / len(report.results))
+            sum(r.scores[row.label] / r.scores["individual"] for r in report.results) / len(report.results)
+        )
     assert "| task_arithmetic[scaling_factor=0.4] |" in out.stdout
     for png in ("scores_per_task.png", "sweep_scaling_factor.png"):
         assert (tmp_path / "r" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -49,8 +65,20 @@ def test_bench_with_a_sweep(text_pool_file: Path, tmp_path: Path) -> None:
 def test_evaluate_command_adds_the_report_to_a_fused_folder(text_pool_file: Path, tmp_path: Path) -> None:
     merged = run("merge", "--pool", str(text_pool_file), "--method", "ties", "--output", str(tmp_path / "m"), "--quiet")
     assert merged.returncode == 0, merged.stderr
-    out = run("evaluate", "--model", str(tmp_path / "m"), "--pool", str(text_pool_file), "--metrics", "bundled",
-              "--tasks", "reviews_a", "--limit", "10", "--quiet")
+    out = run(
+        "evaluate",
+        "--model",
+        str(tmp_path / "m"),
+        "--pool",
+        str(text_pool_file),
+        "--metrics",
+        "bundled",
+        "--tasks",
+        "reviews_a",
+        "--limit",
+        "10",
+        "--quiet",
+    )
     assert out.returncode == 0, out.stderr
     report = EvaluationReport.load(tmp_path / "m")
     assert [r.task for r in report.results] == ["reviews_a"] and report.limit == 10 and report.results[0].examples == 10
@@ -72,21 +100,53 @@ def test_evaluate_names_an_unreachable_dataset(text_pool_file: Path, tmp_path: P
 
 def test_methods_with_one_model_per_task_are_scored_task_by_task(text_pool_file: Path, tmp_path: Path) -> None:
     """EMR-Merging writes a model per task; each task is scored with its own, exactly as when evaluated alone."""
-    out = run("bench", "--pool", str(text_pool_file), "--methods", "emr_merging", "--output", str(tmp_path / "r"),
-              "--metrics", "bundled", "--quiet")
+    out = run(
+        "bench",
+        "--pool",
+        str(text_pool_file),
+        "--methods",
+        "emr_merging",
+        "--output",
+        str(tmp_path / "r"),
+        "--metrics",
+        "bundled",
+        "--quiet",
+    )
     assert out.returncode == 0, out.stderr
     models = json.loads((tmp_path / "r" / "bench.json").read_text())["models"]["emr_merging"]
     assert set(models) == {"reviews_a", "reviews_b"} and models["reviews_a"] != models["reviews_b"]
     report = EvaluationReport.model_validate_json((tmp_path / "r" / "evaluation.json").read_text())
     for task, folder in models.items():
-        alone = run("evaluate", "--model", folder, "--pool", str(text_pool_file), "--metrics", "bundled",
-                    "--tasks", task, "--no-baselines", "--report", str(tmp_path / f"{task}.json"), "--quiet")
+        alone = run(
+            "evaluate",
+            "--model",
+            folder,
+            "--pool",
+            str(text_pool_file),
+            "--metrics",
+            "bundled",
+            "--tasks",
+            task,
+            "--no-baselines",
+            "--report",
+            str(tmp_path / f"{task}.json"),
+            "--quiet",
+        )
         assert alone.returncode == 0, alone.stderr
         single = EvaluationReport.model_validate_json((tmp_path / f"{task}.json").read_text())
         expected = next(r for r in report.results if r.task == task).scores["emr_merging"]
         assert single.results[0].scores[Path(folder).name] == pytest.approx(expected)
-    whole = run("evaluate", "--model", str(tmp_path / "r" / "models" / "emr_merging"), "--pool", str(text_pool_file),
-                "--metrics", "bundled", "--no-baselines", "--quiet")
+    whole = run(
+        "evaluate",
+        "--model",
+        str(tmp_path / "r" / "models" / "emr_merging"),
+        "--pool",
+        str(text_pool_file),
+        "--metrics",
+        "bundled",
+        "--no-baselines",
+        "--quiet",
+    )
     assert whole.returncode == 0, whole.stderr
     assert "| fused |" in whole.stdout
 
@@ -108,9 +168,11 @@ def test_a_method_entry_carries_its_own_parameters() -> None:
 
 @pytest.mark.parametrize(
     ("text", "values"),
-    [("scaling_factor=0.1:1.0:0.1", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]),
-     ("t=0:1:0.6", [0.0, 0.6]),  # stop included, never passed
-     ("t=0.3,0.6", [0.3, 0.6])],
+    [
+        ("scaling_factor=0.1:1.0:0.1", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]),
+        ("t=0:1:0.6", [0.0, 0.6]),  # stop included, never passed
+        ("t=0.3,0.6", [0.3, 0.6]),
+    ],
 )
 def test_sweep_values(text: str, values: list[float]) -> None:
     from hf_fusion.bench import Sweep
@@ -120,9 +182,17 @@ def test_sweep_values(text: str, values: list[float]) -> None:
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("t=0:1e12:1e-12", "over a million values"), ("t=0:1:0.0001", "10001 values; at most 1000"),
-     ("t=0:inf:1", "finite"), ("t=nan:1:0.1", "finite"), ("t=1,nan", "finite"), ("t=1:0:0.1", "START <= STOP"),
-     ("t=0:1:0", "positive"), ("t=", "finite"), ("=1", "NAME=START")],
+    [
+        ("t=0:1e12:1e-12", "over a million values"),
+        ("t=0:1:0.0001", "10001 values; at most 1000"),
+        ("t=0:inf:1", "finite"),
+        ("t=nan:1:0.1", "finite"),
+        ("t=1,nan", "finite"),
+        ("t=1:0:0.1", "START <= STOP"),
+        ("t=0:1:0", "positive"),
+        ("t=", "finite"),
+        ("=1", "NAME=START"),
+    ],
 )
 def test_sweeps_that_would_hang_or_crash_are_refused(text: str, message: str) -> None:
     from hf_fusion.bench import Sweep

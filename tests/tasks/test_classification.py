@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from task_helpers import color_images, perturb, publish_dataset, review_texts
 from transformers import (
     BertForSequenceClassification,
     BertModel,
@@ -15,8 +16,6 @@ from transformers import (
     ViTImageProcessor,
     ViTModel,
 )
-
-from task_helpers import color_images, perturb, publish_dataset, review_texts
 
 import hf_fusion
 from hf_fusion.tasks.base import EvalSettings
@@ -32,8 +31,13 @@ def direct_text_accuracy(backbone: BertModel, expert: Path, tokenizer, data) -> 
 
 
 def test_text_heads(text_pool: Path, tokenizer, tmp_path: Path) -> None:
-    result = hf_fusion.merge(pool=str(text_pool / "pool.yaml"), method="ties_merging", output=tmp_path / "fused",
-                             evaluate=EvalSettings(metrics="bundled", batch_size=5), show_progress=False)
+    result = hf_fusion.merge(
+        pool=str(text_pool / "pool.yaml"),
+        method="ties_merging",
+        output=tmp_path / "fused",
+        evaluate=EvalSettings(metrics="bundled", batch_size=5),
+        show_progress=False,
+    )
     assert BertModel.from_pretrained(tmp_path / "fused") is not None  # the fused backbone is the base architecture
     data = {"reviews_a": review_texts(24, seed=1), "reviews_b": review_texts(24, seed=2)}
     for r, expert in zip(result.evaluation.results, ("ft0", "ft1")):
@@ -49,8 +53,15 @@ def test_text_heads(text_pool: Path, tokenizer, tmp_path: Path) -> None:
 
 def test_image_heads(hub, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=32,
-                       patch_size=8, num_labels=3)
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        image_size=32,
+        patch_size=8,
+        num_labels=3,
+    )
     ViTModel(config, add_pooling_layer=False).save_pretrained(tmp_path / "base")
     processor = ViTImageProcessor(size={"height": 32, "width": 32})
     processor.save_pretrained(tmp_path / "base")
@@ -60,12 +71,25 @@ def test_image_heads(hub, tmp_path: Path) -> None:
         expert.vit.load_state_dict(base.state_dict(), strict=False)
         perturb(expert, seed=20 + i, scale=0.05).save_pretrained(tmp_path / f"ft{i}")
     publish_dataset(hub, "fusion-lab/colors-heads", color_images(18, seed=3))
-    tasks = {f"colors{i}": {"expert": str(tmp_path / f"ft{i}"), "kind": "classification", "metric": "accuracy",
-                            "task_type": "image-classification", "dataset": "fusion-lab/colors-heads"} for i in range(2)}
+    tasks = {
+        f"colors{i}": {
+            "expert": str(tmp_path / f"ft{i}"),
+            "kind": "classification",
+            "metric": "accuracy",
+            "task_type": "image-classification",
+            "dataset": "fusion-lab/colors-heads",
+        }
+        for i in range(2)
+    }
     pool = tmp_path / "pool.yaml"
     pool.write_text(yaml.safe_dump({"base": str(tmp_path / "base"), "heads": ["classifier.*"], "tasks": tasks}))
-    result = hf_fusion.merge(pool=str(pool), method="simple_average", output=tmp_path / "fused",
-                             evaluate=EvalSettings(metrics="bundled"), show_progress=False)
+    result = hf_fusion.merge(
+        pool=str(pool),
+        method="simple_average",
+        output=tmp_path / "fused",
+        evaluate=EvalSettings(metrics="bundled"),
+        show_progress=False,
+    )
     data = color_images(18, seed=3)
     pixels = processor(images=[im.convert("RGB") for im in data["image"]], return_tensors="pt")["pixel_values"]
     fused_backbone = ViTModel.from_pretrained(tmp_path / "fused", add_pooling_layer=False)

@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionModel
-
 from task_helpers import color_images, perturb, publish_dataset
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionModel
 
 import hf_fusion
 from hf_fusion.tasks.base import EvalSettings
@@ -22,11 +21,27 @@ def clip_pool(tmp_path_factory, hub, tokenizer) -> Path:
     root = tmp_path_factory.mktemp("clip")
     torch.manual_seed(0)
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=32, bos_token_id=2, eos_token_id=3,
-                         pad_token_id=0, projection_dim=16),
-        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8, projection_dim=16),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=32,
+            bos_token_id=2,
+            eos_token_id=3,
+            pad_token_id=0,
+            projection_dim=16,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+            projection_dim=16,
+        ),
         projection_dim=16,
     )
     base = CLIPModel(config)
@@ -39,8 +54,15 @@ def clip_pool(tmp_path_factory, hub, tokenizer) -> Path:
         perturb(vision, seed=i + 1, scale=0.05).save_pretrained(root / f"ft{i}")
     publish_dataset(hub, "fusion-lab/colors", color_images(30, seed=0))
     tasks = {
-        name: {"expert": str(root / f"ft{i}"), "kind": "clip_zero_shot", "task_type": "zero-shot-image-classification",
-               "metric": "accuracy", "dataset": "fusion-lab/colors", "split": "test", "templates": TEMPLATES[name]}
+        name: {
+            "expert": str(root / f"ft{i}"),
+            "kind": "clip_zero_shot",
+            "task_type": "zero-shot-image-classification",
+            "metric": "accuracy",
+            "dataset": "fusion-lab/colors",
+            "split": "test",
+            "templates": TEMPLATES[name],
+        }
         for i, name in enumerate(TEMPLATES)
     }
     (root / "pool.yaml").write_text(yaml.safe_dump({"name": "tiny-clip", "base": str(root / "base"), "tasks": tasks}))
@@ -72,8 +94,13 @@ def direct_accuracy(base: Path, vision_folder: Path, templates: list[str], token
 
 
 def test_merge_and_evaluate_clip_pool(clip_pool: Path, tokenizer, tmp_path: Path) -> None:
-    result = hf_fusion.merge(pool=str(clip_pool / "pool.yaml"), method="task_arithmetic", output=tmp_path / "fused",
-                             evaluate=EvalSettings(metrics="bundled", batch_size=8), show_progress=False)
+    result = hf_fusion.merge(
+        pool=str(clip_pool / "pool.yaml"),
+        method="task_arithmetic",
+        output=tmp_path / "fused",
+        evaluate=EvalSettings(metrics="bundled", batch_size=8),
+        show_progress=False,
+    )
     report = result.evaluation
     assert [r.task for r in report.results] == ["colors_a", "colors_b"]
     data = color_images(30, seed=0)

@@ -22,8 +22,20 @@ def fused(text_pool: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _evaluate(fused: Path, text_pool: Path, capsys: pytest.CaptureFixture, *extra: str) -> str:
-    code = main(["evaluate", "--model", str(fused), "--pool", str(text_pool / "pool.yaml"), "--metrics", "bundled",
-                 "--batch-size", "8", *extra])
+    code = main(
+        [
+            "evaluate",
+            "--model",
+            str(fused),
+            "--pool",
+            str(text_pool / "pool.yaml"),
+            "--metrics",
+            "bundled",
+            "--batch-size",
+            "8",
+            *extra,
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     return out
@@ -33,7 +45,9 @@ def test_limit_is_labelled_in_report_card_and_model_index(fused: Path, text_pool
     out = _evaluate(fused, text_pool, capsys, "--limit", "10")
     report = json.loads((fused / "evaluation.json").read_text())
     assert [(r["task"], r["examples"], r["subset_seed"]) for r in report["results"]] == [
-        ("reviews_a", 10, 0), ("reviews_b", 10, 0)]
+        ("reviews_a", 10, 0),
+        ("reviews_b", 10, 0),
+    ]
     card = ModelCard.load(fused / "README.md")
     splits = {r.dataset_name: r.dataset_split for r in card.data.eval_results}
     assert splits == {"reviews_a": "test (sample of 10, seed 0)", "reviews_b": "validation (sample of 10, seed 0)"}

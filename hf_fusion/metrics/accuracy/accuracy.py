@@ -13,9 +13,7 @@ class Accuracy(evaluate.Metric):
             description="Fraction of predictions that equal their reference label.",
             citation="",
             inputs_description="predictions: list of int; references: list of int; normalize (bool, default True)",
-            features=datasets.Features(
-                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
-            ),
+            features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
         )
 
     def _compute(self, predictions, references, normalize=True, sample_weight=None):

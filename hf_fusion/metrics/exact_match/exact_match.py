@@ -15,7 +15,9 @@ class ExactMatch(evaluate.Metric):
             description="Fraction of predictions identical to their reference, after optional normalisation.",
             citation="",
             inputs_description="predictions, references: list of str; ignore_case, ignore_punctuation (bool)",
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references, ignore_case=False, ignore_punctuation=False, ignore_numbers=False):

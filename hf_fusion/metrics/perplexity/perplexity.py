@@ -15,7 +15,9 @@ class Perplexity(evaluate.Metric):
             description="exp(total negative log-likelihood / total predicted tokens) over a corpus.",
             citation="",
             inputs_description="predictions: per-text summed NLL (float); references: per-text token counts (int)",
-            features=datasets.Features({"predictions": datasets.Value("float64"), "references": datasets.Value("int64")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("float64"), "references": datasets.Value("int64")}
+            ),
         )
 
     def _compute(self, predictions, references):

@@ -1,4 +1,4 @@
-"""Tiny random model pools (a base and perturbed "fine-tuned" copies) for demos, tests and docs.
+"""Tiny random model pools (a base and perturbed "fine-tuned" copies) for the tests (not shipped in the wheel).
 
 They have the tensor layout of real transformers checkpoints (BERT, GPT-2, CLIP) at a few hundred KB each, so
 every code path of a fusion runs in milliseconds without the Hub.
@@ -6,8 +6,8 @@ every code path of a fusion runs in milliseconds without the Hub.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from transformers import (
@@ -25,8 +25,15 @@ from transformers import (
 
 
 def bert(num_labels: int = 3) -> PreTrainedModel:
-    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=48, max_position_embeddings=32, num_labels=num_labels)
+    cfg = BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=32,
+        num_labels=num_labels,
+    )
     return BertForSequenceClassification(cfg)
 
 
@@ -35,8 +42,15 @@ def gpt2() -> PreTrainedModel:
 
 
 def _clip_vision_config() -> CLIPVisionConfig:
-    return CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                            image_size=32, patch_size=8, projection_dim=16)
+    return CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        projection_dim=16,
+    )
 
 
 def clip_vision() -> PreTrainedModel:
@@ -44,10 +58,18 @@ def clip_vision() -> PreTrainedModel:
 
 
 def clip_full() -> PreTrainedModel:
-    text = CLIPTextConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                          num_attention_heads=4, max_position_embeddings=16, projection_dim=16)
-    return CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=_clip_vision_config().to_dict(),
-                                projection_dim=16))
+    text = CLIPTextConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        projection_dim=16,
+    )
+    return CLIPModel(
+        CLIPConfig(text_config=text.to_dict(), vision_config=_clip_vision_config().to_dict(), projection_dim=16)
+    )
 
 
 ARCHITECTURES: dict[str, Callable[[], PreTrainedModel]] = {"bert": bert, "gpt2": gpt2, "clip_vision": clip_vision}
@@ -60,8 +82,16 @@ def example_inputs(arch: str) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.randint(0, 64, (2, 12), generator=g)}
 
 
-def make_pool(root: Path, arch: str, num_experts: int = 3, *, seed: int = 0, noise: float = 0.02,
-              dtype: torch.dtype = torch.float32, **save_kwargs) -> tuple[Path, list[Path]]:
+def make_pool(
+    root: Path,
+    arch: str,
+    num_experts: int = 3,
+    *,
+    seed: int = 0,
+    noise: float = 0.02,
+    dtype: torch.dtype = torch.float32,
+    **save_kwargs,
+) -> tuple[Path, list[Path]]:
     """Saves a random base and ``num_experts`` variants (base + Gaussian noise on every float tensor)."""
     torch.manual_seed(seed)
     base = ARCHITECTURES[arch]().to(dtype)
