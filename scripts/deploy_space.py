@@ -4,8 +4,7 @@
 
 The Space installs ``spaces/requirements.txt`` (the package's own dependencies) and runs ``app.py``, which imports
 the ``hf_fusion`` folder uploaded beside it, so the Space runs this checkout's code and needs no release on PyPI.
-The model card templates live in the top-level ``model_cards/`` (``hf_fusion/model_cards`` links to it in a
-checkout); they are uploaded as real files under ``hf_fusion/model_cards/``, where the package looks for them.
+The model card templates are uploaded with the package, under ``hf_fusion/model_cards/``.
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ def space_files(root: Path = ROOT) -> dict[str, Path]:
 
     add_tree(root / "spaces", "")
     add_tree(root / "hf_fusion", "hf_fusion/")
-    add_tree(root / "model_cards", "hf_fusion/model_cards/")
     return {k: v for k, v in files.items() if not k.startswith("screenshots/")}
 
 

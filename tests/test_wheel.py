@@ -20,7 +20,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGED = ("hf_fusion/", "model_cards/")
+PACKAGED = ("hf_fusion/",)
 
 
 def _source_files() -> list[str]:
@@ -37,13 +37,8 @@ def _source_files() -> list[str]:
 
 
 def _expected_in_wheel(files: list[str]) -> set[str]:
-    """Where each source file lands: the top-level templates install as ``hf_fusion.model_cards``."""
-    expected = set()
-    for name in files:
-        if (ROOT / name).is_symlink():
-            continue
-        expected.add("hf_fusion/" + name if name.startswith("model_cards/") else name)
-    return expected
+    """Where each source file lands: at its own path, symbolic links left out."""
+    return {name for name in files if not (ROOT / name).is_symlink()}
 
 
 @pytest.fixture(scope="module")

@@ -1,1 +1,0 @@
-"""Jinja templates for the model cards of fused models (installed as ``hf_fusion.model_cards``)."""
