@@ -19,11 +19,11 @@ import yaml
 
 from hf_fusion.catalog import Pool
 from hf_fusion.errors import RecipeError
-from hf_fusion.evaluation import evaluate_pool
-from hf_fusion.leaderboard import rows, to_csv, to_markdown
-from hf_fusion.plots import grouped_bars, sweep_lines
-from hf_fusion.report import EvaluationReport
+from hf_fusion.reports.leaderboard import rows, to_csv, to_markdown
+from hf_fusion.reports.plots import grouped_bars, sweep_lines
+from hf_fusion.reports.report import EvaluationReport
 from hf_fusion.tasks.base import EvalSettings
+from hf_fusion.tasks.evaluate import evaluate_pool
 
 log = logging.getLogger(__name__)
 

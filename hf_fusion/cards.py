@@ -21,7 +21,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
 from hf_fusion.errors import FusionError
 from hf_fusion.recipe import RECIPE_FILENAME, ModelRef, Recipe
 from hf_fusion.registry import get_method
-from hf_fusion.report import EvaluationReport
+from hf_fusion.reports.report import EvaluationReport
 
 CARD_FILENAME = "README.md"
 TOKENIZER_FILENAME = "tokenizer_config.json"

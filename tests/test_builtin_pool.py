@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hf_fusion.report import EvaluationReport
+from hf_fusion.reports.report import EvaluationReport
 
 pytestmark = pytest.mark.slow
 

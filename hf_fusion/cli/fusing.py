@@ -121,22 +121,8 @@ def register(sub: Any) -> None:
 def cmd_merge(args: argparse.Namespace) -> int:
     from hf_fusion.fusion import merge
 
-    kwargs: dict[str, Any] = dict(args.param)
-    common = common_method_params(args)
-    if common:
-        from hf_fusion.recipe import Recipe
-        from hf_fusion.registry import flag_parameters, get_method
-
-        method = args.method or (Recipe.from_yaml(args.config).method if args.config else None)
-        if method is None:
-            raise SystemExit("hf-fusion merge: --method is needed (or --config RECIPE.yaml that names one)")
-        kwargs = {**flag_parameters([get_method(method)], common)[0], **kwargs}
-    if args.max_shard_size is not None:
-        kwargs["max_shard_bytes"] = args.max_shard_size
     if not args.config and not args.repo_ids and not args.pool:
         raise SystemExit("hf-fusion merge: give --repo-ids or --pool (and --method, --output), or --config RECIPE.yaml")
-    if args.token:
-        kwargs["token"] = args.token
     result = merge(
         args.config,
         models=args.repo_ids,
@@ -156,9 +142,33 @@ def cmd_merge(args: argparse.Namespace) -> int:
         clamp_overflow=args.clamp_overflow,
         push=push_target(args, args.push),
         show_progress=not args.quiet,
-        **kwargs,
+        **_merge_keywords(args),
     )
-    if not args.quiet:
+    _print_merge(result, quiet=args.quiet)
+    return 0
+
+
+def _merge_keywords(args: argparse.Namespace) -> dict[str, Any]:
+    """The method's parameters (``--param`` over the common method flags), the shard size and the token."""
+    kwargs: dict[str, Any] = dict(args.param)
+    common = common_method_params(args)
+    if common:
+        from hf_fusion.recipe import Recipe
+        from hf_fusion.registry import flag_parameters, get_method
+
+        method = args.method or (Recipe.from_yaml(args.config).method if args.config else None)
+        if method is None:
+            raise SystemExit("hf-fusion merge: --method is needed (or --config RECIPE.yaml that names one)")
+        kwargs = {**flag_parameters([get_method(method)], common)[0], **kwargs}
+    if args.max_shard_size is not None:
+        kwargs["max_shard_bytes"] = args.max_shard_size
+    if args.token:
+        kwargs["token"] = args.token
+    return kwargs
+
+
+def _print_merge(result: Any, *, quiet: bool) -> None:
+    if not quiet:
         n = len(result.recipe.models)
         print(
             f"Fused {n} model{'s' if n != 1 else ''} with {result.recipe.method} into {result.output} "
@@ -166,15 +176,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
             f"{result.output_bytes / 1e6:.1f} MB) in {result.seconds:.1f} s"
         )
     if result.evaluation is not None:
-        from hf_fusion.leaderboard import to_markdown
+        from hf_fusion.reports.leaderboard import to_markdown
 
-        if not args.quiet:
+        if not quiet:
             tasks = len(result.evaluation.results)
             print(f"Scored on {tasks} task{'s' if tasks != 1 else ''} in {result.evaluation_seconds:.1f} s")
         print(to_markdown(result.evaluation))
     if result.push is not None:
         print_push(result.push)
-    return 0
 
 
 def cmd_push(args: argparse.Namespace) -> int:

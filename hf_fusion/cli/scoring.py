@@ -63,11 +63,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from hf_fusion.cards import CARD_FILENAME, write_card
     from hf_fusion.catalog import get_pool
-    from hf_fusion.evaluation import evaluate_pool
     from hf_fusion.fusion import fused_models
-    from hf_fusion.leaderboard import to_markdown
     from hf_fusion.recipe import RECIPE_FILENAME, ModelRef, Recipe
+    from hf_fusion.reports.leaderboard import to_markdown
     from hf_fusion.sources import fetch, resolve
+    from hf_fusion.tasks.evaluate import evaluate_pool
 
     pool = get_pool(args.pool)
     ref = ModelRef.parse(args.model)

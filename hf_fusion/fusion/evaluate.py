@@ -8,7 +8,7 @@ from typing import Any
 from hf_fusion.cards import model_subfolders, write_card
 from hf_fusion.fusion.output_folder import output_names
 from hf_fusion.recipe import Recipe
-from hf_fusion.report import EvaluationReport
+from hf_fusion.reports.report import EvaluationReport
 from hf_fusion.tasks.base import EvalSettings
 
 
@@ -32,7 +32,7 @@ def evaluate_fused(
 ) -> EvaluationReport:
     """Scores the fused folder on its pool's tasks; the report joins the folder and its card."""
     from hf_fusion.catalog import get_pool
-    from hf_fusion.evaluation import evaluate_pool
+    from hf_fusion.tasks.evaluate import evaluate_pool
 
     pool = get_pool(recipe.pool)  # type: ignore[arg-type]
     report = evaluate_pool(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from hf_fusion.hub.push import PushResult
 from hf_fusion.recipe import Recipe
-from hf_fusion.report import EvaluationReport
+from hf_fusion.reports.report import EvaluationReport
 
 
 @dataclass(frozen=True)

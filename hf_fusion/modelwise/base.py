@@ -79,8 +79,8 @@ class ModelwiseContext:
     def evaluator(self, index: int, *, calibration: bool, limit: int | None, batch_size: int) -> Any:
         """Expert ``index``'s task evaluator over its calibration split, or its evaluation split (test-time
         adaptation), cut to ``limit`` examples."""
-        from hf_fusion.evaluation import EVALUATORS
         from hf_fusion.tasks.base import EvalSettings, TaskContext
+        from hf_fusion.tasks.evaluate import EVALUATORS
 
         if self.tasks is None:
             raise RecipeError("this method needs data: pass --pool so each model's task (and its data) is known.")

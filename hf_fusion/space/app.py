@@ -86,7 +86,7 @@ def leaderboard_frame(report: Any, order: list[str] | None = None) -> Any:
     """The leaderboard as a styled DataFrame: scores to one decimal, the best fused value of each column in bold."""
     import pandas as pd
 
-    from hf_fusion.leaderboard import table
+    from hf_fusion.reports.leaderboard import table
 
     laid = table(report, order)
     frame = pd.DataFrame(
@@ -425,8 +425,8 @@ class SpaceApp:
     ) -> Iterator[tuple[Any, ...]]:
         from hf_fusion.bench import Sweep, run_bench
         from hf_fusion.catalog import get_pool
-        from hf_fusion.evaluation import INDIVIDUAL, PRETRAINED
         from hf_fusion.registry import get_method
+        from hf_fusion.tasks.evaluate import INDIVIDUAL, PRETRAINED
 
         try:
             if not methods:

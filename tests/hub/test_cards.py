@@ -12,7 +12,7 @@ from hub_helpers import publish
 from huggingface_hub import ModelCard
 
 import hf_fusion
-from hf_fusion.report import REPORT_FILENAME, EvaluationReport, TaskResult
+from hf_fusion.reports.report import REPORT_FILENAME, EvaluationReport, TaskResult
 
 
 def _front_matter(folder: Path) -> dict:

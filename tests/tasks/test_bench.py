@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from hf_fusion.leaderboard import rows
-from hf_fusion.report import EvaluationReport
+from hf_fusion.reports.leaderboard import rows
+from hf_fusion.reports.report import EvaluationReport
 
 
 @pytest.fixture

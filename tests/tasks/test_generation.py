@@ -18,8 +18,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditional
 import hf_fusion
 from hf_fusion.catalog import get_pool
 from hf_fusion.errors import FusionError
-from hf_fusion.evaluation import evaluate_pool
 from hf_fusion.tasks.base import EvalSettings
+from hf_fusion.tasks.evaluate import evaluate_pool
 
 PROMPT = "review : {sentence} is it positive or negative ?"
 SIMILARITY = "first : {sentence1} second : {sentence2} how similar are they from 0 to 5 ?"

@@ -13,7 +13,7 @@ from hf_fusion.engine.lora import is_lora_adapter
 from hf_fusion.errors import RecipeError
 from hf_fusion.progress import progress_bar
 from hf_fusion.recipe import ModelRef
-from hf_fusion.report import EvaluationReport, TaskResult
+from hf_fusion.reports.report import EvaluationReport, TaskResult
 from hf_fusion.sources import fetch, resolve
 from hf_fusion.tasks.base import EvalSettings, TaskContext, TaskEvaluator
 from hf_fusion.tasks.causal_lm import CausalLM

@@ -7,7 +7,7 @@ import csv
 import io
 from dataclasses import dataclass
 
-from hf_fusion.report import EvaluationReport
+from hf_fusion.reports.report import EvaluationReport
 
 INDIVIDUAL = "individual"
 

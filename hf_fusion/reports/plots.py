@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from hf_fusion.report import EvaluationReport
+from hf_fusion.reports.report import EvaluationReport
 
 
 def _pyplot():  # type: ignore[no-untyped-def]
