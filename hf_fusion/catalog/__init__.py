@@ -93,6 +93,11 @@ class Pool(pydantic.BaseModel):
 
         return {task: ModelRef.parse(expert).path for task, expert in self.experts.items()}
 
+    def task_of(self, model_path: str) -> str | None:
+        """The task whose expert a recipe's model is (matched by path or repo id, revision aside), if any: the one
+        lookup the Space, the model-wise methods and the evaluation of per-task outputs share."""
+        return next((task for task, path in self.expert_paths().items() if path == model_path), None)
+
 
 @lru_cache(maxsize=1)
 def _catalog() -> dict[str, Any]:

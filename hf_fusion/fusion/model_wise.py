@@ -111,8 +111,7 @@ def _tasks(recipe: Recipe) -> list[Any]:
     from hf_fusion.catalog import get_pool
 
     pool = get_pool(recipe.pool)  # type: ignore[arg-type]
-    by_path = {path: task for task, path in pool.expert_paths().items()}
-    names = [by_path.get(ref.path) for ref in recipe.models]
+    names = [pool.task_of(ref.path) for ref in recipe.models]
     if any(n is None for n in names):
         missing = [str(ref) for ref, n in zip(recipe.models, names) if n is None]
         raise RecipeError(f"{missing[0]} is not an expert of pool {pool.name}, so its task data is unknown.")

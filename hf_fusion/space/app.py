@@ -310,9 +310,8 @@ class SpaceApp:
         from hf_fusion.catalog import get_pool
 
         pool = get_pool(recipe.pool)
-        chosen = {m.path for m in recipe.models}
-        paths = pool.expert_paths()
-        tasks = [t.name for t in pool.tasks if paths[t.name] in chosen]
+        chosen = {pool.task_of(m.path) for m in recipe.models}
+        tasks = [t.name for t in pool.tasks if t.name in chosen]
         if not tasks:
             raise RecipeError(f"none of the recipe's models is an expert of pool {pool.name!r}; nothing to score.")
         return tasks
