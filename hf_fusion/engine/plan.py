@@ -302,6 +302,62 @@ def _head_hint(name: str) -> str:
     )
 
 
+@dataclass
+class _Names:
+    """How output tensor names map onto each checkpoint: tied twins (one stored tensor under several names), the
+    base's own spelling (matched by name alignment), and the names the output takes."""
+
+    ckpts: list[Checkpoint]
+    experts: Sequence[int]
+    base: int | None
+    reference: int
+    aliases: dict[str, str]
+    members: dict[str, list[str]] = field(default_factory=dict)
+    reconciled: set[str] = field(default_factory=set)
+    base_names: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for alias, primary in self.aliases.items():
+            self.members.setdefault(primary, []).append(alias)
+        # Classes where some model lacks a member and reads its twin: those members must fuse as one (shared key).
+        # Tensors that are merely equal everywhere (untouched LayerNorms under LoRA) stay independent parameters.
+        # (The base is matched by name alignment, so only the models decide.)
+        self.reconciled = {
+            primary
+            for primary, group in self.members.items()
+            if any(not all(m in self.ckpts[i].entries for m in group) for i in self.experts)
+        }
+
+    def key_of(self, name: str) -> str:
+        primary = self.aliases.get(name)
+        return primary if primary in self.reconciled else name
+
+    def resolve(self, index: int, name: str) -> str | None:
+        """The name to read in model ``index`` for output tensor ``name`` (a tied twin if it lacks the name)."""
+        entries = self.ckpts[index].entries
+        if name in entries:
+            return name
+        twins = self.members.get(self.aliases.get(name, ""), [])
+        return next((t for t in twins if t in entries), None)
+
+    def align_base(self, names: Sequence[str]) -> None:
+        if self.base is not None:
+            self.base_names = align_names(names, self.ckpts[self.base].entries)
+
+    def resolve_base(self, name: str) -> str | None:
+        for candidate in [name, *self.members.get(self.aliases.get(name, ""), [])]:
+            if candidate in self.base_names:
+                return self.base_names[candidate]
+        return None
+
+    def out_name(self, name: str) -> str:
+        """The base's spelling when the output follows the base (tied twins keep their own name)."""
+        return self.base_names.get(name, name) if self.reference == self.base else name
+
+    def entry(self, index: int, name: str) -> TensorEntry:
+        return _entry(self.ckpts, index, name, self.resolve)
+
+
 def build_plan(
     checkpoints: Sequence[Checkpoint],
     *,
@@ -319,117 +375,18 @@ def build_plan(
     the base's names, so the fused model is the base's architecture.
     """
     ckpts = list(checkpoints)
-    first = ckpts[experts[0]]
     check_headers(ckpts, base=base, experts=experts, uses_base=uses_base, exclude=exclude, heads=heads)
     aliases = find_aliases(ckpts, [*experts, *([base] if base is not None else [])])
-
-    members: dict[str, list[str]] = {}
-    for alias, primary in aliases.items():
-        members.setdefault(primary, []).append(alias)
-    # Classes where some model lacks a member and reads its twin: those members must fuse as one (shared key).
-    # Tensors that are merely equal everywhere (untouched LayerNorms under LoRA) stay independent parameters.
-    # (The base is matched by name alignment, so only the models decide.)
-    reconciled = {
-        primary
-        for primary, group in members.items()
-        if any(not all(m in ckpts[i].entries for m in group) for i in experts)
-    }
-
-    def key_of(name: str) -> str:
-        primary = aliases.get(name)
-        return primary if primary in reconciled else name
-
-    def resolve(index: int, name: str) -> str | None:
-        """The name to read in model ``index`` for output tensor ``name`` (a tied twin if it lacks the name)."""
-        entries = ckpts[index].entries
-        if name in entries:
-            return name
-        twins = members.get(aliases.get(name, ""), [])
-        return next((t for t in twins if t in entries), None)
-
-    names = [n for n in first.entries if not _matches(n, heads)]
-    for index in experts[1:]:
-        other = ckpts[index]
-        missing = [n for n in names if resolve(index, n) is None]
-        extra = [
-            n
-            for n in other.entries
-            if n not in first.entries and not _matches(n, heads) and resolve(experts[0], n) is None
-        ]
-        if missing or extra:
-            raise _names_differ(first, other, missing, extra)
-        names += [n for n in other.entries if n not in first.entries and not _matches(n, heads)]
-    for name in names:
-        shape = _entry(ckpts, experts[0], name, resolve).shape
-        for index in experts[1:]:
-            entry = _entry(ckpts, index, name, resolve)
-            if entry.shape != shape:
-                raise IncompatibleModelsError(
-                    f"tensor {name!r} has shape {list(entry.shape)} in {ckpts[index].label} but {list(shape)} in "
-                    f"{first.label}. Models fused together must share an architecture and sizes.{_head_hint(name)}"
-                )
-
-    base_names = align_names(names, ckpts[base].entries) if base is not None else {}
-
-    def resolve_base(name: str) -> str | None:
-        for candidate in [name, *members.get(aliases.get(name, ""), [])]:
-            if candidate in base_names:
-                return base_names[candidate]
-        return None
-
-    def out_name(name: str) -> str:
-        """The base's spelling when the output follows the base (tied twins keep their own name)."""
-        return base_names.get(name, name) if reference == base else name
-
+    table = _Names(ckpts, experts, base, reference, aliases)
+    names = _shared_names(table, heads)
+    table.align_base(names)
     position = {n: i for i, n in enumerate(ckpts[reference].entries)}
-    order = sorted(names, key=lambda n: position.get(out_name(n), len(position)))
-    planned: list[PlannedTensor] = []
-    for name in order:
-        entry = _entry(ckpts, experts[0], name, resolve)
-        floating = all(is_floating(_entry(ckpts, i, name, resolve).dtype) for i in experts)
-        excluded = _matches(name, exclude)
-        copy_from = base if base is not None and resolve_base(name) is not None else experts[0]
-        ref_name = resolve_base(name) if reference == base else resolve(reference, name)
-        default_dtype = ckpts[reference].entries[ref_name].dtype if ref_name else entry.dtype
-        if not floating or excluded:
-            source_name = resolve_base(name) if copy_from == base else resolve(copy_from, name)
-            source_entry = ckpts[copy_from].entries[source_name]  # type: ignore[index]
-            if source_entry.shape != entry.shape:
-                raise IncompatibleModelsError(
-                    f"tensor {name!r} has shape {list(source_entry.shape)} in the base {ckpts[copy_from].label} but "
-                    f"{list(entry.shape)} in {first.label}."
-                )
-            dtype = out_dtype if (out_dtype and is_floating(source_entry.dtype)) else source_entry.dtype
-            reads = {copy_from: source_name}
-            planned.append(PlannedTensor(out_name(name), entry.shape, dtype, False, key_of(name), reads))  # type: ignore[arg-type]
-            continue
-        reads = {i: resolve(i, name) for i in experts}
-        if uses_base and base is not None:
-            base_name = resolve_base(name)
-            if base_name is None:
-                raise IncompatibleModelsError(
-                    f"the base {ckpts[base].label} has no tensor {name!r}, which the models have; the base must be "
-                    "the model they were fine-tuned from. To keep such tensors unfused, list them in `exclude`."
-                )
-            base_entry = ckpts[base].entries[base_name]
-            if base_entry.shape != entry.shape:
-                raise IncompatibleModelsError(
-                    f"tensor {name!r} has shape {list(base_entry.shape)} in the base {ckpts[base].label} but "
-                    f"{list(entry.shape)} in {first.label}; the base must be the model they were fine-tuned from."
-                )
-            if not is_floating(base_entry.dtype):
-                raise IncompatibleModelsError(
-                    f"tensor {name!r} is {base_entry.dtype} in the base {ckpts[base].label} but floating-point in "
-                    f"{first.label}."
-                )
-            reads[base] = base_name
-        dtype = out_dtype or default_dtype
-        planned.append(PlannedTensor(out_name(name), entry.shape, dtype, True, key_of(name), reads))  # type: ignore[arg-type]
-
+    order = sorted(names, key=lambda n: position.get(table.out_name(n), len(position)))
+    planned = [_plan_tensor(table, name, uses_base=uses_base, exclude=exclude, out_dtype=out_dtype) for name in order]
     dropped: list[str] = []
     if base is not None:
         wanted = {r for t in planned for i, r in t.reads.items() if i == base}
-        dropped = [n for n in ckpts[base].entries if n not in wanted and n not in base_names.values()]
+        dropped = [n for n in ckpts[base].entries if n not in wanted and n not in table.base_names.values()]
         if dropped:
             log.info(
                 "the base has %d tensor(s) the models lack (e.g. %s); they are not in the output",
@@ -439,6 +396,88 @@ def build_plan(
     if not any(t.fuse for t in planned):
         raise IncompatibleModelsError("no floating-point tensor is left to fuse (check `exclude`).")
     return FusionPlan(ckpts, base, list(experts), reference, planned, aliases, dropped)
+
+
+def _shared_names(table: _Names, heads: Sequence[str]) -> list[str]:
+    """The tensors every model has (heads aside), in the first model's order; refuses missing, extra or reshaped
+    tensors with the models named."""
+    ckpts, experts = table.ckpts, table.experts
+    first = ckpts[experts[0]]
+    names = [n for n in first.entries if not _matches(n, heads)]
+    for index in experts[1:]:
+        other = ckpts[index]
+        missing = [n for n in names if table.resolve(index, n) is None]
+        extra = [
+            n
+            for n in other.entries
+            if n not in first.entries and not _matches(n, heads) and table.resolve(experts[0], n) is None
+        ]
+        if missing or extra:
+            raise _names_differ(first, other, missing, extra)
+        names += [n for n in other.entries if n not in first.entries and not _matches(n, heads)]
+    for name in names:
+        shape = table.entry(experts[0], name).shape
+        for index in experts[1:]:
+            entry = table.entry(index, name)
+            if entry.shape != shape:
+                raise IncompatibleModelsError(
+                    f"tensor {name!r} has shape {list(entry.shape)} in {ckpts[index].label} but {list(shape)} in "
+                    f"{first.label}. Models fused together must share an architecture and sizes.{_head_hint(name)}"
+                )
+    return names
+
+
+def _plan_tensor(
+    table: _Names, name: str, *, uses_base: bool, exclude: Sequence[str], out_dtype: str | None
+) -> PlannedTensor:
+    """One output tensor: copied (not floating-point, or excluded) from the base or the first model, or fused from
+    every model (and the base, when the method reads it)."""
+    ckpts, experts, base, reference = table.ckpts, table.experts, table.base, table.reference
+    first = ckpts[experts[0]]
+    entry = table.entry(experts[0], name)
+    floating = all(is_floating(table.entry(i, name).dtype) for i in experts)
+    copy_from = base if base is not None and table.resolve_base(name) is not None else experts[0]
+    ref_name = table.resolve_base(name) if reference == base else table.resolve(reference, name)
+    default_dtype = ckpts[reference].entries[ref_name].dtype if ref_name else entry.dtype
+    if not floating or _matches(name, exclude):
+        source_name = table.resolve_base(name) if copy_from == base else table.resolve(copy_from, name)
+        source_entry = ckpts[copy_from].entries[source_name]  # type: ignore[index]
+        if source_entry.shape != entry.shape:
+            raise IncompatibleModelsError(
+                f"tensor {name!r} has shape {list(source_entry.shape)} in the base {ckpts[copy_from].label} but "
+                f"{list(entry.shape)} in {first.label}."
+            )
+        dtype = out_dtype if (out_dtype and is_floating(source_entry.dtype)) else source_entry.dtype
+        reads = {copy_from: source_name}
+        return PlannedTensor(table.out_name(name), entry.shape, dtype, False, table.key_of(name), reads)  # type: ignore[arg-type]
+    reads = {i: table.resolve(i, name) for i in experts}
+    if uses_base and base is not None:
+        reads[base] = _base_read(table, name, entry)
+    dtype = out_dtype or default_dtype
+    return PlannedTensor(table.out_name(name), entry.shape, dtype, True, table.key_of(name), reads)  # type: ignore[arg-type]
+
+
+def _base_read(table: _Names, name: str, entry: TensorEntry) -> str:
+    """The base's name for a fused tensor, checked: present, same shape, floating-point."""
+    base = table.ckpts[table.base]  # type: ignore[index]
+    first = table.ckpts[table.experts[0]]
+    base_name = table.resolve_base(name)
+    if base_name is None:
+        raise IncompatibleModelsError(
+            f"the base {base.label} has no tensor {name!r}, which the models have; the base must be "
+            "the model they were fine-tuned from. To keep such tensors unfused, list them in `exclude`."
+        )
+    base_entry = base.entries[base_name]
+    if base_entry.shape != entry.shape:
+        raise IncompatibleModelsError(
+            f"tensor {name!r} has shape {list(base_entry.shape)} in the base {base.label} but "
+            f"{list(entry.shape)} in {first.label}; the base must be the model they were fine-tuned from."
+        )
+    if not is_floating(base_entry.dtype):
+        raise IncompatibleModelsError(
+            f"tensor {name!r} is {base_entry.dtype} in the base {base.label} but floating-point in {first.label}."
+        )
+    return base_name
 
 
 def _entry(ckpts: Sequence[Checkpoint], index: int, name: str, resolve) -> TensorEntry:  # type: ignore[no-untyped-def]
