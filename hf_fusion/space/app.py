@@ -411,6 +411,31 @@ class SpaceApp:
         return f"Pushed to [{pushed.repo_id}]({link}) ({visibility})."
 
     # Compare tab ------------------------------------------------------------------------------------------------
+    def _prepare_compare(
+        self, pool_name: str, methods: list[str], sweep_text: str, limit: float | None
+    ) -> tuple[Any, list[Any], Any, Any]:
+        """Pool, methods, sweep and settings of a comparison, checked in the request (a shared Space also bounds
+        how many models one comparison fuses)."""
+        from hf_fusion.bench import Sweep
+        from hf_fusion.catalog import get_pool
+        from hf_fusion.registry import get_method
+
+        if not methods:
+            raise RecipeError("pick at least one method to compare.")
+        specs = [get_method(m) for m in methods]
+        pool = get_pool(check_pool_name(pool_name) if self.public else pool_name)
+        sweep = Sweep.parse(sweep_text.strip()) if sweep_text and sweep_text.strip() else None
+        if sweep is not None and not any(sweep.parameter in s.params_model.model_fields for s in specs):
+            raise RecipeError(f"none of the chosen methods has a parameter {sweep.parameter!r} to sweep.")
+        runs = sum(len(sweep.values) if sweep and sweep.parameter in s.params_model.model_fields else 1 for s in specs)
+        if self.public and runs > MAX_COMPARE_RUNS:
+            raise RecipeError(
+                f"this comparison would fuse and score {runs} models; a shared Space runs at most "
+                f"{MAX_COMPARE_RUNS} per comparison (fewer methods or sweep values, or run "
+                "`hf-fusion bench` on your own machine)."
+            )
+        return pool, specs, sweep, eval_settings(limit)
+
     def run_compare(
         self,
         pool_name: str,
@@ -422,29 +447,11 @@ class SpaceApp:
         progress: Any,
         visitor: str | None = None,
     ) -> Iterator[tuple[Any, ...]]:
-        from hf_fusion.bench import Sweep, run_bench
-        from hf_fusion.catalog import get_pool
-        from hf_fusion.registry import get_method
+        from hf_fusion.bench import run_bench
         from hf_fusion.tasks.evaluate import INDIVIDUAL, PRETRAINED
 
         try:
-            if not methods:
-                raise RecipeError("pick at least one method to compare.")
-            specs = [get_method(m) for m in methods]
-            pool = get_pool(check_pool_name(pool_name) if self.public else pool_name)
-            sweep = Sweep.parse(sweep_text.strip()) if sweep_text and sweep_text.strip() else None
-            if sweep is not None and not any(sweep.parameter in s.params_model.model_fields for s in specs):
-                raise RecipeError(f"none of the chosen methods has a parameter {sweep.parameter!r} to sweep.")
-            runs = sum(
-                len(sweep.values) if sweep and sweep.parameter in s.params_model.model_fields else 1 for s in specs
-            )
-            if self.public and runs > MAX_COMPARE_RUNS:
-                raise RecipeError(
-                    f"this comparison would fuse and score {runs} models; a shared Space runs at most "
-                    f"{MAX_COMPARE_RUNS} per comparison (fewer methods or sweep values, or run "
-                    "`hf-fusion bench` on your own machine)."
-                )
-            settings = eval_settings(limit)
+            pool, specs, sweep, settings = self._prepare_compare(pool_name, methods, sweep_text, limit)
         except FusionError as err:  # refused in the request: nothing was created for it
             raise self._error(err) from None
         ticket = self._admit()
