@@ -202,6 +202,41 @@ def _template() -> str:
     return resources.files("hf_fusion.model_cards").joinpath("fused_model.md.j2").read_text()
 
 
+def _eval_results(report: EvaluationReport) -> list[EvalResult] | None:
+    """The fused model's scores as the card's model-index (what the Hub shows and ranks)."""
+    results = [
+        EvalResult(
+            task_type=r.task_type,
+            dataset_type=r.dataset,
+            dataset_name=r.task,
+            dataset_config=r.dataset_config,
+            dataset_split=r.split_label(),
+            metric_type=r.metric,
+            metric_value=r.scores[report.fused],
+        )
+        for r in report.results
+        if r.scores.get(report.fused) is not None
+    ]
+    return results or None
+
+
+def _evaluation_table(report: EvaluationReport) -> dict[str, Any]:
+    """Every model's score per task, for the card's Evaluation table."""
+    columns = report.columns()
+    rows = [
+        {
+            "task": r.task,
+            "dataset": r.dataset,
+            "split": r.split_label(),
+            "metric": r.metric,
+            "examples": "" if r.examples is None else str(r.examples),
+            "cells": [f"{r.scores[c]:.4f}" if r.scores.get(c) is not None else "" for c in columns],
+        }
+        for r in report.results
+    ]
+    return {"columns": columns, "rows": rows, "subset": _subset_sentence(report)}
+
+
 def build_card(
     recipe: Recipe,
     *,
@@ -222,38 +257,8 @@ def build_card(
     hub_inputs = list(dict.fromkeys(r.path for r in inputs if not r.is_local))
     license_ = licenses[0] if licenses and all(lic and lic == licenses[0] for lic in licenses) else "unknown"
     model_name = (repo_id or Path(load_path).name).split("/")[-1]
-    eval_results = None
-    evaluation = None
-    if report is not None:
-        eval_results = [
-            EvalResult(
-                task_type=r.task_type,
-                dataset_type=r.dataset,
-                dataset_name=r.task,
-                dataset_config=r.dataset_config,
-                dataset_split=r.split_label(),
-                metric_type=r.metric,
-                metric_value=r.scores[report.fused],
-            )
-            for r in report.results
-            if r.scores.get(report.fused) is not None
-        ] or None
-        columns = report.columns()
-        evaluation = {
-            "columns": columns,
-            "rows": [
-                {
-                    "task": r.task,
-                    "dataset": r.dataset,
-                    "split": r.split_label(),
-                    "metric": r.metric,
-                    "examples": "" if r.examples is None else str(r.examples),
-                    "cells": [f"{r.scores[c]:.4f}" if r.scores.get(c) is not None else "" for c in columns],
-                }
-                for r in report.results
-            ],
-            "subset": _subset_sentence(report),
-        }
+    eval_results = _eval_results(report) if report is not None else None
+    evaluation = _evaluation_table(report) if report is not None else None
     data = ModelCardData(
         base_model=hub_inputs or None,
         library_name="transformers" if tag is not None else None,
