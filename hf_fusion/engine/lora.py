@@ -13,6 +13,7 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -43,36 +44,11 @@ class LoraCheckpoint(Checkpoint):
     """The dense tensors of ``base`` with a LoRA adapter merged in, computed lazily row slice by row slice."""
 
     def __init__(self, label: str, folder: Path, base: Checkpoint) -> None:
-        try:
-            config = json.loads((folder / ADAPTER_CONFIG).read_text())
-        except (OSError, ValueError) as err:
-            raise CheckpointError(f"{label}: {ADAPTER_CONFIG} cannot be read ({err}).") from None
-        if config.get("peft_type", "LORA") != "LORA":
-            raise CheckpointError(f"{label}: {config.get('peft_type')} adapters are not supported, only LoRA.")
-        if config.get("use_dora"):
-            raise CheckpointError(
-                f"{label}: DoRA adapters are not supported; merge them with peft's merge_and_unload "
-                "and fuse the merged model."
-            )
+        config = _adapter_config(label, folder)
         weights = folder / "adapter_model.safetensors"
         if not weights.is_file():
             raise CheckpointError(f"{label}: no adapter_model.safetensors (pickled adapters are not read).")
-        raw = {k[len(_PEFT_PREFIX) :] if k.startswith(_PEFT_PREFIX) else k: v for k, v in load_file(weights).items()}
-        lora: dict[str, dict[str, torch.Tensor]] = {}
-        whole: dict[str, torch.Tensor] = {}
-        for key, value in raw.items():
-            match = _LORA_KEY.match(key)
-            if match:
-                kind = match.group("kind").replace("embedding_", "")
-                lora.setdefault(match.group("module"), {})[kind] = value
-            elif "lora_magnitude_vector" in key:
-                raise CheckpointError(f"{label}: DoRA magnitude vectors are not supported.")
-            else:
-                whole[key] = value
-        for module, parts in lora.items():
-            if set(parts) != {"A", "B"}:
-                raise CheckpointError(f"{label}: LoRA module {module!r} lacks its A or B matrix.")
-
+        lora, whole = _split_adapter(label, load_file(weights))
         targets = {f"{m}.weight": m for m in lora}
         matched = align_names(sorted(targets), base.entries)
         missing = sorted(set(targets) - set(matched))
@@ -101,17 +77,7 @@ class LoraCheckpoint(Checkpoint):
             entries[name] = TensorEntry(
                 name, code, tuple(value.shape), weights, 0, value.numel() * value.element_size()
             )
-        r_default = config.get("r", 8)
-        alpha_default = config.get("lora_alpha", r_default)
-        self._deltas: dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]] = {}
-        for weight_name, module in targets.items():
-            a, b = lora[module]["A"].float(), lora[module]["B"].float()
-            shape = base.entries[matched[weight_name]].shape
-            rank = _pattern_value(config.get("rank_pattern") or {}, module, a.shape[0])
-            alpha = _pattern_value(config.get("alpha_pattern") or {}, module, alpha_default)
-            scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-            transposed = _layout(weight_name, shape, a, b, bool(config.get("fan_in_fan_out")), label)
-            self._deltas[weight_name] = (a, b, scale, transposed)
+        self._deltas = _deltas(label, config, lora, targets, {w: base.entries[matched[w]].shape for w in targets})
         super().__init__(label, entries, [weights])
 
     def read_rows(self, name: str, row_start: int, row_stop: int, out: torch.Tensor) -> None:
@@ -163,3 +129,63 @@ def _naming(matched: dict[str, str]):  # type: ignore[no-untyped-def]
         prefix = removed.pop()
         return lambda base_name: base_name[len(prefix) :] if base_name.startswith(prefix) else None
     raise CheckpointError("the adapter's module names do not map onto the base's tensor names by one prefix.")
+
+
+def _adapter_config(label: str, folder: Path) -> dict[str, Any]:
+    """The adapter's peft config, refused unless it is plain LoRA (DoRA and other peft types are not read)."""
+    try:
+        config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{label}: {ADAPTER_CONFIG} cannot be read ({err}).") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{label}: {config.get('peft_type')} adapters are not supported, only LoRA.")
+    if config.get("use_dora"):
+        raise CheckpointError(
+            f"{label}: DoRA adapters are not supported; merge them with peft's merge_and_unload "
+            "and fuse the merged model."
+        )
+    return config
+
+
+def _split_adapter(
+    label: str, stored: dict[str, torch.Tensor]
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """The adapter's tensors as LoRA factors per module ({"A", "B"}) and whole tensors (saved modules, heads)."""
+    raw = {k[len(_PEFT_PREFIX) :] if k.startswith(_PEFT_PREFIX) else k: v for k, v in stored.items()}
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    whole: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        match = _LORA_KEY.match(key)
+        if match:
+            kind = match.group("kind").replace("embedding_", "")
+            lora.setdefault(match.group("module"), {})[kind] = value
+        elif "lora_magnitude_vector" in key:
+            raise CheckpointError(f"{label}: DoRA magnitude vectors are not supported.")
+        else:
+            whole[key] = value
+    for module, parts in lora.items():
+        if set(parts) != {"A", "B"}:
+            raise CheckpointError(f"{label}: LoRA module {module!r} lacks its A or B matrix.")
+    return lora, whole
+
+
+def _deltas(
+    label: str,
+    config: dict[str, Any],
+    lora: dict[str, dict[str, torch.Tensor]],
+    targets: dict[str, str],
+    shapes: dict[str, tuple[int, ...]],
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]]:
+    """Each adapted weight's factors, scale (alpha / rank, or / sqrt(rank) with rsLoRA, per-module patterns
+    applied) and layout."""
+    r_default = config.get("r", 8)
+    alpha_default = config.get("lora_alpha", r_default)
+    deltas: dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]] = {}
+    for weight_name, module in targets.items():
+        a, b = lora[module]["A"].float(), lora[module]["B"].float()
+        rank = _pattern_value(config.get("rank_pattern") or {}, module, a.shape[0])
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, alpha_default)
+        scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+        transposed = _layout(weight_name, shapes[weight_name], a, b, bool(config.get("fan_in_fan_out")), label)
+        deltas[weight_name] = (a, b, scale, transposed)
+    return deltas
