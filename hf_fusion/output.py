@@ -33,7 +33,7 @@ def check_output_folder(target: Path, *, overwrite: bool) -> None:
         raise OutputExistsError(
             f"output folder {target} already exists and is not empty; pass --overwrite (overwrite=True) to replace it."
         )
-    existing = _nearest_existing(target.parent)
+    existing = nearest_existing(target.parent)
     if not existing.is_dir():
         raise OutputExistsError(f"output folder {target} cannot be created: {existing} is a file, not a folder.")
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -43,7 +43,8 @@ def check_output_folder(target: Path, *, overwrite: bool) -> None:
         )
 
 
-def _nearest_existing(path: Path) -> Path:
+def nearest_existing(path: Path) -> Path:
+    """The path itself or its closest existing ancestor: where a folder about to be made would live."""
     path = path.absolute()
     while not path.exists() and path != path.parent:
         path = path.parent

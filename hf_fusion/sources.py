@@ -20,6 +20,7 @@ from hf_fusion.engine.lora import ADAPTER_CONFIG, LoraCheckpoint, is_lora_adapte
 from hf_fusion.errors import InsufficientResourcesError, RecipeError
 from hf_fusion.hub.resolve import HubModel, cached_model, download, resolve_hub_model
 from hf_fusion.model_files import local_folder, read_config
+from hf_fusion.output import nearest_existing
 from hf_fusion.recipe import ModelRef
 
 
@@ -93,10 +94,7 @@ def check_download_space(sources: list[Source]) -> int:
     needed = sum(s.hub.missing_bytes() for s in sources if s.hub is not None and s.folder is None)
     if needed:
         cache = Path(constants.HF_HUB_CACHE)
-        probe = cache
-        while not probe.exists():
-            probe = probe.parent
-        free = shutil.disk_usage(probe).free
+        free = shutil.disk_usage(nearest_existing(cache)).free
         if needed > free:
             raise InsufficientResourcesError(
                 f"the models need {needed / 1e9:.2f} GB of downloads but only {free / 1e9:.2f} GB is free at {cache}."

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from hf_fusion.errors import FusionError, RecipeError
-from hf_fusion.output import disk_reservation
+from hf_fusion.output import disk_reservation, nearest_existing
 from hf_fusion.sizes import parse_size
 from hf_fusion.space.form import (
     POOL_SOURCE,
@@ -181,10 +181,7 @@ class SpaceLimits:
 
 
 def _default_budget(root: Path) -> int:
-    probe = root
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return max(1, min(DEFAULT_BUDGET_CAP, shutil.disk_usage(probe).free // 2))
+    return max(1, min(DEFAULT_BUDGET_CAP, shutil.disk_usage(nearest_existing(root)).free // 2))
 
 
 class SpaceApp:
