@@ -15,6 +15,7 @@ import pytest
 import yaml
 from gradio_client import Client
 from gradio_client.exceptions import AppError
+from public_server import serve_public
 
 from hf_fusion.errors import InsufficientResourcesError, JobStopped
 from hf_fusion.space.jobs import Job
@@ -172,22 +173,11 @@ RECIPE = yaml.safe_dump({"method": "task_arithmetic", "pool": "minilm-text3"})
 @pytest.fixture(scope="module")
 def small_space(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, Path]]:
     """A public app with one slot, a line of one, and a short idle time, with its own gradio cache."""
-    from hf_fusion.space import SpaceLimits, serving
+    from hf_fusion.space import SpaceLimits
 
-    cache = tmp_path_factory.mktemp("gradio-cache")
-    sessions = tmp_path_factory.mktemp("sessions")
-    patch = pytest.MonkeyPatch()
-    patch.setenv("GRADIO_TEMP_DIR", str(cache))
-    try:
-        with serving(
-            root=sessions,
-            in_space=False,
-            allow_local_paths=False,
-            limits=SpaceLimits(running=1, waiting=1, idle_seconds=4, disk_budget=10**10),
-        ) as url:
-            yield url, sessions, cache
-    finally:
-        patch.undo()
+    cache, sessions = tmp_path_factory.mktemp("gradio-cache"), tmp_path_factory.mktemp("sessions")
+    with serve_public(sessions, cache, SpaceLimits(running=1, waiting=1, idle_seconds=4, disk_budget=10**10)) as url:
+        yield url, sessions, cache
 
 
 def _client(url: str, tmp_path: Path, name: str) -> Client:
@@ -251,27 +241,19 @@ def test_stop_answers_while_every_slot_and_the_line_are_taken(small_space, tmp_p
     assert "Merged 3 models" in third.predict(RECIPE, False, 0, api_name="/merge")[0]  # the slot is free again
 
 
-def test_leaving_the_server_removes_every_session(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from hf_fusion.space import SpaceLimits, serving
+def test_leaving_the_server_removes_every_session(tmp_path: Path) -> None:
+    from hf_fusion.space import SpaceLimits
 
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "cache"))
-    with serving(
-        root=tmp_path / "sessions", in_space=False, allow_local_paths=False, limits=SpaceLimits(disk_budget=10**10)
-    ) as url:
+    with serve_public(tmp_path / "sessions", tmp_path / "cache", SpaceLimits(disk_budget=10**10)) as url:
         _client(url, tmp_path, "a").predict(RECIPE, False, 0, api_name="/merge")
         assert _files(tmp_path / "sessions") and _files(tmp_path / "cache" / "hf-fusion")
     assert _files(tmp_path / "sessions") == [] and _files(tmp_path / "cache" / "hf-fusion") == []
 
 
-def test_a_merge_beyond_the_disk_budget_is_refused_and_leaves_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from hf_fusion.space import SpaceLimits, serving
+def test_a_merge_beyond_the_disk_budget_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
+    from hf_fusion.space import SpaceLimits
 
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "cache"))
-    with serving(
-        root=tmp_path / "sessions", in_space=False, allow_local_paths=False, limits=SpaceLimits(disk_budget=50 * MB)
-    ) as url:
+    with serve_public(tmp_path / "sessions", tmp_path / "cache", SpaceLimits(disk_budget=50 * MB)) as url:
         with pytest.raises(AppError, match="more than this Space's budget of 0.05 GB"):
             _client(url, tmp_path, "a").predict(RECIPE, False, 0, api_name="/merge")
         assert _files(tmp_path / "sessions") == [] and _files(tmp_path / "cache" / "hf-fusion") == []

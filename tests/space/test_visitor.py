@@ -15,6 +15,7 @@ import pytest
 import yaml
 from gradio_client import Client
 from gradio_client.exceptions import AppError
+from public_server import serve_public
 
 from hf_fusion.catalog import PoolError, resolve_builtin
 from hf_fusion.errors import RecipeError
@@ -37,22 +38,11 @@ def server_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def public_space(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, Path]]:
     """The app as a public Space runs it (only Hub ids, catalog pools, built-in models), with its own gradio cache."""
-    from hf_fusion.space import SpaceLimits, serving
+    from hf_fusion.space import SpaceLimits
 
-    cache = tmp_path_factory.mktemp("gradio-cache")
-    sessions = tmp_path_factory.mktemp("sessions")
-    patch = pytest.MonkeyPatch()
-    patch.setenv("GRADIO_TEMP_DIR", str(cache))
-    try:
-        with serving(
-            root=sessions,
-            in_space=False,
-            allow_local_paths=False,
-            limits=SpaceLimits(running=1, waiting=2, idle_seconds=600, disk_budget=10**10),
-        ) as url:
-            yield url, sessions, cache
-    finally:
-        patch.undo()
+    cache, sessions = tmp_path_factory.mktemp("gradio-cache"), tmp_path_factory.mktemp("sessions")
+    with serve_public(sessions, cache, SpaceLimits(running=1, waiting=2, idle_seconds=600, disk_budget=10**10)) as url:
+        yield url, sessions, cache
 
 
 def _created(*folders: Path) -> list[Path]:
