@@ -112,7 +112,31 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="examples per forward pass, for evaluation (default 32) and data-driven methods",
     )
-    parser.add_argument("--eval-device", default="cpu", metavar="DEVICE", help="device for evaluation (default cpu)")
+    parser.add_argument(
+        "--eval-device", metavar="DEVICE", help="device for evaluation (default: --device where given, else cpu)"
+    )
+    parser.add_argument(
+        "--mixed-precision",
+        choices=["no", "fp16", "bf16"],
+        default="no",
+        help="autocast dtype for evaluation and test-time adaptation (default no: the weights' own precision)",
+    )
+    parser.add_argument(
+        "--device-map",
+        choices=["auto", "balanced", "balanced_low_0", "sequential"],
+        help="place each evaluated model across GPUs, CPU and disk with accelerate (models larger than one GPU)",
+    )
+    parser.add_argument(
+        "--max-memory",
+        type=max_memory_argument,
+        metavar="0:40GiB,cpu:200GiB",
+        help="with --device-map: the most each device may hold (GPU index or cpu); the rest is offloaded to disk",
+    )
+    parser.add_argument(
+        "--no-score-cache",
+        action="store_true",
+        help="score every model again instead of reusing cached scores of the same weights and settings",
+    )
     parser.add_argument(
         "--metrics",
         choices=["auto", "hub", "bundled"],
@@ -134,11 +158,42 @@ def common_method_params(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in (*COMMON_METHOD_FLAGS, "batch_size") if getattr(args, k, None) is not None}
 
 
+def max_memory_argument(text: str) -> dict[int | str, int]:
+    """``DEVICE:SIZE,...`` (``0:40GiB,cpu:200GiB``): GPU indices or ``cpu``, each with a size."""
+    from hf_fusion.sizes import parse_size
+
+    limits: dict[int | str, int] = {}
+    for item in comma_list(text):
+        device, sep, size = item.partition(":")
+        device = device.strip().lower()
+        if not sep or not (device == "cpu" or device.isdigit()):
+            raise argparse.ArgumentTypeError(f"takes DEVICE:SIZE items (GPU index or cpu), got {item!r}")
+        try:
+            limits[int(device) if device.isdigit() else device] = parse_size(size.strip())
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    if not limits:
+        raise argparse.ArgumentTypeError("names no device")
+    return limits
+
+
 def eval_settings(args: argparse.Namespace) -> Any:
+    """Evaluation settings from the flags; evaluation runs on ``--eval-device``, else on ``--device``."""
+    from hf_fusion.runtime import check_mixed_precision
     from hf_fusion.tasks.base import EvalSettings
 
+    device = args.eval_device or getattr(args, "device", None) or "cpu"
+    if args.max_memory and not args.device_map:
+        raise SystemExit("hf-fusion: --max-memory needs --device-map (auto, balanced or sequential)")
     return EvalSettings(
-        batch_size=args.batch_size or 32, device=args.eval_device, limit=args.limit, metrics=args.metrics
+        batch_size=args.batch_size or 32,
+        device=device,
+        limit=args.limit,
+        metrics=args.metrics,
+        mixed_precision=check_mixed_precision(args.mixed_precision, device),
+        device_map=args.device_map,
+        max_memory=args.max_memory,
+        score_cache=not args.no_score_cache,
     )
 
 

@@ -26,6 +26,7 @@ def register(sub: Any) -> None:
     evaluate.add_argument("--no-baselines", action="store_true", help="skip the pretrained model and the experts")
     evaluate.add_argument("--report", metavar="FILE", help="also write the JSON report here")
     evaluate.add_argument("--token", help="Hub token for private models or datasets")
+    evaluate.add_argument("--device", help="device for evaluation: cpu (default), cuda, cuda:N")
     add_eval_options(evaluate)
     add_common(evaluate)
     evaluate.set_defaults(run=cmd_evaluate)

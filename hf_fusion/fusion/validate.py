@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from hf_fusion.errors import RecipeError
 from hf_fusion.recipe import Recipe
 from hf_fusion.registry import BaseUse, DataNeed, MethodSpec, get_method
@@ -42,14 +40,10 @@ def validate_recipe(recipe: Recipe) -> ValidatedRecipe:
 
 
 def check_device(device: str) -> None:
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise RecipeError(f"unknown device {device!r}; use cpu, cuda or cuda:N.") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RecipeError(f"device {device!r} was requested but no CUDA device is available.")
-    if dev.type not in ("cpu", "cuda"):
-        raise RecipeError(f"device {device!r} is not supported; use cpu or cuda.")
+    """A device this process can compute on (see :meth:`hf_fusion.runtime.Runtime.device`)."""
+    from hf_fusion.runtime import current
+
+    current().device(device)
 
 
 def as_recipe(recipe: Recipe | str | Path | Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> Recipe:

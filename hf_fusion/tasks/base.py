@@ -22,6 +22,16 @@ class EvalSettings:
     device: str = "cpu"
     limit: int | None = None
     metrics: MetricSource = "auto"
+    mixed_precision: str = "no"
+    """Autocast dtype of the forward passes (``no``, ``fp16``, ``bf16``); scores may move slightly."""
+    device_map: str | None = None
+    """``auto`` (or ``balanced``, ``sequential``): models placed across GPUs, CPU and disk by accelerate."""
+    max_memory: dict[int | str, int] | None = None
+    """With ``device_map``: bytes each device may hold (GPU index, ``cpu``)."""
+    across_processes: bool = True
+    """Split each task's examples over the run's processes; off where the caller already split the work."""
+    score_cache: bool = True
+    """Reuse the scores of a model already scored with these settings (see :mod:`hf_fusion.tasks.score_cache`)."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,195 @@
+"""Where work runs: how many processes share it, which one this is, which device and precision it computes in.
+
+A plain ``hf-fusion`` run is one process. Under ``accelerate launch`` or ``torchrun`` (several processes, on one
+machine or several), accelerate's :class:`~accelerate.PartialState` joins the process group (NCCL on GPUs, gloo on
+CPUs) and this module answers the questions every part asks: is this the main process, which share of a list is
+mine, what did the others compute. Nothing else in hf-fusion talks to ``torch.distributed`` directly.
+
+Work is split so that results do not depend on the number of processes: shares are whole items (batches of
+examples, grid configurations), gathered back in their original order, so the same items go through the same
+arithmetic whatever the split.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, TypeVar
+
+from hf_fusion.errors import FusionError, RecipeError
+
+T = TypeVar("T")
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+"""``--mixed-precision`` values, as accelerate names them: autocast dtype of evaluation and adaptation."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """This process's place among the processes of one run (one process: index 0 of 1)."""
+
+    process_index: int = 0
+    num_processes: int = 1
+    local_process_index: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.process_index == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.num_processes > 1
+
+    def mine(self, items: Sequence[T]) -> list[T]:
+        """This process's share of ``items``: every ``num_processes``-th item from its index (round-robin, so long
+        and short items spread evenly when they come sorted)."""
+        return list(items[self.process_index :: self.num_processes])
+
+    def gather(self, values: list[T]) -> list[list[T]]:
+        """Every process's ``values``, in process order (a list per process), on every process."""
+        if not self.distributed:
+            return [values]
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.num_processes
+        dist.all_gather_object(gathered, values)
+        return gathered
+
+    def interleaved(self, share: list[T]) -> list[T]:
+        """The inverse of :meth:`mine`: every process's share joined back into the original order."""
+        shares = self.gather(share)
+        joined: list[T] = []
+        for position in range(max((len(s) for s in shares), default=0)):
+            joined += [s[position] for s in shares if position < len(s)]
+        return joined
+
+    def broadcast(self, value: T) -> T:
+        """The main process's ``value``, on every process."""
+        if not self.distributed:
+            return value
+        import torch.distributed as dist
+
+        box: list[Any] = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def sum_(self, tensor: Any) -> Any:
+        """Adds ``tensor`` over all processes, in place (gradients, Fisher and Gram statistics)."""
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def on_main(self, work: Callable[[], T]) -> T:
+        """Runs ``work`` on the main process only and hands its result, or its error, to every process; the others
+        wait meanwhile (writing a folder, downloading once)."""
+        if not self.distributed:
+            return work()
+        outcome: tuple[Any, BaseException | None] = (None, None)
+        if self.is_main:
+            try:
+                outcome = (work(), None)
+            except BaseException as err:  # every process must hear of it, or the others wait for ever
+                outcome = (None, err)
+        result, error = self.broadcast(_picklable(outcome))
+        if error is not None:
+            raise error
+        return result
+
+    def device(self, requested: str) -> str:
+        """``requested`` for this process: plain ``cuda`` becomes this process's own GPU when several processes
+        share a machine; a GPU that is not there is an error before any work."""
+        import torch
+
+        try:
+            dev = torch.device(requested)
+        except RuntimeError:
+            raise RecipeError(f"unknown device {requested!r}; use cpu, cuda or cuda:N.") from None
+        if dev.type not in ("cpu", "cuda"):
+            raise RecipeError(f"device {requested!r} is not supported; use cpu or cuda.")
+        if dev.type == "cpu":
+            return "cpu"
+        if not torch.cuda.is_available():
+            raise RecipeError(
+                f"device {requested!r} was requested but no CUDA device is available (torch {torch.__version__}"
+                f"{'' if torch.version.cuda else ', a CPU-only build'})."
+            )
+        count = torch.cuda.device_count()
+        index = dev.index if dev.index is not None else (self.local_process_index if self.distributed else 0)
+        if index >= count:
+            raise RecipeError(f"device {requested!r} asks for GPU {index}, and this machine has {count}.")
+        return f"cuda:{index}"
+
+
+def _picklable(outcome: tuple[Any, BaseException | None]) -> tuple[Any, BaseException | None]:
+    """``outcome`` with an error that cannot cross processes replaced by a :class:`FusionError` saying what it was."""
+    import pickle
+
+    result, error = outcome
+    if error is None:
+        return outcome
+    try:
+        pickle.loads(pickle.dumps(error))
+        return outcome
+    except Exception:
+        return result, FusionError(f"the main process failed: {type(error).__name__}: {error}")
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started (``WORLD_SIZE``, set by ``accelerate launch`` and ``torchrun``)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+@lru_cache(maxsize=1)
+def current() -> Runtime:
+    """The run's runtime. A launched run joins its process group through accelerate once, on first use; a plain run
+    never imports accelerate's distributed state."""
+    if launched_processes() == 1:
+        return Runtime()
+    from accelerate import PartialState
+
+    state = PartialState()
+    return Runtime(state.process_index, state.num_processes, state.local_process_index)
+
+
+LOCAL = Runtime()
+"""One process on its own: what a job uses when its work is already split (a ``bench`` configuration)."""
+
+
+def check_mixed_precision(value: str, device: str) -> str:
+    """``value`` when it is one of :data:`MIXED_PRECISION` and the device can compute in it."""
+    if value not in MIXED_PRECISION:
+        raise RecipeError(f"unknown mixed precision {value!r}; use {', '.join(MIXED_PRECISION)}.")
+    if value == "bf16" and device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+            raise RecipeError(f"{device} cannot compute in bf16; use --mixed-precision fp16 or no.")
+    return value
+
+
+@contextmanager
+def autocast(device: str, mixed_precision: str) -> Iterator[None]:
+    """Forward passes in ``mixed_precision`` (float32 weights, lower-precision matrix products), as accelerate's
+    ``Accelerator.autocast`` does; ``no`` computes in the weights' own precision."""
+    if mixed_precision == "no":
+        yield
+        return
+    import torch
+
+    dtype = torch.float16 if mixed_precision == "fp16" else torch.bfloat16
+    with torch.autocast(device_type=device.split(":")[0], dtype=dtype):
+        yield
