@@ -106,6 +106,14 @@ class Runtime:
             raise error
         return result
 
+    def main_first(self, work: Callable[[], T]) -> T:
+        """Runs ``work`` on the main process, then on the others: a download happens once, and the other processes
+        find it in the cache."""
+        if not self.distributed:
+            return work()
+        result = self.on_main(work)
+        return result if self.is_main else work()
+
     def device(self, requested: str) -> str:
         """``requested`` for this process: plain ``cuda`` becomes this process's own GPU when several processes
         share a machine; a GPU that is not there is an error before any work."""
@@ -159,9 +167,10 @@ def current() -> Runtime:
     never imports accelerate's distributed state."""
     if launched_processes() == 1:
         return Runtime()
+    import torch
     from accelerate import PartialState
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # accelerate joins CPU processes (gloo) only when told
     return Runtime(state.process_index, state.num_processes, state.local_process_index)
 
 

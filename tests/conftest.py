@@ -93,3 +93,11 @@ def hub_pool(hub: LoopbackHub, bert_pool: tuple[Path, list[Path]]) -> dict[str, 
 @pytest.fixture
 def repo_name() -> str:
     return f"alice/fused-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(autouse=True)
+def own_score_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test starts with an empty score cache, so no test depends on what another scored before it."""
+    folder = tmp_path_factory.mktemp("hf-fusion-cache")
+    monkeypatch.setenv("HF_FUSION_CACHE", str(folder))
+    return folder

@@ -44,6 +44,16 @@ def configure_logging(args: argparse.Namespace) -> None:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 
+def _main_process_speaks(args: argparse.Namespace) -> None:
+    """Under several processes only the main one prints results, bars and messages; the others stay silent but
+    for errors (they still reach stderr)."""
+    from hf_fusion.runtime import current, launched_processes
+
+    if launched_processes() > 1 and not current().is_main:
+        args.quiet = True
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -54,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    _main_process_speaks(args)
     configure_logging(args)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     from hf_fusion.errors import FusionError

@@ -185,6 +185,12 @@ def eval_settings(args: argparse.Namespace) -> Any:
     device = args.eval_device or getattr(args, "device", None) or "cpu"
     if args.max_memory and not args.device_map:
         raise SystemExit("hf-fusion: --max-memory needs --device-map (auto, balanced or sequential)")
+    if args.device_map:  # accelerate places each layer; models are built, and inputs start, on the CPU
+        if args.eval_device not in (None, "cpu"):
+            raise SystemExit(
+                f"hf-fusion: --device-map places models itself; leave out --eval-device {args.eval_device}"
+            )
+        device = "cpu"
     return EvalSettings(
         batch_size=args.batch_size or 32,
         device=device,

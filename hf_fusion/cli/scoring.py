@@ -67,18 +67,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from hf_fusion.fusion import fused_models
     from hf_fusion.recipe import RECIPE_FILENAME, ModelRef, Recipe
     from hf_fusion.reports.leaderboard import to_markdown
+    from hf_fusion.runtime import current
     from hf_fusion.sources import fetch, resolve
     from hf_fusion.tasks.evaluate import evaluate_pool
 
+    settings = eval_settings(args)  # flags refused before anything is read
     pool = get_pool(args.pool)
     ref = ModelRef.parse(args.model)
     local_fusion = ref.is_local and (Path(ref.path) / RECIPE_FILENAME).is_file()
     if local_fusion:  # may hold one model per task in subfolders
         folder = Path(ref.path)
     else:
-        fetched = fetch(
-            resolve(ref, token=args.token, allow_pickle=False), token=args.token, show_progress=not args.quiet
-        ).folder
+        source = resolve(ref, token=args.token, allow_pickle=False)
+        fetched = current().main_first(lambda: fetch(source, token=args.token, show_progress=not args.quiet).folder)
         assert fetched is not None
         folder = fetched
     label = "fused" if (folder / RECIPE_FILENAME).is_file() else Path(args.model).name
@@ -88,11 +89,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         {label: models},
         tasks=args.tasks,
         baselines=not args.no_baselines,
-        settings=eval_settings(args),
+        settings=settings,
         token=args.token,
         show_progress=not args.quiet,
     )
     written = []
+    if not current().is_main:
+        return 0  # the main process writes and prints the report
     if local_fusion:
         written.append(f"Wrote {report.save(folder)}")
         card_existed = (folder / CARD_FILENAME).is_file()

@@ -9,6 +9,7 @@ from hf_fusion.cards import model_subfolders, write_card
 from hf_fusion.fusion.output_folder import output_names
 from hf_fusion.recipe import Recipe
 from hf_fusion.reports.report import EvaluationReport
+from hf_fusion.runtime import current
 from hf_fusion.tasks.base import EvalSettings
 
 
@@ -43,6 +44,7 @@ def evaluate_fused(
         token=token,
         show_progress=show_progress,
     )
-    report.save(folder)
-    write_card(folder, repo_id=repo_id)
+    if current().is_main:
+        report.save(folder)
+        write_card(folder, repo_id=repo_id)
     return report

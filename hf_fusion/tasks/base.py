@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from hf_fusion.catalog import TaskSpec
 from hf_fusion.metrics import MetricSource, load_metric
 from hf_fusion.progress import check_stop
+from hf_fusion.runtime import LOCAL, Runtime, autocast
 from hf_fusion.tasks.data import load_examples
 from hf_fusion.tasks.weights import ModelUnderTest
 
@@ -73,19 +76,84 @@ class TaskEvaluator(ABC):
         return backbone.to(self.settings.device)
 
     def batches(self) -> Iterator[dict[str, list[Any]]]:
+        """All examples in order, a batch at a time (calibration data of data-driven methods)."""
         size = self.settings.batch_size
         for start in range(0, len(self.data), size):
             check_stop()
             yield self.data[start : start + size]
 
-    @abstractmethod
-    def predictions(self, model: ModelUnderTest) -> tuple[list[Any], list[Any], dict[str, Any]]:
-        """(predictions, references, extra metric arguments) of ``model`` on the task's examples."""
+    def example_lengths(self) -> list[int] | None:
+        """Each example's length in tokens, for tasks whose batches are padded to their longest example; None
+        where every example has the same size (images)."""
+        return None
 
-    def score(self, model: ModelUnderTest) -> float:
-        predictions, references, extra = self.predictions(model)
-        result = self.metric.compute(predictions=predictions, references=references, **extra)
-        return float(result[self.spec.metric])
+    def batch_plan(self) -> list[list[int]]:
+        """Example indices of each scoring batch: longest examples first (a memory error shows at once), so that
+        each batch holds examples of similar length and pads little. The plan depends on the data alone, never on
+        the number of processes, so every example is scored in the same batch however the work is split."""
+        lengths = self.example_lengths()
+        order = list(range(len(self.data)))
+        if lengths is not None:
+            order.sort(key=lambda i: -lengths[i])
+        size = self.settings.batch_size
+        return [order[start : start + size] for start in range(0, len(order), size)]
+
+    @abstractmethod
+    def network(self, model: ModelUnderTest) -> Any:
+        """``model`` ready to score this task (with the task's head or tower where it has one), on its device."""
+
+    @abstractmethod
+    def predict(self, network: Any, batch: dict[str, list[Any]]) -> tuple[list[Any], list[Any]]:
+        """Predictions and references of one batch of examples."""
+
+    def metric_arguments(self) -> dict[str, Any]:
+        """Extra arguments of the metric's ``compute``."""
+        return {}
+
+    def predictions(
+        self, model: ModelUnderTest, *, runtime: Runtime = LOCAL, on_batch: Callable[[int], None] | None = None
+    ) -> tuple[list[Any], list[Any], dict[str, Any]]:
+        """(predictions, references, extra metric arguments) of ``model`` on every example, in the data's order.
+        Each process of ``runtime`` scores its share of the batches; every process gets all predictions."""
+        network = self.network(model)
+        scored: list[tuple[list[int], list[Any], list[Any]]] = []
+        with torch.inference_mode(), autocast(compute_device(self.settings), self.settings.mixed_precision):
+            for indices in runtime.mine(self.batch_plan()):
+                check_stop()
+                predicted, references = self.predict(network, self.data[indices])
+                scored.append((indices, predicted, references))
+                if on_batch is not None:
+                    on_batch(len(indices))
+        del network
+        by_index: dict[int, tuple[Any, Any]] = {}
+        for indices, predicted, references in runtime.interleaved(scored):
+            by_index.update(zip(indices, zip(predicted, references)))
+        ordered = [by_index[i] for i in range(len(self.data))]
+        return [p for p, _ in ordered], [r for _, r in ordered], self.metric_arguments()
+
+    def score(
+        self, model: ModelUnderTest, *, runtime: Runtime = LOCAL, on_batch: Callable[[int], None] | None = None
+    ) -> float:
+        """The task's metric on ``model``, computed once (by the main process) from every process's predictions."""
+        predictions, references, extra = self.predictions(model, runtime=runtime, on_batch=on_batch)
+        value = None
+        if runtime.is_main:
+            result = self.metric.compute(predictions=predictions, references=references, **extra)
+            value = float(result[self.spec.metric])
+        return runtime.broadcast(value)  # type: ignore[return-value]
+
+
+def compute_device(settings: EvalSettings) -> str:
+    """Where the forward passes run: the GPUs when accelerate places the model over them, else the device."""
+    if settings.device_map is not None and torch.cuda.is_available():
+        return "cuda"
+    return settings.device
+
+
+def text_lengths(tokenizer: Any, columns: list[list[str]], max_length: int | None) -> list[int]:
+    """Token counts of each example's text (pairs counted together), truncated as the task truncates them."""
+    encoded = tokenizer(*[list(column) for column in columns], truncation=True, max_length=max_length)
+    return [len(ids) for ids in encoded["input_ids"]]
 
 
 TOKENIZER_FILES = (

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from hf_fusion.tasks.base import EvalSettings, TaskContext, TaskEvaluator, tokenizer_for
-from hf_fusion.tasks.weights import ModelUnderTest, load_network
+from hf_fusion.tasks.base import EvalSettings, TaskContext, TaskEvaluator, text_lengths, tokenizer_for
+from hf_fusion.tasks.weights import ModelUnderTest, load_network, place
 
 
 class CausalLM(TaskEvaluator):
@@ -35,18 +35,19 @@ class CausalLM(TaskEvaluator):
         mask = inputs.get("attention_mask")
         return scores[mask.bool()] if mask is not None else scores.reshape(-1, scores.shape[-1])
 
-    @torch.no_grad()
-    def predictions(self, model: ModelUnderTest) -> tuple[list[Any], list[Any], dict[str, Any]]:
+    def example_lengths(self) -> list[int] | None:
+        return text_lengths(self.tokenizer, [self.data[self.spec.text[0]]], self.spec.max_length)
+
+    def network(self, model: ModelUnderTest) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
 
-        network = load_network(AutoModelForCausalLM, model, self.context.base, self.settings.device)
-        nll, counts = [], []
-        for batch in self.batches():
-            encoded = self.encode(batch)
-            logits = network(**encoded).logits[:, :-1]
-            targets = encoded["input_ids"][:, 1:]
-            mask = encoded["attention_mask"][:, 1:].bool()
-            token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none")
-            nll += (token_nll * mask).sum(dim=1).tolist()
-            counts += mask.sum(dim=1).tolist()
-        return nll, counts, {}
+        return place(load_network(AutoModelForCausalLM, model, self.context.base, "cpu"), self.settings)
+
+    def predict(self, network: torch.nn.Module, batch: dict[str, list[Any]]) -> tuple[list[Any], list[Any]]:
+        """Each text's summed token NLL (as the prediction) and its token count (as the reference)."""
+        encoded = self.encode(batch)
+        logits = network(**encoded).logits[:, :-1]
+        targets = encoded["input_ids"][:, 1:].to(logits.device)
+        mask = encoded["attention_mask"][:, 1:].bool().to(logits.device)
+        token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none")
+        return (token_nll * mask).sum(dim=1).tolist(), mask.sum(dim=1).tolist()

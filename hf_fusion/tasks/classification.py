@@ -8,8 +8,15 @@ from typing import Any
 
 import torch
 
-from hf_fusion.tasks.base import EvalSettings, TaskContext, TaskEvaluator, tokenizer_for
-from hf_fusion.tasks.weights import ModelUnderTest, build_model, load_fused_module, read_state, without_heads
+from hf_fusion.tasks.base import EvalSettings, TaskContext, TaskEvaluator, text_lengths, tokenizer_for
+from hf_fusion.tasks.weights import (
+    ModelUnderTest,
+    build_model,
+    load_fused_module,
+    place,
+    read_state,
+    without_heads,
+)
 
 
 class HeadClassification(TaskEvaluator):
@@ -65,18 +72,17 @@ class HeadClassification(TaskEvaluator):
     def logits(self, network: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return network(**inputs).logits
 
-    def _network(self, model: ModelUnderTest) -> torch.nn.Module:
+    def example_lengths(self) -> list[int] | None:
+        if not self.is_text:
+            return None
+        return text_lengths(self.tokenizer, [self.data[c] for c in self.spec.text], self.spec.max_length)
+
+    def network(self, model: ModelUnderTest) -> torch.nn.Module:
         module = load_fused_module(model, self.settings.device)
         if module is not None:
-            return self.task_network(module).eval()
+            return place(self.task_network(module).eval(), self.settings)
         state = {**self.head, **without_heads(read_state(model.checkpoint()), self.context.heads)}
-        return build_model(self.auto_class, self.config, state, model.label, self.settings.device)
+        return place(build_model(self.auto_class, self.config, state, model.label, "cpu"), self.settings)
 
-    @torch.no_grad()
-    def predictions(self, model: ModelUnderTest) -> tuple[list[Any], list[Any], dict[str, Any]]:
-        network = self._network(model)
-        predicted, references = [], []
-        for batch in self.batches():
-            predicted += network(**self.encode(batch)).logits.argmax(dim=-1).tolist()
-            references += list(batch[self.spec.label])
-        return predicted, references, {}
+    def predict(self, network: torch.nn.Module, batch: dict[str, list[Any]]) -> tuple[list[Any], list[Any]]:
+        return network(**self.encode(batch)).logits.argmax(dim=-1).tolist(), list(batch[self.spec.label])

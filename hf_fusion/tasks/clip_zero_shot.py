@@ -9,7 +9,7 @@ import torch
 
 from hf_fusion.tasks.base import EvalSettings, TaskContext, TaskEvaluator
 from hf_fusion.tasks.data import class_names
-from hf_fusion.tasks.weights import ModelUnderTest, build_model, load_fused_module, read_state, replace_part
+from hf_fusion.tasks.weights import ModelUnderTest, build_model, load_fused_module, place, read_state, replace_part
 
 
 class ClipZeroShot(TaskEvaluator):
@@ -64,22 +64,16 @@ class ClipZeroShot(TaskEvaluator):
         features = network.get_image_features(**inputs)
         features = getattr(features, "pooler_output", features)
         features = features / features.norm(dim=-1, keepdim=True)
-        return network.logit_scale.exp() * features @ self.class_embeddings.T
+        return network.logit_scale.exp() * features @ self.class_embeddings.to(features.device).T
 
-    def _network(self, model: ModelUnderTest) -> torch.nn.Module:
+    def network(self, model: ModelUnderTest) -> torch.nn.Module:
         from transformers import CLIPModel
 
         module = load_fused_module(model, self.settings.device)
         if module is not None:
-            return self.task_network(module).eval()
+            return place(self.task_network(module).eval(), self.settings)
         state = replace_part(self.base_state, read_state(model.checkpoint()), "vision_model.")
-        return build_model(CLIPModel, self.config, state, model.label, self.settings.device)  # type: ignore[arg-type]
+        return place(build_model(CLIPModel, self.config, state, model.label, "cpu"), self.settings)  # type: ignore[arg-type]
 
-    @torch.no_grad()
-    def predictions(self, model: ModelUnderTest) -> tuple[list[Any], list[Any], dict[str, Any]]:
-        clip = self._network(model)
-        predicted, references = [], []
-        for batch in self.batches():
-            predicted += self.logits(clip, self.encode(batch)).argmax(dim=-1).tolist()
-            references += list(batch[self.spec.label])
-        return predicted, references, {}
+    def predict(self, network: torch.nn.Module, batch: dict[str, list[Any]]) -> tuple[list[Any], list[Any]]:
+        return self.logits(network, self.encode(batch)).argmax(dim=-1).tolist(), list(batch[self.spec.label])

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from hf_fusion.tasks.base import EvalSettings, TaskContext, TaskEvaluator, tokenizer_for
-from hf_fusion.tasks.weights import ModelUnderTest, load_network
+from hf_fusion.tasks.base import EvalSettings, TaskContext, TaskEvaluator, text_lengths, tokenizer_for
+from hf_fusion.tasks.weights import ModelUnderTest, load_network, place
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 MAX_NEW_TOKENS = 8
@@ -76,20 +76,25 @@ class TextToText(TaskEvaluator):
                 break
         return decoded
 
-    @torch.no_grad()
-    def predictions(self, model: ModelUnderTest) -> tuple[list[Any], list[Any], dict[str, Any]]:
-        from transformers import AutoModelForSeq2SeqLM, GenerationMixin
+    def example_lengths(self) -> list[int] | None:
+        prompts = self._prompts(self.data[:])
+        return text_lengths(self.tokenizer, [prompts], self.spec.max_length)
 
-        network = load_network(AutoModelForSeq2SeqLM, model, self.context.base, self.settings.device)
-        predicted, references = [], []
-        for batch in self.batches():
-            inputs = self.encode(batch)
-            if isinstance(network, GenerationMixin):
-                output = network.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-            else:
-                output = self._greedy(network, inputs)
-            texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
-            predicted += [self._prediction(t) for t in texts]
-            references += [self._reference(label) for label in batch[self.spec.label]]
-        extra = {} if self.regression else {"ignore_case": True, "ignore_punctuation": True}
-        return predicted, references, extra
+    def network(self, model: ModelUnderTest) -> torch.nn.Module:
+        from transformers import AutoModelForSeq2SeqLM
+
+        return place(load_network(AutoModelForSeq2SeqLM, model, self.context.base, "cpu"), self.settings)
+
+    def predict(self, network: torch.nn.Module, batch: dict[str, list[Any]]) -> tuple[list[Any], list[Any]]:
+        from transformers import GenerationMixin
+
+        inputs = self.encode(batch)
+        if isinstance(network, GenerationMixin):
+            output = network.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+        else:
+            output = self._greedy(network, inputs)
+        texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
+        return [self._prediction(t) for t in texts], [self._reference(label) for label in batch[self.spec.label]]
+
+    def metric_arguments(self) -> dict[str, Any]:
+        return {} if self.regression else {"ignore_case": True, "ignore_punctuation": True}

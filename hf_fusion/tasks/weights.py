@@ -151,3 +151,37 @@ def load_fused_module(model: ModelUnderTest, device: str) -> torch.nn.Module | N
         with quiet_transformers():
             return member_class(config).from_pretrained(model.folder).to(device).eval()
     return None
+
+
+def place(module: torch.nn.Module, settings: Any) -> torch.nn.Module:
+    """``module`` where ``settings`` put it: whole on ``settings.device``, or, with ``settings.device_map``, spread
+    by accelerate over the GPUs, the CPU and a temporary offload folder within ``settings.max_memory``, so a model
+    larger than one GPU is still scored (its layers run where they live; accelerate moves the activations)."""
+    if settings.device_map is None:
+        return module.to(settings.device).eval()
+    import tempfile
+
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    no_split = list(getattr(module, "_no_split_modules", None) or [])
+    limits = dict(settings.max_memory) if settings.max_memory else None
+    if settings.device_map.startswith("balanced"):
+        limits = get_balanced_memory(
+            module, max_memory=limits, no_split_module_classes=no_split, low_zero=settings.device_map.endswith("_0")
+        )
+    device_map = infer_auto_device_map(module, max_memory=limits, no_split_module_classes=no_split)
+    offload = None
+    on_disk = [name for name, where in device_map.items() if where == "disk"]
+    if on_disk:  # accelerate reads offloaded weights back from files it wrote itself
+        from accelerate.utils import offload_state_dict
+
+        offload = tempfile.TemporaryDirectory(prefix="hf-fusion-offload-")
+        state = module.state_dict()
+        offload_state_dict(
+            offload.name,
+            {k: v for k, v in state.items() if any(k == n or k.startswith(f"{n}.") or n == "" for n in on_disk)},
+        )
+    placed = dispatch_model(module.eval(), device_map, offload_dir=offload.name if offload else None)
+    placed._hf_fusion_offload = offload  # the folder lives as long as the model (removed when it is collected)
+    return placed
