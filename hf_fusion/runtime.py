@@ -78,9 +78,17 @@ class Runtime:
 
     def sum_(self, tensor: Any) -> Any:
         """Adds ``tensor`` over all processes, in place (gradients, Fisher and Gram statistics)."""
-        if self.distributed:
-            import torch.distributed as dist
+        if not self.distributed:
+            return tensor
+        import torch.distributed as dist
 
+        if tensor.device.type == "cpu" and dist.get_backend() == "nccl":  # NCCL reduces GPU tensors only
+            import torch
+
+            on_gpu = tensor.to(f"cuda:{torch.cuda.current_device()}")
+            dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+            tensor.copy_(on_gpu)
+        else:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
@@ -159,9 +167,12 @@ def current() -> Runtime:
     never imports accelerate's distributed state."""
     if launched_processes() == 1:
         return Runtime()
+    import torch
     from accelerate import PartialState
 
-    state = PartialState()
+    # without ``cpu`` accelerate only joins a process group on accelerators, and a CPU-only run stays one process
+    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    state = PartialState(cpu=cpu)
     return Runtime(state.process_index, state.num_processes, state.local_process_index)
 
 
