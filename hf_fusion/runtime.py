@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import lru_cache
 from typing import Any, TypeVar
 
@@ -78,9 +79,17 @@ class Runtime:
 
     def sum_(self, tensor: Any) -> Any:
         """Adds ``tensor`` over all processes, in place (gradients, Fisher and Gram statistics)."""
-        if self.distributed:
-            import torch.distributed as dist
+        if not self.distributed:
+            return tensor
+        import torch.distributed as dist
 
+        if tensor.device.type == "cpu" and dist.get_backend() == "nccl":  # NCCL reduces GPU tensors only
+            import torch
+
+            on_gpu = tensor.to(f"cuda:{torch.cuda.current_device()}")
+            dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+            tensor.copy_(on_gpu)
+        else:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
@@ -108,11 +117,10 @@ class Runtime:
 
     def main_first(self, work: Callable[[], T]) -> T:
         """Runs ``work`` on the main process, then on the others: a download happens once, and the other processes
-        find it in the cache."""
-        if not self.distributed:
-            return work()
-        result = self.on_main(work)
-        return result if self.is_main else work()
+        find it in the cache; an error on the main process is raised on every process."""
+        done: list[T] = []
+        self.on_main(lambda: done.append(work()))  # what ``work`` returns stays on the process that made it
+        return done[0] if done else work()
 
     def device(self, requested: str) -> str:
         """``requested`` for this process: plain ``cuda`` becomes this process's own GPU when several processes
@@ -153,6 +161,21 @@ def _picklable(outcome: tuple[Any, BaseException | None]) -> tuple[Any, BaseExce
         return result, FusionError(f"the main process failed: {type(error).__name__}: {error}")
 
 
+WAIT_ENV = "HF_FUSION_WAIT_SECONDS"
+DEFAULT_WAIT_S = 6 * 3600
+
+
+def wait_seconds() -> int:
+    """How long a process waits for the others at a collective (``$HF_FUSION_WAIT_SECONDS``, default 6 hours):
+    while the main process fuses a large model, or one process finishes its share of a sweep long before another,
+    the others wait, far beyond torch's default of 10 to 30 minutes. A process that crashes ends the run at once
+    (the launcher stops the others), so a long wait never hides a failure."""
+    try:
+        return max(60, int(os.environ.get(WAIT_ENV, DEFAULT_WAIT_S)))
+    except ValueError:
+        return DEFAULT_WAIT_S
+
+
 def launched_processes() -> int:
     """How many processes the launcher started (``WORLD_SIZE``, set by ``accelerate launch`` and ``torchrun``)."""
     try:
@@ -170,7 +193,9 @@ def current() -> Runtime:
     import torch
     from accelerate import PartialState
 
-    state = PartialState(cpu=not torch.cuda.is_available())  # accelerate joins CPU processes (gloo) only when told
+    # without ``cpu`` accelerate only joins a process group on accelerators, and a CPU-only run stays one process
+    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    state = PartialState(cpu=cpu, timeout=timedelta(seconds=wait_seconds()))
     return Runtime(state.process_index, state.num_processes, state.local_process_index)
 
 

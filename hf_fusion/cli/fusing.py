@@ -142,9 +142,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
         clamp_overflow=args.clamp_overflow,
         push=push_target(args, args.push),
         show_progress=not args.quiet,
+        mixed_precision=args.mixed_precision,
         **_merge_keywords(args),
     )
-    _print_merge(result, quiet=args.quiet)
+    from hf_fusion.runtime import current
+
+    if current().is_main:  # every process of a launched run returns the same result; it is printed once
+        _print_merge(result, quiet=args.quiet)
     return 0
 
 

@@ -9,7 +9,7 @@ from hf_fusion.cards import model_subfolders, write_card
 from hf_fusion.fusion.output_folder import output_names
 from hf_fusion.recipe import Recipe
 from hf_fusion.reports.report import EvaluationReport
-from hf_fusion.runtime import current
+from hf_fusion.runtime import Runtime, current
 from hf_fusion.tasks.base import EvalSettings
 
 
@@ -30,8 +30,10 @@ def evaluate_fused(
     token: str | None,
     show_progress: bool,
     repo_id: str | None,
+    runtime: Runtime | None = None,
 ) -> EvaluationReport:
-    """Scores the fused folder on its pool's tasks; the report joins the folder and its card."""
+    """Scores the fused folder on its pool's tasks; the report joins the folder and its card (written by the main
+    process of ``runtime``)."""
     from hf_fusion.catalog import get_pool
     from hf_fusion.tasks.evaluate import evaluate_pool
 
@@ -44,7 +46,7 @@ def evaluate_fused(
         token=token,
         show_progress=show_progress,
     )
-    if current().is_main:
+    if (runtime or current()).is_main:
         report.save(folder)
         write_card(folder, repo_id=repo_id)
     return report

@@ -4,6 +4,12 @@ Everything that can be checked without weights is checked first: method, paramet
 device, then the push target (token, namespace, existing files), then each input's config and safetensors headers
 (read remotely for Hub models: architectures, tensor names and shapes) and the disk space for downloads and output.
 Only then are weights downloaded and read.
+
+Under ``accelerate launch`` or ``torchrun`` every process runs :func:`merge`: every check runs on every process (so
+a refused request fails everywhere), and whatever writes (leftovers cleaned, the output folder, its card, the push)
+runs on the main process only, whose result every process returns. Tensor-wise methods fuse on the main process
+while the others wait; model-wise methods run on every process, which share their data (see
+:mod:`hf_fusion.fusion.model_wise`).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from hf_fusion.hub.push import PushTarget, check_target, push_folder, push_messa
 from hf_fusion.output import check_output_folder, clean_leftovers
 from hf_fusion.recipe import Recipe
 from hf_fusion.registry import MethodKind
+from hf_fusion.runtime import Runtime, check_mixed_precision, current
 from hf_fusion.tasks.base import EvalSettings
 
 
@@ -59,6 +66,8 @@ def merge(
     budget_elements: int = DEFAULT_BUDGET_ELEMENTS,
     allow_nonfinite: bool | None = None,
     clamp_overflow: bool | None = None,
+    mixed_precision: str = "no",
+    runtime: Runtime | None = None,
     **parameters: Any,
 ) -> MergeResult:
     """Fuses models into a ``from_pretrained``-ready folder, and optionally pushes it to the Hub.
@@ -67,6 +76,9 @@ def merge(
     output=..., **params)`` builds one from keywords (keywords also override a given recipe). Models are local
     folders or Hub repo ids (``org/name@revision``). ``push`` is a repo id or a :class:`PushTarget`; without
     ``output`` the fused folder is then built in a temporary folder, removed after a successful push.
+    ``mixed_precision`` (``no``, ``fp16``, ``bf16``) is the autocast dtype of test-time adaptation (AdaMerging,
+    WEMoE). ``runtime`` is the processes that run this merge together (default: every process of the run;
+    :data:`~hf_fusion.runtime.LOCAL` for a merge one process makes on its own, as a ``bench`` configuration).
     """
     overrides = {
         "models": models,
@@ -92,39 +104,55 @@ def merge(
         show_progress=show_progress,
         max_shard_bytes=max_shard_bytes,
         budget_elements=budget_elements,
+        mixed_precision=check_mixed_precision(mixed_precision, checked.recipe.device),
     )
-    scratch = None if checked.recipe.output else Path(tempfile.mkdtemp(prefix="hf-fusion-"))
+    runtime = runtime or current()
+    scratch = None if checked.recipe.output else runtime.on_main(lambda: Path(tempfile.mkdtemp(prefix="hf-fusion-")))
     target = Path(checked.recipe.output).expanduser() if checked.recipe.output else scratch / "fused"  # type: ignore[operator]
     try:
         with file_system_errors():
-            options, push_target = _prepare_output(checked, target, options, push_target, token)
+            options, push_target = _prepare_output(checked, target, options, push_target, token, runtime)
             started = time.perf_counter()
-            result = run_fusion(checked, target, options, repo_id=push_target.repo_id if push_target else None)
+            result = run_fusion(
+                checked, target, options, repo_id=push_target.repo_id if push_target else None, runtime=runtime
+            )
     except BaseException:
-        if scratch is not None:
+        if scratch is not None and runtime.is_main:
             shutil.rmtree(scratch, ignore_errors=True)
         raise
     result = replace(result, seconds=time.perf_counter() - started)
     if settings is not None:
-        result = _scored(result, settings, tasks, options, push_target)
+        result = _scored(result, settings, tasks, options, push_target, runtime)
     if push_target is None:
         return result
-    pushed = push_folder(
-        target,
-        push_target,
-        token=options.token,  # on failure the folder stays
-        default_message=push_message(result.recipe),
+    pushed = runtime.on_main(
+        lambda: push_folder(
+            target,
+            push_target,
+            token=options.token,  # on failure the folder stays
+            default_message=push_message(result.recipe),
+        )
     )
-    if scratch is not None:
+    if scratch is not None and runtime.is_main:
         shutil.rmtree(scratch, ignore_errors=True)
     return replace(result, push=pushed)
 
 
-def run_fusion(checked: ValidatedRecipe, target: Path, options: FusionOptions, *, repo_id: str | None) -> MergeResult:
-    """Runs the method by its declared kind: through the streaming engine, or on whole models."""
+def run_fusion(
+    checked: ValidatedRecipe,
+    target: Path,
+    options: FusionOptions,
+    *,
+    repo_id: str | None,
+    runtime: Runtime | None = None,
+) -> MergeResult:
+    """Runs the method by its declared kind: on whole models, on every process of the run (``runtime``, by default
+    the current one); or through the streaming engine, on the main process, whose result (or error) every process
+    gets."""
+    runtime = runtime or current()
     if checked.spec.kind is MethodKind.MODEL_WISE:
-        return fuse_model_wise(checked, target, options, repo_id=repo_id)
-    return fuse_tensor_wise(checked, target, options, repo_id=repo_id)
+        return fuse_model_wise(checked, target, options, repo_id=repo_id, runtime=runtime)
+    return runtime.on_main(lambda: fuse_tensor_wise(checked, target, options, repo_id=repo_id))
 
 
 def _check_request(
@@ -144,15 +172,21 @@ def _check_request(
 
 
 def _prepare_output(
-    checked: ValidatedRecipe, target: Path, options: FusionOptions, push: PushTarget | None, token: str | None
+    checked: ValidatedRecipe,
+    target: Path,
+    options: FusionOptions,
+    push: PushTarget | None,
+    token: str | None,
+    runtime: Runtime,
 ) -> tuple[FusionOptions, PushTarget | None]:
     """The output folder and the push target, checked before any input is read; returns the options with the
-    resolved token."""
-    clean_leftovers(target)
+    resolved token. Leftovers are cleaned by the main process before any process looks at the folder; the push
+    target is checked once, on the Hub, by the main process, and its answer (or refusal) reaches every process."""
+    runtime.on_main(lambda: clean_leftovers(target))
     check_output_folder(target, overwrite=options.overwrite)
     check_output_is_not_an_input(target, checked.recipe)
     options = replace(options, token=resolve_token(token))
-    return options, (check_target(push, options.token) if push is not None else None)
+    return options, (runtime.on_main(lambda: check_target(push, options.token)) if push is not None else None)
 
 
 def _scored(
@@ -161,12 +195,17 @@ def _scored(
     tasks: list[str] | None,
     options: FusionOptions,
     push: PushTarget | None,
+    runtime: Runtime,
 ) -> MergeResult:
+    """``result`` with the fused model's scores; the merge's processes share the evaluation (one process on its own
+    scores alone)."""
     started = time.perf_counter()
+    settings = replace(settings, across_processes=settings.across_processes and runtime.distributed)
     report = evaluate_fused(
         result.output,
         result.recipe,
         settings,
+        runtime=runtime,
         tasks=tasks,
         token=options.token,
         show_progress=options.show_progress,

@@ -1,5 +1,11 @@
 """Model-wise methods: the same inputs as the streaming path, loaded as modules, fused by the method, and saved with
-``save_pretrained`` into an atomic output folder finished like every other."""
+``save_pretrained`` into an atomic output folder finished like every other.
+
+Under several processes every process resolves and checks the inputs, loads the models and runs the method, which
+splits its data over the processes (calibration batches, the examples of each adaptation batch) and adds up what
+they computed, so every process ends with the same fused model. Downloads (models, task data) happen on the main
+process first (the others then find them in the cache); only the main process writes the folder, and its result reaches every process.
+"""
 
 from __future__ import annotations
 
@@ -28,15 +34,22 @@ from hf_fusion.fusion.validate import ValidatedRecipe
 from hf_fusion.modelwise.base import ModelFusion, ModelwiseContext
 from hf_fusion.output import AtomicFolder, check_free_space
 from hf_fusion.recipe import OUTPUT_DTYPES, Recipe
+from hf_fusion.runtime import LOCAL, Runtime
 from hf_fusion.tasks.weights import ModelUnderTest, quiet_transformers
 
 log = logging.getLogger(__name__)
 
 
 def fuse_model_wise(
-    checked: ValidatedRecipe, target: Path, options: FusionOptions, *, repo_id: str | None
+    checked: ValidatedRecipe,
+    target: Path,
+    options: FusionOptions,
+    *,
+    repo_id: str | None,
+    runtime: Runtime = LOCAL,
 ) -> MergeResult:
-    """Fuses whole models with a model-wise method and writes the folder (with its card) atomically."""
+    """Fuses whole models with a model-wise method on every process of ``runtime`` and writes the folder (with its
+    card) atomically from the main process."""
     if options.allow_pickle:
         raise RecipeError(
             "model-wise methods load models with transformers from safetensors only; convert pickled checkpoints first."
@@ -45,12 +58,32 @@ def fuse_model_wise(
         checked.params, num_models=len(checked.recipe.models), has_base=checked.uses_base
     )
     inputs, headers = resolve_inputs(checked, options)
-    inputs = fetch_inputs(inputs, options)
-    recipe = pin(checked.recipe, inputs)
-    inputs = with_architecture_base(inputs, checked.recipe, options)
-    context = build_context(recipe, inputs, show_progress=options.show_progress)
+    fetched = runtime.main_first(lambda: fetch_inputs(inputs, options))
+    recipe = pin(checked.recipe, fetched)
+    loadable = runtime.main_first(lambda: with_architecture_base(fetched, checked.recipe, options))
+    context = build_context(
+        recipe,
+        loadable,
+        show_progress=options.show_progress and runtime.is_main,
+        runtime=runtime,
+        mixed_precision=options.mixed_precision,
+    )
     check_free_space(target, input_bytes(headers))
     model = method.fuse(context)
+    return runtime.on_main(lambda: _write(model, method, context, loadable, recipe, target, options, repo_id))
+
+
+def _write(
+    model: torch.nn.Module,
+    method: ModelFusion[Any],
+    context: ModelwiseContext,
+    inputs: Inputs,
+    recipe: Recipe,
+    target: Path,
+    options: FusionOptions,
+    repo_id: str | None,
+) -> MergeResult:
+    """Saves the fused model, its side files and the method's extra files into the atomic output folder."""
     code = OUTPUT_DTYPES[recipe.dtype]
     if code is not None:
         model = model.to(getattr(torch, TORCH_NAMES[code]))
@@ -76,8 +109,16 @@ def fuse_model_wise(
     )
 
 
-def build_context(recipe: Recipe, inputs: Inputs, *, show_progress: bool) -> ModelwiseContext:
-    """The models as loadable modules, the architecture they share, and each model's task when there is a pool."""
+def build_context(
+    recipe: Recipe,
+    inputs: Inputs,
+    *,
+    show_progress: bool,
+    runtime: Runtime = LOCAL,
+    mixed_precision: str = "no",
+) -> ModelwiseContext:
+    """The models as loadable modules, the architecture they share, and each model's task when there is a pool;
+    computed on this process's own device of ``runtime``."""
     base_source = inputs.base
     base_folder = base_source.folder if base_source is not None else None
     expert_sources = [inputs.sources[i] for i in inputs.experts]
@@ -100,9 +141,11 @@ def build_context(recipe: Recipe, inputs: Inputs, *, show_progress: bool) -> Mod
         base=base,
         heads=tuple(recipe.heads),
         tasks=tasks,
-        device=recipe.device,
+        device=runtime.device(recipe.device),
         show_progress=show_progress,
         reference_folder=base_folder if use_base_config else first.folder,
+        runtime=runtime,
+        mixed_precision=mixed_precision,
     )
 
 

@@ -22,3 +22,5 @@ class FusionOptions:
     """Elements the streaming engine holds at once per input (memory stays flat in model size)."""
     token: str | None = None
     """The Hugging Face token, already resolved (never logged)."""
+    mixed_precision: str = "no"
+    """Autocast dtype of test-time adaptation's forward passes (``no``, ``fp16``, ``bf16``)."""

@@ -1,5 +1,9 @@
 """Fisher merging (Matena & Raffel, 2022): a per-parameter weighted average, each model weighted by its diagonal
-Fisher information on its own task's data."""
+Fisher information on its own task's data.
+
+Under several processes each process computes the Fisher sums of its share of every expert's calibration batches;
+the sums and the example counts are added over the processes before the mean is taken, so the merged model is one
+process's up to float rounding."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from hf_fusion.modelwise.base import ModelFusion, ModelwiseContext
 from hf_fusion.modelwise.data import CalibrationParams, calibration_batches
 from hf_fusion.progress import progress_bar
 from hf_fusion.registry import BaseUse, DataNeed, Family, MethodKind, MethodSpec, Paper, register
+from hf_fusion.runtime import Runtime
 
 MAX_CLASSES = 1000
 """Most classes a task's logits may have: the exact Fisher sums one backward pass per class."""
@@ -27,6 +32,13 @@ class FisherParams(CalibrationParams):
 def diagonal_fisher(network: nn.Module, backbone: nn.Module, logits_of, batches) -> dict[str, torch.Tensor]:
     """The expected diagonal Fisher of ``backbone``'s parameters under the model's own predictive distribution:
     ``mean_x sum_y p(y|x) (d log p(y|x) / d theta)^2``, one example at a time (no labels are read)."""
+    fisher, count = fisher_sums(network, backbone, logits_of, batches)
+    return {name: f / max(count, 1) for name, f in fisher.items()}
+
+
+def fisher_sums(network: nn.Module, backbone: nn.Module, logits_of, batches) -> tuple[dict[str, torch.Tensor], int]:
+    """The sums over the examples of ``batches`` of ``sum_y p(y|x) (d log p(y|x) / d theta)^2`` for ``backbone``'s
+    parameters, and the number of examples."""
     params = {name: p for name, p in backbone.named_parameters()}
     for p in params.values():
         p.requires_grad_(True)
@@ -52,7 +64,15 @@ def diagonal_fisher(network: nn.Module, backbone: nn.Module, logits_of, batches)
                     if g is not None:
                         fisher[name].add_(g.detach().square(), alpha=float(probs[y]))
             count += 1
-    return {name: f / max(count, 1) for name, f in fisher.items()}
+    return fisher, count
+
+
+def reduced_mean(sums: dict[str, torch.Tensor], count: int, runtime: Runtime) -> dict[str, torch.Tensor]:
+    """The mean over every process's examples: ``sums`` and ``count`` added over the processes, then divided."""
+    total = int(runtime.sum_(torch.tensor([count], dtype=torch.float64)).item())
+    for f in sums.values():
+        runtime.sum_(f)
+    return {name: f / max(total, 1) for name, f in sums.items()}
 
 
 def accumulate(
@@ -94,7 +114,8 @@ class FisherMerging(ModelFusion[FisherParams]):
             for i, model in context.iter_experts():
                 evaluator = context.evaluator(i, calibration=True, limit=p.calibration_samples, batch_size=p.batch_size)
                 network = evaluator.task_network(model)
-                fisher = diagonal_fisher(network, model, evaluator.logits, calibration_batches(evaluator))
+                batches = calibration_batches(evaluator, context.runtime)
+                fisher = reduced_mean(*fisher_sums(network, model, evaluator.logits, batches), context.runtime)
                 state = {name: t.detach().cpu() for name, t in model.named_parameters()}
                 accumulate(
                     numerator,

@@ -1,7 +1,11 @@
 """RegMean (Jin et al., 2023) and RegMean++ (Nguyen et al., 2025): each linear layer becomes the least-squares
 merge of the experts' layers on their own inputs, ``W^T = (sum_i G_i)^-1 sum_i G_i W_i^T`` with ``G_i = X_i^T X_i``
 (off-diagonal entries scaled by ``reduce_non_diagonal_ratio``); other parameters are averaged. RegMean++ takes the
-inputs of each block from the partly merged model instead of from each expert."""
+inputs of each block from the partly merged model instead of from each expert.
+
+Under several processes each process runs its share of every expert's calibration batches; the Gram sums and their
+row counts are added over the processes (:meth:`InputGrams.grams`), so the merged model is one process's up to float
+rounding."""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from hf_fusion.modelwise.base import ModelFusion, ModelwiseContext, is_linear, l
 from hf_fusion.modelwise.data import CalibrationParams, calibration_batches, token_mask
 from hf_fusion.progress import progress_bar
 from hf_fusion.registry import BaseUse, DataNeed, Family, MethodKind, MethodSpec, Paper, register
+from hf_fusion.runtime import LOCAL, Runtime
 
 DEFAULT_RATIOS = {"gpt2": 0.6}
 """FusionBench's per-pool ratios: 0.6 for GPT-2, 0.95 for CLIP (and everything else here)."""
@@ -115,8 +120,23 @@ class InputGrams:
             for h in handles:
                 h.remove()
 
-    def grams(self) -> dict[str, torch.Tensor]:
-        return {name: (s / self.rows[name]).cpu() for name, s in self.sums.items()}
+    def grams(self, runtime: Runtime = LOCAL) -> dict[str, torch.Tensor]:
+        """Each linear's ``X^T X / rows`` over the inputs of every process of ``runtime`` (its sums and rows added
+        over the processes, in float64); linears no process saw an input of are left out."""
+        if not runtime.distributed:
+            return {name: (s / self.rows[name]).cpu() for name, s in self.sums.items()}
+        grams = {}
+        for name, module in self.modules.items():  # the same names in the same order on every process
+            weight = linear_weight(module)
+            width = weight.shape[1]
+            local = self.sums.get(name)
+            total = local if local is not None else torch.zeros(width, width, dtype=torch.float64, device=weight.device)
+            rows = torch.tensor([self.rows.get(name, 0)], dtype=torch.float64, device=total.device)
+            runtime.sum_(total)
+            runtime.sum_(rows)
+            if rows.item() > 0:
+                grams[name] = (total / rows.item()).cpu()
+        return grams
 
 
 def merge_with_grams(target: nn.Module, states: list[dict[str, torch.Tensor]], store: GramStore) -> None:
@@ -148,10 +168,10 @@ class RegMean(ModelFusion[RegMeanParams]):
                 network = evaluator.task_network(model)
                 hooks = InputGrams({n: m for n, m in model.named_modules() if is_linear(m)})
                 with hooks.attached():
-                    for inputs in calibration_batches(evaluator):
+                    for inputs in calibration_batches(evaluator, context.runtime):
                         hooks.mask = token_mask(inputs)
                         evaluator.logits(network, inputs)
-                for name, gram in hooks.grams().items():
+                for name, gram in hooks.grams(context.runtime).items():
                     store.add(name, gram, linear_weight(model.get_submodule(name)))
                 for name, param in model.named_parameters():
                     sums[name] = sums[name] + param.detach().cpu() if name in sums else param.detach().cpu().clone()
@@ -197,7 +217,9 @@ class RegMeanPlusPlus(ModelFusion[RegMeanParams]):
         ]
         networks = [ev.task_network(merged) for ev in evaluators]
         with torch.no_grad():
-            block_inputs = [self._first_inputs(ev, net, merged_stack[0]) for ev, net in zip(evaluators, networks)]
+            block_inputs = [
+                self._first_inputs(ev, net, merged_stack[0], context.runtime) for ev, net in zip(evaluators, networks)
+            ]
             with progress_bar(
                 total=len(merged_stack), desc="RegMean++ blocks", unit="block", disable=not context.show_progress
             ) as bar:
@@ -210,7 +232,7 @@ class RegMeanPlusPlus(ModelFusion[RegMeanParams]):
                             for args, kwargs, mask in block_inputs[i]:
                                 hooks.mask = mask
                                 block(*args, **kwargs)
-                        for name, gram in hooks.grams().items():
+                        for name, gram in hooks.grams(context.runtime).items():
                             store.add(name, gram, linear_weight(block.get_submodule(name)))
                         stack[layer].cpu()
                     merge_with_grams(merged_stack[layer], [s[layer].state_dict() for s in stacks], store)
@@ -220,12 +242,15 @@ class RegMeanPlusPlus(ModelFusion[RegMeanParams]):
                         for batches in block_inputs
                     ]
                     bar.update(1)
-            self._merge_outside_linears(merged, stack_name, experts, evaluators, networks, ratio)
+            self._merge_outside_linears(merged, stack_name, experts, evaluators, networks, ratio, context.runtime)
         return merged.cpu()
 
     @staticmethod
-    def _first_inputs(evaluator: Any, network: nn.Module, first_block: nn.Module) -> list[tuple[Any, Any, Any]]:
-        """The (args, kwargs) the first block receives for each calibration batch, through the merged embeddings."""
+    def _first_inputs(
+        evaluator: Any, network: nn.Module, first_block: nn.Module, runtime: Runtime
+    ) -> list[tuple[Any, Any, Any]]:
+        """The (args, kwargs) the first block receives for each of this process's calibration batches, through the
+        merged embeddings."""
         captured: list[tuple[Any, Any, Any]] = []
         mask: list[torch.Tensor | None] = [None]
 
@@ -238,7 +263,7 @@ class RegMeanPlusPlus(ModelFusion[RegMeanParams]):
 
         handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
         try:
-            for inputs in calibration_batches(evaluator):
+            for inputs in calibration_batches(evaluator, runtime):
                 mask[0] = token_mask(inputs)
                 try:
                     evaluator.logits(network, inputs)
@@ -256,6 +281,7 @@ class RegMeanPlusPlus(ModelFusion[RegMeanParams]):
         evaluators: list[Any],
         networks: list[nn.Module],
         ratio: float,
+        runtime: Runtime,
     ) -> None:
         names = [n for n, m in merged.named_modules() if is_linear(m) and not n.startswith(stack_name + ".")]
         if not names:
@@ -265,10 +291,10 @@ class RegMeanPlusPlus(ModelFusion[RegMeanParams]):
         for evaluator, network in zip(evaluators, networks):
             hooks = InputGrams({n: merged.get_submodule(n) for n in names})
             with hooks.attached():
-                for inputs in calibration_batches(evaluator):
+                for inputs in calibration_batches(evaluator, runtime):
                     hooks.mask = token_mask(inputs)
                     evaluator.logits(network, inputs)
-            hooks_per_model.append(hooks.grams())
+            hooks_per_model.append(hooks.grams(runtime))
         for grams, expert in zip(hooks_per_model, experts):
             for name, gram in grams.items():
                 store.add(name, gram, linear_weight(expert.get_submodule(name)))

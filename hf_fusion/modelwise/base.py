@@ -3,6 +3,9 @@ for methods that need data, each expert's task with its inputs and its head.
 
 Experts are loaded one at a time where the algorithm allows (:meth:`ModelwiseContext.load_expert`), so memory stays
 at a few models whatever the pool size.
+
+Under several processes each process holds the models and runs the method; methods that read data take this
+process's share of it (:attr:`ModelwiseContext.runtime`) and add up what every process computed.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from torch import nn
 
 from hf_fusion.catalog import TaskSpec
 from hf_fusion.errors import FusionError, RecipeError
+from hf_fusion.runtime import LOCAL, Runtime
 from hf_fusion.tasks.weights import ModelUnderTest, build_model, read_state, without_heads
 
 P = TypeVar("P", bound=pydantic.BaseModel)
+T = TypeVar("T")
 
 PROBED_KINDS = ("classification", "clip_zero_shot", "text_to_text", "causal_lm")
 """Task kinds whose evaluators can give logits for a backbone, as data-driven methods need."""
@@ -40,6 +45,10 @@ class ModelwiseContext:
     show_progress: bool = True
     reference_folder: Path | None = None
     """Where config, tokenizer and processor files of the output come from."""
+    runtime: Runtime = LOCAL
+    """The processes that run the method together, each on its share of the data."""
+    mixed_precision: str = "no"
+    """Autocast dtype of test-time adaptation's forward passes (``no``, ``fp16``, ``bf16``)."""
 
     @property
     def num_models(self) -> int:
@@ -78,7 +87,7 @@ class ModelwiseContext:
 
     def evaluator(self, index: int, *, calibration: bool, limit: int | None, batch_size: int) -> Any:
         """Expert ``index``'s task evaluator over its calibration split, or its evaluation split (test-time
-        adaptation), cut to ``limit`` examples."""
+        adaptation), cut to ``limit`` examples; the main process loads (downloads) the task's data first."""
         from hf_fusion.tasks.base import EvalSettings, TaskContext
         from hf_fusion.tasks.evaluate import EVALUATORS
 
@@ -93,7 +102,8 @@ class ModelwiseContext:
             spec = spec.model_copy(update={"split": spec.calibration_split})
         base_folder = self.base.folder if self.base is not None else self.experts[index].folder
         settings = EvalSettings(batch_size=batch_size, device=self.device, limit=limit)
-        return EVALUATORS[spec.kind](spec, TaskContext(base_folder, self.experts[index], self.heads), settings)
+        task = TaskContext(base_folder, self.experts[index], self.heads)
+        return self.runtime.main_first(lambda: EVALUATORS[spec.kind](spec, task, settings))
 
 
 class ModelFusion(ABC, Generic[P]):
