@@ -1,8 +1,14 @@
 """``hf-fusion bench``: several methods (and a parameter sweep) on one pool, evaluated side by side.
 
-Every fused model is written under ``output/models/<label>``; all of them are then scored in one pass over each
-task (data, text classifiers and baselines are prepared once), and the leaderboard, the JSON report and the plots
-land in ``output``.
+Each configuration (a method, with a sweep value where it has the swept parameter) is a job: it fuses its model into
+``output/models/<name>``, scores it, and writes its result to ``output/runs/<name>.json`` as soon as it is done, or
+the error that stopped it; one failing configuration never loses the others. A rerun of the same command skips the
+jobs whose result is already there (``overwrite`` runs them all again). The pretrained model and the experts are
+scored once, as a job of their own (``runs/baselines.json``).
+
+Under ``torchrun`` or ``accelerate launch`` each process runs its share of the jobs (:meth:`Runtime.mine`), each job
+on one process; the main process then joins every result into one report and writes the leaderboard, the JSON
+report and the plots into ``output``, the same whatever the number of processes.
 """
 
 from __future__ import annotations
@@ -10,18 +16,23 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
-from dataclasses import dataclass
+import time
+import traceback
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from hf_fusion.catalog import Pool
-from hf_fusion.errors import RecipeError
+from hf_fusion.errors import JobStopped, RecipeError
+from hf_fusion.recipe import RECIPE_FILENAME, Recipe
 from hf_fusion.reports.leaderboard import rows, to_csv, to_markdown
 from hf_fusion.reports.plots import grouped_bars, sweep_lines
-from hf_fusion.reports.report import EvaluationReport
+from hf_fusion.reports.report import EvaluationReport, join_reports
+from hf_fusion.runtime import Runtime, current
 from hf_fusion.tasks.base import EvalSettings
 from hf_fusion.tasks.evaluate import evaluate_pool
 
@@ -74,6 +85,8 @@ class BenchResult:
     report: EvaluationReport
     leaderboard: str
     output: Path
+    failed: dict[str, str] = field(default_factory=dict)
+    """Configurations (and ``baselines``) that raised, label -> ``ExceptionType: message``."""
 
 
 def parse_method_entry(entry: str) -> tuple[str, dict[str, Any]]:
@@ -91,8 +104,156 @@ def parse_method_entry(entry: str) -> tuple[str, dict[str, Any]]:
     return match.group(1), params
 
 
+RUNS_FOLDER = "runs"
+"""Where each job writes its result, ``<folder name>.json``, under the bench's output folder."""
+BASELINES = "baselines"
+"""The job scoring the pretrained model and the experts (``runs/baselines.json``; no method bears this name)."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One configuration of the grid: a method with its parameters, fused into ``folder`` and scored there."""
+
+    label: str
+    method: str
+    parameters: dict[str, Any]
+    folder: Path
+    sweep_value: float | None = None
+
+    @property
+    def name(self) -> str:
+        """The name of its fused folder and of its result file."""
+        return self.folder.name
+
+
+def folder_name(label: str) -> str:
+    """A configuration's folder name: ``task_arithmetic[scaling_factor=0.3]`` -> ``task_arithmetic_scaling_factor-0.3``."""
+    return label.replace("[", "_").replace("]", "").replace("=", "-")
+
+
+def bench_jobs(
+    methods: list[str],
+    output: Path,
+    *,
+    sweep: Sweep | None = None,
+    parameters: dict[str, Any] | None = None,
+    common: dict[str, Any] | None = None,
+) -> list[Job]:
+    """The grid, in the order the methods are given: each method once, or once per sweep value when it has the
+    swept parameter. Common flags go to the methods that take them; method entries' own parameters win over
+    ``parameters``, and the sweep value over both."""
+    from hf_fusion.registry import flag_parameters, get_method
+
+    entries = [parse_method_entry(entry) for entry in methods]
+    per_method = flag_parameters([get_method(method) for method, _ in entries], common or {})
+    jobs: list[Job] = []
+    for (method, own), shared in zip(entries, per_method):
+        spec = get_method(method)
+        swept = sweep is not None and sweep.parameter in spec.params_model.model_fields
+        for value in sweep.values if swept else [None]:  # type: ignore[union-attr]
+            params = {**shared, **(parameters or {}), **own}
+            label = spec.name + (f"[{';'.join(f'{k}={v}' for k, v in own.items())}]" if own else "")
+            if value is not None:
+                params[sweep.parameter] = value  # type: ignore[union-attr]
+                label = f"{spec.name}[{sweep.parameter}={value:g}]"  # type: ignore[union-attr]
+            jobs.append(Job(label, spec.name, params, output / "models" / folder_name(label), value))
+    names = [job.name for job in jobs]
+    twice = sorted({job.label for job in jobs if names.count(job.name) > 1})
+    if twice:
+        raise RecipeError(f"--methods lists {', '.join(twice)} more than once.")
+    return jobs
+
+
 def _paths(fused: Path | dict[str, Path]) -> str | dict[str, str]:
     return {task: str(p) for task, p in fused.items()} if isinstance(fused, dict) else str(fused)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists, paths strings), so recorded and wanted compare."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def job_key(job: Job | None, pool: Pool, tasks: list[str], settings: EvalSettings) -> dict[str, Any]:
+    """What a result depends on, recorded in its file: a rerun skips a job only when all of it is unchanged (the
+    baselines job, ``job=None``, depends on the pool, the tasks and the scoring only)."""
+    key: dict[str, Any] = {}
+    if job is not None:
+        key = {"label": job.label, "method": job.method, "parameters": job.parameters}
+    key |= {
+        "pool": pool.name,
+        "base": pool.base,
+        "experts": [pool.experts[t] for t in tasks],
+        "tasks": tasks,
+        "evaluation": {
+            "limit": settings.limit,
+            "metrics": settings.metrics,
+            "batch_size": settings.batch_size,
+            "mixed_precision": settings.mixed_precision,
+        },
+    }
+    return _plain(key)
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    """A job's result file, or an error saying there is none (its process stopped before writing it)."""
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {"error": "no result was written (the process running it stopped before the end)"}
+    except (OSError, ValueError) as err:
+        return {"error": f"its result {path} cannot be read: {err}"}
+    return record if isinstance(record, dict) else {"error": f"its result {path} is not a JSON object"}
+
+
+def finished(path: Path, key: dict[str, Any]) -> bool:
+    """Whether ``path`` holds a successful result of the job ``key`` describes (a failed one is run again)."""
+    record = read_result(path)
+    return "report" in record and all(record.get(name) == value for name, value in key.items())
+
+
+def write_result(path: Path, record: dict[str, Any]) -> None:
+    """Writes a result atomically: a reader (the main process, a rerun) never sees half of one."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(partial, path)
+
+
+def _attempt(path: Path, key: dict[str, Any], work: Any, process: int) -> None:
+    """Runs one job and writes its result, or the error it raised: an error in one job never loses the others.
+    Stopping the job (the Space's Stop) or the process (Ctrl-C) is not a result and stops the bench. The result
+    names the ``process`` that ran it."""
+    path.unlink(missing_ok=True)  # no stale result stands for a job being run again
+    try:
+        record = {**key, "process": process, **work()}
+    except JobStopped:
+        raise
+    except Exception as err:
+        log.debug("%s failed", key.get("label", BASELINES), exc_info=True)
+        error = f"{type(err).__name__}: {err}"
+        record = {**key, "process": process, "error": error, "traceback": traceback.format_exc()}
+    write_result(path, record)
+
+
+def earlier_fusion(job: Job, pool: Pool, models: int) -> Recipe | None:
+    """The recipe of a fused folder an earlier run left for ``job`` (fused, then stopped while scoring), when it was
+    fused with the same method and parameters from the same pool; a rerun then scores it instead of fusing again."""
+    from hf_fusion.registry import get_method
+
+    path = job.folder / RECIPE_FILENAME
+    if not path.is_file():
+        return None
+    try:
+        recipe = Recipe.from_yaml(path)
+        wanted = get_method(job.method).validate_params(job.parameters).model_dump()
+    except Exception:  # not a folder this bench can reuse; fusing again says what is in the way
+        return None
+    same = (
+        recipe.method == job.method
+        and _plain(recipe.parameters) == _plain(wanted)
+        and recipe.pool == pool.name
+        and len(recipe.models) == models
+    )
+    return recipe if same else None
 
 
 def run_bench(
@@ -108,64 +269,133 @@ def run_bench(
     token: str | None = None,
     overwrite: bool = False,
     show_progress: bool = True,
+    device: str = "cpu",
+    runtime: Runtime | None = None,
 ) -> BenchResult:
-    from hf_fusion.fusion import fused_models, merge
-    from hf_fusion.registry import flag_parameters, get_method
+    """Fuses and scores every configuration (see the module's docstring) and returns the joined report, on every
+    process. ``device`` is where each configuration is fused (plain ``cuda``: each process's own GPU)."""
+    from hf_fusion.registry import get_method
 
-    entries = [parse_method_entry(entry) for entry in methods]
-    per_method = flag_parameters([get_method(method) for method, _ in entries], common or {})
-    output.mkdir(parents=True, exist_ok=True)
+    rt = runtime or current()
+    jobs = bench_jobs(methods, output, sweep=sweep, parameters=parameters, common=common)
     specs = pool.select(tasks)
-    fused: dict[str, Path | dict[str, Path]] = {}
-    points: dict[str, list[tuple[float, str]]] = {}
-    seconds: dict[str, float] = {}
-    for (method, own), shared in zip(entries, per_method):
-        spec = get_method(method)
-        swept = sweep is not None and sweep.parameter in spec.params_model.model_fields
-        for value in sweep.values if swept else [None]:  # type: ignore[union-attr]
-            params = {**shared, **(parameters or {}), **own}
-            label = spec.name + (f"[{';'.join(f'{k}={v}' for k, v in own.items())}]" if own else "")
-            if value is not None:
-                params[sweep.parameter] = value  # type: ignore[union-attr]
-                label = f"{spec.name}[{sweep.parameter}={value:g}]"  # type: ignore[union-attr]
-                points.setdefault(spec.name, []).append((value, label))
-            folder = output / "models" / label.replace("[", "_").replace("]", "").replace("=", "-")
+    names = [s.name for s in specs]
+    for job in jobs:  # a misspelt or out-of-range parameter refuses the whole bench before any work
+        get_method(job.method).validate_params(job.parameters)
+    fuse_on = rt.device(device)
+    # each job is scored whole on the process running it; the split is over jobs, not over a task's examples
+    job_settings = replace(
+        settings,
+        device=settings.device if settings.device_map else rt.device(settings.device),
+        across_processes=False,
+    )
+    show = show_progress and rt.is_main
+    runs = output / RUNS_FOLDER
+    runs.mkdir(parents=True, exist_ok=True)
+
+    def run_job(job: Job) -> dict[str, Any]:
+        from hf_fusion.fusion import fused_models, merge
+
+        recipe = None if overwrite else earlier_fusion(job, pool, len(specs))
+        seconds = None
+        if recipe is None:
+            # one process fuses the whole model: the work is split over jobs (see the module's docstring)
             result = merge(
-                models=[pool.experts[s.name] for s in specs],
+                models=[pool.experts[name] for name in names],
                 base=pool.base,
-                method=spec.name,
+                method=job.method,
                 heads=pool.heads,
-                output=folder,
+                output=job.folder,
                 overwrite=overwrite,
                 token=token,
-                show_progress=show_progress,
+                device=fuse_on,
+                show_progress=show,
                 pool=pool.name,
-                **params,
+                **job.parameters,
             )
-            fused[label] = fused_models(result.output, result.recipe, pool)
-            seconds[label] = round(result.seconds, 2)
-    report = evaluate_pool(pool, fused, tasks=tasks, settings=settings, token=token, show_progress=show_progress)
+            recipe, seconds = result.recipe, round(result.seconds, 2)
+        fused = fused_models(job.folder, recipe, pool)
+        started = time.perf_counter()
+        report = evaluate_pool(
+            pool,
+            {job.label: fused},
+            tasks=tasks,
+            baselines=False,
+            settings=job_settings,
+            token=token,
+            show_progress=show,
+        )
+        return {
+            "folder": str(job.folder),
+            "models": _paths(fused),
+            "fusion_seconds": seconds,
+            "evaluation_seconds": round(time.perf_counter() - started, 2),
+            "report": report.model_dump(mode="json"),
+        }
+
+    def run_baselines() -> dict[str, Any]:
+        started = time.perf_counter()
+        report = evaluate_pool(
+            pool, {}, tasks=tasks, baselines=True, settings=job_settings, token=token, show_progress=show
+        )
+        return {"evaluation_seconds": round(time.perf_counter() - started, 2), "report": report.model_dump(mode="json")}
+
+    for job in rt.mine(jobs):
+        key = job_key(job, pool, names, settings)
+        path = runs / f"{job.name}.json"
+        if overwrite or not finished(path, key):
+            _attempt(path, key, lambda job=job: run_job(job), rt.process_index)
+    if rt.process_index == rt.num_processes - 1:  # the last process has the smallest share of the jobs
+        key, path = job_key(None, pool, names, settings), runs / f"{BASELINES}.json"
+        if overwrite or not finished(path, key):
+            _attempt(path, key, run_baselines, rt.process_index)
+    rt.barrier()
+    return rt.on_main(lambda: _write_reports(pool, methods, output, jobs, sweep, settings))
+
+
+def _write_reports(
+    pool: Pool, methods: list[str], output: Path, jobs: list[Job], sweep: Sweep | None, settings: EvalSettings
+) -> BenchResult:
+    """Joins every job's result into one report; writes it with the leaderboard, the plots and ``bench.json``."""
+    runs = output / RUNS_FOLDER
+    records = {job.label: read_result(runs / f"{job.name}.json") for job in jobs}
+    baselines = read_result(runs / f"{BASELINES}.json")
+    done = [job for job in jobs if "report" in records[job.label]]
+    failed = {job.label: str(records[job.label]["error"]) for job in jobs if "report" not in records[job.label]}
+    if "report" not in baselines:
+        failed[BASELINES] = str(baselines.get("error"))
+    reports = [EvaluationReport.model_validate(records[job.label]["report"]) for job in done]
+    if "report" in baselines:
+        reports.append(EvaluationReport.model_validate(baselines["report"]))
+    report = join_reports(reports) if reports else EvaluationReport(results=[], pool=pool.name, limit=settings.limit)
     report.save(output)
-    order = ["pretrained", "individual", *fused]
+    order = ["pretrained", "individual", *(job.label for job in done)]
     board = to_markdown(report, order)
+    if failed:
+        board += "\n\nFailed (no scores):\n" + "\n".join(f"- {label}: {error}" for label, error in failed.items())
     (output / "leaderboard.md").write_text(board + "\n")
     (output / "leaderboard.csv").write_text(to_csv(report, order))
     grouped_bars(report, output / "scores_per_task.png", [label for label in order if label in report.columns()])
+    averages = {r.label: r.average for r in rows(report, order)}
+    points: dict[str, list[tuple[float, float]]] = {}
+    for job in done:
+        if job.sweep_value is not None and job.label in averages:
+            points.setdefault(job.method, []).append((job.sweep_value, averages[job.label]))
     if points:
-        averages = {r.label: r.average for r in rows(report, order)}
-        series = {m: [(v, averages[label]) for v, label in pts] for m, pts in points.items()}
-        baselines = {k: averages[k] for k in ("pretrained", "individual") if k in averages}
-        sweep_lines(series, sweep.parameter, output / f"sweep_{sweep.parameter}.png", baselines)  # type: ignore[union-attr]
+        baseline_lines = {k: averages[k] for k in ("pretrained", "individual") if k in averages}
+        sweep_lines(points, sweep.parameter, output / f"sweep_{sweep.parameter}.png", baseline_lines)  # type: ignore[union-attr]
     (output / "bench.json").write_text(
         json.dumps(
             {
                 "pool": pool.name,
                 "methods": methods,
                 "sweep": sweep.__dict__ if sweep else None,
-                "models": {k: _paths(v) for k, v in fused.items()},
-                "fusion_seconds": seconds,
+                "models": {job.label: records[job.label]["models"] for job in done},
+                "fusion_seconds": {job.label: records[job.label]["fusion_seconds"] for job in done},
+                "failed": failed,
+                "runs": RUNS_FOLDER,
             },
             indent=2,
         )
     )
-    return BenchResult(report, board, output)
+    return BenchResult(report, board, output, failed)

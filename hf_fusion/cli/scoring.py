@@ -50,8 +50,23 @@ def register(sub: Any) -> None:
         help="fixed method parameter, repeatable",
     )
     bench.add_argument("--tasks", type=comma_list, metavar="T1,T2", help="only these tasks")
-    bench.add_argument("--output", required=True, metavar="FOLDER", help="report folder (models under models/)")
-    bench.add_argument("--overwrite", action="store_true", help="replace fused models from an earlier run")
+    bench.add_argument(
+        "--output",
+        required=True,
+        metavar="FOLDER",
+        help="report folder (models under models/, each configuration's result under runs/)",
+    )
+    bench.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="run every configuration again, replacing fused models and results of an earlier run (without it a "
+        "rerun skips the configurations already done)",
+    )
+    bench.add_argument(
+        "--device",
+        help="device for fusion, and for evaluation unless --eval-device: cpu (default), cuda, cuda:N; under "
+        "several processes plain cuda is each process's own GPU",
+    )
     bench.add_argument("--token", help="Hub token")
     add_eval_options(bench)
     add_method_data_options(bench)
@@ -117,10 +132,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    """Runs the bench; under several processes (torchrun, accelerate launch) only the main one prints. Exits 1 when
+    a configuration failed, after every other one's results are written."""
+    import sys
     from pathlib import Path
 
     from hf_fusion.bench import Sweep, run_bench
     from hf_fusion.catalog import get_pool
+    from hf_fusion.runtime import current
 
     result = run_bench(
         get_pool(args.pool),
@@ -134,7 +153,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         token=args.token,
         overwrite=args.overwrite,
         show_progress=not args.quiet,
+        device=args.device or "cpu",
     )
-    print(result.leaderboard)
-    print(f"\nReport, leaderboard and plots in {result.output}")
-    return 0
+    if current().is_main:
+        print(result.leaderboard)
+        print(f"\nReport, leaderboard and plots in {result.output}")
+        if result.failed:
+            print(
+                f"hf-fusion: {len(result.failed)} configuration(s) failed: {', '.join(result.failed)}; their errors "
+                f"are in {result.output / 'runs'}, and a rerun runs them again.",
+                file=sys.stderr,
+            )
+    return 1 if result.failed else 0

@@ -76,3 +76,36 @@ class EvaluationReport(pydantic.BaseModel):
         for r in self.results:
             seen += [k for k in r.scores if k not in seen]
         return seen
+
+
+def join_reports(reports: list[EvaluationReport]) -> EvaluationReport:
+    """One report holding every model of ``reports`` (each scored on its own: one per ``bench`` configuration, one
+    for the baselines), task by task in the order the tasks first appear, each task's scores in the order of the
+    reports; the joined report's fused model is the first report's. The reports must agree on what each task scored
+    (dataset, split, metric, examples, sample seed) and hold each model once."""
+    if not reports:
+        return EvaluationReport(results=[])
+    joined: dict[str, TaskResult] = {}
+    for report in reports:
+        for result in report.results:
+            first = joined.get(result.task)
+            if first is None:
+                joined[result.task] = result.model_copy(update={"scores": dict(result.scores)})
+                continue
+            same = ("task_type", "dataset", "dataset_config", "split", "metric", "examples", "subset_seed")
+            differ = [f for f in same if getattr(first, f) != getattr(result, f)]
+            if differ:
+                raise ValueError(f"the reports scored task {result.task!r} differently ({', '.join(differ)}).")
+            twice = sorted(set(first.scores) & set(result.scores))
+            if twice:
+                raise ValueError(f"task {result.task!r} is scored for {', '.join(twice)} in more than one report.")
+            first.scores.update(result.scores)
+            if first.metric_source is None:
+                first.metric_source = result.metric_source
+    head = reports[0]
+    return EvaluationReport(
+        fused=head.fused,
+        results=list(joined.values()),
+        pool=next((r.pool for r in reports if r.pool is not None), None),
+        limit=head.limit,
+    )

@@ -481,6 +481,8 @@ class SpaceApp:
         bars = output / "scores_per_task.png"
         lines = output / f"sweep_{sweep.parameter}.png" if sweep else None
         status = f"Compared {len(labels)} fused model(s) on {len(bench.report.results)} task(s) of {pool.name}."
+        if bench.failed:  # the others are still compared
+            status += " Failed: " + "; ".join(f"{label} ({error})" for label, error in bench.failed.items()) + "."
         yield (
             session,
             status,
