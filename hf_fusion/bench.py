@@ -32,7 +32,7 @@ from hf_fusion.recipe import RECIPE_FILENAME, Recipe
 from hf_fusion.reports.leaderboard import rows, to_csv, to_markdown
 from hf_fusion.reports.plots import grouped_bars, sweep_lines
 from hf_fusion.reports.report import EvaluationReport, join_reports
-from hf_fusion.runtime import Runtime, current
+from hf_fusion.runtime import LOCAL, Runtime, current
 from hf_fusion.tasks.base import EvalSettings
 from hf_fusion.tasks.evaluate import evaluate_pool
 
@@ -311,6 +311,8 @@ def run_bench(
                 device=fuse_on,
                 show_progress=show,
                 pool=pool.name,
+                mixed_precision=settings.mixed_precision,
+                runtime=LOCAL,
                 **job.parameters,
             )
             recipe, seconds = result.recipe, round(result.seconds, 2)
