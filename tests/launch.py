@@ -3,34 +3,28 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
+from pathlib import Path
 
+import hf_fusion
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+REPO = Path(hf_fusion.__file__).resolve().parents[1]
 
 
 def run_cli(
     args: list[str], *, processes: int = 1, env: dict[str, str] | None = None, timeout: int = 600
-) -> subprocess.CompletedProcess:
+) -> subprocess.CompletedProcess[str]:
     """``hf-fusion ARGS`` in ``processes`` processes (one: a plain run, no launcher), one thread each, with the
-    test session's environment plus ``env``."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    if processes == 1:
-        command = [sys.executable, "-m", "hf_fusion", *args]
-    else:
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={processes}",
-            f"--master_port={free_port()}",
-            "-m",
-            "hf_fusion",
-            *args,
-        ]
+    test session's environment plus ``env``. torchrun's ``--standalone`` rendezvous takes a free port itself, so
+    runs never race for one."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        **(env or {}),
+    }
+    command = [sys.executable, "-m", "hf_fusion", *args]
+    if processes > 1:
+        command[1:2] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m"]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)

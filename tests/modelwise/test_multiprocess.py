@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import datasets
 import pytest
 import torch
 import yaml
+from launch import run_cli
 from safetensors.torch import load_file
 from task_helpers import perturb, publish_dataset, word_tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -23,25 +22,10 @@ import hf_fusion
 from hf_fusion.modelwise.data import entropy, entropy_share, logit_rows
 from hf_fusion.output import TEMP_PREFIX
 
-REPO = Path(hf_fusion.__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def launch(processes: int, *args: str) -> subprocess.CompletedProcess[str]:
     """``hf-fusion merge ARGS`` under torchrun with ``processes`` processes (one thread each)."""
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
-    }
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
-    command += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "hf_fusion", "merge", *args]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    return run_cli(["merge", *args], processes=processes, timeout=240)
 
 
 def pool_args(pool: Path, method: str, out: Path, params: dict[str, object]) -> list[str]:

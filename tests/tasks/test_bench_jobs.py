@@ -4,13 +4,11 @@ reruns that skip what is done, and the same leaderboard from two processes as fr
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from launch import run_cli
 
 from hf_fusion.bench import BASELINES, RUNS_FOLDER, Sweep, bench_jobs, run_bench
 from hf_fusion.catalog import get_pool
@@ -168,25 +166,10 @@ def _bench_command(out: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_two_processes_write_the_leaderboard_one_process_writes(tmp_path: Path) -> None:
-    from hf_fusion.space import free_port
-
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
-    two = subprocess.run(
-        [*launch, str(free_port()), "-m", "hf_fusion", *_bench_command(tmp_path / "two")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    offline = {"HF_HUB_OFFLINE": "1"}
+    two = run_cli(_bench_command(tmp_path / "two"), processes=2, env=offline)
     assert two.returncode == 0, two.stderr[-4000:]
-    one = subprocess.run(
-        [sys.executable, "-m", "hf_fusion", *_bench_command(tmp_path / "one")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    one = run_cli(_bench_command(tmp_path / "one"), env=offline)
     assert one.returncode == 0, one.stderr[-4000:]
     # the jobs really were shared: each result names the process that ran it (the baselines: the last process)
     written = {path.stem: json.loads(path.read_text()) for path in (tmp_path / "two" / RUNS_FOLDER).glob("*.json")}
