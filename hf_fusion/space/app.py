@@ -37,6 +37,7 @@ from hf_fusion.space.form import (
     recipe_fields,
     to_yaml,
 )
+from hf_fusion.space.hardware import job_device, with_gpu
 from hf_fusion.space.jobs import Job
 from hf_fusion.space.session import Session
 from hf_fusion.space.slots import JobSlots, Ticket
@@ -119,7 +120,7 @@ def eval_settings(limit: float | None) -> Any:
         or limit != int(limit)
     ):
         raise RecipeError(f"examples per task must be 0 (all) or a positive whole number, got {limit!r}.")
-    return EvalSettings(limit=int(limit) if limit else None, metrics="bundled")
+    return EvalSettings(limit=int(limit) if limit else None, metrics="bundled", device=job_device())
 
 
 def card_body(folder: Path) -> str:
@@ -336,7 +337,11 @@ class SpaceApp:
         def work() -> tuple[Any, Path]:
             with disk_reservation(self._reserving(session, factor=2)):  # the folder, then its zip
                 result = merge(
-                    recipe.replace(output=str(folder)), evaluate=settings, tasks=tasks, token=token, show_progress=False
+                    recipe.replace(output=str(folder), device=job_device()),
+                    evaluate=settings,
+                    tasks=tasks,
+                    token=token,
+                    show_progress=False,
                 )
             job.write(
                 f"fused {result.fused_tensors} tensors ({result.copied_tensors} copied) in "
@@ -351,7 +356,7 @@ class SpaceApp:
                 raise
             return result, archive
 
-        job: Job[tuple[Any, Path]] = Job(work, "merge", ticket)
+        job: Job[tuple[Any, Path]] = Job(with_gpu(work), "merge", ticket)
         outcome = yield from self._run_job(session, job, progress, results=3)
         if outcome is None:
             return
@@ -468,11 +473,12 @@ class SpaceApp:
                         settings=settings,
                         token=token,
                         show_progress=False,
+                        device=job_device(),
                     )
             finally:
                 shutil.rmtree(output / "models", ignore_errors=True)  # only the scores are shown
 
-        job: Job[Any] = Job(work, "comparison", ticket)
+        job: Job[Any] = Job(with_gpu(work), "comparison", ticket)
         bench = yield from self._run_job(session, job, progress, results=3)
         if bench is None:
             return

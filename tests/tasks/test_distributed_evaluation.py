@@ -120,3 +120,31 @@ def test_cuda_without_a_gpu_is_refused_before_work(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="no CUDA device is available"):
         hf_fusion.merge(pool="minilm-text3", method="task_arithmetic", output=tmp_path / "m", device="cuda")
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("method", ["simple_ensemble", "mixtral_upscaling"])
+def test_fused_architectures_placed_by_accelerate(method: str, text_pool: Path, tmp_path: Path) -> None:
+    """An ensemble and an up-scaled mixture (hf-fusion architectures around the task's head) scored with part of
+    them offloaded to disk give the scores of the model loaded whole."""
+    fused = tmp_path / "fused"
+    hf_fusion.merge(pool=str(text_pool / "pool.yaml"), method=method, output=fused, show_progress=False)
+    pool = get_pool(str(text_pool / "pool.yaml"))
+    common = {"batch_size": 5, "metrics": "bundled", "score_cache": False}
+    whole = evaluate_pool(pool, {"fused": fused}, settings=EvalSettings(**common), baselines=False, show_progress=False)
+    placed = EvalSettings(**common, device_map="auto", max_memory={"cpu": 60_000})
+    offloaded = evaluate_pool(pool, {"fused": fused}, settings=placed, baselines=False, show_progress=False)
+    assert [r.scores for r in offloaded.results] == [r.scores for r in whole.results]
+
+
+def test_more_processes_than_batches(tmp_path: Path) -> None:
+    """Three examples in one batch, two processes: the second scores nothing, and the scores are one process's."""
+    fused = tmp_path / "fused"
+    hf_fusion.merge(pool="minilm-text3", method="task_arithmetic", output=fused, show_progress=False)
+    args = ["evaluate", "--model", str(fused), "--pool", "minilm-text3", "--tasks", "sms_spam", "--limit", "3"]
+    args += ["--no-score-cache", "-q", "--no-baselines"]
+    offline = {"HF_HUB_OFFLINE": "1"}
+    one = run_cli([*args, "--report", str(tmp_path / "one.json")], env=offline)
+    two = run_cli([*args, "--report", str(tmp_path / "two.json")], processes=2, env=offline)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    first, second = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert _scores(second) == _scores(first)

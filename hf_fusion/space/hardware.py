@@ -1,0 +1,44 @@
+"""What the Space computes on: the GPU of a GPU Space, a ZeroGPU slice lent per job, or the CPU.
+
+On ZeroGPU hardware a GPU is attached only inside functions wrapped by the ``spaces`` package's ``GPU`` decorator
+(the package is installed there, not here), so a merge or comparison job runs inside one; on GPU hardware the GPU is
+simply there; on CPU Spaces nothing changes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+ZERO_GPU_ENV = "SPACES_ZERO_GPU"
+"""Set by the Hub on ZeroGPU hardware."""
+JOB_GPU_SECONDS = 300
+"""The longest a job holds a ZeroGPU slice (the quota the visitor's job is charged against)."""
+
+
+def on_zero_gpu() -> bool:
+    return os.environ.get(ZERO_GPU_ENV, "").lower() in ("1", "true")
+
+
+def job_device() -> str:
+    """``cuda`` where the Space has (or is lent) a GPU, else ``cpu``."""
+    if on_zero_gpu():
+        return "cuda"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def with_gpu(work: Callable[[], T]) -> Callable[[], T]:
+    """``work`` as it runs on this hardware: wrapped to hold a ZeroGPU slice while it runs, or unchanged."""
+    if not on_zero_gpu():
+        return work
+    try:
+        import spaces  # type: ignore[import-not-found]
+    except ImportError:
+        return work
+    wrapped: Any = spaces.GPU(duration=JOB_GPU_SECONDS)(work)
+    return wrapped
