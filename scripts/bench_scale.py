@@ -19,7 +19,7 @@
 Every measurement runs in a fresh process: wall time includes interpreter start and imports; peak memory is the
 largest resident set of the process tree (``os.wait4``).
 
-    python scripts/bench_scale.py cpu --markdown bench_results/scale_cpu.md
+    python scripts/bench_scale.py cpu --markdown bench_results/scale_cpu.md [--previous ../hf-fusion-0.x]
     python scripts/bench_scale.py gpu --markdown bench_results/scale_gpu.md     # on a CUDA machine
     python scripts/bench_scale.py gpu --device cpu --quick                      # smoke test of the GPU script
 """
@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,7 @@ class Run:
     seconds: float
     peak_rss_mb: float
     note: str = ""
+    stdout: str = ""
 
 
 def run(name: str, argv: list[str], env: dict[str, str] | None = None, note: str = "") -> Run:
@@ -58,9 +60,28 @@ def run(name: str, argv: list[str], env: dict[str, str] | None = None, note: str
     out, err = process.communicate()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{name} failed:\n{err.decode()[-3000:]}")
-    result = Run(name, round(seconds, 2), round(usage.ru_maxrss / 1024, 1), note)
+    result = Run(name, round(seconds, 2), round(usage.ru_maxrss / 1024, 1), note, out.decode())
     print(f"{name:48s} {result.seconds:8.2f} s  {result.peak_rss_mb:8.1f} MB  {note}", flush=True)
     return result
+
+
+def in_child(*args: str) -> dict:
+    """One of this script's own steps (building workloads, the floor) in a child process, so this process stays
+    small: a child forked from a large parent would count the parent's pages in its peak memory."""
+    done = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def engine_seconds(stdout: str) -> float:
+    """The fusion's own time, as `hf-fusion merge` reports it (after start-up, imports and validation)."""
+    match = re.search(r"Fused .* in ([0-9.]+) s", stdout)
+    if match is None:
+        raise SystemExit(f"no fusion time in: {stdout[-500:]}")
+    return float(match.group(1))
+
+
+def _public(r: Run) -> dict:
+    return {k: v for k, v in asdict(r).items() if k != "stdout"}
 
 
 def cli(*args: str, processes: int = 1) -> list[str]:
@@ -123,9 +144,28 @@ def scoring_floor(fused: Path) -> dict[str, float]:
     }
 
 
-def cpu_suite(work: Path) -> dict:
+def cpu_suite(work: Path, previous: Path | None) -> dict:
     offline = {"HF_HUB_OFFLINE": "1"}
     runs: list[Run] = []
+    if previous is not None:  # an earlier hf-fusion checkout, imported first, on the same command
+        runs.append(
+            run(
+                f"main command, hf-fusion at {previous.name}",
+                cli(
+                    "merge",
+                    "--pool",
+                    "minilm-text3",
+                    "--method",
+                    "ties_merging",
+                    "--evaluate",
+                    "--output",
+                    str(work / "previous"),
+                    "-q",
+                ),
+                {**offline, "PYTHONPATH": str(previous), "HF_FUSION_CACHE": str(work / "cache-previous")},
+                "the same command, before this release",
+            )
+        )
     for precision in ("no", "bf16"):
         cache = {**offline, "HF_FUSION_CACHE": str(work / f"cache-{precision}")}
         extra = [] if precision == "no" else ["--mixed-precision", "bf16"]
@@ -168,7 +208,7 @@ def cpu_suite(work: Path) -> dict:
             )
         )
     fused = work / "ties-no"
-    floor = scoring_floor(fused)
+    floor = in_child("_floor", str(fused))
     print(
         f"{'fp32 floor of scoring one model':48s} {floor['floor_s']:8.2f} s  ({floor['gflop']:.0f} GFLOP at {floor['gemm_gflops']} GFLOP/s)",
         flush=True,
@@ -212,7 +252,7 @@ def cpu_suite(work: Path) -> dict:
         runs.append(run(f"bench 4 configurations, {processes} process(es)", cli(*args, processes=processes), offline))
         bench[processes] = (out / "leaderboard.md").read_text()
     return {
-        "runs": [asdict(r) for r in runs],
+        "runs": [_public(r) for r in runs],
         "floor": floor,
         "same_scores_1_vs_2_processes": evaluate[1] == evaluate[2],
         "same_leaderboard_1_vs_2_processes": bench[1] == bench[2],
@@ -280,23 +320,21 @@ def input_bytes(base: Path, experts: list[Path]) -> int:
 
 
 def gpu_suite(work: Path, device: str, quick: bool) -> dict:
-    sys.path.insert(0, str(SCRIPTS))
-    from bench_merge import make_workload
-
     runs: list[Run] = []
     throughput: dict[str, dict[str, float]] = {}
-    workloads = {
-        "bert-base x4 (fp32)": make_workload(work / "bert", 2 if quick else 4),
-        "qwen2-0.5b-shaped x4 (bf16)": qwen_workload(work / "qwen", 2 if quick else 4, quick),
-    }
-    for label, (base, experts) in workloads.items():
-        size = input_bytes(base, experts)
+    experts = 2 if quick else 4
+    for shape in ("bert", "qwen"):
+        made = in_child("_workload", shape, str(work / shape), str(experts), "quick" if quick else "full")
+        base, models = Path(made["base"]), [Path(p) for p in made["experts"]]
+        label = f"{made['label']} x{experts}"
+        size = input_bytes(base, models)
         for where in dict.fromkeys(["cpu", device]):
-            args = ["merge", "--repo-ids", *map(str, experts), "--base", str(base), "--method", "task_arithmetic"]
-            args += ["--device", where, "--output", str(work / f"out-{where}"), "--overwrite", "-q"]
+            args = ["merge", "--repo-ids", *map(str, models), "--base", str(base), "--method", "task_arithmetic"]
+            args += ["--device", where, "--output", str(work / f"out-{where}"), "--overwrite"]
             r = run(f"engine {label} on {where}", cli(*args))
-            rate = size / 1e9 / r.seconds
-            r.note = f"{size / 1e9:.2f} GB read, {rate:.2f} GB/s (start-up included)"
+            fusing = engine_seconds(r.stdout)
+            rate = size / 1e9 / fusing
+            r.note = f"{size / 1e9:.2f} GB read; fusion {fusing:.2f} s: {rate:.2f} GB/s"
             throughput.setdefault(label, {})[where] = round(rate, 3)
             runs.append(r)
     fused = work / "minilm-ta"
@@ -340,7 +378,7 @@ def gpu_suite(work: Path, device: str, quick: bool) -> dict:
         check=True,
     )
     return {
-        "runs": [asdict(r) for r in runs],
+        "runs": [_public(r) for r in runs],
         "engine_gb_per_s": throughput,
         "adaptation": json.loads(adaptation.read_text()),
     }
@@ -361,17 +399,39 @@ def markdown(title: str, summary: dict) -> str:
     return "\n".join(lines)
 
 
+def child_step(args: list[str]) -> int:
+    """The steps :func:`in_child` runs; each prints its result as JSON on its last line."""
+    if args[0] == "_floor":
+        print(json.dumps(scoring_floor(Path(args[1]))))
+    else:  # _workload SHAPE FOLDER EXPERTS quick|full
+        shape, folder, experts, size = args[1], Path(args[2]), int(args[3]), args[4]
+        if shape == "bert":
+            sys.path.insert(0, str(SCRIPTS))
+            from bench_merge import make_workload
+
+            base, models = make_workload(folder, experts)
+            label = "bert-base (fp32)"
+        else:
+            base, models = qwen_workload(folder, experts, size == "quick")
+            label = "qwen2-0.5b-shaped (bf16)"
+        print(json.dumps({"base": str(base), "experts": [str(m) for m in models], "label": label}))
+    return 0
+
+
 def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1].startswith("_"):
+        return child_step(sys.argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("suite", choices=["cpu", "gpu"])
     parser.add_argument("--device", default="cuda", help="gpu suite: the device to measure (cpu for a smoke test)")
     parser.add_argument("--quick", action="store_true", help="gpu suite: tiny workloads, to check the script runs")
+    parser.add_argument("--previous", type=Path, help="cpu suite: an earlier hf-fusion checkout to time beside")
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="hf-fusion-scale-") as tmp:
         if args.suite == "cpu":
-            summary = cpu_suite(Path(tmp))
+            summary = cpu_suite(Path(tmp), args.previous)
         else:
             import torch
 
