@@ -51,7 +51,7 @@ def adapt(
     streams = [random_rows(len(ev.data), params.batch_size, generator) for ev in evaluators]
     optimizer = torch.optim.Adam(trainable, lr=params.lr)
     # fp16 gradients can underflow: the loss is scaled, and a step whose (summed) gradients overflow is skipped
-    scaler = torch.amp.GradScaler(context.device.split(":")[0], enabled=context.mixed_precision == "fp16")
+    scaler = _Unscaled() if context.mixed_precision != "fp16" else torch.amp.GradScaler(context.device.split(":")[0])
     losses: list[float] = []
     with progress_bar(total=params.steps, desc=desc, unit="step", disable=not context.show_progress) as bar:
         for _ in range(params.steps):
@@ -73,7 +73,7 @@ def adapt(
 
 
 def backward_share(
-    context: ModelwiseContext, evaluator: Any, network: nn.Module, rows: list[int], scaler: torch.amp.GradScaler
+    context: ModelwiseContext, evaluator: Any, network: nn.Module, rows: list[int], scaler: Any
 ) -> torch.Tensor:
     """Backpropagates this process's part of one task's batch entropy (its examples ``rows``); returns that part."""
     logits = None
@@ -82,11 +82,24 @@ def backward_share(
             logits = evaluator.logits(network, evaluator.encode(evaluator.data[rows]))
     local = logit_rows(logits) if logits is not None else 0
     total_rows = int(context.runtime.sum_(torch.tensor([local], device=context.device)).item())
-    if logits is None:
-        return torch.zeros((), device=context.device)
+    if logits is None:  # a process with no example of this batch still steps with the others
+        return scaler.scale(torch.zeros((), device=context.device))
     loss = entropy_share(logits, total_rows)
     scaler.scale(loss).backward()
     return loss.detach()
+
+
+class _Unscaled:
+    """The scaler of full-precision and bf16 steps: the loss as it is, a plain optimiser step."""
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.step()
+
+    def update(self) -> None:
+        pass
 
 
 def sum_gradients(trainable: list[nn.Parameter], loss: torch.Tensor, runtime: Runtime) -> torch.Tensor:

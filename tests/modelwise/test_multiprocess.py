@@ -120,6 +120,25 @@ def test_two_processes_fuse_the_model_one_process_fuses(
         assert b["last_entropy"] == pytest.approx(a["last_entropy"], rel=1e-5)
 
 
+def test_fp16_adaptation_with_a_batch_smaller_than_the_processes(lm_pool: Path, tmp_path: Path) -> None:
+    """One example per step and two processes: the second has nothing to run at every step, yet steps (its loss
+    scaled like the first's) and the coefficients are one process's."""
+    params = {"steps": 2, "lr": 0.05, "batch_size": 1, "seed": 3}
+    hf_fusion.merge(
+        pool=str(lm_pool / "pool.yaml"),
+        method="layer_wise_adamerging",
+        output=tmp_path / "one",
+        mixed_precision="fp16",
+        show_progress=False,
+        **params,
+    )
+    args = pool_args(lm_pool, "layer_wise_adamerging", tmp_path / "two", params)
+    run = launch(2, *args, "--mixed-precision", "fp16")
+    assert run.returncode == 0, run.stderr[-4000:]
+    a, b = (json.loads((tmp_path / d / "merging_weights.json").read_text()) for d in ("one", "two"))
+    torch.testing.assert_close(torch.tensor(b["coefficients"]), torch.tensor(a["coefficients"]), rtol=1e-4, atol=1e-5)
+
+
 def test_an_error_on_the_main_process_stops_every_process(cls_pool: Path, tmp_path: Path) -> None:
     """The push target is checked on the main process only (no token here): the others hear of the refusal instead
     of waiting for ever, and nothing is written."""
