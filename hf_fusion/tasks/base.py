@@ -16,7 +16,7 @@ from hf_fusion.metrics import MetricSource, load_metric
 from hf_fusion.progress import check_stop
 from hf_fusion.runtime import LOCAL, Runtime, autocast
 from hf_fusion.tasks.data import load_examples
-from hf_fusion.tasks.weights import ModelUnderTest
+from hf_fusion.tasks.weights import ModelUnderTest, release
 
 
 @dataclass(frozen=True)
@@ -117,13 +117,16 @@ class TaskEvaluator(ABC):
         Each process of ``runtime`` scores its share of the batches; every process gets all predictions."""
         network = self.network(model)
         scored: list[tuple[list[int], list[Any], list[Any]]] = []
-        with torch.inference_mode(), autocast(compute_device(self.settings), self.settings.mixed_precision):
-            for indices in runtime.mine(self.batch_plan()):
-                check_stop()
-                predicted, references = self.predict(network, self.data[indices])
-                scored.append((indices, predicted, references))
-                if on_batch is not None:
-                    on_batch(len(indices))
+        try:
+            with torch.inference_mode(), autocast(compute_device(self.settings), self.settings.mixed_precision):
+                for indices in runtime.mine(self.batch_plan()):
+                    check_stop()
+                    predicted, references = self.predict(network, self.data[indices])
+                    scored.append((indices, predicted, references))
+                    if on_batch is not None:
+                        on_batch(len(indices))
+        finally:
+            release(network)
         del network
         by_index: dict[int, tuple[Any, Any]] = {}
         for indices, predicted, references in runtime.interleaved(scored):

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,6 +19,9 @@ from hf_fusion.engine.dtypes import SAFETENSORS_TO_TORCH
 from hf_fusion.engine.lora import LoraCheckpoint, is_lora_adapter
 from hf_fusion.engine.plan import align_names
 from hf_fusion.errors import FusionError
+
+if TYPE_CHECKING:
+    from hf_fusion.tasks.base import EvalSettings
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,7 @@ def load_fused_module(model: ModelUnderTest, device: str) -> torch.nn.Module | N
     return None
 
 
-def place(module: torch.nn.Module, settings: Any) -> torch.nn.Module:
+def place(module: torch.nn.Module, settings: EvalSettings) -> torch.nn.Module:
     """``module`` where ``settings`` put it: whole on ``settings.device``, or, with ``settings.device_map``, spread
     by accelerate over the GPUs, the CPU and a temporary offload folder within ``settings.max_memory``, so a model
     larger than one GPU is still scored (its layers run where they live; accelerate moves the activations)."""
@@ -164,7 +167,9 @@ def place(module: torch.nn.Module, settings: Any) -> torch.nn.Module:
     from accelerate import dispatch_model, infer_auto_device_map
     from accelerate.utils import get_balanced_memory
 
-    no_split = list(getattr(module, "_no_split_modules", None) or [])
+    # every transformers model inside (a task network wraps one; a fused architecture holds several) names the blocks
+    # whose residual stream must stay on one device
+    no_split = sorted({n for m in module.modules() for n in getattr(m, "_no_split_modules", None) or []})
     limits = dict(settings.max_memory) if settings.max_memory else None
     if settings.device_map.startswith("balanced"):
         limits = get_balanced_memory(
@@ -176,12 +181,19 @@ def place(module: torch.nn.Module, settings: Any) -> torch.nn.Module:
     if on_disk:  # accelerate reads offloaded weights back from files it wrote itself
         from accelerate.utils import offload_state_dict
 
-        offload = tempfile.TemporaryDirectory(prefix="hf-fusion-offload-")
+        offload = tempfile.TemporaryDirectory(prefix="hf-fusion-offload-")  # under $TMPDIR: point it at a disk
         state = module.state_dict()
         offload_state_dict(
             offload.name,
             {k: v for k, v in state.items() if any(k == n or k.startswith(f"{n}.") or n == "" for n in on_disk)},
         )
     placed = dispatch_model(module.eval(), device_map, offload_dir=offload.name if offload else None)
-    placed._hf_fusion_offload = offload  # the folder lives as long as the model (removed when it is collected)
+    placed._hf_fusion_offload = offload  # removed by release() once the model is scored
     return placed
+
+
+def release(module: Any) -> None:
+    """Removes the offload folder of a model placed with part of it on disk (a no-op otherwise)."""
+    offload = getattr(module, "_hf_fusion_offload", None)
+    if offload is not None:
+        offload.cleanup()
