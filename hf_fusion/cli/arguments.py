@@ -178,29 +178,57 @@ def max_memory_argument(text: str) -> dict[int | str, int]:
 
 
 def eval_settings(args: argparse.Namespace) -> Any:
-    """Evaluation settings from the flags; evaluation runs on ``--eval-device``, else on ``--device``."""
-    from hf_fusion.runtime import check_mixed_precision
+    """Evaluation settings from the flags, checked before anything is read: evaluation runs on ``--eval-device``,
+    else on ``--device``, or where ``--device-map`` places it."""
+    from hf_fusion.runtime import check_mixed_precision, current, launched_processes
     from hf_fusion.tasks.base import EvalSettings
 
     device = args.eval_device or getattr(args, "device", None) or "cpu"
     if args.max_memory and not args.device_map:
         raise SystemExit("hf-fusion: --max-memory needs --device-map (auto, balanced or sequential)")
-    if args.device_map:  # accelerate places each layer; models are built, and inputs start, on the CPU
-        if args.eval_device not in (None, "cpu"):
-            raise SystemExit(
-                f"hf-fusion: --device-map places models itself; leave out --eval-device {args.eval_device}"
-            )
-        device = "cpu"
+    if args.device_map:
+        device = _placement_device(args, device, launched_processes())
+    else:
+        device = current().device(device)  # a GPU that is not there is refused before any download
     return EvalSettings(
         batch_size=args.batch_size or 32,
         device=device,
         limit=args.limit,
         metrics=args.metrics,
-        mixed_precision=check_mixed_precision(args.mixed_precision, device),
+        mixed_precision=check_mixed_precision(
+            args.mixed_precision, "cuda" if _has_gpu() and args.device_map else device
+        ),
         device_map=args.device_map,
         max_memory=args.max_memory,
         score_cache=not args.no_score_cache,
     )
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _placement_device(args: argparse.Namespace, device: str, processes: int) -> str:
+    """With ``--device-map`` accelerate places each layer, models are built and inputs start on the CPU; the map is
+    one process's (it spreads one model over every GPU it sees)."""
+    if processes > 1:
+        raise SystemExit(
+            "hf-fusion: --device-map spreads each model over all GPUs from one process; launch one process with it "
+            f"(this run has {processes})"
+        )
+    explicit = args.eval_device or (getattr(args, "device", None) if args.command == "evaluate" else None)
+    if explicit not in (None, "cpu"):
+        raise SystemExit(f"hf-fusion: --device-map places models itself; leave out the device {explicit!r}")
+    gpus = [key for key in (args.max_memory or {}) if isinstance(key, int)]
+    if gpus:
+        import torch
+
+        count = torch.cuda.device_count()
+        if max(gpus) >= count:
+            raise SystemExit(f"hf-fusion: --max-memory names GPU {max(gpus)}, and this machine has {count}")
+    return "cpu"
 
 
 def add_push_options(parser: argparse.ArgumentParser) -> None:

@@ -99,7 +99,9 @@ def test_bf16_autocast_scores_close_to_float32(text_pool: Path, tmp_path: Path) 
         (["--device-map", "auto", "--max-memory", "gpu:1GB"], "DEVICE:SIZE"),
         (["--device-map", "auto", "--max-memory", "0:lots"], "not a size"),
         (["--mixed-precision", "fp8"], "invalid choice"),
-        (["--device-map", "auto", "--eval-device", "cuda"], "leave out --eval-device"),
+        (["--device-map", "auto", "--eval-device", "cuda"], "leave out the device 'cuda'"),
+        (["--device-map", "auto", "--device", "cuda:1"], "leave out the device 'cuda:1'"),
+        (["--device-map", "auto", "--max-memory", "3:1GB,cpu:1GB"], "names GPU 3"),
     ],
 )
 def test_bad_placement_flags_are_refused_before_work(flags: list[str], message: str, capsys) -> None:
@@ -110,11 +112,15 @@ def test_bad_placement_flags_are_refused_before_work(flags: list[str], message: 
     assert message in f"{refusal.value.code} {capsys.readouterr().err}"
 
 
-def test_cuda_without_a_gpu_is_refused_before_work(tmp_path: Path) -> None:
+def test_cuda_without_a_gpu_is_refused_before_work(tmp_path: Path, capsys) -> None:
     import torch
+
+    from hf_fusion.cli import main
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
+    assert main(["evaluate", "--model", "org/never-downloaded", "--pool", "minilm-text3", "--device", "cuda"]) == 1
+    assert "no CUDA device is available" in capsys.readouterr().err
     with pytest.raises(RecipeError, match="no CUDA device is available"):
         evaluate_pool(get_pool("minilm-text3"), {"fused": tmp_path / "missing"}, settings=EvalSettings(device="cuda"))
     with pytest.raises(RecipeError, match="no CUDA device is available"):
