@@ -116,10 +116,21 @@ class Runtime:
         return result
 
     def main_first(self, work: Callable[[], T]) -> T:
-        """Runs ``work`` on the main process, then on the others: a download happens once, and the other processes
-        find it in the cache; an error on the main process is raised on every process."""
+        """Runs ``work`` on the first process of each machine, then on the others: a download happens once per
+        machine, and the other processes find it in the cache; an error on any first process is raised on every
+        process. What ``work`` returns stays on the process that made it."""
+        if not self.distributed:
+            return work()
         done: list[T] = []
-        self.on_main(lambda: done.append(work()))  # what ``work`` returns stays on the process that made it
+        error: BaseException | None = None
+        if self.local_process_index == 0:
+            try:
+                done.append(work())
+            except BaseException as err:  # every process must hear of it, or the others wait for ever
+                error = err
+        errors = [e for [e] in self.gather([_picklable((None, error))[1]]) if e is not None]
+        if errors:
+            raise errors[0]
         return done[0] if done else work()
 
     def device(self, requested: str) -> str:

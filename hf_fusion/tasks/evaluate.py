@@ -145,8 +145,12 @@ def _score_task(
 ) -> TaskResult:
     """One task's scores: cached ones read back (as the main process found them, so every process agrees), the
     others computed by one evaluator whose data and shared parts are prepared once, then stored."""
-    keys = {m.label: cache.key(m, spec, context) for m in candidates} if cache is not None else {}
-    found = runtime.broadcast({label: cache.get(key) for label, key in keys.items()} if cache is not None else {})
+    keys: dict[str, str] = {}
+    found: dict[str, CachedScore | None] = {}
+    if cache is not None and runtime.is_main:  # the main process alone hashes the models and reads the cache
+        keys = {m.label: cache.key(m, spec, context) for m in candidates}
+        found = {label: cache.get(key) for label, key in keys.items()}
+    found = runtime.broadcast(found)
     scores: dict[str, float | None] = {}
     cached = [entry for entry in found.values() if entry is not None]
     examples = cached[0].examples if cached else 0
@@ -155,7 +159,8 @@ def _score_task(
     for model in candidates:
         entry = found.get(model.label)
         if entry is None:
-            evaluator = evaluator or EVALUATORS[spec.kind](spec, context, settings)
+            # the main process loads (and downloads) the task's data first, the others then read it from the cache
+            evaluator = evaluator or runtime.main_first(lambda: EVALUATORS[spec.kind](spec, context, settings))
             value = _score(evaluator, model, spec.name, runtime, show_progress)
             examples, metric_source = len(evaluator.data), evaluator.metric_source
             if cache is not None and runtime.is_main:

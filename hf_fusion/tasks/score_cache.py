@@ -4,8 +4,9 @@ and their scores never change; after the first run only the fused model costs an
 
 An entry is keyed by everything that decides the score: the content of the model's files (for files in the Hub
 cache, the content hash the blob is named by; otherwise a SHA-256 of the bytes), the task's definition, the
-context it is scored in (the base and the task's expert, which lend heads, towers and tokenizers), the example
-limit, batch size, precision, device type and metric source, and the versions of hf-fusion, torch and transformers.
+context it is scored in (the base and the task's expert, which lend heads, towers and tokenizers), the content of a
+local dataset folder, the example limit, batch size, precision, device type and metric source, and the versions of
+hf-fusion, torch, transformers, datasets and evaluate.
 Entries live under ``$HF_FUSION_CACHE`` (default ``$HF_HOME/hf_fusion``) in ``scores/``, one small JSON file each,
 written atomically; deleting the folder forgets them, ``--no-score-cache`` ignores them.
 """
@@ -77,10 +78,24 @@ def model_digest(model: ModelUnderTest) -> str:
 
 
 def _versions() -> dict[str, str]:
-    import torch
-    import transformers
+    from importlib.metadata import version
 
-    return {"hf_fusion": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    return {
+        "hf_fusion": __version__,
+        **{name: version(name) for name in ("torch", "transformers", "datasets", "evaluate")},
+    }
+
+
+def data_digest(spec: TaskSpec) -> str | None:
+    """The content of a task's local dataset folder (a pool file may point at one, and it may be edited); None for
+    the built-in data (fixed by the package version) and Hub datasets (fixed by their id; an update made in place on
+    the Hub is not noticed: score again with ``--no-score-cache``)."""
+    folder = Path(spec.dataset).expanduser()
+    if spec.dataset.startswith("builtin:") or not folder.is_dir():
+        return None
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    joined = "\n".join(f"{p.relative_to(folder)}:{file_digest(p)}" for p in files)
+    return hashlib.sha256(joined.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -94,14 +109,16 @@ class ScoreCache:
     """Scores of models on tasks under one set of evaluation settings."""
 
     def __init__(self, settings: EvalSettings, folder: Path | None = None) -> None:
+        from hf_fusion.metrics import resolve_source
+        from hf_fusion.tasks.base import compute_device
+
         self.folder = (folder or cache_folder()) / "scores"
-        device_type = "cuda" if settings.device.startswith("cuda") or settings.device_map else "cpu"
         self._settings = {
             "limit": settings.limit,
             "batch_size": settings.batch_size,
             "mixed_precision": settings.mixed_precision,
-            "device": device_type,
-            "metrics": settings.metrics,
+            "device": compute_device(settings).split(":")[0],
+            "metrics": resolve_source(settings.metrics),
             "scoring": SCORING_VERSION,
             **_versions(),
         }
@@ -110,6 +127,7 @@ class ScoreCache:
         described = {
             "model": model_digest(model),
             "task": spec.model_dump(mode="json"),
+            "data": data_digest(spec),
             "base": folder_digest(context.base),
             "expert": model_digest(context.expert),
             "heads": list(context.heads),
