@@ -35,6 +35,7 @@ from hf_fusion.reports.report import EvaluationReport, join_reports
 from hf_fusion.runtime import LOCAL, Runtime, current
 from hf_fusion.tasks.base import EvalSettings
 from hf_fusion.tasks.evaluate import evaluate_pool
+from hf_fusion.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +190,8 @@ def job_key(job: Job | None, pool: Pool, tasks: list[str], settings: EvalSetting
             "metrics": settings.metrics,
             "batch_size": settings.batch_size,
             "mixed_precision": settings.mixed_precision,
+            "device": "cpu" if settings.device == "cpu" and not settings.device_map else "cuda",
+            "hf_fusion": __version__,
         },
     }
     return _plain(key)
@@ -213,7 +216,7 @@ def finished(path: Path, key: dict[str, Any]) -> bool:
 
 def write_result(path: Path, record: dict[str, Any]) -> None:
     """Writes a result atomically: a reader (the main process, a rerun) never sees half of one."""
-    partial = path.with_name(f".{path.name}.partial")
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     partial.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(partial, path)
 
@@ -342,26 +345,38 @@ def run_bench(
         )
         return {"evaluation_seconds": round(time.perf_counter() - started, 2), "report": report.model_dump(mode="json")}
 
+    results: dict[str, dict[str, Any]] = {}
     for job in rt.mine(jobs):
-        key = job_key(job, pool, names, settings)
+        key = job_key(job, pool, names, job_settings)
         path = runs / f"{job.name}.json"
         if overwrite or not finished(path, key):
             _attempt(path, key, lambda job=job: run_job(job), rt.process_index)
+        results[job.name] = read_result(path)
     if rt.process_index == rt.num_processes - 1:  # the last process has the smallest share of the jobs
-        key, path = job_key(None, pool, names, settings), runs / f"{BASELINES}.json"
+        key, path = job_key(None, pool, names, job_settings), runs / f"{BASELINES}.json"
         if overwrite or not finished(path, key):
             _attempt(path, key, run_baselines, rt.process_index)
-    rt.barrier()
-    return rt.on_main(lambda: _write_reports(pool, methods, output, jobs, sweep, settings))
+        results[BASELINES] = read_result(path)
+    # the results travel to the main process with the processes themselves (a file another machine just wrote may
+    # not be visible yet on a network file system); the files are what a rerun resumes from
+    for share in rt.gather([results]):
+        results.update(share[0])
+    return rt.on_main(lambda: _write_reports(pool, methods, output, jobs, sweep, settings, results))
 
 
 def _write_reports(
-    pool: Pool, methods: list[str], output: Path, jobs: list[Job], sweep: Sweep | None, settings: EvalSettings
+    pool: Pool,
+    methods: list[str],
+    output: Path,
+    jobs: list[Job],
+    sweep: Sweep | None,
+    settings: EvalSettings,
+    results: dict[str, dict[str, Any]],
 ) -> BenchResult:
-    """Joins every job's result into one report; writes it with the leaderboard, the plots and ``bench.json``."""
-    runs = output / RUNS_FOLDER
-    records = {job.label: read_result(runs / f"{job.name}.json") for job in jobs}
-    baselines = read_result(runs / f"{BASELINES}.json")
+    """Joins every job's result (by job name) into one report; writes it with the leaderboard, the plots and
+    ``bench.json``."""
+    records = {job.label: results[job.name] for job in jobs}
+    baselines = results[BASELINES]
     done = [job for job in jobs if "report" in records[job.label]]
     failed = {job.label: str(records[job.label]["error"]) for job in jobs if "report" not in records[job.label]}
     if "report" not in baselines:
