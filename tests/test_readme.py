@@ -130,3 +130,35 @@ def test_relative_links_resolve(document: Path) -> None:
             elif anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved):
                 broken.append(f"{target}: no heading with this anchor")
     assert not broken, f"{document.relative_to(ROOT)}: " + "; ".join(broken)
+
+
+def _shown_commands(document: Path) -> list[list[str]]:
+    """Every ``hf-fusion ...`` or ``... -m hf_fusion ...`` command in the document's code blocks, continuation lines
+    joined, as the arguments hf-fusion receives."""
+    import shlex
+
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", document.read_text(), re.S)
+    commands = []
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0]
+            words = shlex.split(line) if ("hf-fusion " in line or "-m hf_fusion " in line) else []
+            if "hf-fusion" in words:
+                commands.append(words[words.index("hf-fusion") + 1 :])
+            elif "hf_fusion" in words:
+                commands.append(words[words.index("hf_fusion") + 1 :])
+    return commands
+
+
+@pytest.mark.parametrize("document", [README, ROOT / "docs" / "scaling.md"], ids=lambda p: p.name)
+def test_shown_commands_parse(document: Path) -> None:
+    """The commands the README and the scaling page show are accepted by the parser as written (flags, values)."""
+    from hf_fusion.cli import build_parser
+
+    commands = [c for c in _shown_commands(document) if not any("[" in w and "--" in w for w in c)]
+    assert commands
+    for args in commands:
+        try:
+            build_parser().parse_args(args)
+        except SystemExit as err:
+            pytest.fail(f"{document.name}: hf-fusion {' '.join(args)} is refused by the parser ({err})")

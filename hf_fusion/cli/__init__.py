@@ -51,6 +51,7 @@ def _main_process_speaks(args: argparse.Namespace) -> None:
 
     if launched_processes() > 1 and not current().is_main:
         args.quiet = True
+        os.environ.update(HF_DATASETS_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
 
 

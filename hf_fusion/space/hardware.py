@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 
 ZERO_GPU_ENV = "SPACES_ZERO_GPU"
 """Set by the Hub on ZeroGPU hardware."""
-JOB_GPU_SECONDS = 300
-"""The longest a job holds a ZeroGPU slice (the quota the visitor's job is charged against)."""
+JOB_GPU_SECONDS = int(os.environ.get("HF_FUSION_SPACE_GPU_SECONDS", "300"))
+"""The longest a job holds a ZeroGPU slice (the quota each visitor's job is charged against)."""
 
 
 def on_zero_gpu() -> bool:
@@ -32,13 +32,22 @@ def job_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def with_gpu(work: Callable[[], T]) -> Callable[[], T]:
-    """``work`` as it runs on this hardware: wrapped to hold a ZeroGPU slice while it runs, or unchanged."""
-    if not on_zero_gpu():
-        return work
+def _run(work: Callable[[], T]) -> T:
+    return work()
+
+
+if on_zero_gpu():  # ZeroGPU looks for its decorated functions when the app starts, so this one exists from import
     try:
         import spaces  # type: ignore[import-not-found]
+
+        _run = spaces.GPU(duration=JOB_GPU_SECONDS)(_run)
     except ImportError:
+        pass
+
+
+def with_gpu(work: Callable[[], T]) -> Callable[[], T]:
+    """``work`` as it runs on this hardware: inside the function that holds a ZeroGPU slice, or unchanged. On
+    ZeroGPU the job runs in the worker ``spaces`` forks for it, so its progress and Stop do not reach the page."""
+    if not on_zero_gpu():
         return work
-    wrapped: Any = spaces.GPU(duration=JOB_GPU_SECONDS)(work)
-    return wrapped
+    return lambda: _run(work)

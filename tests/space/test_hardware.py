@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 import types
 
@@ -21,14 +22,18 @@ def test_cpu_space_changes_nothing(monkeypatch) -> None:
 
 
 def test_zero_gpu_jobs_hold_a_slice_while_they_run(monkeypatch) -> None:
-    """On ZeroGPU the ``spaces`` package attaches a GPU inside functions wrapped by ``spaces.GPU``: each job is."""
-    held: list[int] = []
+    """On ZeroGPU the ``spaces`` package attaches a GPU inside functions decorated with ``spaces.GPU`` when the app
+    starts; every job runs through the one decorated at import."""
+    decorated: list[int] = []
+    held: list[str] = []
 
     def gpu(duration: int):
+        decorated.append(duration)
+
         def wrap(function):
-            def holding():
-                held.append(duration)
-                return function()
+            def holding(*args):
+                held.append("slice")
+                return function(*args)
 
             return holding
 
@@ -36,6 +41,13 @@ def test_zero_gpu_jobs_hold_a_slice_while_they_run(monkeypatch) -> None:
 
     monkeypatch.setenv(hardware.ZERO_GPU_ENV, "true")
     monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=gpu))
-    assert hardware.job_device() == "cuda"
-    assert hardware.with_gpu(lambda: "merged")() == "merged"
-    assert held == [hardware.JOB_GPU_SECONDS]
+    reloaded = importlib.reload(hardware)
+    try:
+        assert decorated == [reloaded.JOB_GPU_SECONDS]  # at import, before any job
+        assert reloaded.job_device() == "cuda"
+        assert reloaded.with_gpu(lambda: "merged")() == "merged"
+        assert reloaded.with_gpu(lambda: "compared")() == "compared"
+        assert held == ["slice", "slice"] and len(decorated) == 1
+    finally:
+        monkeypatch.delenv(hardware.ZERO_GPU_ENV)
+        importlib.reload(hardware)
