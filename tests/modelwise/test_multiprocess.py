@@ -9,14 +9,11 @@ import os
 import subprocess
 from pathlib import Path
 
-import datasets
 import pytest
 import torch
-import yaml
 from launch import run_cli
 from safetensors.torch import load_file
-from task_helpers import perturb, publish_dataset, word_tokenizer
-from transformers import GPT2Config, GPT2LMHeadModel
+from task_helpers import tiny_gpt2_pool, word_tokenizer
 
 import hf_fusion
 from hf_fusion.modelwise.data import entropy, entropy_share, logit_rows
@@ -46,13 +43,6 @@ def lm_pool(tmp_path_factory: pytest.TempPathFactory, hub) -> Path:
     """Two tiny GPT-2 language models with texts of very different lengths: the processes' shares of a batch hold
     different numbers of tokens (logit rows)."""
     root = tmp_path_factory.mktemp("lm-pool")
-    tokenizer = word_tokenizer()
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=2, eos_token_id=3
-    )
-    GPT2LMHeadModel(config).save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
     corpora = {
         "cats": [
             "the cat sat on the mat and the cat ran to the good film",
@@ -63,19 +53,7 @@ def lm_pool(tmp_path_factory: pytest.TempPathFactory, hub) -> Path:
         ],
         "films": ["a good movie", "film", "the bad film is a great film and a good movie , the end", "a film", "bad"],
     }
-    tasks = {}
-    for i, (name, texts) in enumerate(corpora.items()):
-        perturb(GPT2LMHeadModel.from_pretrained(root / "base"), seed=7 + i).save_pretrained(root / name)
-        publish_dataset(hub, f"fusion-lab/mp-lm-{name}", datasets.Dataset.from_dict({"text": texts}))
-        tasks[name] = {
-            "expert": str(root / name),
-            "kind": "causal_lm",
-            "task_type": "text-generation",
-            "metric": "perplexity",
-            "dataset": f"fusion-lab/mp-lm-{name}",
-            "text": ["text"],
-        }
-    (root / "pool.yaml").write_text(yaml.safe_dump({"base": str(root / "base"), "tasks": tasks}))
+    tiny_gpt2_pool(root, hub, word_tokenizer(), corpora, "mp-lm")
     return root
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import BertConfig, BertForSequenceClassification, BertModel, PreTrainedTokenizerFast
@@ -108,3 +109,42 @@ def review_texts(n: int, seed: int) -> datasets.Dataset:
         {"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=["negative", "positive"])}
     )
     return datasets.Dataset.from_dict({"sentence": texts, "label": labels}, features=features)
+
+
+def tiny_gpt2_pool(
+    root: Path, hub, tokenizer: PreTrainedTokenizerFast, corpora: dict[str, list[str]], prefix: str
+) -> Path:
+    """A tiny GPT-2 base in ``root/base`` and, per ``task: texts``, a language model fine-tuned from it (a seeded
+    perturbation) with its texts as a dataset on the loopback Hub (``fusion-lab/<prefix>-<task>``); returns the pool
+    file, whose tasks score perplexity and calibrate on their test split."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=32,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+    )
+    GPT2LMHeadModel(config).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    tasks = {}
+    for i, (name, texts) in enumerate(corpora.items()):
+        perturb(GPT2LMHeadModel.from_pretrained(root / "base"), seed=7 + i).save_pretrained(root / name)
+        publish_dataset(hub, f"fusion-lab/{prefix}-{name}", datasets.Dataset.from_dict({"text": texts}))
+        tasks[name] = {
+            "expert": str(root / name),
+            "kind": "causal_lm",
+            "task_type": "text-generation",
+            "metric": "perplexity",
+            "dataset": f"fusion-lab/{prefix}-{name}",
+            "text": ["text"],
+            "calibration_split": "test",
+        }
+    pool = root / "pool.yaml"
+    pool.write_text(yaml.safe_dump({"base": str(root / "base"), "tasks": tasks}))
+    return pool

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 from scipy.stats import spearmanr
-from task_helpers import perturb, publish_dataset, review_texts
+from task_helpers import perturb, publish_dataset, review_texts, tiny_gpt2_pool
 from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
 
 import hf_fusion
@@ -276,38 +276,11 @@ def test_causal_lm_perplexity(hub, tokenizer, tmp_path: Path) -> None:
 
 
 def test_data_driven_methods_fuse_language_models(hub, tokenizer, tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        n_positions=32,
-        bos_token_id=2,
-        eos_token_id=3,
-        pad_token_id=0,
-    )
-    GPT2LMHeadModel(config).save_pretrained(tmp_path / "base")
-    tokenizer.save_pretrained(tmp_path / "base")
     corpora = {
         "cats": ["the cat sat on the mat", "a cat ran", "the cat sat"],
         "films": ["a good movie", "the bad film", "a great film ."],
     }
-    tasks = {}
-    for i, (name, texts) in enumerate(corpora.items()):
-        perturb(GPT2LMHeadModel.from_pretrained(tmp_path / "base"), seed=7 + i).save_pretrained(tmp_path / name)
-        publish_dataset(hub, f"fusion-lab/lm-{name}", datasets.Dataset.from_dict({"text": texts}))
-        tasks[name] = {
-            "expert": str(tmp_path / name),
-            "kind": "causal_lm",
-            "task_type": "text-generation",
-            "metric": "perplexity",
-            "dataset": f"fusion-lab/lm-{name}",
-            "text": ["text"],
-            "calibration_split": "test",
-        }
-    pool = tmp_path / "pool.yaml"
-    pool.write_text(yaml.safe_dump({"base": str(tmp_path / "base"), "tasks": tasks}))
+    pool = tiny_gpt2_pool(tmp_path, hub, tokenizer, corpora, "lm")
 
     result = hf_fusion.merge(
         pool=str(pool),
