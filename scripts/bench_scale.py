@@ -144,67 +144,38 @@ def scoring_floor(fused: Path) -> dict[str, float]:
     }
 
 
+def pool_merge(method: str, output: Path, *extra: str) -> list[str]:
+    """`hf-fusion merge` of the built-in pool with --evaluate: the README's main command for TIES."""
+    return cli(
+        "merge", "--pool", "minilm-text3", "--method", method, "--evaluate", "--output", str(output), "-q", *extra
+    )
+
+
 def cpu_suite(work: Path, previous: Path | None) -> dict:
     offline = {"HF_HUB_OFFLINE": "1"}
     runs: list[Run] = []
     if previous is not None:  # an earlier hf-fusion checkout, imported first, on the same command
+        env = {**offline, "PYTHONPATH": str(previous), "HF_FUSION_CACHE": str(work / "cache-previous")}
+        name = f"main command, hf-fusion at {previous.name}"
         runs.append(
-            run(
-                f"main command, hf-fusion at {previous.name}",
-                cli(
-                    "merge",
-                    "--pool",
-                    "minilm-text3",
-                    "--method",
-                    "ties_merging",
-                    "--evaluate",
-                    "--output",
-                    str(work / "previous"),
-                    "-q",
-                ),
-                {**offline, "PYTHONPATH": str(previous), "HF_FUSION_CACHE": str(work / "cache-previous")},
-                "the same command, before this release",
-            )
+            run(name, pool_merge("ties_merging", work / "previous"), env, "the same command, before this release")
         )
     for precision in ("no", "bf16"):
         cache = {**offline, "HF_FUSION_CACHE": str(work / f"cache-{precision}")}
         extra = [] if precision == "no" else ["--mixed-precision", "bf16"]
+        first = pool_merge("ties_merging", work / f"ties-{precision}", *extra)
+        second = pool_merge("task_arithmetic", work / f"ta-{precision}", *extra)
         runs.append(
             run(
                 f"main command, empty score cache ({precision})",
-                cli(
-                    "merge",
-                    "--pool",
-                    "minilm-text3",
-                    "--method",
-                    "ties_merging",
-                    "--evaluate",
-                    "--output",
-                    str(work / f"ties-{precision}"),
-                    "-q",
-                    *extra,
-                ),
+                first,
                 cache,
                 "TIES, scores fused + pretrained + 3 experts",
             )
         )
         runs.append(
             run(
-                f"second merge of the pool ({precision})",
-                cli(
-                    "merge",
-                    "--pool",
-                    "minilm-text3",
-                    "--method",
-                    "task_arithmetic",
-                    "--evaluate",
-                    "--output",
-                    str(work / f"ta-{precision}"),
-                    "-q",
-                    *extra,
-                ),
-                cache,
-                "task arithmetic, scores only the fused model",
+                f"second merge of the pool ({precision})", second, cache, "task arithmetic, scores only the fused model"
             )
         )
     fused = work / "ties-no"
