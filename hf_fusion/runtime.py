@@ -12,6 +12,7 @@ arithmetic whatever the split.
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -207,7 +208,17 @@ def current() -> Runtime:
     # without ``cpu`` accelerate only joins a process group on accelerators, and a CPU-only run stays one process
     cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     state = PartialState(cpu=cpu, timeout=timedelta(seconds=wait_seconds()))
+    atexit.register(_leave_process_group)
     return Runtime(state.process_index, state.num_processes, state.local_process_index)
+
+
+def _leave_process_group() -> None:
+    """Leaves the process group before the interpreter exits: a gloo group still alive at exit can abort the process
+    ("terminate called without an active exception") after its work is done, failing a finished run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 LOCAL = Runtime()
