@@ -12,7 +12,6 @@ arithmetic whatever the split.
 
 from __future__ import annotations
 
-import atexit
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -99,6 +98,18 @@ class Runtime:
             import torch.distributed as dist
 
             dist.barrier()
+
+    def finish(self) -> None:
+        """Ends a run whose every process reached its end: they wait for each other, then leave the process group.
+        Leaving alone while another process still talks to the group, or leaving the group to the interpreter's
+        exit, can abort a process after its work is done (gloo: "terminate called without an active exception")."""
+        if not self.distributed:
+            return
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
     def on_main(self, work: Callable[[], T]) -> T:
         """Runs ``work`` on the main process only and hands its result, or its error, to every process; the others
@@ -208,17 +219,7 @@ def current() -> Runtime:
     # without ``cpu`` accelerate only joins a process group on accelerators, and a CPU-only run stays one process
     cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     state = PartialState(cpu=cpu, timeout=timedelta(seconds=wait_seconds()))
-    atexit.register(_leave_process_group)
     return Runtime(state.process_index, state.num_processes, state.local_process_index)
-
-
-def _leave_process_group() -> None:
-    """Leaves the process group before the interpreter exits: a gloo group still alive at exit can abort the process
-    ("terminate called without an active exception") after its work is done, failing a finished run."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 LOCAL = Runtime()

@@ -55,6 +55,14 @@ def _main_process_speaks(args: argparse.Namespace) -> None:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
 
 
+def _finish() -> None:
+    """A launched run whose command ended on every process leaves its process group together."""
+    from hf_fusion.runtime import current, launched_processes
+
+    if launched_processes() > 1:
+        current().finish()
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -71,7 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hf_fusion.errors import FusionError
 
     try:
-        return int(args.run(args))
+        code = int(args.run(args))
+        _finish()
+        return code
     except FusionError as err:
         print(f"hf-fusion: error: {err}", file=sys.stderr)
         return 1
