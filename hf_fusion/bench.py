@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import time
 import traceback
@@ -26,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from hf_fusion.atomic import write_text_atomically
 from hf_fusion.catalog import Pool
 from hf_fusion.errors import JobStopped, RecipeError
 from hf_fusion.recipe import RECIPE_FILENAME, Recipe
@@ -216,9 +216,7 @@ def finished(path: Path, key: dict[str, Any]) -> bool:
 
 def write_result(path: Path, record: dict[str, Any]) -> None:
     """Writes a result atomically: a reader (the main process, a rerun) never sees half of one."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(partial, path)
+    write_text_atomically(path, json.dumps(record, indent=2) + "\n")
 
 
 def _attempt(path: Path, key: dict[str, Any], work: Any, process: int) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pydantic
+
+from hf_fusion.atomic import write_text_atomically
 
 REPORT_FILENAME = "evaluation.json"
 
@@ -54,11 +55,7 @@ class EvaluationReport(pydantic.BaseModel):
 
     def save(self, folder: Path) -> Path:
         """Writes ``evaluation.json`` into ``folder`` atomically (a reader never sees half a report)."""
-        path = folder / REPORT_FILENAME
-        partial = folder / f".{REPORT_FILENAME}.partial"
-        partial.write_text(self.model_dump_json(indent=2) + "\n")
-        os.replace(partial, path)
-        return path
+        return write_text_atomically(folder / REPORT_FILENAME, self.model_dump_json(indent=2) + "\n")
 
     @classmethod
     def load(cls, folder: Path) -> EvaluationReport | None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hf_fusion.atomic import write_text_atomically
 from hf_fusion.catalog import TaskSpec
 from hf_fusion.tasks.base import EvalSettings, TaskContext
 from hf_fusion.tasks.weights import ModelUnderTest
@@ -147,8 +148,6 @@ class ScoreCache:
         only costs a rescore next time."""
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            partial = self.folder / f".{key}.{os.getpid()}.partial"
-            partial.write_text(json.dumps(entry.__dict__))
-            os.replace(partial, self.folder / f"{key}.json")
+            write_text_atomically(self.folder / f"{key}.json", json.dumps(entry.__dict__))
         except OSError:
             pass
