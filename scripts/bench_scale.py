@@ -129,7 +129,7 @@ def scoring_floor(fused: Path) -> dict[str, float]:
     for spec in specs:
         evaluator = EVALUATORS[spec.kind](spec, TaskContext(models.base, models.experts[spec.name]), EvalSettings())
         lengths = evaluator.example_lengths()
-        padded += sum(max(lengths[i] for i in batch) * len(batch) for batch in evaluator.batch_plan())
+        padded += sum(max(lengths[i] for i in batch) * len(batch) for batch in evaluator.batch_plan)
     with safe_open(str(fused / "model.safetensors"), "pt") as f:
         shapes = [f.get_slice(n).get_shape() for n in f.keys() if "encoder.layer." in n and n.endswith(".weight")]
     linear = sum(shape[0] * shape[1] for shape in shapes if len(shape) == 2)

@@ -87,10 +87,12 @@ class TaskEvaluator(ABC):
         where every example has the same size (images)."""
         return None
 
+    @cached_property
     def batch_plan(self) -> list[list[int]]:
         """Example indices of each scoring batch: longest examples first (a memory error shows at once), so that
         each batch holds examples of similar length and pads little. The plan depends on the data alone, never on
-        the number of processes, so every example is scored in the same batch however the work is split."""
+        the number of processes, so every example is scored in the same batch however the work is split; it is
+        made once per evaluator (the texts are tokenised once), whatever the number of models scored."""
         lengths = self.example_lengths()
         order = list(range(len(self.data)))
         if lengths is not None:
@@ -119,7 +121,7 @@ class TaskEvaluator(ABC):
         scored: list[tuple[list[int], list[Any], list[Any]]] = []
         try:
             with torch.inference_mode(), autocast(compute_device(self.settings), self.settings.mixed_precision):
-                for indices in runtime.mine(self.batch_plan()):
+                for indices in runtime.mine(self.batch_plan):
                     check_stop()
                     predicted, references = self.predict(network, self.data[indices])
                     scored.append((indices, predicted, references))

@@ -78,7 +78,7 @@ def _score(
 ) -> float | None:
     """Scores one model with a bar over this process's examples (or a periodic log line where no bar is drawn)."""
     with progress_bar(
-        total=sum(len(indices) for indices in runtime.mine(evaluator.batch_plan())),
+        total=sum(len(indices) for indices in runtime.mine(evaluator.batch_plan)),
         desc=f"evaluating {task} ({model.label})",
         unit="example",
         disable=not show_progress,

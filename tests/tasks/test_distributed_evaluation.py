@@ -49,7 +49,7 @@ def test_batches_do_not_depend_on_the_split(text_pool: Path) -> None:
     models = fetch_pool(pool, [spec], show_progress=False)
     context = TaskContext(models.base, models.experts[spec.name], tuple(pool.heads))
     evaluator = EVALUATORS[spec.kind](spec, context, EvalSettings(batch_size=5, metrics="bundled"))
-    plan = evaluator.batch_plan()
+    plan = evaluator.batch_plan
     lengths = evaluator.example_lengths()
     order = [i for batch in plan for i in batch]
     assert sorted(order) == list(range(len(evaluator.data)))
