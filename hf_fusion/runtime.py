@@ -93,12 +93,6 @@ class Runtime:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
-    def barrier(self) -> None:
-        if self.distributed:
-            import torch.distributed as dist
-
-            dist.barrier()
-
     def finish(self) -> None:
         """Ends a run whose every process reached its end: they wait for each other, then leave the process group.
         Leaving alone while another process still talks to the group, or leaving the group to the interpreter's
@@ -121,8 +115,8 @@ class Runtime:
             try:
                 outcome = (work(), None)
             except BaseException as err:  # every process must hear of it, or the others wait for ever
-                outcome = (None, err)
-        result, error = self.broadcast(_picklable(outcome))
+                outcome = (None, _crossing(err))
+        result, error = self.broadcast(outcome)
         if error is not None:
             raise error
         return result
@@ -139,8 +133,8 @@ class Runtime:
             try:
                 done.append(work())
             except BaseException as err:  # every process must hear of it, or the others wait for ever
-                error = err
-        errors = [e for [e] in self.gather([_picklable((None, error))[1]]) if e is not None]
+                error = _crossing(err)
+        errors = [e for [e] in self.gather([error]) if e is not None]
         if errors:
             raise errors[0]
         return done[0] if done else work()
@@ -170,18 +164,16 @@ class Runtime:
         return f"cuda:{index}"
 
 
-def _picklable(outcome: tuple[Any, BaseException | None]) -> tuple[Any, BaseException | None]:
-    """``outcome`` with an error that cannot cross processes replaced by a :class:`FusionError` saying what it was."""
+def _crossing(error: BaseException) -> BaseException:
+    """``error`` as it can be sent to the other processes: itself, or where it cannot be pickled a
+    :class:`FusionError` saying what it was."""
     import pickle
 
-    result, error = outcome
-    if error is None:
-        return outcome
     try:
         pickle.loads(pickle.dumps(error))
-        return outcome
+        return error
     except Exception:
-        return result, FusionError(f"the main process failed: {type(error).__name__}: {error}")
+        return FusionError(f"another process failed: {type(error).__name__}: {error}")
 
 
 WAIT_ENV = "HF_FUSION_WAIT_SECONDS"
