@@ -3,8 +3,9 @@
 
 Under several processes every process resolves and checks the inputs, loads the models and runs the method, which
 splits its data over the processes (calibration batches, the examples of each adaptation batch) and adds up what
-they computed, so every process ends with the same fused model. Downloads (models, task data) happen on the main
-process first (the others then find them in the cache); only the main process writes the folder, and its result reaches every process.
+they computed, so every process ends with the same fused model. Downloads (models, task data) happen on the first
+process of each machine first (the others then find them in the cache); only the main process writes the folder,
+and its result reaches every process.
 """
 
 from __future__ import annotations

@@ -29,16 +29,10 @@ class FisherParams(CalibrationParams):
     minimal_fisher_weight: float = pydantic.Field(1e-6, ge=0, description="added to every Fisher value")
 
 
-def diagonal_fisher(network: nn.Module, backbone: nn.Module, logits_of, batches) -> dict[str, torch.Tensor]:
-    """The expected diagonal Fisher of ``backbone``'s parameters under the model's own predictive distribution:
-    ``mean_x sum_y p(y|x) (d log p(y|x) / d theta)^2``, one example at a time (no labels are read)."""
-    fisher, count = fisher_sums(network, backbone, logits_of, batches)
-    return {name: f / max(count, 1) for name, f in fisher.items()}
-
-
 def fisher_sums(network: nn.Module, backbone: nn.Module, logits_of, batches) -> tuple[dict[str, torch.Tensor], int]:
     """The sums over the examples of ``batches`` of ``sum_y p(y|x) (d log p(y|x) / d theta)^2`` for ``backbone``'s
-    parameters, and the number of examples."""
+    parameters, and the number of examples: divided by the count, the expected diagonal Fisher under the model's own
+    predictive distribution, one example at a time (no labels are read)."""
     params = {name: p for name, p in backbone.named_parameters()}
     for p in params.values():
         p.requires_grad_(True)

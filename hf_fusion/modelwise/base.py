@@ -26,7 +26,6 @@ from hf_fusion.runtime import LOCAL, Runtime
 from hf_fusion.tasks.weights import ModelUnderTest, build_model, read_state, without_heads
 
 P = TypeVar("P", bound=pydantic.BaseModel)
-T = TypeVar("T")
 
 PROBED_KINDS = ("classification", "clip_zero_shot", "text_to_text", "causal_lm")
 """Task kinds whose evaluators can give logits for a backbone, as data-driven methods need."""

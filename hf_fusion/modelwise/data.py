@@ -54,8 +54,13 @@ def random_rows(size: int, batch_size: int, generator: torch.Generator) -> Itera
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Mean Shannon entropy of the predicted class distributions (AdaMerging's and WEMoE's objective)."""
+    return row_entropies(logits).mean()
+
+
+def row_entropies(logits: torch.Tensor) -> torch.Tensor:
+    """The Shannon entropy of each predicted distribution (the last dimension of ``logits``), in float32."""
     log_probs = logits.float().log_softmax(dim=-1)
-    return -(log_probs.exp() * log_probs).sum(dim=-1).mean()
+    return -(log_probs.exp() * log_probs).sum(dim=-1)
 
 
 def logit_rows(logits: torch.Tensor) -> int:
@@ -68,8 +73,7 @@ def entropy_share(logits: torch.Tensor, total_rows: int) -> torch.Tensor:
     ``total_rows``, the rows of the whole batch over all processes; the parts add up to :func:`entropy` of the
     whole batch, and so do their gradients. Rows, not examples: a causal language model's logits have one row per
     real token, and the processes' examples do not hold the same number of tokens."""
-    log_probs = logits.float().log_softmax(dim=-1)
-    return -(log_probs.exp() * log_probs).sum() / max(total_rows, 1)
+    return row_entropies(logits).sum() / max(total_rows, 1)
 
 
 def token_mask(inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
