@@ -181,7 +181,7 @@ def eval_settings(args: argparse.Namespace) -> Any:
     """Evaluation settings from the flags, checked before anything is read: evaluation runs on ``--eval-device``,
     else on ``--device``, or where ``--device-map`` places it."""
     from hf_fusion.runtime import check_mixed_precision, current, launched_processes
-    from hf_fusion.tasks.base import EvalSettings
+    from hf_fusion.tasks.base import EvalSettings, compute_device
 
     device = args.eval_device or getattr(args, "device", None) or "cpu"
     if args.max_memory and not args.device_map:
@@ -190,24 +190,18 @@ def eval_settings(args: argparse.Namespace) -> Any:
         device = _placement_device(args, device, launched_processes())
     else:
         device = current().device(device)  # a GPU that is not there is refused before any download
-    return EvalSettings(
+    settings = EvalSettings(
         batch_size=args.batch_size or 32,
         device=device,
         limit=args.limit,
         metrics=args.metrics,
-        mixed_precision=check_mixed_precision(
-            args.mixed_precision, "cuda" if _has_gpu() and args.device_map else device
-        ),
+        mixed_precision=args.mixed_precision,
         device_map=args.device_map,
         max_memory=args.max_memory,
         score_cache=not args.no_score_cache,
     )
-
-
-def _has_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    check_mixed_precision(settings.mixed_precision, compute_device(settings))
+    return settings
 
 
 def _placement_device(args: argparse.Namespace, device: str, processes: int) -> str:

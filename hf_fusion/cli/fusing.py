@@ -145,10 +145,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         mixed_precision=args.mixed_precision,
         **_merge_keywords(args),
     )
-    from hf_fusion.runtime import current
-
-    if current().is_main:  # every process of a launched run returns the same result; it is printed once
-        _print_merge(result, quiet=args.quiet)
+    _print_merge(result, quiet=args.quiet)
     return 0
 
 
