@@ -168,8 +168,11 @@ def max_memory_argument(text: str) -> dict[int | str, int]:
         device = device.strip().lower()
         if not sep or not (device == "cpu" or device.isdigit()):
             raise argparse.ArgumentTypeError(f"takes DEVICE:SIZE items (GPU index or cpu), got {item!r}")
+        key: int | str = int(device) if device.isdigit() else device
+        if key in limits:
+            raise argparse.ArgumentTypeError(f"names {device} twice")
         try:
-            limits[int(device) if device.isdigit() else device] = parse_size(size.strip())
+            limits[key] = parse_size(size.strip())
         except ValueError as err:
             raise argparse.ArgumentTypeError(str(err)) from None
     if not limits:

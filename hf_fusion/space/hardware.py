@@ -15,7 +15,16 @@ T = TypeVar("T")
 
 ZERO_GPU_ENV = "SPACES_ZERO_GPU"
 """Set by the Hub on ZeroGPU hardware."""
-JOB_GPU_SECONDS = int(os.environ.get("HF_FUSION_SPACE_GPU_SECONDS", "300"))
+GPU_SECONDS_ENV = "HF_FUSION_SPACE_GPU_SECONDS"
+
+
+def _gpu_seconds() -> int:
+    """``$HF_FUSION_SPACE_GPU_SECONDS`` when it is a whole number of seconds from 1 to 3600, else 300."""
+    text = os.environ.get(GPU_SECONDS_ENV, "300")
+    return int(text) if text.isdigit() and 1 <= int(text) <= 3600 else 300
+
+
+JOB_GPU_SECONDS = _gpu_seconds()
 """The longest a job holds a ZeroGPU slice (the quota each visitor's job is charged against)."""
 
 

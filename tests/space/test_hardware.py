@@ -51,3 +51,11 @@ def test_zero_gpu_jobs_hold_a_slice_while_they_run(monkeypatch) -> None:
     finally:
         monkeypatch.delenv(hardware.ZERO_GPU_ENV)
         importlib.reload(hardware)
+
+
+def test_a_malformed_hold_time_falls_back_to_the_default(monkeypatch) -> None:
+    for text in ("abc", "-5", "0", "1e9", "99999"):
+        monkeypatch.setenv(hardware.GPU_SECONDS_ENV, text)
+        assert hardware._gpu_seconds() == 300
+    monkeypatch.setenv(hardware.GPU_SECONDS_ENV, "600")
+    assert hardware._gpu_seconds() == 600

@@ -98,6 +98,8 @@ def test_bf16_autocast_scores_close_to_float32(text_pool: Path, tmp_path: Path) 
         (["--max-memory", "cpu:1GB"], "--max-memory needs --device-map"),
         (["--device-map", "auto", "--max-memory", "gpu:1GB"], "DEVICE:SIZE"),
         (["--device-map", "auto", "--max-memory", "0:lots"], "not a size"),
+        (["--device-map", "auto", "--max-memory", "cpu:inf"], "not a size"),
+        (["--device-map", "auto", "--max-memory", "cpu:1GB,cpu:2GB"], "names cpu twice"),
         (["--mixed-precision", "fp8"], "invalid choice"),
         (["--device-map", "auto", "--eval-device", "cuda"], "leave out the device 'cuda'"),
         (["--device-map", "auto", "--device", "cuda:1"], "leave out the device 'cuda:1'"),
