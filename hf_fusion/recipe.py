@@ -93,6 +93,60 @@ def _model_ref(value: Any) -> Any:
     return value
 
 
+class SliceSource(pydantic.BaseModel):
+    """Layers ``[start, stop)`` of one input (a model of the recipe, or its base) feeding an output slice."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    model: ModelRef
+    layers: tuple[int, int]
+
+    @pydantic.field_validator("model", mode="before")
+    @classmethod
+    def _parse_model(cls, value: Any) -> Any:
+        return _model_ref(value)
+
+    @pydantic.field_validator("layers")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        start, stop = value
+        if start < 0 or stop <= start:
+            raise ValueError(f"a layer range is [start, stop) with 0 <= start < stop (got [{start}, {stop}])")
+        return value
+
+    def to_yaml_value(self) -> dict[str, Any]:
+        return {"model": self.model.to_yaml_value(), "layers": list(self.layers)}
+
+
+class OutputSlice(pydantic.BaseModel):
+    """A run of output layers: one source is copied as it is (passthrough stacking); several sources, one per
+    model of the recipe (and the base when the method uses one), all as long, are fused by the method."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    sources: list[SliceSource] = pydantic.Field(min_length=1)
+
+    @pydantic.model_validator(mode="after")
+    def _same_length(self) -> OutputSlice:
+        lengths = {s.layers[1] - s.layers[0] for s in self.sources}
+        if len(lengths) > 1:
+            ranges = ", ".join(f"{s.model} {list(s.layers)}" for s in self.sources)
+            raise ValueError(f"the sources of a slice must hold as many layers each (got {ranges})")
+        return self
+
+    @property
+    def num_layers(self) -> int:
+        start, stop = self.sources[0].layers
+        return stop - start
+
+    def to_yaml_value(self) -> dict[str, Any]:
+        return {"sources": [s.to_yaml_value() for s in self.sources]}
+
+
+TOKENIZER_CHOICES = ("base", "union")
+"""``tokenizer`` values besides a model's reference: the base's vocabulary, or the union of every input's."""
+
+
 class Recipe(pydantic.BaseModel):
     """Everything needed to reproduce a fused model."""
 
@@ -108,6 +162,15 @@ class Recipe(pydantic.BaseModel):
     heads: list[str] = pydantic.Field(default_factory=list)
     device: str = "cpu"
     output: str | None = None
+    slices: list[OutputSlice] | None = None
+    """The output's layers as runs of input layers (frankenmerges, merges over aligned ranges); None fuses every
+    layer of every model in place."""
+    tokenizer: str | None = None
+    """Whose vocabulary the output takes: ``base``, ``union`` or a model's reference; None keeps the reference
+    model's tokenizer and needs inputs whose embeddings have as many rows."""
+    chat_template: str | None = None
+    """The output's chat template: ``auto`` (the inputs' most common), a model's reference, or a literal Jinja
+    template; None keeps the reference model's."""
     allow_nonfinite: bool = False
     """Fuse tensors holding NaN or infinities instead of refusing them (they are carried through to the output)."""
     clamp_overflow: bool = False
@@ -179,6 +242,12 @@ class Recipe(pydantic.BaseModel):
             data["exclude"] = list(self.exclude)
         if self.heads:
             data["heads"] = list(self.heads)
+        if self.slices:
+            data["slices"] = [s.to_yaml_value() for s in self.slices]
+        if self.tokenizer:
+            data["tokenizer"] = self.tokenizer
+        if self.chat_template:
+            data["chat_template"] = self.chat_template
         if self.device != "cpu":
             data["device"] = self.device
         if self.output:
