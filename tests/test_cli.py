@@ -103,7 +103,8 @@ def test_handwritten_recipe_with_flag_overrides(tmp_path: Path, bert_pool) -> No
     out = run("merge", "--config", str(tmp_path / "recipe.yaml"), "--param", "scaling_factor=0.7")
     assert out.returncode == 0, out.stderr
     saved = yaml.safe_load((tmp_path / "from_yaml" / "fusion_recipe.yaml").read_text())
-    assert saved["parameters"] == {"scaling_factor": 0.7} and saved["dtype"] == "bfloat16"
+    assert saved["parameters"] == {"scaling_factor": 0.7, "weights": None, "normalize": False}
+    assert saved["dtype"] == "bfloat16"
 
 
 @pytest.mark.parametrize(

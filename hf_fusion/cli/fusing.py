@@ -43,7 +43,17 @@ def register(sub: Any) -> None:
         type=parse_param,
         default=[],
         metavar="NAME=VALUE",
-        help="method parameter, repeatable (e.g. --param scaling_factor=0.3)",
+        help="method parameter, repeatable (e.g. --param scaling_factor=0.3); a list of numbers is a gradient over "
+        "the layers (--param 't=[0,0.5,1]')",
+    )
+    merge.add_argument(
+        "--param-for",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("FILTER", "NAME=VALUE"),
+        help="a parameter's value for tensors whose name contains FILTER, repeatable, first match wins; other "
+        "tensors take the --param value (e.g. --param-for self_attn 't=[0,0.5,1]')",
     )
     merge.add_argument("--output", metavar="FOLDER", help="where to write the fused model")
     merge.add_argument(
@@ -152,6 +162,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def _merge_keywords(args: argparse.Namespace) -> dict[str, Any]:
     """The method's parameters (``--param`` over the common method flags), the shard size and the token."""
     kwargs: dict[str, Any] = dict(args.param)
+    kwargs.update(filtered_params(args.param_for, kwargs, args.config))
     common = common_method_params(args)
     if common:
         from hf_fusion.recipe import Recipe
@@ -166,6 +177,30 @@ def _merge_keywords(args: argparse.Namespace) -> dict[str, Any]:
     if args.token:
         kwargs["token"] = args.token
     return kwargs
+
+
+def filtered_params(pairs: list[list[str]], plain: dict[str, Any], config: str | None) -> dict[str, Any]:
+    """``--param-for FILTER NAME=VALUE`` as conditions, in the order given, ending with the parameter's plain value
+    (from ``--param`` or the recipe file) for the tensors no filter matches."""
+    conditions: dict[str, list[dict[str, Any]]] = {}
+    for text_filter, assignment in pairs:
+        if not text_filter.strip():
+            raise SystemExit("hf-fusion merge: --param-for needs a non-empty FILTER (a part of tensor names)")
+        try:
+            name, value = parse_param(assignment)
+        except argparse.ArgumentTypeError as err:
+            raise SystemExit(f"hf-fusion merge: --param-for {text_filter}: {err}") from None
+        conditions.setdefault(name, []).append({"filter": text_filter, "value": value})
+    if not conditions:
+        return {}
+    from hf_fusion.recipe import Recipe
+
+    recorded = Recipe.from_yaml(config).parameters if config else {}
+    for name, items in conditions.items():
+        fallback = plain.get(name, recorded.get(name))
+        if fallback is not None:
+            items.append({"value": fallback})
+    return conditions
 
 
 def _print_merge(result: Any, *, quiet: bool) -> None:

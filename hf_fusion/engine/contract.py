@@ -38,6 +38,8 @@ class TensorInputs:
     flat_offset: int = 0
     module_type: str | None = None
     """Class name of the module owning the tensor (``Linear``, ``LayerNorm``...), for methods that ask for it."""
+    params: pydantic.BaseModel | None = None
+    """This tensor's own parameters when the recipe varies them by tensor (gradients, filters); else None."""
 
     @property
     def is_whole(self) -> bool:
@@ -69,11 +71,23 @@ class TensorMerge(ABC, Generic[P]):
     outputs_per_model: bool = False
     needs_module_types: bool = False
     """Set by methods that act on a kind of layer only; the pipeline then fills ``TensorInputs.module_type``."""
+    fixed_parameters: frozenset[str] = frozenset()
+    """Parameters that must take one value for every tensor: they feed a model-wide statistic or decide how the
+    engine runs the method (slicing, module types). Every other parameter may vary by tensor."""
 
     def __init__(self, params: P, *, num_models: int, has_base: bool) -> None:
         self.params = params
         self.num_models = num_models
         self.has_base = has_base
+
+    @classmethod
+    def fixed_for(cls, params: P) -> frozenset[str]:
+        """:attr:`fixed_parameters`, for methods where which parameters are fixed depends on the others."""
+        return cls.fixed_parameters
+
+    def params_for(self, inputs: TensorInputs) -> P:
+        """The parameters of the tensor being fused: its own when they vary by tensor, else the method's."""
+        return inputs.params if inputs.params is not None else self.params  # type: ignore[return-value]
 
     def prepare(self, scan: Scan) -> None:
         """Computes model-wide statistics before the merge pass; the default needs none."""

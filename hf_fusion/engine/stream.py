@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+import pydantic
 import torch
 
 from hf_fusion.engine.checkpoint import TensorEntry
@@ -122,10 +123,12 @@ class StreamingEngine:
         prefetch: int = 2,
         show_progress: bool = True,
         module_types: dict[str, str] | None = None,
+        parameters: Mapping[str, pydantic.BaseModel] | None = None,
         allow_nonfinite: bool = False,
         clamp_overflow: bool = False,
     ) -> None:
         self.plan = plan
+        self.parameters = parameters or {}
         self.allow_nonfinite = allow_nonfinite
         self.clamp_overflow = clamp_overflow
         self.module_types = module_types or {}
@@ -235,7 +238,13 @@ class StreamingEngine:
         base = values[0] if self.has_base else None
         experts = values[1:] if self.has_base else values
         inputs = TensorInputs(
-            job.tensor.key, base, experts, job.tensor.shape, job.flat_offset, self.module_types.get(job.tensor.key)
+            job.tensor.key,
+            base,
+            experts,
+            job.tensor.shape,
+            job.flat_offset,
+            self.module_types.get(job.tensor.key),
+            self.parameters.get(job.tensor.key),
         )
         return _Prepared(inputs, poison)
 

@@ -9,10 +9,11 @@ from typing import Any
 
 from hf_fusion.architecture import parameter_module_types
 from hf_fusion.engine.checkpoint import Checkpoint
+from hf_fusion.engine.layers import count_layers, layer_positions
 from hf_fusion.engine.plan import FusionPlan, build_plan
 from hf_fusion.engine.stream import StreamingEngine
 from hf_fusion.engine.writer import ShardedSafetensorsWriter
-from hf_fusion.errors import InsufficientResourcesError
+from hf_fusion.errors import InsufficientResourcesError, ParameterError
 from hf_fusion.fusion.inputs import Inputs, fetch_inputs, pin, reference_is_base, resolve_inputs
 from hf_fusion.fusion.options import FusionOptions
 from hf_fusion.fusion.output_folder import output_names, seal, write_side_files
@@ -35,6 +36,7 @@ def fuse_tensor_wise(
     )
     inputs, headers = resolve_inputs(checked, options)
     check_memory(headers, method.elementwise, options.budget_elements)
+    check_parameters(checked, headers)
     inputs = fetch_inputs(inputs, options)
     recipe = pin(checked.recipe, inputs)
     checkpoints: list[Checkpoint] = []
@@ -91,6 +93,33 @@ def open_plan(
     )
 
 
+def check_parameters(checked: ValidatedRecipe, headers: list[Checkpoint | None]) -> None:
+    """Resolves per-tensor parameters over the first model's tensor names, from headers, before any download: a
+    value out of range or a gradient with more knots than layers is refused here, and filters that match no tensor
+    are reported."""
+    schedule = checked.schedule
+    known = [h for h in headers if h is not None]
+    if not schedule.varies or not known:
+        return
+    names = list(known[-1].entries)  # the last header is the recipe's last model; the base comes first
+    layers = count_layers(names)
+    for key, knots in schedule.gradient_lengths().items():
+        if layers and knots > layers:
+            raise ParameterError(
+                f"parameter {key!r} has a gradient of {knots} values, but the models have {layers} layers: "
+                "a gradient takes at most one value per layer."
+            )
+    schedule.resolve_all(layer_positions(names))
+
+
+def tensor_parameters(checked: ValidatedRecipe, plan: FusionPlan) -> dict[str, Any]:
+    """Each fused tensor's parameters, by engine key, when the recipe varies them by tensor."""
+    if not checked.schedule.varies:
+        return {}
+    positions = layer_positions(t.name for t in plan.fused)
+    return {t.key: checked.schedule.resolve(t.name, positions[t.name]) for t in plan.fused}
+
+
 def _engine(
     plan: FusionPlan, method: Any, checked: ValidatedRecipe, inputs: Inputs, recipe: Recipe, options: FusionOptions
 ) -> StreamingEngine:
@@ -108,6 +137,7 @@ def _engine(
         budget_elements=options.budget_elements,
         show_progress=options.show_progress,
         module_types=module_types,
+        parameters=tensor_parameters(checked, plan),
         allow_nonfinite=recipe.allow_nonfinite,
         clamp_overflow=recipe.clamp_overflow,
     )

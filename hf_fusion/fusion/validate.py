@@ -9,7 +9,8 @@ from typing import Any
 
 from hf_fusion.errors import RecipeError
 from hf_fusion.recipe import Recipe
-from hf_fusion.registry import BaseUse, DataNeed, MethodSpec, get_method
+from hf_fusion.registry import BaseUse, DataNeed, MethodKind, MethodSpec, get_method
+from hf_fusion.tensor_parameters import ParameterSchedule, build_schedule
 
 
 @dataclass(frozen=True)
@@ -20,12 +21,15 @@ class ValidatedRecipe:
     spec: MethodSpec
     params: Any
     uses_base: bool
+    schedule: ParameterSchedule
+    """The parameters per tensor (gradients, filters); ``params`` is its representative, for the method's layout."""
 
 
 def validate_recipe(recipe: Recipe) -> ValidatedRecipe:
     """Checks the method, its parameters and the pool shape; returns the recipe with canonical names and defaults."""
     spec = get_method(recipe.method)
-    params = spec.validate_params(recipe.parameters)
+    schedule = parameter_schedule(spec, recipe.parameters)
+    params = schedule.base
     has_base = recipe.base is not None
     uses_base = has_base and spec.base is not BaseUse.UNUSED
     spec.validate_pool(params, len(recipe.models), uses_base)
@@ -35,8 +39,16 @@ def validate_recipe(recipe: Recipe) -> ValidatedRecipe:
             "(a catalog pool or a pool file) so the tasks and their datasets are known."
         )
     check_device(recipe.device)
-    canonical = recipe.replace(method=spec.name, parameters=params.model_dump())
-    return ValidatedRecipe(canonical, spec, params, uses_base)
+    canonical = recipe.replace(method=spec.name, parameters=schedule.recipe_parameters())
+    return ValidatedRecipe(canonical, spec, params, uses_base, schedule)
+
+
+def parameter_schedule(spec: MethodSpec, raw: Mapping[str, Any]) -> ParameterSchedule:
+    """The method's parameters, any of which may vary by tensor except those its implementation fixes."""
+    fixed: frozenset[str] = frozenset()
+    if spec.kind is MethodKind.TENSOR_WISE:
+        fixed = spec.implementation.fixed_for(build_schedule(spec, raw).base)
+    return build_schedule(spec, raw, fixed)
 
 
 def check_device(device: str) -> None:

@@ -54,7 +54,7 @@ class Breadcrumbs(TensorMerge[BreadcrumbsParams]):
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         assert inputs.base is not None
-        p = self.params
+        p = self.params_for(inputs)
         total = torch.zeros_like(inputs.base)
         for expert in inputs.experts:
             delta = expert - inputs.base

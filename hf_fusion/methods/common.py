@@ -24,6 +24,32 @@ def scaling_factor_field(default: float) -> Any:
     )
 
 
+def model_weights_field() -> Any:
+    return pydantic.Field(
+        None,
+        description="one weight per model multiplying its task vector (mergekit's `weight`); null gives each 1",
+    )
+
+
+def per_model_field(what: str) -> Any:
+    return pydantic.Field(None, description=f"one {what} per model, in recipe order, instead of the single value")
+
+
+def per_model(values: list[float] | None, default: float, num_models: int) -> list[float]:
+    """A per-model parameter's values, or ``default`` for every model when it is not given."""
+    return list(values) if values is not None else [default] * num_models
+
+
+def check_per_model(method: str, params: Any, names: tuple[str, ...], num_models: int) -> None:
+    """Per-model parameters must give exactly one value per model."""
+    for name in names:
+        values = getattr(params, name, None)
+        if values is not None and len(values) != num_models:
+            raise RecipeError(
+                f"{method}: `{name}` has {len(values)} value(s) for {num_models} model(s); give one per model."
+            )
+
+
 def interpolation_field() -> Any:
     return pydantic.Field(
         0.5,

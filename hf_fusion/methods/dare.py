@@ -14,9 +14,17 @@ import pydantic
 import torch
 
 from hf_fusion.engine.contract import TensorInputs, TensorMerge
-from hf_fusion.methods.common import FROZEN, LINEAR_MODULES, scaling_factor_field
+from hf_fusion.methods.common import (
+    FROZEN,
+    LINEAR_MODULES,
+    check_per_model,
+    model_weights_field,
+    per_model,
+    per_model_field,
+    scaling_factor_field,
+)
 from hf_fusion.methods.operations import Rescale, random_drop
-from hf_fusion.methods.ties_core import TiesCore, TiesParams
+from hf_fusion.methods.ties_core import TiesCore, TiesParams, check_ties_pool
 from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
 
 DARE_PAPER = Paper(
@@ -39,6 +47,7 @@ class DareOptions(pydantic.BaseModel):
         "inverse",
         description="inverse: divide survivors by 1-p (paper); l1: keep each tensor's L1 norm (mergekit); none",
     )
+    sparsity_ratios: list[float] | None = per_model_field("sparsity ratio")
     seed: int = pydantic.Field(0, ge=0, description="seed of the drop masks")
     only_on_linear_weights: bool = pydantic.Field(
         False, description="drop only in the weights of linear layers (others keep their full task vector)"
@@ -54,9 +63,18 @@ class DareOptions(pydantic.BaseModel):
             return "none"
         return value
 
+    @pydantic.field_validator("sparsity_ratios")
+    @classmethod
+    def _ratios_in_range(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and not all(0.0 <= r < 1.0 for r in value):
+            raise ValueError(f"each sparsity ratio must be in [0, 1) (got {value})")
+        return value
+
 
 class DareTaskArithmeticParams(DareOptions):
     scaling_factor: float = scaling_factor_field(0.3)
+    weights: list[float] | None = model_weights_field()
+    normalize: bool = pydantic.Field(False, description="divide the weighted sum by the sum of the weights")
 
 
 class DareTiesParams(TiesParams, DareOptions):
@@ -68,10 +86,11 @@ def dropped_task_vectors(inputs: TensorInputs, options: DareOptions) -> list[tor
     assert inputs.base is not None
     if options.only_on_linear_weights and not (inputs.module_type in LINEAR_MODULES and inputs.name.endswith("weight")):
         return [expert - inputs.base for expert in inputs.experts]
+    ratios = per_model(options.sparsity_ratios, options.sparsity_ratio, len(inputs.experts))
     return [
         random_drop(
             expert - inputs.base,
-            options.sparsity_ratio,
+            ratios[index],
             seed=options.seed,
             stream=f"{index}\x1f{inputs.name}",
             flat_offset=inputs.flat_offset,
@@ -84,32 +103,45 @@ def dropped_task_vectors(inputs: TensorInputs, options: DareOptions) -> list[tor
 class DareTaskArithmetic(TensorMerge[DareTaskArithmeticParams]):
     """theta = theta_0 + lambda sum_t DARE(theta_t - theta_0)."""
 
+    fixed_parameters = frozenset({"rescale", "only_on_linear_weights"})
+    """They decide whether the engine may slice tensors and must look up module types."""
+
     def __init__(self, params: Any, *, num_models: int, has_base: bool) -> None:
         super().__init__(params, num_models=num_models, has_base=has_base)
         self.elementwise = params.rescale != "l1"
         self.needs_module_types = params.only_on_linear_weights
 
-    def scale(self) -> float:
-        return self.params.scaling_factor
+    def scale(self, params: Any) -> float:
+        return params.scaling_factor
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         assert inputs.base is not None
-        deltas = dropped_task_vectors(inputs, self.params)
-        total = deltas[0]
-        for d in deltas[1:]:
-            total = total.add_(d)
-        return torch.add(inputs.base, total, alpha=self.scale())
+        params = self.params_for(inputs)
+        deltas = dropped_task_vectors(inputs, params)
+        weights = per_model(getattr(params, "weights", None), 1.0, len(deltas))
+        total = deltas[0].mul_(weights[0]) if weights[0] != 1.0 else deltas[0]
+        for d, w in zip(deltas[1:], weights[1:]):
+            total = total.add_(d, alpha=w)
+        scale = self.scale(params)
+        if getattr(params, "normalize", False):
+            total_weight = sum(weights)
+            scale /= total_weight if abs(total_weight) >= 1e-8 else 1.0
+        return torch.add(inputs.base, total, alpha=scale)
 
 
 class DareSimpleAverage(DareTaskArithmetic):
     """theta = theta_0 + (1/n) sum_t DARE(theta_t - theta_0), FusionBench's DARE on simple averaging."""
 
-    def scale(self) -> float:
+    def scale(self, params: Any) -> float:
         return 1.0 / self.num_models
 
 
 class DareTiesMerging(TiesCore):
     """TIES on DARE-dropped task vectors (FusionBench's dare/ties_merging; mergekit's dare_ties)."""
+
+    @classmethod
+    def fixed_for(cls, params: Any) -> frozenset[str]:
+        return super().fixed_for(params) | {"rescale", "only_on_linear_weights"}
 
     def __init__(self, params: Any, *, num_models: int, has_base: bool) -> None:
         super().__init__(params, num_models=num_models, has_base=has_base)
@@ -118,7 +150,11 @@ class DareTiesMerging(TiesCore):
 
     def task_vectors(self, inputs: TensorInputs) -> torch.Tensor:
         """The DARE-dropped task vectors, stacked: TIES then trims and merges what survived the drop."""
-        return torch.stack(dropped_task_vectors(inputs, self.params))
+        return torch.stack(dropped_task_vectors(inputs, self.params_for(inputs)))
+
+
+def _check_dare(params: Any, num_models: int, has_base: bool) -> None:
+    check_per_model("DARE", params, ("sparsity_ratios", "weights"), num_models)
 
 
 register(
@@ -131,6 +167,7 @@ register(
         implementation=DareSimpleAverage,
         params_model=DareOptions,
         aliases=("dare_average", "dare_mean"),
+        check_pool=_check_dare,
         paper=DARE_PAPER,
     )
 )
@@ -144,6 +181,7 @@ register(
         implementation=DareTaskArithmetic,
         params_model=DareTaskArithmeticParams,
         aliases=("dare_linear", "dare_ta", "dare"),
+        check_pool=_check_dare,
         paper=DARE_PAPER,
     )
 )
@@ -157,6 +195,7 @@ register(
         implementation=DareTiesMerging,
         params_model=DareTiesParams,
         aliases=("dare_ties",),
+        check_pool=check_ties_pool,
         paper=DARE_PAPER,
     )
 )

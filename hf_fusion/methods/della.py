@@ -67,7 +67,7 @@ class Della(TensorMerge[DellaParams]):
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         assert inputs.base is not None
-        p = self.params
+        p = self.params_for(inputs)
         pruned = []
         for index, expert in enumerate(inputs.experts):
             delta = expert - inputs.base

@@ -31,7 +31,7 @@ class Expo(TensorMerge[ExpoParams]):
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         assert inputs.base is not None
         finetuned = inputs.experts[0] if len(inputs.experts) == 1 else simple_average(inputs.experts)
-        return expo(inputs.base, finetuned, self.params.extrapolation_factor)
+        return expo(inputs.base, finetuned, self.params_for(inputs).extrapolation_factor)
 
 
 SPEC = register(

@@ -63,16 +63,13 @@ def karcher_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float], max_
 class KarcherMean(TensorMerge[KarcherParams]):
     elementwise = False
 
-    def __init__(self, params: KarcherParams, *, num_models: int, has_base: bool) -> None:
-        super().__init__(params, num_models=num_models, has_base=has_base)
-        self.weights = list(params.weights) if params.weights is not None else [1.0] * num_models
-
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
-        p = self.params
+        p = self.params_for(inputs)
+        weights = list(p.weights) if p.weights is not None else [1.0] * self.num_models
         if inputs.base is None:
-            return karcher_mean(inputs.experts, self.weights, p.max_iter, p.tol)
+            return karcher_mean(inputs.experts, weights, p.max_iter, p.tol)
         deltas = [e - inputs.base for e in inputs.experts]
-        return inputs.base + karcher_mean(deltas, self.weights, p.max_iter, p.tol)
+        return inputs.base + karcher_mean(deltas, weights, p.max_iter, p.tol)
 
 
 def _check_weights(params: Any, num_models: int, has_base: bool) -> None:

@@ -19,7 +19,7 @@ class LinearInterpolationParams(pydantic.BaseModel):
 class LinearInterpolation(TensorMerge[LinearInterpolationParams]):
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         start, end = two_model_endpoints(inputs)
-        return linear_interpolation(start, end, self.params.t)
+        return linear_interpolation(start, end, self.params_for(inputs).t)
 
 
 SPEC = register(

@@ -28,7 +28,7 @@ class MagMax(TensorMerge[MagMaxParams]):
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         assert inputs.base is not None
         chosen = max_magnitude([expert - inputs.base for expert in inputs.experts])
-        return torch.add(inputs.base, chosen, alpha=self.params.scaling_factor)
+        return torch.add(inputs.base, chosen, alpha=self.params_for(inputs).scaling_factor)
 
 
 register(

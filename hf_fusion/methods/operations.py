@@ -121,6 +121,11 @@ def magnitude_trim_(delta: torch.Tensor, threshold: torch.Tensor | float) -> tor
     return delta.mul_(delta.abs() >= threshold)
 
 
+def _weight_sum(weights: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    total = (weights * where).sum(dim=0)
+    return torch.where(total == 0, torch.ones_like(total), total)
+
+
 # Sign election and disjoint merge (TIES, DARE-TIES, DELLA) ------------------------------------------------------------
 
 MergeFunc = Literal["sum", "mean", "max"]
@@ -152,6 +157,7 @@ def disjoint_merge(
     sign: torch.Tensor,
     merge_func: MergeFunc,
     sums: tuple[torch.Tensor, torch.Tensor] | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Combine, per position, the values whose sign agrees with the elected one.  Shapes: (n, ...), (...) -> (...).
 
@@ -159,13 +165,18 @@ def disjoint_merge(
     default), ``max`` keeps the largest magnitude with the elected sign. As in the paper's code, a zero elected sign
     selects the negative values. Summing the positive and negative parts separately in model order gives the same
     bits as masking then summing, with fewer passes over memory; pass ``sums`` if :func:`signed_sums` was computed.
+    With ``weights`` (``(n, 1, ..., 1)``, already applied to ``trimmed``), ``mean`` divides by the sum of the agreeing
+    models' weights instead of their count (mergekit's normalisation; where that sum is 0 it divides by 1).
     """
     if merge_func == "max":
         top = trimmed.amax(dim=0).clamp_(min=0)
         bottom = trimmed.amin(dim=0).clamp_(max=0)
         return torch.where(sign > 0, top, torch.where(sign < 0, bottom, torch.zeros_like(bottom)))
     positive, negative = sums if sums is not None else signed_sums(trimmed)
-    if merge_func == "mean":
+    if merge_func == "mean" and weights is not None:
+        positive = positive / _weight_sum(weights, trimmed > 0)
+        negative = negative / _weight_sum(weights, trimmed < 0)
+    elif merge_func == "mean":
         positive = positive / (trimmed > 0).sum(dim=0).clamp_(min=1)
         negative = negative / (trimmed < 0).sum(dim=0).clamp_(min=1)
     elif merge_func != "sum":

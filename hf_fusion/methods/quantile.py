@@ -33,18 +33,25 @@ def _coarse_bins(mags: torch.Tensor) -> torch.Tensor:
     return mags.to(torch.bfloat16).view(torch.int16)
 
 
-def keep_count_rank(total: int, keep_fraction: float) -> int:
-    """The 1-based rank (ascending) of the threshold element, as ``kthvalue`` in the TIES code; 0 keeps all."""
+def keep_count_rank(total: int, keep_fraction: float, exact: bool = False) -> int:
+    """The 1-based rank (ascending) of the threshold element; 0 keeps all.
+
+    By default as ``kthvalue`` in the TIES code, which keeps one value more than the fraction; ``exact`` keeps
+    ``floor(fraction * total)`` values (at least one), as mergekit's top-k does.
+    """
+    if exact:
+        return total - max(1, int(total * keep_fraction)) + 1 if keep_fraction < 1.0 else 0
     return total - int(total * keep_fraction)
 
 
 class MagnitudeQuantile:
     """The exact threshold magnitude of each group (a task vector, or one tensor of it) for a keep fraction."""
 
-    def __init__(self, keep_fraction: float) -> None:
+    def __init__(self, keep_fraction: float, *, exact: bool = False) -> None:
         if not 0.0 < keep_fraction <= 1.0:
             raise ValueError(f"keep fraction must be in (0, 1], got {keep_fraction}")
         self.keep_fraction = keep_fraction
+        self.exact = exact
         self._groups: dict[Hashable, _Group] = {}
 
     # pass 1 -------------------------------------------------------------------------------------------------
@@ -55,10 +62,12 @@ class MagnitudeQuantile:
         group.coarse = hist if group.coarse is None else group.coarse.add_(hist)
         group.count += mags.numel()
 
-    def end_count(self, key: Hashable) -> None:
-        """Locates the bin holding the threshold for ``key`` and frees its coarse histogram."""
+    def end_count(self, key: Hashable, keep_fraction: float | None = None) -> None:
+        """Locates the bin holding the threshold for ``key`` and frees its coarse histogram; ``keep_fraction``
+        overrides the quantile's own for this group (a fraction that varies by tensor)."""
         group = self._groups[key]
-        k = keep_count_rank(group.count, self.keep_fraction)
+        fraction = self.keep_fraction if keep_fraction is None else keep_fraction
+        k = keep_count_rank(group.count, fraction, self.exact)
         if k <= 0 or group.coarse is None:
             group.bin, group.threshold = -1, 0.0
         else:

@@ -18,6 +18,8 @@ class SimpleAverageParams(pydantic.BaseModel):
 
 
 class SimpleAverage(TensorMerge[SimpleAverageParams]):
+    fixed_parameters = frozenset({"weight_scope_alignment"})
+
     def __init__(self, params: SimpleAverageParams, *, num_models: int, has_base: bool) -> None:
         super().__init__(params, num_models=num_models, has_base=has_base)
         self.aligner = ScopeAligner([1.0] * num_models) if params.weight_scope_alignment else None

@@ -49,7 +49,7 @@ class Slerp(TensorMerge[SlerpParams]):
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         start, end = two_model_endpoints(inputs)
-        p = self.params
+        p = self.params_for(inputs)
         return slerp(start, end, p.t, p.dot_threshold, p.epsilon)
 
 

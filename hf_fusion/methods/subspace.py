@@ -7,6 +7,8 @@ float64 (the engine's compute dtype) on the recipe's device, whatever the checkp
 
 from __future__ import annotations
 
+from typing import Any
+
 import pydantic
 import torch
 
@@ -125,35 +127,36 @@ class _MatrixMerge(TensorMerge):
 
     elementwise = False
 
-    def scale(self) -> float:
-        return self.params.scaling_factor
+    def scale(self, params: Any) -> float:
+        return params.scaling_factor
 
-    def merge_matrix(self, task_vectors: torch.Tensor) -> torch.Tensor:
+    def merge_matrix(self, task_vectors: torch.Tensor, params: Any) -> torch.Tensor:
         raise NotImplementedError
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         assert inputs.base is not None
+        params = self.params_for(inputs)
         tvs = stacked_task_vectors(inputs)
-        merged = self.merge_matrix(tvs) if is_matrix(inputs) else tvs.mean(dim=0)
-        return torch.add(inputs.base, merged, alpha=self.scale())
+        merged = self.merge_matrix(tvs, params) if is_matrix(inputs) else tvs.mean(dim=0)
+        return torch.add(inputs.base, merged, alpha=self.scale(params))
 
 
 class TsvMerging(_MatrixMerge):
-    def scale(self) -> float:
-        return self.params.alpha
+    def scale(self, params: Any) -> float:
+        return params.alpha
 
-    def merge_matrix(self, task_vectors: torch.Tensor) -> torch.Tensor:
+    def merge_matrix(self, task_vectors: torch.Tensor, params: Any) -> torch.Tensor:
         return tsv_merge(task_vectors)
 
 
 class IsoC(_MatrixMerge):
-    def merge_matrix(self, task_vectors: torch.Tensor) -> torch.Tensor:
+    def merge_matrix(self, task_vectors: torch.Tensor, params: Any) -> torch.Tensor:
         return iso_c(task_vectors)
 
 
 class IsoCts(_MatrixMerge):
-    def merge_matrix(self, task_vectors: torch.Tensor) -> torch.Tensor:
-        return iso_cts(task_vectors, self.params.common_space_fraction)
+    def merge_matrix(self, task_vectors: torch.Tensor, params: Any) -> torch.Tensor:
+        return iso_cts(task_vectors, params.common_space_fraction)
 
 
 ISO_PAPER = Paper(

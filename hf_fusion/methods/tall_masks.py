@@ -60,7 +60,7 @@ class TallMaskModels(TensorMerge[TallMasksParams]):
         assert inputs.base is not None
         tvs = stacked_task_vectors(inputs)
         multi_task = tvs.sum(dim=0)
-        masks = tall_masks(tvs, multi_task, self.params.tall_mask_lambda)
+        masks = tall_masks(tvs, multi_task, self.params_for(inputs).tall_mask_lambda)
         return inputs.base + masks * multi_task
 
 
@@ -69,8 +69,9 @@ class ConsensusMerging(TensorMerge[ConsensusParams]):
         assert inputs.base is not None
         tvs = stacked_task_vectors(inputs)
         multi_task = tvs.sum(dim=0)
-        votes = tall_masks(tvs, multi_task, self.params.tall_mask_lambda).sum(dim=0)
-        return torch.add(inputs.base, multi_task * (votes >= self.params.k), alpha=self.params.scaling_factor)
+        p = self.params_for(inputs)
+        votes = tall_masks(tvs, multi_task, p.tall_mask_lambda).sum(dim=0)
+        return torch.add(inputs.base, multi_task * (votes >= p.k), alpha=p.scaling_factor)
 
 
 def _check_k(params: Any, num_models: int, has_base: bool) -> None:

@@ -8,13 +8,15 @@ import pydantic
 import torch
 
 from hf_fusion.engine.contract import TensorInputs, TensorMerge
-from hf_fusion.methods.common import FROZEN, scaling_factor_field
+from hf_fusion.methods.common import FROZEN, check_per_model, model_weights_field, per_model, scaling_factor_field
 from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
 
 
 class TaskArithmeticParams(pydantic.BaseModel):
     model_config = FROZEN
     scaling_factor: float = scaling_factor_field(0.3)
+    weights: list[float] | None = model_weights_field()
+    normalize: bool = pydantic.Field(False, description="divide the weighted sum by the sum of the weights")
 
 
 def task_vector_sum(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -32,10 +34,35 @@ def task_arithmetic(base: torch.Tensor, experts: Sequence[torch.Tensor], scaling
     return torch.add(base, task_vector_sum(base, experts), alpha=scaling_factor)
 
 
+def weighted_task_vector_sum(
+    base: torch.Tensor, experts: Sequence[torch.Tensor], weights: Sequence[float]
+) -> torch.Tensor:
+    """sum_t w_t (theta_t - theta_0), each difference taken first so that untouched entries stay exactly zero."""
+    total = torch.sub(experts[0], base).mul_(weights[0])
+    for expert, weight in zip(experts[1:], weights[1:]):
+        total.add_(torch.sub(expert, base), alpha=weight)
+    return total
+
+
 class TaskArithmetic(TensorMerge[TaskArithmeticParams]):
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         assert inputs.base is not None
-        return task_arithmetic(inputs.base, inputs.experts, self.params.scaling_factor)
+        p = self.params_for(inputs)
+        if p.weights is None and not p.normalize:
+            return task_arithmetic(inputs.base, inputs.experts, p.scaling_factor)
+        weights = per_model(p.weights, 1.0, len(inputs.experts))
+        scale = p.scaling_factor / _normaliser(weights) if p.normalize else p.scaling_factor
+        return torch.add(inputs.base, weighted_task_vector_sum(inputs.base, inputs.experts, weights), alpha=scale)
+
+
+def _normaliser(weights: Sequence[float]) -> float:
+    """The sum of the weights, or 1 when it is (nearly) zero, as mergekit does."""
+    total = sum(weights)
+    return total if abs(total) >= 1e-8 else 1.0
+
+
+def _check(params: TaskArithmeticParams, num_models: int, has_base: bool) -> None:
+    check_per_model("task_arithmetic", params, ("weights",), num_models)
 
 
 SPEC = register(
@@ -48,6 +75,7 @@ SPEC = register(
         implementation=TaskArithmetic,
         params_model=TaskArithmeticParams,
         aliases=("ta", "task_vectors", "task_vector_arithmetic"),
+        check_pool=_check,
         paper=Paper("Editing models with task arithmetic (Ilharco et al., 2023)", "https://arxiv.org/abs/2212.04089"),
     )
 )

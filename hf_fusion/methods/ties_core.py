@@ -16,13 +16,20 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Hashable
-from typing import Literal
+from typing import Any, Literal
 
 import pydantic
 import torch
 
 from hf_fusion.engine.contract import Scan, TensorInputs, TensorMerge
-from hf_fusion.methods.common import FROZEN, scaling_factor_field
+from hf_fusion.methods.common import (
+    FROZEN,
+    check_per_model,
+    model_weights_field,
+    per_model,
+    per_model_field,
+    scaling_factor_field,
+)
 from hf_fusion.methods.operations import (
     MergeFunc,
     disjoint_merge,
@@ -44,11 +51,22 @@ class TiesParams(pydantic.BaseModel):
         description="percent of each task vector kept, by magnitude (20 keeps the top 20%)",
         json_schema_extra={"ui_range": (1.0, 100.0)},
     )
+    thresholds: list[float] | None = per_model_field("threshold (percent kept)")
+    keep_count: Literal["paper", "exact"] = pydantic.Field(
+        "paper",
+        description="paper: keep one value more than the percentage, as the TIES code's kthvalue does; exact: keep "
+        "floor(percentage x count) values, at least one (mergekit)",
+    )
+    weights: list[float] | None = model_weights_field()
     merge_func: MergeFunc = pydantic.Field("sum", description="how the sign-agreeing values are combined")
     threshold_scope: Literal["model", "tensor"] = pydantic.Field(
         "model",
         description="rank magnitudes over the whole model (paper, FusionBench) or within each tensor (mergekit)",
     )
+
+
+def check_ties_pool(params: Any, num_models: int, has_base: bool) -> None:
+    check_per_model("TIES", params, ("thresholds", "weights", "sparsity_ratios"), num_models)
 
 
 _PROVISIONAL_SIGN = 1.0
@@ -66,7 +84,7 @@ class TiesCore(TensorMerge[TiesParams]):
 
     def __init__(self, params: TiesParams, *, num_models: int, has_base: bool) -> None:
         super().__init__(params, num_models=num_models, has_base=has_base)
-        self._quantile = MagnitudeQuantile(params.threshold / 100.0)
+        self._quantile = MagnitudeQuantile(params.threshold / 100.0, exact=params.keep_count == "exact")
         self._zero_sign: dict[Hashable, float] = {}
         self._votes: dict[Hashable, int] = {}
         self._voted: set[tuple[str, int]] = set()
@@ -76,6 +94,16 @@ class TiesCore(TensorMerge[TiesParams]):
     @abstractmethod
     def task_vectors(self, inputs: TensorInputs) -> torch.Tensor:
         """Stacked task vectors ``(n, ...)`` of one tensor (slice), a new tensor: trimming writes into it."""
+
+    fixed_parameters = frozenset({"threshold_scope", "keep_count"})
+
+    @classmethod
+    def fixed_for(cls, params: TiesParams) -> frozenset[str]:
+        """A model-wide threshold ranks every tensor together: its keep fraction is one number then."""
+        return cls.fixed_parameters | ({"threshold", "thresholds"} if params.threshold_scope == "model" else set())
+
+    def _keep_fractions(self, params: TiesParams) -> list[float]:
+        return [t / 100.0 for t in per_model(params.thresholds, params.threshold, self.num_models)]
 
     def _key(self, name: str, model: int) -> Hashable:
         return model if self.params.threshold_scope == "model" else (name, model)
@@ -92,7 +120,7 @@ class TiesCore(TensorMerge[TiesParams]):
             for i in range(len(mags)):
                 q.count(self._key(inputs.name, i), mags[i])
                 if per_tensor and inputs.is_last_slice:
-                    q.end_count(self._key(inputs.name, i))
+                    q.end_count(self._key(inputs.name, i), self._keep_fractions(self.params_for(inputs))[i])
 
         def refine(inputs: TensorInputs) -> None:
             mags = self.task_vectors(inputs).abs_()
@@ -103,8 +131,8 @@ class TiesCore(TensorMerge[TiesParams]):
 
         scan(count)
         if not per_tensor:
-            for i in range(self.num_models):
-                q.end_count(i)
+            for i, fraction in enumerate(self._keep_fractions(self.params)):
+                q.end_count(i, fraction)
         scan(refine)
         if not per_tensor:
             for i in range(self.num_models):
@@ -123,7 +151,13 @@ class TiesCore(TensorMerge[TiesParams]):
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         assert inputs.base is not None
+        params = self.params_for(inputs)
         trimmed = magnitude_trim_(self.task_vectors(inputs), self._threshold_tensor(inputs))
+        weights = None
+        if params.weights is not None:
+            shape = (len(params.weights),) + (1,) * (trimmed.dim() - 1)
+            weights = torch.tensor(params.weights, dtype=trimmed.dtype, device=trimmed.device).view(shape)
+            trimmed.mul_(weights)
         elected = elected_sign(trimmed)
         sums = signed_sums(trimmed)
         sign_key = self._sign_key(inputs.name)
@@ -134,8 +168,8 @@ class TiesCore(TensorMerge[TiesParams]):
             if bool(((elected == 0) & ((sums[0] > 0) | (sums[1] < 0))).any()):  # exact cancellation of values
                 self._needs_fallback.setdefault(sign_key, set()).add(slice_id)
         sign = fill_zero_sign(elected, self._zero_sign.get(sign_key, _PROVISIONAL_SIGN))
-        merged = disjoint_merge(trimmed, sign, self.params.merge_func, sums)
-        return torch.add(inputs.base, merged, alpha=self.params.scaling_factor)
+        merged = disjoint_merge(trimmed, sign, params.merge_func, sums, weights)
+        return torch.add(inputs.base, merged, alpha=params.scaling_factor)
 
     def revisit(self) -> set[tuple[str, int]]:
         """Settles the fallback sign from the exact votes; returns the slices merged with the wrong provisional one."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from hf_fusion.engine.contract import TensorInputs
-from hf_fusion.methods.ties_core import TiesCore, TiesParams
+from hf_fusion.methods.ties_core import TiesCore, TiesParams, check_ties_pool
 from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
 
 
@@ -35,6 +35,7 @@ SPEC = register(
         implementation=TiesMerging,
         params_model=TiesParams,
         aliases=("ties", "ties_merge"),
+        check_pool=check_ties_pool,
         paper=Paper(
             "TIES-Merging: resolving interference when merging models (Yadav et al., 2023)",
             "https://arxiv.org/abs/2306.01708",

@@ -40,18 +40,27 @@ def weighted_average(tensors: Sequence[torch.Tensor], weights: Sequence[float], 
 
 
 class WeightedAverage(TensorMerge[WeightedAverageParams]):
+    fixed_parameters = frozenset({"weight_scope_alignment"})
+
     def __init__(self, params: WeightedAverageParams, *, num_models: int, has_base: bool) -> None:
         super().__init__(params, num_models=num_models, has_base=has_base)
-        self.weights = list(params.weights) if params.weights is not None else [1.0] * num_models
-        self.aligner = ScopeAligner(self.weights) if params.weight_scope_alignment else None
+        weights = list(params.weights) if params.weights is not None else [1.0] * num_models
+        self.aligner = ScopeAligner(weights) if params.weight_scope_alignment else None
+
+    @classmethod
+    def fixed_for(cls, params: WeightedAverageParams) -> frozenset[str]:
+        """Scope alignment averages the models' scopes with the weights once for the model: they are fixed then."""
+        return cls.fixed_parameters | ({"weights"} if params.weight_scope_alignment else set())
 
     def prepare(self, scan: Scan) -> None:
         if self.aligner is not None:
             self.aligner.prepare(scan)
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
+        p = self.params_for(inputs)
+        weights = list(p.weights) if p.weights is not None else [1.0] * self.num_models
         tensors = self.aligner.align(inputs) if self.aligner is not None else inputs.experts
-        return weighted_average(tensors, self.weights, self.params.normalize)
+        return weighted_average(tensors, weights, p.normalize)
 
 
 def _check_weights(params: Any, num_models: int, has_base: bool) -> None:

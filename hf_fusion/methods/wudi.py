@@ -58,10 +58,11 @@ class WudiMerging(TensorMerge[WudiParams]):
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         assert inputs.base is not None
+        p = self.params_for(inputs)
         tvs = stacked_task_vectors(inputs)
         if not is_matrix(inputs):
             return inputs.base + tvs.mean(dim=0)
-        return inputs.base + wudi_merge(tvs, self.params.iter_num, self.params.lr)
+        return inputs.base + wudi_merge(tvs, p.iter_num, p.lr)
 
 
 register(
