@@ -10,6 +10,7 @@ from typing import Any
 from hf_fusion.architecture import parameter_module_types
 from hf_fusion.engine.checkpoint import Checkpoint
 from hf_fusion.engine.plan import FusionPlan, build_plan
+from hf_fusion.engine.slices import LayerRun, slice_checkpoints
 from hf_fusion.engine.stream import StreamingEngine
 from hf_fusion.engine.writer import ShardedSafetensorsWriter
 from hf_fusion.errors import InsufficientResourcesError
@@ -17,6 +18,7 @@ from hf_fusion.fusion.inputs import Inputs, fetch_inputs, pin, reference_is_base
 from hf_fusion.fusion.options import FusionOptions
 from hf_fusion.fusion.output_folder import output_names, seal, write_side_files
 from hf_fusion.fusion.result import MergeResult
+from hf_fusion.fusion.slicing import layer_runs, write_layer_config
 from hf_fusion.fusion.validate import ValidatedRecipe
 from hf_fusion.output import AtomicFolder, check_free_space
 from hf_fusion.recipe import OUTPUT_DTYPES, Recipe
@@ -51,6 +53,8 @@ def fuse_tensor_wise(
             others = [sources[i] for i in ([plan.base] if plan.base is not None else []) + plan.experts]
             for folder in folders:
                 write_side_files(sources[plan.reference], others, folder, recipe.dtype)  # type: ignore[arg-type]
+                if recipe.slices:
+                    write_layer_config(folder, _runs(recipe, inputs), [s.config for s in inputs.sources])
             files = seal(atomic, temp, recipe, target=target, repo_id=repo_id)
     finally:
         for checkpoint in checkpoints:
@@ -79,16 +83,29 @@ def open_plan(
     base_is_reference = inputs.base_is_input and reference_is_base(
         inputs.base, inputs.first_expert, checked.recipe.heads
     )
+    reference = 0 if base_is_reference else inputs.experts[0]
+    views, copy_from = checkpoints, None
+    if checked.recipe.slices:
+        runs = _runs(checked.recipe, inputs)
+        sliced = slice_checkpoints(checkpoints, runs, inputs.read)
+        views, copy_from = sliced.views, sliced.copy_from
+        if all(run.copies for run in runs):  # config, tokenizer and order follow the input of the embeddings
+            reference = runs[0].starts[0][0]
     return build_plan(
-        checkpoints,
+        views,
         base=0 if inputs.base_is_input else None,
         experts=inputs.experts,
         uses_base=inputs.base_is_input,
-        reference=0 if base_is_reference else inputs.experts[0],
+        reference=reference,
         exclude=checked.recipe.exclude,
         heads=checked.recipe.heads,
         out_dtype=OUTPUT_DTYPES[checked.recipe.dtype],
+        copy_from=copy_from,
     )
+
+
+def _runs(recipe: Recipe, inputs: Inputs) -> list[LayerRun]:
+    return layer_runs(recipe.slices or [], [s.ref for s in inputs.sources], inputs.read)
 
 
 def _engine(
