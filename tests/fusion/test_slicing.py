@@ -284,3 +284,13 @@ def test_a_range_beyond_a_hub_model_is_refused_from_its_headers(llamas, hub, tmp
         p for m, p, _, rng in hub.state.requests[since:] if m == "GET" and p.endswith(".safetensors") and rng is None
     ]
     assert weights == [] and not (tmp_path / "out").exists()
+
+
+def test_layers_beyond_a_models_own_have_the_module_types_of_its_first_layer(llamas) -> None:
+    """A fusing slice placed after copied layers fuses output layers the model does not have (DARE's
+    ``only_on_linear_weights`` asks which of them are linear)."""
+    from hf_fusion.architecture import parameter_module_types
+
+    a, _, _ = llamas
+    names = ["model.layers.9.self_attn.q_proj.weight", "model.layers.9.input_layernorm.weight"]
+    assert parameter_module_types(a, names) == {names[0]: "Linear", names[1]: "LlamaRMSNorm"}
