@@ -294,3 +294,22 @@ def test_layers_beyond_a_models_own_have_the_module_types_of_its_first_layer(lla
     a, _, _ = llamas
     names = ["model.layers.9.self_attn.q_proj.weight", "model.layers.9.input_layernorm.weight"]
     assert parameter_module_types(a, names) == {names[0]: "Linear", names[1]: "LlamaRMSNorm"}
+
+
+def test_slices_stream_row_slices_through_the_views(llamas, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The views read what the engine asks for: under a budget of 64 elements, never more at once."""
+    from hf_fusion.engine.slices import SlicedCheckpoint
+
+    a, b, _ = llamas
+    elements: list[int] = []
+    read = SlicedCheckpoint.read_rows
+
+    def spy(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
+        elements.append((stop - start) * self.entries[name].row_numel)
+        read(self, name, start, stop, out)
+
+    monkeypatch.setattr(SlicedCheckpoint, "read_rows", spy)
+    recipe = {"method": "passthrough", "slices": [_one(a, 0, 4), _one(b, 2, 6)]}
+    _merge(recipe, tmp_path / "out", budget_elements=64)
+    assert elements and max(elements) <= 64  # the largest tensor has 128 x 32
+    assert _weights(tmp_path / "out")["model.embed_tokens.weight"].shape == (128, 32)
