@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from hf_fusion.engine.layers import rename_layer
 from hf_fusion.engine.plan import align_names
 from hf_fusion.errors import RecipeError
 
@@ -21,7 +22,9 @@ log = logging.getLogger(__name__)
 def parameter_module_types(folder: Path, names: Sequence[str]) -> dict[str, str]:
     """Maps checkpoint tensor names to the class name of the module owning them (``Linear``, ``LayerNorm``, ...).
 
-    Raises :class:`RecipeError` when the folder has no transformers architecture to instantiate.
+    A name in a layer the model lacks (an output stacked from slices has more layers than its inputs) takes the
+    module type of the same tensor in layer 0. Raises :class:`RecipeError` when the folder has no transformers
+    architecture to instantiate.
     """
     import torch
     import transformers
@@ -45,6 +48,9 @@ def parameter_module_types(folder: Path, names: Sequence[str]) -> dict[str, str]
         for param_name, _ in module.named_parameters(recurse=False):
             owners[f"{module_name}.{param_name}" if module_name else param_name] = type(module).__name__
     matched = align_names(names, owners)
+    beyond = {n: rename_layer(n, 0) for n in names if n not in matched}
+    in_first_layer = align_names(list(beyond.values()), owners)
+    matched.update({n: in_first_layer[first] for n, first in beyond.items() if first in in_first_layer})
     if len(matched) < len(names):
         log.warning(
             "%d tensor(s) of %s match no parameter of %s; they count as non-linear",

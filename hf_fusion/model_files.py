@@ -231,3 +231,44 @@ def set_config_dtype(dest: Path, torch_name: str) -> None:
     for key in keys:
         config[key] = torch_name
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+"""config.json keys that hold the number of layers, under the names architectures give it."""
+
+
+def config_layers(config: dict[str, Any] | None) -> int | None:
+    """The number of layers a config declares, or None when it names none."""
+    for key in LAYER_COUNT_KEYS:
+        value = (config or {}).get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def set_config_layers(dest: Path, origins: Sequence[tuple[dict[str, Any] | None, int]]) -> None:
+    """Rewrites ``dest/config.json`` for a stack of ``len(origins)`` layers, the ``k``-th being layer ``j`` of the
+    model whose config is ``origins[k] = (config, j)``.
+
+    The layer count is set under every key the config has (:data:`LAYER_COUNT_KEYS`). A list with one entry per
+    layer (``layer_types`` of Qwen2, Gemma, Mistral...: any top-level list as long as the config's layer count) is
+    rebuilt from each origin's entry, so a layer keeps its own attention type; when an origin lacks that list the
+    key is dropped and transformers derives it again from its defaults.
+    """
+    path = dest / "config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    before = config_layers(config)
+    for key in LAYER_COUNT_KEYS:
+        if key in config:
+            config[key] = len(origins)
+    per_layer = [k for k, v in config.items() if isinstance(v, list) and before is not None and len(v) == before]
+    for key in per_layer:
+        values = [(cfg or {}).get(key) for cfg, _ in origins]
+        if all(isinstance(v, list) and j < len(v) for v, (_, j) in zip(values, origins)):
+            config[key] = [v[j] for v, (_, j) in zip(values, origins)]  # type: ignore[index]
+        else:
+            log.warning("%s: an input's config lacks its per-layer %r; dropped from the output config", path, key)
+            config.pop(key)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

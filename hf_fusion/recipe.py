@@ -94,12 +94,13 @@ def _model_ref(value: Any) -> Any:
 
 
 class SliceSource(pydantic.BaseModel):
-    """Layers ``[start, stop)`` of one input (a model of the recipe, or its base) feeding an output slice."""
+    """Layers ``[start, stop)`` of one input (a model of the recipe, or its base) feeding an output slice
+    (``layer_range``, mergekit's name, is read too)."""
 
     model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
 
     model: ModelRef
-    layers: tuple[int, int]
+    layers: tuple[int, int] = pydantic.Field(validation_alias=pydantic.AliasChoices("layers", "layer_range"))
 
     @pydantic.field_validator("model", mode="before")
     @classmethod
@@ -175,6 +176,22 @@ class Recipe(pydantic.BaseModel):
     """Fuse tensors holding NaN or infinities instead of refusing them (they are carried through to the output)."""
     clamp_overflow: bool = False
     """Clamp fused values beyond the output dtype's range to its finite limits instead of refusing them."""
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _models_from_slices(cls, data: Any) -> Any:
+        """Without ``models``, the models are the slices' sources other than the base, in order of appearance
+        (a mergekit recipe names them only in its slices)."""
+        if not isinstance(data, dict) or data.get("models") or not data.get("slices"):
+            return data
+        base = _model_ref(data.get("base"))
+        found: list[Any] = []
+        for out in data["slices"]:
+            for source in out.get("sources", []) if isinstance(out, dict) else []:
+                ref = _model_ref(source.get("model")) if isinstance(source, dict) else None
+                if isinstance(ref, ModelRef) and ref != base and ref not in found:
+                    found.append(ref)
+        return {**data, "models": found} if found else data
 
     @pydantic.field_validator("models", mode="before")
     @classmethod

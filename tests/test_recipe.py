@@ -70,3 +70,20 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     with pytest.raises(RecipeError, match="mapping"):
         Recipe.from_yaml(tmp_path / "list.yaml")
+
+
+def test_slices_read_mergekit_spellings_and_name_their_models(tmp_path: Path) -> None:
+    """``layer_range`` is read as ``layers``; without ``models``, the slices' models (not the base) are the models."""
+    recipe = Recipe.build(
+        method="slerp",
+        base="org/base",
+        slices=[
+            {"sources": [{"model": "org/a", "layer_range": [0, 4]}, {"model": "org/base", "layer_range": [0, 4]}]},
+            {"sources": [{"model": "org/b@v1", "layers": [4, 8]}]},
+        ],
+    )
+    assert [str(m) for m in recipe.models] == ["org/a", "org/b@v1"]
+    assert recipe.slices[1].sources[0].layers == (4, 8) and recipe.slices[1].num_layers == 4
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe.to_yaml())
+    assert Recipe.from_yaml(path) == recipe

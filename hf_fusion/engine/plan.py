@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -117,17 +117,20 @@ def _identical(ckpt: Checkpoint, a: str, b: str) -> bool:
     return True
 
 
-def find_aliases(checkpoints: Sequence[Checkpoint], models: Sequence[int]) -> dict[str, str]:
+def find_aliases(
+    checkpoints: Sequence[Checkpoint], models: Sequence[int], ignore: Collection[str] = ()
+) -> dict[str, str]:
     """Maps every tied name to its class's primary: names byte-identical in every model that stores both.
 
     The primary is the member most models store, so that statistics and random streams key on a stable name.
+    Names in ``ignore`` (copied, never fused) are not looked at.
     """
     candidates: list[tuple[str, str]] = []
     for index in models:
         ckpt = checkpoints[index]
         groups: dict[tuple[str, tuple[int, ...]], list[str]] = {}
         for entry in ckpt.entries.values():
-            if is_floating(entry.dtype) and entry.numel > 0:
+            if is_floating(entry.dtype) and entry.numel > 0 and entry.name not in ignore:
                 groups.setdefault((entry.dtype, entry.shape), []).append(entry.name)
         for names in groups.values():
             if len(names) < 2:
@@ -368,21 +371,25 @@ def build_plan(
     exclude: Sequence[str] = (),
     heads: Sequence[str] = (),
     out_dtype: str | None = None,
+    copy_from: Mapping[str, int] | None = None,
 ) -> FusionPlan:
     """Checks the models against each other and lays out the output; raises :class:`IncompatibleModelsError`.
 
     Tensors matching ``heads`` (per-task heads) are left out. When the reference is the base, output tensors take
-    the base's names, so the fused model is the base's architecture.
+    the base's names, so the fused model is the base's architecture. ``copy_from`` names tensors copied from one
+    checkpoint instead of fused (layers a slice copies; see :mod:`hf_fusion.engine.slices`).
     """
     ckpts = list(checkpoints)
+    copy_from = copy_from or {}
     check_headers(ckpts, base=base, experts=experts, uses_base=uses_base, exclude=exclude, heads=heads)
-    aliases = find_aliases(ckpts, [*experts, *([base] if base is not None else [])])
+    aliases = find_aliases(ckpts, [*experts, *([base] if base is not None else [])], ignore=copy_from)
     table = _Names(ckpts, experts, base, reference, aliases)
     names = _shared_names(table, heads)
     table.align_base(names)
     position = {n: i for i, n in enumerate(ckpts[reference].entries)}
     order = sorted(names, key=lambda n: position.get(table.out_name(n), len(position)))
     planned = [_plan_tensor(table, name, uses_base=uses_base, exclude=exclude, out_dtype=out_dtype) for name in order]
+    planned = [_copied(t, copy_from[n]) if n in copy_from else t for n, t in zip(order, planned)]
     dropped: list[str] = []
     if base is not None:
         wanted = {r for t in planned for i, r in t.reads.items() if i == base}
@@ -393,7 +400,7 @@ def build_plan(
                 len(dropped),
                 dropped[0],
             )
-    if not any(t.fuse for t in planned):
+    if not any(t.fuse for t in planned) and not copy_from:
         raise IncompatibleModelsError("no floating-point tensor is left to fuse (check `exclude`).")
     return FusionPlan(ckpts, base, list(experts), reference, planned, aliases, dropped)
 
@@ -455,6 +462,13 @@ def _plan_tensor(
         reads[base] = _base_read(table, name, entry)
     dtype = out_dtype or default_dtype
     return PlannedTensor(table.out_name(name), entry.shape, dtype, True, table.key_of(name), reads)  # type: ignore[arg-type]
+
+
+def _copied(tensor: PlannedTensor, source: int) -> PlannedTensor:
+    """``tensor`` copied from checkpoint ``source`` rather than fused."""
+    if not tensor.fuse:
+        return tensor
+    return replace(tensor, fuse=False, reads={source: tensor.reads[source]})
 
 
 def _base_read(table: _Names, name: str, entry: TensorEntry) -> str:

@@ -12,8 +12,10 @@ from pathlib import Path
 
 from hf_fusion.engine.checkpoint import Checkpoint
 from hf_fusion.engine.plan import check_headers
+from hf_fusion.engine.slices import slice_checkpoints
 from hf_fusion.errors import RecipeError
 from hf_fusion.fusion.options import FusionOptions
+from hf_fusion.fusion.slicing import check_ranges, input_layers, layer_runs
 from hf_fusion.fusion.validate import ValidatedRecipe
 from hf_fusion.model_files import check_same_architecture, same_architecture
 from hf_fusion.recipe import ModelRef, Recipe, path_exists
@@ -43,6 +45,11 @@ class Inputs:
         return self.sources[0] if self.has_base else None
 
     @property
+    def read(self) -> list[int]:
+        """The positions the fusion reads: the base when the method does, and the models."""
+        return ([0] if self.base_is_input else []) + self.experts
+
+    @property
     def first_expert(self) -> Source:
         return self.sources[self.experts[0]]
 
@@ -70,9 +77,10 @@ def resolve_inputs(checked: ValidatedRecipe, options: FusionOptions) -> tuple[In
     inputs = Inputs(base + experts, bool(base), checked.uses_base)
     check_same_architecture([s.label for s in experts], [s.config for s in experts])
     headers = [header_checkpoint(s, allow_pickle=options.allow_pickle) for s in inputs.sources]
-    if all(h is not None for h in headers):
+    sliced = sliced_headers(checked, inputs, headers)
+    if all(h is not None for h in sliced):
         check_headers(
-            headers,
+            sliced,
             base=0 if inputs.base_is_input else None,
             experts=inputs.experts,  # type: ignore[arg-type]
             uses_base=inputs.base_is_input,
@@ -80,6 +88,21 @@ def resolve_inputs(checked: ValidatedRecipe, options: FusionOptions) -> tuple[In
             heads=recipe.heads,
         )
     return inputs, headers
+
+
+def sliced_headers(
+    checked: ValidatedRecipe, inputs: Inputs, headers: list[Checkpoint | None]
+) -> list[Checkpoint | None]:
+    """With slices: each range checked against its model's layers, and the headers as the plan will see them."""
+    slices = checked.recipe.slices
+    if not slices:
+        return headers
+    runs = layer_runs(slices, [s.ref for s in inputs.sources], inputs.read)
+    layers = [input_layers(h, s.config) for h, s in zip(headers, inputs.sources)]
+    check_ranges(runs, [s.label for s in inputs.sources], layers)
+    if not all(h is not None for h in headers):
+        return headers
+    return slice_checkpoints(headers, runs, inputs.read).views  # type: ignore[arg-type]
 
 
 def _adapter_base(recipe: Recipe, experts: list[Source]) -> ModelRef | None:

@@ -11,6 +11,7 @@ from hf_fusion.architecture import parameter_module_types
 from hf_fusion.engine.checkpoint import Checkpoint
 from hf_fusion.engine.layers import count_layers, layer_positions
 from hf_fusion.engine.plan import FusionPlan, build_plan
+from hf_fusion.engine.slices import LayerRun, output_positions, slice_checkpoints
 from hf_fusion.engine.stream import StreamingEngine
 from hf_fusion.engine.writer import ShardedSafetensorsWriter
 from hf_fusion.errors import InsufficientResourcesError, ParameterError
@@ -18,6 +19,7 @@ from hf_fusion.fusion.inputs import Inputs, fetch_inputs, pin, reference_is_base
 from hf_fusion.fusion.options import FusionOptions
 from hf_fusion.fusion.output_folder import output_names, seal, write_side_files
 from hf_fusion.fusion.result import MergeResult
+from hf_fusion.fusion.slicing import layer_runs, write_layer_config
 from hf_fusion.fusion.validate import ValidatedRecipe
 from hf_fusion.output import AtomicFolder, check_free_space
 from hf_fusion.recipe import OUTPUT_DTYPES, Recipe
@@ -53,6 +55,8 @@ def fuse_tensor_wise(
             others = [sources[i] for i in ([plan.base] if plan.base is not None else []) + plan.experts]
             for folder in folders:
                 write_side_files(sources[plan.reference], others, folder, recipe.dtype)  # type: ignore[arg-type]
+                if recipe.slices:
+                    write_layer_config(folder, _runs(recipe, inputs), [s.config for s in inputs.sources])
             files = seal(atomic, temp, recipe, target=target, repo_id=repo_id)
     finally:
         for checkpoint in checkpoints:
@@ -81,15 +85,24 @@ def open_plan(
     base_is_reference = inputs.base_is_input and reference_is_base(
         inputs.base, inputs.first_expert, checked.recipe.heads
     )
+    reference = 0 if base_is_reference else inputs.experts[0]
+    views, copy_from = checkpoints, None
+    if checked.recipe.slices:
+        runs = _runs(checked.recipe, inputs)
+        sliced = slice_checkpoints(checkpoints, runs, inputs.read)
+        views, copy_from = sliced.views, sliced.copy_from
+        if all(run.copies for run in runs):  # config, tokenizer and order follow the input of the embeddings
+            reference = runs[0].starts[0][0]
     return build_plan(
-        checkpoints,
+        views,
         base=0 if inputs.base_is_input else None,
         experts=inputs.experts,
         uses_base=inputs.base_is_input,
-        reference=0 if base_is_reference else inputs.experts[0],
+        reference=reference,
         exclude=checked.recipe.exclude,
         heads=checked.recipe.heads,
         out_dtype=OUTPUT_DTYPES[checked.recipe.dtype],
+        copy_from=copy_from,
     )
 
 
@@ -102,7 +115,8 @@ def check_parameters(checked: ValidatedRecipe, headers: list[Checkpoint | None])
     if not schedule.varies or not known:
         return
     names = list(known[-1].entries)  # the last header is the recipe's last model; the base comes first
-    layers = count_layers(names)
+    slices = checked.recipe.slices
+    layers = sum(s.num_layers for s in slices) if slices else count_layers(names)
     for key, knots in schedule.gradient_lengths().items():
         if layers and knots > layers:
             raise ParameterError(
@@ -116,8 +130,12 @@ def tensor_parameters(checked: ValidatedRecipe, plan: FusionPlan) -> dict[str, A
     """Each fused tensor's parameters, by engine key, when the recipe varies them by tensor."""
     if not checked.schedule.varies:
         return {}
-    positions = layer_positions(t.name for t in plan.fused)
+    positions = output_positions([t.name for t in plan.fused], checked.recipe.slices)
     return {t.key: checked.schedule.resolve(t.name, positions[t.name]) for t in plan.fused}
+
+
+def _runs(recipe: Recipe, inputs: Inputs) -> list[LayerRun]:
+    return layer_runs(recipe.slices or [], [s.ref for s in inputs.sources], inputs.read)
 
 
 def _engine(

@@ -1,4 +1,4 @@
-"""The recipe, checked before any I/O: method, parameters, model count, data, device."""
+"""The recipe, checked before any I/O: method, parameters, model count, data, slices, device."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_fusion.errors import RecipeError
+from hf_fusion.fusion.slicing import check_slices
 from hf_fusion.recipe import Recipe
 from hf_fusion.registry import BaseUse, DataNeed, MethodKind, MethodSpec, get_method
 from hf_fusion.tensor_parameters import ParameterSchedule, build_schedule
@@ -38,6 +39,7 @@ def validate_recipe(recipe: Recipe) -> ValidatedRecipe:
             f"method {spec.name!r} needs {spec.data.value} data from each model's task: pass --pool "
             "(a catalog pool or a pool file) so the tasks and their datasets are known."
         )
+    check_slices(recipe, spec, uses_base)
     check_device(recipe.device)
     canonical = recipe.replace(method=spec.name, parameters=schedule.recipe_parameters())
     return ValidatedRecipe(canonical, spec, params, uses_base, schedule)

@@ -13,6 +13,7 @@ from hf_fusion.methods import (  # noqa: F401
     linear_interpolation,
     magmax,
     model_stock,
+    passthrough,
     regmean,
     simple_average,
     slerp,
