@@ -10,6 +10,7 @@ from hf_fusion.cli.arguments import (
     add_eval_options,
     add_method_data_options,
     add_push_options,
+    add_tokenizer_options,
     comma_list,
     common_method_params,
     eval_settings,
@@ -89,6 +90,7 @@ def register(sub: Any) -> None:
     merge.add_argument(
         "--max-shard-size", type=size_argument, default=None, metavar="SIZE", help="largest output shard (default 5GB)"
     )
+    add_tokenizer_options(merge)
     merge.add_argument("--pool", help="a catalog pool (see `hf-fusion pools`) or pool file: its base, experts, heads")
     merge.add_argument(
         "--tasks", type=comma_list, metavar="T1,T2", help="only these tasks (and their experts) of the pool"
@@ -135,6 +137,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         heads=args.heads,
         pool=args.pool,
         tasks=args.tasks,
+        tokenizer=args.tokenizer,
+        chat_template=args.chat_template,
         evaluate=eval_settings(args) if args.evaluate else False,
         overwrite=args.overwrite,
         allow_pickle=args.allow_pickle,

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from hf_fusion.errors import RecipeError
+from hf_fusion.fusion.tokenizer_choice import check_tokenizer_fields
 from hf_fusion.recipe import Recipe
-from hf_fusion.registry import BaseUse, DataNeed, MethodSpec, get_method
+from hf_fusion.registry import BaseUse, DataNeed, MethodKind, MethodSpec, get_method
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ def validate_recipe(recipe: Recipe) -> ValidatedRecipe:
             "(a catalog pool or a pool file) so the tasks and their datasets are known."
         )
     check_device(recipe.device)
+    check_tokenizer_fields(recipe, model_wise=spec.kind is MethodKind.MODEL_WISE)
     canonical = recipe.replace(method=spec.name, parameters=params.model_dump())
     return ValidatedRecipe(canonical, spec, params, uses_base)
 
