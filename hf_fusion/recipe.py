@@ -166,8 +166,9 @@ class Recipe(pydantic.BaseModel):
     """The output's layers as runs of input layers (frankenmerges, merges over aligned ranges); None fuses every
     layer of every model in place."""
     tokenizer: str | None = None
-    """Whose vocabulary the output takes: ``base``, ``union`` or a model's reference; None keeps the reference
-    model's tokenizer and needs inputs whose embeddings have as many rows."""
+    """Whose vocabulary the output takes: ``base``, ``union`` (the base's tokens at their ids, then each model's
+    other tokens, models in recipe order) or a model's reference; tokens are matched by string and embeddings
+    re-indexed. None keeps the reference model's tokenizer and needs inputs whose embeddings have as many rows."""
     chat_template: str | None = None
     """The output's chat template: ``auto`` (the inputs' most common), a model's reference, or a literal Jinja
     template; None keeps the reference model's."""
