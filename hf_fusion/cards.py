@@ -176,6 +176,10 @@ def reproduce_command(recipe: Recipe, output: str) -> str:
         args += ["--exclude", *recipe.exclude]
     if recipe.heads:
         args += ["--heads", *recipe.heads]
+    if recipe.tokenizer:
+        args += ["--tokenizer", recipe.tokenizer]
+    if recipe.chat_template:
+        args += ["--chat-template", recipe.chat_template]
     args += ["--output", output]
     return " ".join(shlex.quote(a) for a in args)
 

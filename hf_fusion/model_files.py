@@ -108,6 +108,23 @@ def same_architecture(a: dict[str, Any] | None, b: dict[str, Any] | None) -> boo
     return a.get("model_type") == b.get("model_type") and a.get("architectures") == b.get("architectures")
 
 
+def is_tokenizer_file(name: str) -> bool:
+    """A tokenizer or chat template file, by name (no subfolders)."""
+    return "/" not in name and any(fnmatch.fnmatchcase(name, pattern) for pattern in TOKENIZER_FILES)
+
+
+def has_tokenizer(folder: Path) -> bool:
+    """Whether a model folder holds tokenizer files."""
+    return folder.is_dir() and any(is_tokenizer_file(p.name) and p.is_file() for p in folder.iterdir())
+
+
+def remove_tokenizer_files(dest: Path) -> None:
+    """Removes the tokenizer files copied into an output folder, before another tokenizer is written there."""
+    for path in dest.iterdir():
+        if is_tokenizer_file(path.name) and path.is_file():
+            path.unlink()
+
+
 def is_side_file(name: str) -> bool:
     """Config, generation config, tokenizer, processor and sentence-transformers files, by name (no subfolders)."""
     return "/" not in name and any(fnmatch.fnmatchcase(name, pattern) for pattern in SIDE_FILES)
@@ -176,7 +193,7 @@ def copy_side_files(reference: Path, others: Sequence[Path], dest: Path) -> list
                 copied.append(f"{module}/{MODULE_CONFIG}")
     wanted = [
         ("config", lambda name: name == "config.json"),
-        ("tokenizer", lambda name: is_side_file(name) and any(fnmatch.fnmatchcase(name, t) for t in TOKENIZER_FILES)),
+        ("tokenizer", is_tokenizer_file),
     ]
     for kind, matches in wanted:
         if any(matches(name) for name in copied):
@@ -272,3 +289,25 @@ def set_config_layers(dest: Path, origins: Sequence[tuple[dict[str, Any] | None,
             log.warning("%s: an input's config lacks its per-layer %r; dropped from the output config", path, key)
             config.pop(key)
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def set_config_vocab_size(dest: Path, rows: int) -> None:
+    """Records the output's embedding rows as ``vocab_size`` in ``config.json`` (and in a nested ``text_config``)."""
+    path = dest / "config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    config["vocab_size"] = rows
+    if isinstance(config.get("text_config"), dict) and "vocab_size" in config["text_config"]:
+        config["text_config"]["vocab_size"] = rows
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def config_vocab_size(config: dict[str, Any] | None) -> int | None:
+    """A config's ``vocab_size`` (a nested ``text_config``'s for multimodal models), if it states one."""
+    if not config:
+        return None
+    size = config.get("vocab_size")
+    if size is None and isinstance(config.get("text_config"), dict):
+        size = config["text_config"].get("vocab_size")
+    return size if isinstance(size, int) else None

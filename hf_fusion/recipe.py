@@ -77,6 +77,19 @@ class ModelRef(pydantic.BaseModel):
         return f"{self.path}@{self.revision}" if self.revision else self.path
 
 
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """A recipe file's mapping, with a plain error for an unreadable file or invalid YAML."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise RecipeError(f"cannot read recipe {path}: {err.strerror or err}.") from None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"recipe {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {path} must be a YAML mapping with at least `method` and `models`.")
+    return data
+
+
 def path_exists(text: str | Path) -> bool:
     """Whether a local path exists; a name the file system cannot even look up (too long, invalid) does not."""
     try:
@@ -167,8 +180,9 @@ class Recipe(pydantic.BaseModel):
     """The output's layers as runs of input layers (frankenmerges, merges over aligned ranges); None fuses every
     layer of every model in place."""
     tokenizer: str | None = None
-    """Whose vocabulary the output takes: ``base``, ``union`` or a model's reference; None keeps the reference
-    model's tokenizer and needs inputs whose embeddings have as many rows."""
+    """Whose vocabulary the output takes: ``base``, ``union`` (the base's tokens at their ids, then each model's
+    other tokens, models in recipe order) or a model's reference; tokens are matched by string and embeddings
+    re-indexed. None keeps the reference model's tokenizer and needs inputs whose embeddings have as many rows."""
     chat_template: str | None = None
     """The output's chat template: ``auto`` (the inputs' most common), a model's reference, or a literal Jinja
     template; None keeps the reference model's."""
@@ -235,16 +249,7 @@ class Recipe(pydantic.BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as err:
-            raise RecipeError(f"cannot read recipe {path}: {err.strerror or err}.") from None
-        except yaml.YAMLError as err:
-            raise RecipeError(f"recipe {path} is not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise RecipeError(f"recipe {path} must be a YAML mapping with at least `method` and `models`.")
-        return cls.build(**data)
+        return cls.build(**read_yaml_mapping(Path(path)))
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {

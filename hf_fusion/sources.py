@@ -18,8 +18,8 @@ from hf_fusion.catalog import BUILTIN_PREFIX, resolve_builtin
 from hf_fusion.engine.checkpoint import Checkpoint, open_checkpoint
 from hf_fusion.engine.lora import ADAPTER_CONFIG, LoraCheckpoint, is_lora_adapter
 from hf_fusion.errors import InsufficientResourcesError, RecipeError
-from hf_fusion.hub.resolve import HubModel, cached_model, download, resolve_hub_model
-from hf_fusion.model_files import local_folder, read_config
+from hf_fusion.hub.resolve import HubModel, cached_model, download, download_tokenizer, resolve_hub_model
+from hf_fusion.model_files import has_tokenizer, local_folder, read_config
 from hf_fusion.output import nearest_existing
 from hf_fusion.recipe import ModelRef
 
@@ -108,3 +108,12 @@ def fetch(source: Source, *, token: str | None, show_progress: bool) -> Source:
         return source
     assert source.hub is not None
     return replace(source, folder=download(source.hub, token=token, show_progress=show_progress))
+
+
+def tokenizer_folder(source: Source, *, token: str | None) -> Path | None:
+    """A folder holding the source's tokenizer files, before its weights are downloaded (a Hub model's tokenizer
+    files alone are fetched); ``None`` when it has none."""
+    if source.folder is not None:
+        return source.folder if has_tokenizer(source.folder) else None
+    assert source.hub is not None
+    return download_tokenizer(source.hub, token=token)

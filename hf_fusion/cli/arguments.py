@@ -257,3 +257,17 @@ def print_push(result: Any) -> None:
         print(f"Opened a pull request on {result.repo_id}: {result.pr_url}")
     else:
         print(f"Pushed to {result.url} ({result.commit_url})")
+
+
+def add_tokenizer_options(parser: argparse.ArgumentParser) -> None:
+    """``--tokenizer`` and ``--chat-template`` of ``merge``: the recipe fields of the same names."""
+    parser.add_argument(
+        "--tokenizer",
+        metavar="base|union|MODEL",
+        help="the output's vocabulary: the base's, the union of every input's, or a model's (embeddings re-indexed)",
+    )
+    parser.add_argument(
+        "--chat-template",
+        metavar="auto|MODEL|TEMPLATE",
+        help="the output's chat template: the inputs' most common, a model's, or a literal Jinja template",
+    )

@@ -10,6 +10,7 @@ from hf_fusion.cli.arguments import (
     add_eval_options,
     add_method_data_options,
     add_push_options,
+    add_tokenizer_options,
     comma_list,
     common_method_params,
     eval_settings,
@@ -99,6 +100,7 @@ def register(sub: Any) -> None:
     merge.add_argument(
         "--max-shard-size", type=size_argument, default=None, metavar="SIZE", help="largest output shard (default 5GB)"
     )
+    add_tokenizer_options(merge)
     merge.add_argument("--pool", help="a catalog pool (see `hf-fusion pools`) or pool file: its base, experts, heads")
     merge.add_argument(
         "--tasks", type=comma_list, metavar="T1,T2", help="only these tasks (and their experts) of the pool"
@@ -145,6 +147,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         heads=args.heads,
         pool=args.pool,
         tasks=args.tasks,
+        tokenizer=args.tokenizer,
+        chat_template=args.chat_template,
         evaluate=eval_settings(args) if args.evaluate else False,
         overwrite=args.overwrite,
         allow_pickle=args.allow_pickle,
@@ -165,10 +169,12 @@ def _merge_keywords(args: argparse.Namespace) -> dict[str, Any]:
     kwargs.update(filtered_params(args.param_for, kwargs, args.config))
     common = common_method_params(args)
     if common:
-        from hf_fusion.recipe import Recipe
+        from pathlib import Path
+
+        from hf_fusion.fusion.validate import recipe_file_fields
         from hf_fusion.registry import flag_parameters, get_method
 
-        method = args.method or (Recipe.from_yaml(args.config).method if args.config else None)
+        method = args.method or (recipe_file_fields(Path(args.config))["method"] if args.config else None)
         if method is None:
             raise SystemExit("hf-fusion merge: --method is needed (or --config RECIPE.yaml that names one)")
         kwargs = {**flag_parameters([get_method(method)], common)[0], **kwargs}
@@ -193,9 +199,11 @@ def filtered_params(pairs: list[list[str]], plain: dict[str, Any], config: str |
         conditions.setdefault(name, []).append({"filter": text_filter, "value": value})
     if not conditions:
         return {}
-    from hf_fusion.recipe import Recipe
+    from pathlib import Path
 
-    recorded = Recipe.from_yaml(config).parameters if config else {}
+    from hf_fusion.fusion.validate import recipe_file_fields
+
+    recorded = recipe_file_fields(Path(config))["parameters"] if config else {}
     for name, items in conditions.items():
         fallback = plain.get(name, recorded.get(name))
         if fallback is not None:

@@ -17,6 +17,7 @@ from hf_fusion.errors import RecipeError
 from hf_fusion.fusion.options import FusionOptions
 from hf_fusion.fusion.slicing import check_ranges, input_layers, layer_runs
 from hf_fusion.fusion.validate import ValidatedRecipe
+from hf_fusion.fusion.vocabularies import VocabularyAlignment, align_vocabularies
 from hf_fusion.model_files import check_same_architecture, same_architecture
 from hf_fusion.recipe import ModelRef, Recipe, path_exists
 from hf_fusion.sources import Source, check_download_space, fetch, header_checkpoint, resolve
@@ -35,6 +36,8 @@ class Inputs:
     sources: list[Source]
     has_base: bool
     base_is_input: bool
+    vocabulary: VocabularyAlignment | None = None
+    """The output tokenizer and the inputs' row maps, when the recipe sets ``tokenizer`` or ``chat_template``."""
 
     @property
     def experts(self) -> list[int]:
@@ -66,6 +69,13 @@ def reference_is_base(base: Source | None, first: Source, heads: list[str] | tup
     return bool(heads) or same_architecture(base.config, first.config) or first.config is None
 
 
+def reference_index(inputs: Inputs, heads: list[str] | tuple[str, ...]) -> int:
+    """The index in ``inputs.sources`` of the model the output's config and side files come from."""
+    if inputs.base_is_input and reference_is_base(inputs.base, inputs.first_expert, heads):
+        return 0
+    return inputs.experts[0]
+
+
 def resolve_inputs(checked: ValidatedRecipe, options: FusionOptions) -> tuple[Inputs, list[Checkpoint | None]]:
     """Resolves every input (metadata only) and checks architectures, names and shapes from headers."""
     recipe = checked.recipe
@@ -76,7 +86,16 @@ def resolve_inputs(checked: ValidatedRecipe, options: FusionOptions) -> tuple[In
     base = [resolve(base_ref, token=options.token, allow_pickle=options.allow_pickle)] if base_ref else []
     inputs = Inputs(base + experts, bool(base), checked.uses_base)
     check_same_architecture([s.label for s in experts], [s.config for s in experts])
+    vocabulary = align_vocabularies(
+        recipe,
+        inputs.sources,
+        has_base=inputs.has_base,
+        reference=reference_index(inputs, recipe.heads),
+        token=options.token,
+    )
+    inputs = replace(inputs, vocabulary=vocabulary)
     headers = [header_checkpoint(s, allow_pickle=options.allow_pickle) for s in inputs.sources]
+    headers = vocabulary.views(headers) if vocabulary is not None else headers
     sliced = sliced_headers(checked, inputs, headers)
     if all(h is not None for h in sliced):
         check_headers(

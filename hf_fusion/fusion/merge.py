@@ -56,6 +56,8 @@ def merge(
     heads: list[str] | None = None,
     pool: str | None = None,
     tasks: list[str] | None = None,
+    tokenizer: str | None = None,
+    chat_template: str | None = None,
     evaluate: EvalSettings | bool = False,
     overwrite: bool = False,
     allow_pickle: bool = False,
@@ -73,7 +75,9 @@ def merge(
     """Fuses models into a ``from_pretrained``-ready folder, and optionally pushes it to the Hub.
 
     ``merge(recipe)`` takes a :class:`Recipe`, a YAML path or a mapping; ``merge(models=[...], base=..., method=...,
-    output=..., **params)`` builds one from keywords (keywords also override a given recipe). Models are local
+    output=..., **params)`` builds one from keywords (keywords also override a given recipe). ``tokenizer`` (``base``,
+    ``union`` or a model) and ``chat_template`` (``auto``, a model or a Jinja template) fuse models whose
+    vocabularies differ and choose the output's chat template. Models are local
     folders or Hub repo ids (``org/name@revision``). ``push`` is a repo id or a :class:`PushTarget`; without
     ``output`` the fused folder is then built in a temporary folder, removed after a successful push.
     ``mixed_precision`` (``no``, ``fp16``, ``bf16``) is the autocast dtype of test-time adaptation (AdaMerging,
@@ -91,6 +95,8 @@ def merge(
         "heads": heads,
         "pool": pool,
         "tasks": tasks,
+        "tokenizer": tokenizer,
+        "chat_template": chat_template,
         "parameters": parameters,
         "allow_nonfinite": allow_nonfinite,
         "clamp_overflow": clamp_overflow,

@@ -15,11 +15,12 @@ from hf_fusion.engine.slices import LayerRun, output_positions, slice_checkpoint
 from hf_fusion.engine.stream import StreamingEngine
 from hf_fusion.engine.writer import ShardedSafetensorsWriter
 from hf_fusion.errors import InsufficientResourcesError, ParameterError
-from hf_fusion.fusion.inputs import Inputs, fetch_inputs, pin, reference_is_base, resolve_inputs
+from hf_fusion.fusion.inputs import Inputs, fetch_inputs, pin, reference_index, resolve_inputs
 from hf_fusion.fusion.options import FusionOptions
 from hf_fusion.fusion.output_folder import output_names, seal, write_side_files
 from hf_fusion.fusion.result import MergeResult
 from hf_fusion.fusion.slicing import layer_runs, write_layer_config
+from hf_fusion.fusion.tokenizer_output import write_tokenizer
 from hf_fusion.fusion.validate import ValidatedRecipe
 from hf_fusion.output import AtomicFolder, check_free_space
 from hf_fusion.recipe import OUTPUT_DTYPES, Recipe
@@ -57,6 +58,7 @@ def fuse_tensor_wise(
                 write_side_files(sources[plan.reference], others, folder, recipe.dtype)  # type: ignore[arg-type]
                 if recipe.slices:
                     write_layer_config(folder, _runs(recipe, inputs), [s.config for s in inputs.sources])
+                write_tokenizer(inputs.vocabulary, folder)
             files = seal(atomic, temp, recipe, target=target, repo_id=repo_id)
     finally:
         for checkpoint in checkpoints:
@@ -77,24 +79,22 @@ def open_plan(
     checked: ValidatedRecipe, inputs: Inputs, checkpoints: list[Checkpoint], options: FusionOptions
 ) -> FusionPlan:
     """Opens the fetched checkpoints (adapters as dense models) into ``checkpoints`` and builds the full plan, tied
-    tensors included."""
+    tensors included; with a vocabulary alignment the plan reads them re-indexed onto the output's tokens."""
     sources = inputs.sources
     base = open_source(sources[0], allow_pickle=options.allow_pickle, lora_base=None) if inputs.has_base else None
     checkpoints += [base] if base is not None else []
     checkpoints += [open_source(sources[i], allow_pickle=options.allow_pickle, lora_base=base) for i in inputs.experts]
-    base_is_reference = inputs.base_is_input and reference_is_base(
-        inputs.base, inputs.first_expert, checked.recipe.heads
-    )
-    reference = 0 if base_is_reference else inputs.experts[0]
-    views, copy_from = checkpoints, None
+    reference = reference_index(inputs, checked.recipe.heads)
+    views = inputs.vocabulary.views(checkpoints) if inputs.vocabulary is not None else checkpoints
+    copy_from = None
     if checked.recipe.slices:
         runs = _runs(checked.recipe, inputs)
-        sliced = slice_checkpoints(checkpoints, runs, inputs.read)
+        sliced = slice_checkpoints(views, runs, inputs.read)  # type: ignore[arg-type]
         views, copy_from = sliced.views, sliced.copy_from
         if all(run.copies for run in runs):  # config, tokenizer and order follow the input of the embeddings
             reference = runs[0].starts[0][0]
     return build_plan(
-        views,
+        views,  # type: ignore[arg-type]
         base=0 if inputs.base_is_input else None,
         experts=inputs.experts,
         uses_base=inputs.base_is_input,

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from hf_fusion.errors import RecipeError
+from hf_fusion.fusion.mergekit import is_mergekit_config, recipe_fields
 from hf_fusion.fusion.slicing import check_slices
-from hf_fusion.recipe import Recipe
+from hf_fusion.fusion.tokenizer_choice import check_tokenizer_fields
+from hf_fusion.recipe import Recipe, read_yaml_mapping
 from hf_fusion.registry import BaseUse, DataNeed, MethodKind, MethodSpec, get_method
 from hf_fusion.tensor_parameters import ParameterSchedule, build_schedule
 
@@ -41,6 +43,7 @@ def validate_recipe(recipe: Recipe) -> ValidatedRecipe:
         )
     check_slices(recipe, spec, uses_base)
     check_device(recipe.device)
+    check_tokenizer_fields(recipe, model_wise=spec.kind is MethodKind.MODEL_WISE)
     canonical = recipe.replace(method=spec.name, parameters=schedule.recipe_parameters())
     return ValidatedRecipe(canonical, spec, params, uses_base, schedule)
 
@@ -66,7 +69,7 @@ def as_recipe(recipe: Recipe | str | Path | Mapping[str, Any] | None, overrides:
     if isinstance(recipe, Recipe):
         fields = recipe.model_dump()
     elif isinstance(recipe, (str, Path)):
-        fields = Recipe.from_yaml(recipe).model_dump()
+        fields = recipe_file_fields(Path(recipe))
     elif isinstance(recipe, Mapping):
         fields = dict(recipe)
     elif recipe is not None:
@@ -78,6 +81,15 @@ def as_recipe(recipe: Recipe | str | Path | Mapping[str, Any] | None, overrides:
     if fields.get("pool") and not fields.get("models"):
         fields.update(pool_models(fields["pool"], overrides.get("tasks"), fields))
     return Recipe.build(**fields)
+
+
+def recipe_file_fields(path: Path) -> dict[str, Any]:
+    """A recipe file's fields: hf-fusion's recipe, or mergekit's configuration format (``merge_method``) mapped
+    onto it."""
+    data = read_yaml_mapping(path)
+    if is_mergekit_config(data):
+        return Recipe.build(**recipe_fields(data)).model_dump()
+    return Recipe.build(**data).model_dump()
 
 
 def pool_models(name: str, tasks: list[str] | None, fields: Mapping[str, Any]) -> dict[str, Any]:

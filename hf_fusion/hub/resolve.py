@@ -19,7 +19,7 @@ from huggingface_hub.errors import SafetensorsParsingError
 from hf_fusion.engine.checkpoint import Checkpoint, HeaderEntry, TensorEntry, check_layout, choose_weight_files
 from hf_fusion.errors import CheckpointError, PickleCheckpointError
 from hf_fusion.hub.errors import TRANSPORT_ERRORS, HubAccessError, hub_errors
-from hf_fusion.model_files import is_side_file
+from hf_fusion.model_files import is_side_file, is_tokenizer_file
 from hf_fusion.recipe import ModelRef
 
 T = TypeVar("T")
@@ -137,6 +137,17 @@ def resolve_hub_model(ref: ModelRef, *, token: str | None, allow_pickle: bool) -
 
 def _json_file(repo_id: str, filename: str, commit: str, token: str | None) -> dict[str, Any]:
     return json.loads(Path(hf_hub_download(repo_id, filename, revision=commit, token=token)).read_text())
+
+
+def download_tokenizer(model: HubModel, *, token: str | None) -> Path | None:
+    """Fetches only the config and tokenizer files (a few MB at most) at the pinned commit, ahead of the weights, so
+    vocabularies and chat templates are checked before any weight moves; ``None`` when the repo has no tokenizer."""
+    names = [n for n in model.sizes if is_tokenizer_file(n)]
+    if not names:
+        return None
+    names += [n for n in ("config.json",) if n in model.sizes]
+    with hub_errors(model.ref.path, model.ref.commit, "download"):
+        return Path(snapshot_download(model.ref.path, revision=model.ref.commit, allow_patterns=names, token=token))
 
 
 def download(model: HubModel, *, token: str | None, show_progress: bool) -> Path:
