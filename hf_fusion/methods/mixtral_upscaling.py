@@ -109,9 +109,10 @@ class MixtralUpscaling(ModelFusion[MixtralParams]):
         self, experts: list[tuple[str, dict[str, Any] | None]], base: tuple[str, dict[str, Any] | None] | None
     ) -> None:
         inputs = ([base] if base is not None and self.has_base else []) + experts
-        if stock_moe(inputs[0][1]) is None:
+        config = next((c for _, c in inputs if c is not None), None)  # a LoRA adapter has no config of its own
+        if stock_moe(config) is None:
             if self.params.router_init != "random":
-                kind = (inputs[0][1] or {}).get("model_type")
+                kind = (config or {}).get("model_type")
                 raise ParameterError(
                     f"router_init {self.params.router_init} needs Llama, Mistral or Qwen2 experts, not {kind}; "
                     "use router_init random."
