@@ -206,7 +206,8 @@ register(
         kind=MethodKind.MODEL_WISE,
         name="mixtral_upscaling",
         summary="Feed-forward blocks become a routed sparse MoE: copies of one model's "
-        "block (up-cycling), or each model's own block (MoE merging).",
+        "block (up-cycling), or each model's own block (MoE merging); Llama, Mistral and Qwen2 "
+        "models become a stock Mixtral or Qwen2-MoE.",
         family=Family.MIX,
         data=DataNeed.NONE,
         base=BaseUse.OPTIONAL,
