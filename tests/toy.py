@@ -20,7 +20,14 @@ from transformers import (
     CLIPVisionModel,
     GPT2Config,
     GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
 
@@ -72,7 +79,60 @@ def clip_full() -> PreTrainedModel:
     )
 
 
-ARCHITECTURES: dict[str, Callable[[], PreTrainedModel]] = {"bert": bert, "gpt2": gpt2, "clip_vision": clip_vision}
+DECODER_SHAPE = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "bos_token_id": 2,
+    "eos_token_id": 3,
+    "pad_token_id": 0,
+}
+
+
+def llama() -> PreTrainedModel:
+    return LlamaForCausalLM(LlamaConfig(**DECODER_SHAPE))
+
+
+def mistral() -> PreTrainedModel:
+    return MistralForCausalLM(MistralConfig(**DECODER_SHAPE, sliding_window=8))
+
+
+def qwen2() -> PreTrainedModel:
+    return Qwen2ForCausalLM(Qwen2Config(**DECODER_SHAPE))
+
+
+DECODERS: dict[str, Callable[[], PreTrainedModel]] = {"llama": llama, "mistral": mistral, "qwen2": qwen2}
+
+DECODER_WORDS = (
+    "the cat sat on a mat dog ran fast code python function loop bug math sum number prime proof poem rhyme "
+    "verse song story king queen red green blue and of to is"
+).split()
+
+
+def decoder_tokenizer() -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer within the decoders' 64 ids, with BOS/EOS/PAD/UNK."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    vocab = {w: i for i, w in enumerate(specials + DECODER_WORDS)}
+    assert len(vocab) <= DECODER_SHAPE["vocab_size"]
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+ARCHITECTURES: dict[str, Callable[[], PreTrainedModel]] = {
+    "bert": bert,
+    "gpt2": gpt2,
+    "clip_vision": clip_vision,
+    **DECODERS,
+}
 
 
 def example_inputs(arch: str) -> dict[str, torch.Tensor]:

@@ -1,6 +1,9 @@
 """Model-wise methods: the same inputs as the streaming path, loaded as modules, fused by the method, and saved with
 ``save_pretrained`` into an atomic output folder finished like every other.
 
+A method whose output is a stock model assembled from its inputs' tensors returns a
+:class:`~hf_fusion.modelwise.streamed.StreamedModel` instead, written tensor by tensor into the same folder.
+
 Under several processes every process resolves and checks the inputs, loads the models and runs the method, which
 splits its data over the processes (calibration batches, the examples of each adaptation batch) and adds up what
 they computed, so every process ends with the same fused model. Downloads (models, task data) happen on the first
@@ -33,6 +36,7 @@ from hf_fusion.fusion.output_folder import seal, write_side_files
 from hf_fusion.fusion.result import MergeResult
 from hf_fusion.fusion.validate import ValidatedRecipe
 from hf_fusion.modelwise.base import ModelFusion, ModelwiseContext
+from hf_fusion.modelwise.streamed import StreamedModel
 from hf_fusion.output import AtomicFolder, check_free_space
 from hf_fusion.recipe import OUTPUT_DTYPES, Recipe
 from hf_fusion.runtime import LOCAL, Runtime
@@ -59,6 +63,8 @@ def fuse_model_wise(
         checked.params, num_models=len(checked.recipe.models), has_base=checked.uses_base
     )
     inputs, headers = resolve_inputs(checked, options)
+    base = (inputs.base.label, inputs.base.config) if inputs.base is not None else None
+    method.check_configs([(inputs.sources[i].label, inputs.sources[i].config) for i in inputs.experts], base)
     fetched = runtime.main_first(lambda: fetch_inputs(inputs, options))
     recipe = pin(checked.recipe, fetched)
     loadable = runtime.main_first(lambda: with_architecture_base(fetched, checked.recipe, options))
@@ -75,7 +81,7 @@ def fuse_model_wise(
 
 
 def _write(
-    model: torch.nn.Module,
+    model: torch.nn.Module | StreamedModel,
     method: ModelFusion[Any],
     context: ModelwiseContext,
     inputs: Inputs,
@@ -86,14 +92,20 @@ def _write(
 ) -> MergeResult:
     """Saves the fused model, its side files and the method's extra files into the atomic output folder."""
     code = OUTPUT_DTYPES[recipe.dtype]
-    if code is not None:
+    if code is not None and not isinstance(model, StreamedModel):
         model = model.to(getattr(torch, TORCH_NAMES[code]))
     atomic = AtomicFolder(target, overwrite=options.overwrite)
     with atomic as temp:
         assert context.reference_folder is not None
         write_side_files(context.reference_folder, folders(inputs), temp)
-        with quiet_transformers():
-            model.save_pretrained(temp, max_shard_size=options.max_shard_bytes)
+        if isinstance(model, StreamedModel):
+            count = model.write(
+                temp, dtype=code, max_shard_bytes=options.max_shard_bytes, show_progress=options.show_progress
+            )
+        else:
+            count = len(model.state_dict())
+            with quiet_transformers():
+                model.save_pretrained(temp, max_shard_size=options.max_shard_bytes)
         for name, text in method.extra_files.items():
             (temp / name).write_text(text)
         files = seal(atomic, temp, recipe, target=target, repo_id=repo_id)
@@ -103,7 +115,7 @@ def _write(
         recipe=recipe,
         files=files,
         seconds=0.0,
-        fused_tensors=len(model.state_dict()),
+        fused_tensors=count,
         copied_tensors=0,
         statistics_passes=0,
         output_bytes=output_bytes,

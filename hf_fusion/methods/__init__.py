@@ -12,6 +12,7 @@ from hf_fusion.methods import (  # noqa: F401
     karcher,
     linear_interpolation,
     magmax,
+    mixtral_upscaling,
     model_stock,
     passthrough,
     regmean,

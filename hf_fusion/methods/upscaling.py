@@ -1,5 +1,5 @@
-"""Architecture-changing methods without data: Mixtral-style MoE up-scaling of the feed-forward blocks, depth
-up-scaling (SOLAR) by repeating layers, and model recombination of whole blocks across models."""
+"""Architecture-changing methods without data: depth up-scaling (SOLAR) by repeating layers, and model
+recombination of whole blocks across models (MoE up-scaling lives in ``mixtral_upscaling.py``)."""
 
 from __future__ import annotations
 
@@ -11,92 +11,13 @@ import pydantic
 import torch
 from torch import nn
 
-from hf_fusion.errors import FusionError, ParameterError
+from hf_fusion.errors import ParameterError
 from hf_fusion.methods.common import FROZEN
-from hf_fusion.modelwise.base import ModelFusion, ModelwiseContext, layer_stack, linear_weight, seeded
+from hf_fusion.modelwise.base import ModelFusion, ModelwiseContext, layer_stack
 from hf_fusion.registry import BaseUse, DataNeed, Family, MethodKind, MethodSpec, Paper, register
 from hf_fusion.tasks.weights import DEPTH_UPSCALED_KEY
 
-FEED_FORWARD_NAMES = ("mlp", "feed_forward", "ffn", "layer.1.DenseReluDense")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
-
-
-def feed_forward(block: nn.Module) -> tuple[str, str | None]:
-    """(module, exit linear or None): the block's feed-forward module, or for BERT-style blocks, whose MLP is split
-    between ``intermediate`` and ``output.dense``, the first half and the linear that ends it."""
-    for name in FEED_FORWARD_NAMES:
-        try:
-            block.get_submodule(name)
-            return name, None
-        except AttributeError:
-            continue
-    try:
-        block.get_submodule("intermediate")
-        block.get_submodule("output.dense")
-        return "intermediate", "output.dense"
-    except AttributeError:
-        raise FusionError(f"{type(block).__name__} has no feed-forward block this method knows.") from None
-
-
-class MixtralParams(pydantic.BaseModel):
-    model_config = FROZEN
-    num_experts: int = pydantic.Field(4, ge=1, description="experts per block when up-cycling one model")
-    experts_per_token: int = pydantic.Field(2, ge=1, description="experts each token is routed to")
-    seed: int = pydantic.Field(0, description="seed of the routers' random initialisation")
-
-
-class MixtralUpscaling(ModelFusion[MixtralParams]):
-    """One model: each feed-forward block becomes ``num_experts`` copies of itself (sparse up-cycling). Several
-    models: the experts are the models' own blocks and everything else is averaged (MoE merging)."""
-
-    def fuse(self, context: ModelwiseContext) -> nn.Module:
-        p = self.params
-        experts = [m for _, m in context.iter_experts()]
-        first = experts[0]
-        count = p.num_experts if len(experts) == 1 else len(experts)
-        if p.experts_per_token > count:
-            raise ParameterError(f"experts_per_token {p.experts_per_token} is more than the {count} experts.")
-        stack_name, stack = layer_stack(first)
-        routed = []
-        for index, block in enumerate(stack):
-            name, exit_name = feed_forward(block)
-            prefix = f"{stack_name}.{index}."
-            entry = block.get_submodule(name)
-            hidden = next(
-                linear_weight(m).shape[1] for m in entry.modules() if hasattr(m, "weight") and m.weight.dim() == 2
-            )
-            routed.append(
-                {
-                    "name": prefix + name,
-                    "kind": "moe_mlp",
-                    "exit": prefix + exit_name if exit_name else None,
-                    "num_experts": count,
-                    "top_k": p.experts_per_token,
-                    "hidden_size": hidden,
-                }
-            )
-        model = context.upscaled_model(routed)
-        with torch.no_grad():
-            states = [m.state_dict() for m in experts]
-            average = {
-                k: torch.stack([s[k].float() for s in states]).mean(0) if v.is_floating_point() else v
-                for k, v in states[0].items()
-            }
-            inner = tuple(f"{spec['name']}." for spec in routed) + tuple(
-                f"{spec['exit']}." for spec in routed if spec["exit"]
-            )
-            model.backbone.load_state_dict({k: v for k, v in average.items() if not k.startswith(inner)}, strict=False)
-            generator = seeded(p.seed)
-            for spec in routed:
-                moe = model.backbone.get_submodule(spec["name"])
-                moe.router.weight.normal_(0.0, 0.02, generator=generator)
-                for e, expert in enumerate(moe.experts):
-                    source = experts[0 if len(experts) == 1 else e]
-                    block = source.get_submodule(spec["name"])
-                    if spec["exit"]:
-                        block = nn.Sequential(block, source.get_submodule(spec["exit"]))
-                    expert.load_state_dict(block.state_dict())
-        return model.eval()
 
 
 def parse_indices(values: list[Any] | None, num_layers: int) -> list[int]:
@@ -171,24 +92,6 @@ class ModelRecombination(ModelFusion[RecombinationParams]):
         return model
 
 
-register(
-    MethodSpec(
-        kind=MethodKind.MODEL_WISE,
-        name="mixtral_upscaling",
-        summary="Feed-forward blocks become a routed sparse MoE: copies of one model's "
-        "block (up-cycling), or each model's own block (MoE merging).",
-        family=Family.MIX,
-        data=DataNeed.NONE,
-        base=BaseUse.UNUSED,
-        implementation=MixtralUpscaling,
-        params_model=MixtralParams,
-        aliases=("mixtral_moe_upscaling", "mixtral_moe_merging", "moe_upscaling", "sparse_upcycling"),
-        paper=Paper(
-            "Sparse upcycling: training mixture-of-experts from dense checkpoints (Komatsuzaki et al., 2023)",
-            "https://arxiv.org/abs/2212.05055",
-        ),
-    )
-)
 register(
     MethodSpec(
         kind=MethodKind.MODEL_WISE,

@@ -22,6 +22,7 @@ from torch import nn
 
 from hf_fusion.catalog import TaskSpec
 from hf_fusion.errors import FusionError, RecipeError
+from hf_fusion.modelwise.streamed import StreamedModel
 from hf_fusion.runtime import LOCAL, Runtime
 from hf_fusion.tasks.weights import ModelUnderTest, build_model, read_state, without_heads
 
@@ -107,7 +108,8 @@ class ModelwiseContext:
 
 class ModelFusion(ABC, Generic[P]):
     """A configured model-wise method: :meth:`fuse` returns the fused model (a ``PreTrainedModel``), which the
-    pipeline saves with ``save_pretrained``, beside :attr:`extra_files`."""
+    pipeline saves with ``save_pretrained``, beside :attr:`extra_files`, or a :class:`StreamedModel`, which the
+    pipeline writes tensor by tensor."""
 
     extra_files: dict[str, str] = {}
     """Files written next to the saved model (name -> text), set by :meth:`fuse` when the output needs them."""
@@ -117,9 +119,14 @@ class ModelFusion(ABC, Generic[P]):
         self.num_models = num_models
         self.has_base = has_base
 
+    def check_configs(
+        self, experts: list[tuple[str, dict[str, Any] | None]], base: tuple[str, dict[str, Any] | None] | None
+    ) -> None:
+        """Refuses inputs the method cannot fuse from their (label, config) alone, before any weight is fetched."""
+
     @abstractmethod
-    def fuse(self, context: ModelwiseContext) -> nn.Module:
-        """The fused model, on the CPU, in float32."""
+    def fuse(self, context: ModelwiseContext) -> nn.Module | StreamedModel:
+        """The fused model, on the CPU, in float32; or a stock model the pipeline writes tensor by tensor."""
 
 
 def seeded(seed: int) -> torch.Generator:
