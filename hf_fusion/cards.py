@@ -164,6 +164,8 @@ def reproduce_command(recipe: Recipe, output: str) -> str:
     def model_arg(ref: ModelRef) -> str:
         return f"{ref.path}@{ref.pinned}" if ref.pinned else ref.path
 
+    if recipe.slices:  # layer ranges have no flags: the recipe file this card sits next to carries them
+        return f"hf-fusion merge --config {RECIPE_FILENAME} --output {shlex.quote(output)}"
     args = ["hf-fusion", "merge", "--repo-ids", *map(model_arg, recipe.models)]
     if recipe.base:
         args += ["--base", model_arg(recipe.base)]
