@@ -287,7 +287,12 @@ def _parse_setting(method: str, key: str, value: Any, shape: _FieldShape, *, per
 
 def _refuse_varying_whole_model(spec: MethodSpec, name: str, value: Any, shape: _FieldShape) -> None:
     listed = isinstance(value, (list, tuple))
-    if (listed and not shape.per_model) or (listed and any(isinstance(v, (Mapping, list, tuple)) for v in value)):
+    conditions = listed and any(isinstance(v, Mapping) for v in value)
+    gradient = listed and shape.numeric and not shape.per_model
+    per_model_gradient = (
+        listed and shape.numeric and shape.per_model and any(isinstance(v, (list, tuple)) for v in value)
+    )
+    if conditions or gradient or per_model_gradient:
         raise ParameterError(
             f"method {spec.name!r} fuses whole models: its parameter {name!r} takes one value, not a gradient or "
             "conditions (those vary by tensor, for tensor-wise methods)."
