@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -299,11 +299,15 @@ def _refuse_varying_whole_model(spec: MethodSpec, name: str, value: Any, shape: 
         )
 
 
-def build_schedule(spec: MethodSpec, raw: Mapping[str, Any], fixed: Iterable[str] = ()) -> ParameterSchedule:
+def build_schedule(
+    spec: MethodSpec,
+    raw: Mapping[str, Any],
+    fixed: Callable[[pydantic.BaseModel], Iterable[str]] = lambda params: (),
+) -> ParameterSchedule:
     """Splits ``raw`` into constant and varying parameters and checks every knot value against the method.
 
-    ``fixed`` names parameters that must be the same for every tensor (they feed a model-wide statistic or the
-    method's layout); giving them a gradient or conditions is refused.
+    ``fixed`` gives, from the representative parameters, those that must be the same for every tensor (they feed a
+    model-wide statistic or the method's layout); giving them a gradient or conditions is refused.
     """
     fields = spec.params_model.model_fields
     aliases = {name: name for name in fields}
@@ -329,12 +333,6 @@ def build_schedule(spec: MethodSpec, raw: Mapping[str, Any], fixed: Iterable[str
             continue
         varying[name] = parsed
         raw_varying[name] = value
-    fixed_here = sorted(set(varying) & set(fixed))
-    if fixed_here:
-        raise ParameterError(
-            f"parameter {fixed_here[0]!r} of method {spec.name!r} is the same for every tensor "
-            "(it sets a model-wide statistic or how the method runs): give it one value, not a gradient or conditions."
-        )
     first = {k: first_value(v) for k, v in varying.items()}
     base = spec.validate_params({**constant, **first})
     for key, setting in varying.items():
@@ -343,4 +341,10 @@ def build_schedule(spec: MethodSpec, raw: Mapping[str, Any], fixed: Iterable[str
                 spec.validate_params({**constant, **first, key: knot})
             except ParameterError as err:
                 raise ParameterError(f"{err} (a value of its gradient or conditions)") from None
+    fixed_here = sorted(set(varying) & set(fixed(base)))
+    if fixed_here:
+        raise ParameterError(
+            f"parameter {fixed_here[0]!r} of method {spec.name!r} is the same for every tensor "
+            "(it sets a model-wide statistic or how the method runs): give it one value, not a gradient or conditions."
+        )
     return ParameterSchedule(spec, constant, varying, raw_varying, base)

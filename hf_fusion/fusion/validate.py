@@ -50,10 +50,9 @@ def validate_recipe(recipe: Recipe) -> ValidatedRecipe:
 
 def parameter_schedule(spec: MethodSpec, raw: Mapping[str, Any]) -> ParameterSchedule:
     """The method's parameters, any of which may vary by tensor except those its implementation fixes."""
-    fixed: frozenset[str] = frozenset()
     if spec.kind is MethodKind.TENSOR_WISE:
-        fixed = spec.implementation.fixed_for(build_schedule(spec, raw).base)
-    return build_schedule(spec, raw, fixed)
+        return build_schedule(spec, raw, spec.implementation.fixed_for)
+    return build_schedule(spec, raw)
 
 
 def check_device(device: str) -> None:
