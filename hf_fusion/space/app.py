@@ -31,9 +31,11 @@ from hf_fusion.space.form import (
     POOL_SOURCE,
     REPO_SOURCE,
     ParamSlot,
+    make_per_layer_widget,
     make_widget,
     param_slots,
     parse_recipe_yaml,
+    per_layer_methods,
     recipe_fields,
     to_yaml,
 )
@@ -201,6 +203,7 @@ class SpaceApp:
         self.job_slots = JobSlots(limits.running, limits.waiting)
         self.specs = all_methods()
         self.slots: list[ParamSlot] = param_slots(self.specs)
+        self.per_layer_specs = per_layer_methods(self.specs)
         self.pools = pool_names()
 
     @property
@@ -261,6 +264,8 @@ class SpaceApp:
         if source == POOL_SOURCE and pool_name and self.public:
             check_pool_name(pool_name)
         pool = get_pool(pool_name) if source == POOL_SOURCE and pool_name else None
+        widget_values, per_layer_texts = values[: len(self.slots)], values[len(self.slots) :]
+        per_layer = {spec.name: text for spec, text in zip(self.per_layer_specs, per_layer_texts)}
         return to_yaml(
             recipe_fields(
                 source=source,
@@ -270,7 +275,8 @@ class SpaceApp:
                 method=method,
                 dtype=dtype,
                 slots=self.slots,
-                values=values,
+                values=widget_values,
+                per_layer=per_layer,
             )
         )
 
@@ -616,7 +622,7 @@ class SpaceApp:
                     [(f"{s.name} ({s.family.value})", s.name) for s in self.specs], value=DEFAULT_METHOD, label="Method"
                 )
                 blurb = gr.Markdown(self.method_blurb(DEFAULT_METHOD))
-                groups, widgets = [], []
+                groups, widgets, per_layer_boxes = [], [], []
                 with gr.Column(elem_id="merge-params"):
                     for spec in self.specs:
                         with gr.Group(visible=spec.name == DEFAULT_METHOD) as group:
@@ -625,11 +631,20 @@ class SpaceApp:
                             for slot in self.slots:
                                 if slot.method == spec.name:
                                     widgets.append(make_widget(slot))
+                            if spec in self.per_layer_specs:
+                                per_layer_boxes.append(make_per_layer_widget(spec))
                         groups.append(group)
                 dtype = gr.Dropdown(DTYPES, value="auto", label="Output dtype")
             with gr.Column(scale=1):
                 initial = self.form_to_yaml(
-                    POOL_SOURCE, DEFAULT_POOL, "", "", DEFAULT_METHOD, "auto", *[s.info.default for s in self.slots]
+                    POOL_SOURCE,
+                    DEFAULT_POOL,
+                    "",
+                    "",
+                    DEFAULT_METHOD,
+                    "auto",
+                    *[s.info.default for s in self.slots],
+                    *[""] * len(per_layer_boxes),
                 )
                 recipe = gr.Code(
                     initial, language="yaml", label="Recipe (editable; Merge runs exactly this)", interactive=True
@@ -678,7 +693,7 @@ class SpaceApp:
             api_visibility="private",
             queue=False,
         )
-        form = [source, pool, models, base, method, dtype, *widgets]
+        form = [source, pool, models, base, method, dtype, *widgets, *per_layer_boxes]
         gr.on([c.change for c in form], self.form_to_yaml, form, recipe, api_visibility="private", queue=False)
         merge_btn.click(
             self._with_token(self.run_merge, 4, generator=True),

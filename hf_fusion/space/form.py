@@ -2,7 +2,9 @@
 
 Each parameter of each method gets one widget chosen from its registry entry: a dropdown for choices, a checkbox
 for booleans, a slider where the registry gives a range (its UI range when it declares one), a number box
-otherwise, and a YAML text box for lists. The form never merges anything itself: it writes the recipe YAML, and the
+otherwise, and a YAML text box for lists. A tensor-wise method also gets a "per layer" YAML box, where a parameter
+takes a gradient over the layers or ``{filter, value}`` conditions on tensor names (see
+:mod:`hf_fusion.tensor_parameters`); what it names replaces the widget's value. The form never merges anything itself: it writes the recipe YAML, and the
 Merge button runs whatever that YAML says, so editing the YAML by hand and filling the form are the same path.
 """
 
@@ -16,9 +18,24 @@ from typing import Any
 import yaml
 
 from hf_fusion.errors import RecipeError
-from hf_fusion.registry import MethodSpec, ParamInfo
+from hf_fusion.registry import MethodKind, MethodSpec, ParamInfo
 
 POOL_SOURCE, REPO_SOURCE = "Catalog pool", "Repo ids"
+
+MAX_RECIPE_CHARS = 64 * 1024
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """Safe YAML without anchors and aliases: a recipe never needs them, and nested aliases let a few hundred bytes
+    expand into billions of values when the recipe is validated (the "billion laughs")."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not accepted in a recipe", event.start_mark
+            )
+        return super().compose_node(parent, index)
 
 
 @dataclass(frozen=True)
@@ -82,6 +99,58 @@ def param_slots(specs: Sequence[MethodSpec]) -> list[ParamSlot]:
     return [ParamSlot(spec.name, info) for spec in specs for info in spec.parameters()]
 
 
+def _gradable(info: ParamInfo) -> bool:
+    return info.type.startswith("float") and not info.choices
+
+
+def per_layer_methods(specs: Sequence[MethodSpec]) -> list[MethodSpec]:
+    """Methods with a per-layer box: tensor-wise methods with a real-valued parameter to grade over the layers.
+    (Flags and choices may take conditions too; the recipe box takes those.)"""
+    return [s for s in specs if s.kind is MethodKind.TENSOR_WISE and any(_gradable(p) for p in s.parameters())]
+
+
+def per_layer_example(spec: MethodSpec) -> str:
+    """A placeholder that shows both forms on one of the method's own real-valued parameters."""
+    name = next(p.name for p in spec.parameters() if _gradable(p))
+    return f"{name}: [0.2, 0.5, 0.3]\n# or\n{name}:\n  - {{filter: self_attn, value: [0, 0.5, 1]}}\n  - {{value: 0.5}}"
+
+
+def make_per_layer_widget(spec: MethodSpec) -> Any:
+    import gradio as gr
+
+    return gr.Textbox(
+        value="",
+        lines=3,
+        label="Per layer or per tensor (YAML)",
+        info="a gradient over the layers, or {filter, value} conditions on tensor names; replaces the values above",
+        placeholder=per_layer_example(spec),
+        key=f"{spec.name}.__per_layer__",
+    )
+
+
+def per_layer_values(spec: MethodSpec, text: str | None) -> dict[str, Any]:
+    """The per-layer box as parameter settings; the names must be the method's parameters."""
+    text = (text or "").strip()
+    if not text:
+        return {}
+    if len(text) > MAX_RECIPE_CHARS:
+        raise RecipeError(f"the per-layer values are {len(text):,} characters long; at most {MAX_RECIPE_CHARS:,}.")
+    try:
+        data = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader without aliases
+    except yaml.YAMLError as err:
+        raise RecipeError(f"the per-layer values are not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise RecipeError("the per-layer values must be a YAML mapping, e.g. `t: [0, 0.5, 1]`.")
+    known = [p.name for p in spec.parameters()]
+    unknown = [str(k) for k in data if k not in known]
+    if unknown:
+        raise RecipeError(
+            f"{spec.name} has no parameter {unknown[0]!r} (the per-layer values name its parameters: "
+            f"{', '.join(known)})."
+        )
+    return data
+
+
 def widget_value(slot: ParamSlot, value: Any) -> Any:
     """A widget's value as the recipe stores it (ints stay ints, YAML boxes are parsed)."""
     kind = widget_kind(slot.info)
@@ -115,9 +184,16 @@ def recipe_fields(
     dtype: str,
     slots: Sequence[ParamSlot],
     values: Sequence[Any],
+    per_layer: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The recipe the form describes, as the mapping the YAML box shows (pools are expanded so they can be edited)."""
+    """The recipe the form describes, as the mapping the YAML box shows (pools are expanded so they can be edited).
+
+    ``per_layer`` holds each method's per-layer box (method name to its text); the chosen method's entries replace
+    the widget values they name."""
+    from hf_fusion.registry import get_method
+
     parameters = {s.info.name: widget_value(s, v) for s, v in zip(slots, values) if s.method == method}
+    parameters.update(per_layer_values(get_method(method), (per_layer or {}).get(method)))
     fields: dict[str, Any] = {"method": method}
     if source == POOL_SOURCE and pool is not None:
         fields.update(pool=pool.name, base=pool.base, models=[pool.experts[t.name] for t in pool.tasks])
@@ -134,22 +210,6 @@ def recipe_fields(
 
 def to_yaml(fields: dict[str, Any]) -> str:
     return yaml.safe_dump(fields, sort_keys=False, default_flow_style=False)
-
-
-MAX_RECIPE_CHARS = 64 * 1024
-
-
-class _NoAliasLoader(yaml.SafeLoader):
-    """Safe YAML without anchors and aliases: a recipe never needs them, and nested aliases let a few hundred bytes
-    expand into billions of values when the recipe is validated (the "billion laughs")."""
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.composer.ComposerError(
-                None, None, "aliases (*name) are not accepted in a recipe", event.start_mark
-            )
-        return super().compose_node(parent, index)
 
 
 def parse_recipe_yaml(text: str) -> dict[str, Any]:

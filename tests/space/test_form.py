@@ -16,8 +16,10 @@ from hf_fusion.space.form import (
     POOL_SOURCE,
     REPO_SOURCE,
     param_slots,
+    per_layer_methods,
     recipe_fields,
     slider_range,
+    to_yaml,
     widget_kind,
     widget_value,
 )
@@ -120,3 +122,66 @@ def test_a_shared_space_refuses_server_paths(tmp_path: Path) -> None:
     assert settings.metrics == "bundled"
     assert [m.path for m in recipe.models] == [f"builtin:minilm-text3/{t}" for t in tasks]
     assert not (tmp_path / "sessions").exists() and not (tmp_path / "files").exists()  # nothing made for checks
+
+
+def _form(method: str, per_layer: dict[str, str]) -> dict:
+    slots = param_slots(all_methods())
+    return recipe_fields(
+        source=POOL_SOURCE,
+        pool=get_pool("minilm-text3"),
+        models_text="",
+        base="",
+        method=method,
+        dtype="auto",
+        slots=slots,
+        values=[s.info.default for s in slots],
+        per_layer=per_layer,
+    )
+
+
+def test_the_per_layer_box_enters_gradients_and_conditions_that_resolve_per_tensor() -> None:
+    names = {s.name for s in per_layer_methods(all_methods())}
+    assert {"task_arithmetic", "ties_merging", "slerp"} <= names
+    assert "regmean" not in names and "simple_average" not in names  # whole-model, or nothing to vary
+    text = "scaling_factor:\n  - {filter: attention, value: [0.2, 0.6]}\n  - {value: 0.4}\n"
+    other = {"ties_merging": "threshold: [1, 2]"}  # another method's box is not the chosen method's
+    fields = _form("task_arithmetic", {"task_arithmetic": text, **other})
+    assert fields["parameters"]["scaling_factor"] == [
+        {"filter": "attention", "value": [0.2, 0.6]},
+        {"value": 0.4},
+    ]
+    checked = validate_recipe(as_recipe(yaml.safe_load(to_yaml(fields)), {}))
+    schedule = checked.schedule
+    assert schedule.varies
+    attention = "encoder.layer.3.attention.self.query.weight"
+    assert schedule.resolve(attention, 0.5).scaling_factor == pytest.approx(0.4)
+    assert schedule.resolve(attention, 1.0).scaling_factor == pytest.approx(0.6)
+    assert schedule.resolve("encoder.layer.3.output.dense.weight", 1.0).scaling_factor == pytest.approx(0.4)
+    assert checked.recipe.parameters["scaling_factor"] == fields["parameters"]["scaling_factor"]
+
+
+def test_the_per_layer_box_refuses_what_is_not_a_parameter_setting() -> None:
+    with pytest.raises(RecipeError, match="no parameter 'scale'.*scaling_factor"):
+        _form("task_arithmetic", {"task_arithmetic": "scale: [0, 1]"})
+    with pytest.raises(RecipeError, match="must be a YAML mapping"):
+        _form("task_arithmetic", {"task_arithmetic": "[0, 1]"})
+    with pytest.raises(RecipeError, match="aliases"):
+        _form("task_arithmetic", {"task_arithmetic": "scaling_factor: &a [0, 1]\nx: *a"})
+    fields = _form("ties_merging", {"ties_merging": "threshold: [20, 150]"})  # out of range at a knot
+    with pytest.raises(RecipeError, match="threshold"):
+        validate_recipe(as_recipe(yaml.safe_load(to_yaml(fields)), {}))
+
+
+def test_the_space_form_reads_the_chosen_methods_per_layer_box(tmp_path: Path) -> None:
+    app = SpaceApp(
+        root=tmp_path / "sessions",
+        files_root=tmp_path / "files",
+        in_space=True,
+        allow_local_paths=False,
+        limits=SpaceLimits(),
+    )
+    boxes = {spec.name: "" for spec in app.per_layer_specs}
+    boxes["slerp"] = "t: [0, 0.5, 0.3, 0.7, 1]"
+    defaults = [s.info.default for s in app.slots]
+    text = app.form_to_yaml(REPO_SOURCE, "", "org/a\norg/b", "org/base", "slerp", "auto", *defaults, *boxes.values())
+    assert yaml.safe_load(text)["parameters"]["t"] == [0, 0.5, 0.3, 0.7, 1]
