@@ -79,6 +79,10 @@ class Measurement:
     note: str = ""
     max_abs_diff: float | None = None  # against mergekit's output from the same recipe (qwen2 workload)
     fraction_beyond_ulp: float | None = None  # of elements differing by more than one bf16 ulp
+    # TIES: the same outside the positions where the per-tensor top-k chooses freely among tied magnitudes
+    fraction_at_ties: float | None = None
+    max_abs_diff_outside_ties: float | None = None
+    fraction_beyond_ulp_outside_ties: float | None = None
 
 
 def bert_base_shapes() -> dict[str, tuple[int, ...]]:
@@ -590,17 +594,28 @@ def run_qwen2(args: argparse.Namespace) -> int:
         subprocess.run(["rm", "-rf", str(path)], check=True)
         return path
 
-    def compare_into(row: Measurement, reference: Path, other: Path) -> list[str]:
+    def compare_into(row: Measurement, reference: Path, other: Path, ties: bool = False) -> list[str]:
         """Compares in a child (memory); fills the row's agreement columns, returns layout problems as notes."""
         argv = [sys.executable, qwen2.__file__, "compare", str(reference), str(other)]
+        if ties:
+            argv += ["--threshold-ties", str(base), str(qwen2.TIES_DENSITY), *map(str, experts)]
         done = subprocess.run(argv, capture_output=True, text=True)
         if done.returncode:
             return [f"{row.name} {row.method}: comparison failed: {done.stderr.strip()[-300:]}"]
         report = json.loads(done.stdout)
         row.max_abs_diff, row.fraction_beyond_ulp = report["max_abs_diff"], report["fraction_beyond_ulp"]
+        outside = ""
+        if ties:
+            row.fraction_at_ties = report["fraction_at_threshold_ties"]
+            row.max_abs_diff_outside_ties = report["max_abs_diff_outside_ties"]
+            row.fraction_beyond_ulp_outside_ties = report["fraction_beyond_ulp_outside_ties"]
+            outside = (
+                f"; outside the {row.fraction_at_ties:.1%} of positions tied at a top-k threshold: max |diff| "
+                f"{row.max_abs_diff_outside_ties:.3g}, {row.fraction_beyond_ulp_outside_ties:.2%} beyond 1 ulp"
+            )
         print(
             f"  {'vs mergekit':12s} {row.name + ' ' + row.method:22s} max |diff| {row.max_abs_diff:.3g} "
-            f"({report['worst_tensor'] or '-'}), {row.fraction_beyond_ulp:.2%} beyond 1 ulp, "
+            f"({report['worst_tensor'] or '-'}), {row.fraction_beyond_ulp:.2%} beyond 1 ulp{outside}, "
             f"layout {'same' if report['identical_layout'] else 'DIFFERS'}",
             flush=True,
         )
@@ -646,7 +661,7 @@ def run_qwen2(args: argparse.Namespace) -> int:
         if mk.ok and method == "task_arithmetic" and numpy_row.ok:
             notes += compare_into(numpy_row, mk_out, numpy_out)
         if mk.ok and hf.ok:
-            notes += compare_into(hf, mk_out, hf_out)
+            notes += compare_into(hf, mk_out, hf_out, ties=method == "ties")
         results += [mk, hf]
         subprocess.run(["rm", "-rf", str(mk_out), str(hf_out)], check=True)
     subprocess.run(["rm", "-rf", str(scratch)], check=True)
@@ -659,7 +674,10 @@ def run_qwen2(args: argparse.Namespace) -> int:
         f"every method from one mergekit recipe, read by both tools; warm page cache; {os.cpu_count()} CPU cores, "
         f"Python {platform.python_version()}. Wall time includes interpreter start and imports; peak RSS is the "
         "process's own maximum resident set. The last two columns compare each output with mergekit's, tensor by "
-        "tensor (the numpy floor's with mergekit's task_arithmetic, which rounds every step to bf16).",
+        "tensor (the numpy floor's with mergekit's task_arithmetic, which rounds every step to bf16). For TIES the "
+        "figures in brackets leave out the positions where some model's magnitude ties at its tensor's top-k "
+        "threshold with more ties than places: which of those a tool keeps is its own rule (hf-fusion: the first "
+        "in flat order; mergekit: torch's unstable argsort order), so each such position may differ by a kept value.",
         "",
         "| tool | method | models | wall time (s) | peak RSS (MB) | x I/O floor | x numpy floor | max abs diff vs "
         "mergekit | elements beyond 1 bf16 ulp |",
@@ -669,6 +687,12 @@ def run_qwen2(args: argparse.Namespace) -> int:
         time_text = f"{r.seconds:.2f}" if r.ok else f"failed ({r.note})"
         diff = "" if r.max_abs_diff is None else f"{r.max_abs_diff:.3g}"
         beyond = "" if r.fraction_beyond_ulp is None else f"{r.fraction_beyond_ulp:.2%}"
+        if r.fraction_at_ties is not None:
+            diff += f" ({r.max_abs_diff_outside_ties:.3g} outside ties)"
+            beyond += (
+                f" ({r.fraction_beyond_ulp_outside_ties:.2%} outside the {r.fraction_at_ties:.1%} of positions at "
+                "threshold ties)"
+            )
         lines.append(
             f"| {r.name} | {r.method} | {r.models} | {time_text} | {r.peak_rss_mb:.0f} | "
             f"{r.seconds / floor.seconds:.1f} | {r.seconds / np_floor.seconds:.1f} | {diff} | {beyond} |"

@@ -4,6 +4,8 @@
 Run as a child process of bench_merge.py, so the parent stays small (a large parent inflates every child's peak RSS):
   python scripts/bench_merge_qwen2.py make FOLDER EXPERTS [--tiny]
   python scripts/bench_merge_qwen2.py compare REFERENCE_FOLDER OTHER_FOLDER     (prints one JSON object)
+  python scripts/bench_merge_qwen2.py compare REF OTHER --threshold-ties BASE DENSITY FT...   (TIES: also outside
+                                                                                the free top-k choices)
 
 The models are written as safetensors directly, tensor by tensor and in slices, so generating 2.5 billion values
 needs a few hundred MB of memory and no model class. A fine-tune is the bf16 base plus N(0, (NOISE * std)^2), rounded
@@ -72,11 +74,14 @@ def _task_arithmetic(base: str, experts: list[str], layers: int) -> dict:
     }
 
 
+TIES_DENSITY = 0.2
+
+
 def _ties(base: str, experts: list[str], layers: int) -> dict:
     return {
         "merge_method": "ties",
         "base_model": base,
-        "models": _models(experts, density=0.2, weight=1.0),
+        "models": _models(experts, density=TIES_DENSITY, weight=1.0),
         "dtype": "bfloat16",
     }
 
@@ -242,35 +247,73 @@ def _tensors(folder: Path) -> dict[str, Path]:
     return index
 
 
-def compare(reference: Path, other: Path) -> dict:
-    """Tensor-by-tensor agreement of two outputs: names, shapes and dtypes, max |a - b|, and the fraction of elements
-    that differ by more than one bf16 ulp of the larger magnitude (2^(floor(log2 max(|a|,|b|)) - 7))."""
-    import torch
+def _get(folder_index: dict[str, Path], name: str):  # noqa: ANN202
     from safetensors import safe_open
+
+    with safe_open(str(folder_index[name]), "pt") as f:
+        return f.get_tensor(name)
+
+
+def threshold_ties(name: str, base: dict[str, Path], experts: list[dict[str, Path]], density: float):  # noqa: ANN201
+    """Positions of tensor ``name`` where TIES' per-tensor top-k is a free choice: some model's |delta| equals its
+    k-th largest magnitude while more than k magnitudes reach it (k = max(1, floor(density * size))). Which of
+    those ties a tool keeps is its own rule (mergekit's is torch's unstable argsort order), so outputs there may
+    differ by a kept value; everywhere else TIES is determined."""
+    import torch
+
+    b = _get(base, name).flatten().float()
+    k = max(1, int(density * b.numel()))
+    tied = torch.zeros(b.numel(), dtype=torch.bool)
+    for expert in experts:
+        magnitude = (_get(expert, name).flatten().float() - b).abs_()
+        threshold = torch.topk(magnitude, k, sorted=False).values.min()
+        at = magnitude == threshold
+        if int((magnitude >= threshold).sum()) > k:
+            tied |= at
+        del magnitude, at
+    return tied
+
+
+def compare(reference: Path, other: Path, ties: tuple[Path, list[Path], float] | None = None) -> dict:
+    """Tensor-by-tensor agreement of two outputs: names, shapes and dtypes, max |a - b|, and the fraction of elements
+    that differ by more than one bf16 ulp of the larger magnitude (2^(floor(log2 max(|a|,|b|)) - 7)).
+
+    With ``ties`` (the base, the fine-tunes and TIES' density) the same figures are also given outside the positions
+    where the top-k choice is free (:func:`threshold_ties`), with the share of such positions."""
+    import torch
 
     ref, oth = _tensors(reference), _tensors(other)
     problems = [f"only in {reference.name}: {k}" for k in sorted(ref.keys() - oth.keys())]
     problems += [f"only in {other.name}: {k}" for k in sorted(oth.keys() - ref.keys())]
-    elements = beyond = 0
-    max_diff, worst = 0.0, ""
+    if ties is not None:
+        ties_base, ties_experts = _tensors(ties[0]), [_tensors(e) for e in ties[1]]
+    elements = beyond = tied_count = beyond_outside = 0
+    max_diff, worst, max_outside = 0.0, "", 0.0
     for name in sorted(ref.keys() & oth.keys()):
-        with safe_open(str(ref[name]), "pt") as f, safe_open(str(oth[name]), "pt") as g:
-            a, b = f.get_tensor(name), g.get_tensor(name)
+        a, b = _get(ref, name), _get(oth, name)
         if a.shape != b.shape or a.dtype != b.dtype:
             problems.append(f"{name}: {tuple(a.shape)} {a.dtype} vs {tuple(b.shape)} {b.dtype}")
             if a.shape != b.shape:
                 continue
         a, b = a.flatten(), b.flatten()
+        tied = threshold_ties(name, ties_base, ties_experts, ties[2]) if ties is not None else None
         for s in range(0, a.numel(), SLICE):
             x, y = a[s : s + SLICE].float(), b[s : s + SLICE].float()
             diff = (x - y).abs()
             _, exponent = torch.frexp(torch.maximum(x.abs(), y.abs()))
-            beyond += int((diff > torch.ldexp(torch.ones_like(x), exponent - 8)).sum())
+            off = diff > torch.ldexp(torch.ones_like(x), exponent - 8)
+            beyond += int(off.sum())
             top = float(diff.max()) if diff.numel() else 0.0
             if top > max_diff or math.isnan(top):
                 max_diff, worst = top, name
+            if tied is not None:
+                here = tied[s : s + SLICE]
+                tied_count += int(here.sum())
+                beyond_outside += int((off & ~here).sum())
+                outside = diff[~here]
+                max_outside = max(max_outside, float(outside.max()) if outside.numel() else 0.0)
         elements += a.numel()
-    return {
+    report = {
         "identical_layout": not problems,
         "problems": problems[:10],
         "tensors": len(ref.keys() & oth.keys()),
@@ -279,6 +322,13 @@ def compare(reference: Path, other: Path) -> dict:
         "worst_tensor": worst,
         "fraction_beyond_ulp": beyond / elements if elements else 0.0,
     }
+    if ties is not None:
+        report |= {
+            "fraction_at_threshold_ties": tied_count / elements if elements else 0.0,
+            "max_abs_diff_outside_ties": max_outside,
+            "fraction_beyond_ulp_outside_ties": beyond_outside / elements if elements else 0.0,
+        }
+    return report
 
 
 def main() -> int:
@@ -287,6 +337,10 @@ def main() -> int:
         return 0
     if len(sys.argv) == 4 and sys.argv[1] == "compare":
         print(json.dumps(compare(Path(sys.argv[2]), Path(sys.argv[3]))))
+        return 0
+    if len(sys.argv) >= 8 and sys.argv[1] == "compare" and sys.argv[4] == "--threshold-ties":
+        ties = (Path(sys.argv[5]), [Path(e) for e in sys.argv[7:]], float(sys.argv[6]))
+        print(json.dumps(compare(Path(sys.argv[2]), Path(sys.argv[3]), ties)))
         return 0
     print(__doc__, file=sys.stderr)
     return 2

@@ -7,7 +7,7 @@ The mapping keeps mergekit's semantics where the two tools name things different
   through unchanged: both tools resolve them by the same rules.
 - mergekit's TIES ranks magnitudes within each tensor and keeps exactly ``floor(density * size)`` values; its
   ``normalize`` divides by the agreeing models' weights; ``lambda`` scales after that. They map onto
-  ``threshold_scope: tensor``, ``keep_count: exact``, ``merge_func: mean|sum`` and ``scaling_factor``.
+  ``threshold_scope: tensor``, ``keep_count: exact``, ``zero_sign: positive``, ``merge_func: mean|sum`` and ``scaling_factor``.
 - mergekit's ``rescale`` keeps each task vector's L1 norm (``rescale: l1`` here); DARE's drop masks come from
   another random generator, so DARE outputs agree in distribution, not bit for bit.
 - ``dtype`` is mergekit's working dtype and ``out_dtype`` its output dtype; hf-fusion always computes in float32 (or
@@ -186,6 +186,7 @@ def _gta(inputs: _Inputs, method: str) -> tuple[str, dict[str, Any]]:
             "weights": weights,
             "threshold_scope": "tensor",
             "keep_count": "exact",
+            "zero_sign": "positive",
             "merge_func": "mean" if normalize else "sum",
         }
         if _uniform(thresholds) and not isinstance(thresholds[0], list):
@@ -198,7 +199,12 @@ def _gta(inputs: _Inputs, method: str) -> tuple[str, dict[str, Any]]:
         params = {"scaling_factor": scale, "weights": weights, "rescale": "l1" if rescale else "none"}
         params["sparsity_ratios"] = ratios
         if method == "dare_ties":
-            params.update(threshold=100.0, threshold_scope="tensor", merge_func="mean" if normalize else "sum")
+            params.update(
+                threshold=100.0,
+                threshold_scope="tensor",
+                zero_sign="positive",
+                merge_func="mean" if normalize else "sum",
+            )
             return "dare_ties_merging", params
         params["normalize"] = normalize
         return "dare_task_arithmetic", params

@@ -121,6 +121,17 @@ def magnitude_trim_(delta: torch.Tensor, threshold: torch.Tensor | float) -> tor
     return delta.mul_(delta.abs() >= threshold)
 
 
+def drop_ties(values: torch.Tensor, ties: torch.Tensor, keep: int) -> torch.Tensor:
+    """Zeroes, in place, the ``ties`` of ``values`` after the first ``keep`` of them (in flat order)."""
+    if keep <= 0:
+        return values.masked_fill_(ties, 0.0)
+    flat = ties.reshape(-1)
+    if int(flat.sum()) <= keep:
+        return values
+    beyond = torch.cumsum(flat, 0, dtype=torch.int64) > keep
+    return values.masked_fill_((flat & beyond).view_as(ties), 0.0)
+
+
 def _weight_sum(weights: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     total = (weights * where).sum(dim=0)
     return torch.where(total == 0, torch.ones_like(total), total)

@@ -6,6 +6,11 @@ vector needs memory proportional to the model; this selects the same value in tw
 fixed-size histograms. Pass 1 bins magnitudes by their bfloat16 rounding (a monotone map, 32,768 bins) and finds
 the bin holding the k-th value; pass 2 histograms the exact float32 bit patterns inside that bin (at most 65,537
 values), which pins the k-th value exactly.
+
+Magnitudes often tie at the threshold (bf16 fine-tunes differ from their base by a few ulps, so their task vectors
+hold a handful of distinct magnitudes). The paper's ``kthvalue`` keeps every tie; an exact count keeps only as many
+as the count allows, the first ones in the order the engine visits them (flat index order within a tensor), and
+:meth:`MagnitudeQuantile.ties_kept` says how many that is.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ class _Group:
     rank: int = 0
     fine: torch.Tensor | None = None
     threshold: float | None = None
+    ties_kept: int | None = None
+    """How many magnitudes equal to the threshold are kept; None keeps them all."""
 
 
 def _coarse_bins(mags: torch.Tensor) -> torch.Tensor:
@@ -99,8 +106,15 @@ class MagnitudeQuantile:
             offset = int(torch.searchsorted(cumulative, torch.tensor(group.rank, dtype=cumulative.dtype)).item())
             bits = torch.tensor([self._fine_base(group.bin) + offset], dtype=torch.int64).to(torch.int32)
             group.threshold = float(bits.view(torch.float32).item())
+            if self.exact:  # the threshold's rank among its ties: those below it are dropped, the rest kept
+                below_in_bin = int(cumulative[offset - 1]) if offset > 0 else 0
+                group.ties_kept = int(group.fine[offset]) - (group.rank - below_in_bin) + 1
             group.fine = None
         return group.threshold
+
+    def ties_kept(self, key: Hashable) -> int | None:
+        """How many magnitudes equal to the threshold of ``key`` are kept (the first ones visited); None: all."""
+        return self._groups[key].ties_kept
 
     def threshold(self, key: Hashable) -> float:
         value = self._groups[key].threshold

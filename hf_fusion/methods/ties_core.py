@@ -9,7 +9,8 @@ each tensor (``threshold_scope="tensor"``). Either way the engine never holds th
 two streaming passes (:mod:`hf_fusion.methods.quantile`). Where the elected sign sum is exactly zero with non-zero
 values, the paper's code falls back to the sign of the sum of all elected signs (over the model, or the tensor for
 tensor scope), which is only known once everything is merged: the merge pass assumes +1, counts the votes, and the
-engine re-fuses just the slices that held such positions when the vote says otherwise.
+engine re-fuses just the slices that held such positions when the vote says otherwise. mergekit takes + there
+(``zero_sign: positive``), which needs no vote.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from hf_fusion.methods.common import (
 from hf_fusion.methods.operations import (
     MergeFunc,
     disjoint_merge,
+    drop_ties,
     elected_sign,
     fill_zero_sign,
     magnitude_trim_,
@@ -55,10 +57,15 @@ class TiesParams(pydantic.BaseModel):
     keep_count: Literal["paper", "exact"] = pydantic.Field(
         "paper",
         description="paper: keep one value more than the percentage, as the TIES code's kthvalue does; exact: keep "
-        "floor(percentage x count) values, at least one (mergekit)",
+        "floor(percentage x count) values, at least one, ties at the cut-off first in flat order (mergekit)",
     )
     weights: list[float] | None = model_weights_field()
     merge_func: MergeFunc = pydantic.Field("sum", description="how the sign-agreeing values are combined")
+    zero_sign: Literal["vote", "positive"] = pydantic.Field(
+        "vote",
+        description="sign where the elected sum is exactly zero: the majority of all elected signs (paper, "
+        "FusionBench) or + (mergekit)",
+    )
     threshold_scope: Literal["model", "tensor"] = pydantic.Field(
         "model",
         description="rank magnitudes over the whole model (paper, FusionBench) or within each tensor (mergekit)",
@@ -90,12 +97,14 @@ class TiesCore(TensorMerge[TiesParams]):
         self._voted: set[tuple[str, int]] = set()
         self._needs_fallback: dict[Hashable, set[tuple[str, int]]] = {}
         self._thresholds: dict[tuple[Hashable, int], torch.Tensor] = {}
+        self._ties_seen: dict[Hashable, int] = {}
+        self._ties_before: dict[tuple[str, int, int], int] = {}
 
     @abstractmethod
     def task_vectors(self, inputs: TensorInputs) -> torch.Tensor:
         """Stacked task vectors ``(n, ...)`` of one tensor (slice), a new tensor: trimming writes into it."""
 
-    fixed_parameters = frozenset({"threshold_scope", "keep_count"})
+    fixed_parameters = frozenset({"threshold_scope", "keep_count", "zero_sign"})
 
     @classmethod
     def fixed_for(cls, params: TiesParams) -> frozenset[str]:
@@ -149,10 +158,29 @@ class TiesCore(TensorMerge[TiesParams]):
             self._thresholds[key] = cached
         return cached
 
+    def _trim_(self, vectors: torch.Tensor, inputs: TensorInputs) -> torch.Tensor:
+        """Zeroes what the thresholds drop; with an exact count, also the ties at a threshold beyond the count."""
+        trimmed = magnitude_trim_(vectors, self._threshold_tensor(inputs))
+        if not self._quantile.exact:
+            return trimmed
+        for i in range(len(trimmed)):
+            key = self._key(inputs.name, i)
+            limit = self._quantile.ties_kept(key)
+            if limit is None:
+                continue
+            ties = trimmed[i].abs() == self._quantile.threshold(key)
+            slice_id = (inputs.name, inputs.flat_offset, i)
+            before = self._ties_before.get(slice_id)
+            if before is None:  # first visit in engine order; tied copies and revisits reuse it
+                before = self._ties_before[slice_id] = self._ties_seen.get(key, 0)
+                self._ties_seen[key] = before + int(ties.sum())
+            drop_ties(trimmed[i], ties, keep=limit - before)
+        return trimmed
+
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         assert inputs.base is not None
         params = self.params_for(inputs)
-        trimmed = magnitude_trim_(self.task_vectors(inputs), self._threshold_tensor(inputs))
+        trimmed = self._trim_(self.task_vectors(inputs), inputs)
         weights = None
         if params.weights is not None:
             shape = (len(params.weights),) + (1,) * (trimmed.dim() - 1)
@@ -162,6 +190,13 @@ class TiesCore(TensorMerge[TiesParams]):
         sums = signed_sums(trimmed)
         sign_key = self._sign_key(inputs.name)
         slice_id = (inputs.name, inputs.flat_offset)
+        if self.params.zero_sign == "positive":
+            sign = fill_zero_sign(elected, 1.0)
+            return torch.add(
+                inputs.base,
+                disjoint_merge(trimmed, sign, params.merge_func, sums, weights),
+                alpha=params.scaling_factor,
+            )
         if slice_id not in self._voted:  # tied copies and revisits must not vote twice
             self._voted.add(slice_id)
             self._votes[sign_key] = self._votes.get(sign_key, 0) + int(elected.sum())

@@ -102,3 +102,78 @@ def test_two_passes_and_revisits_only_when_the_vote_is_negative(tmp_path: Path, 
         assert result.statistics_passes == 2
     assert revisited[0] == set()  # provisional +1 was right
     assert len(revisited[1]) > 1  # several slices held exact cancellations and were fused again
+
+
+def _mergekit_style_ties(base: dict, experts: list[dict], density: float) -> dict:
+    """Per-tensor TIES as mergekit defines it, with ties at the threshold kept in flat order (a stable sort)."""
+    out = {}
+    for name, b in base.items():
+        k = max(1, int(density * b.numel()))
+        kept = []
+        for expert in experts:  # float32 differences, as the engine takes them: the ties are those of float32
+            delta = (expert[name].float() - b.float()).double().flatten()
+            order = torch.sort(delta.abs(), descending=True, stable=True).indices[:k]
+            mask = torch.zeros_like(delta, dtype=torch.bool)
+            mask[order] = True
+            kept.append(delta * mask)
+        stacked = torch.stack(kept)
+        majority = torch.where(stacked.sum(0) >= 0, 1.0, -1.0).double()
+        agree = torch.sign(stacked) == majority
+        divisor = agree.sum(0).double().clamp(min=1)
+        out[name] = b.double() + ((stacked * agree).sum(0) / divisor).view(b.shape)
+    return out
+
+
+@pytest.mark.parametrize("budget", [50, 10_000])
+def test_exact_keep_count_breaks_threshold_ties_in_flat_order_across_slices(tmp_path: Path, budget: int) -> None:
+    base, experts = _crafted_pool(tmp_path, negative_majority=True, seed=5)
+    base_sd, expert_sds = ref.load_state(base), [ref.load_state(e) for e in experts]
+    delta = (expert_sds[0]["a.weight"] - base_sd["a.weight"]).abs().flatten()
+    k = int(0.3 * delta.numel())
+    assert int((delta >= delta.sort(descending=True).values[k - 1]).sum()) > k, "the pool must tie at the threshold"
+    hf_fusion.merge(
+        models=[str(e) for e in experts],
+        base=str(base),
+        method="ties_merging",
+        output=tmp_path / "out",
+        threshold=30,
+        threshold_scope="tensor",
+        keep_count="exact",
+        zero_sign="positive",
+        merge_func="mean",
+        scaling_factor=1.0,
+        show_progress=False,
+        budget_elements=budget,
+    )
+    fused = ref.load_state(tmp_path / "out")
+    for name, value in _mergekit_style_ties(base_sd, expert_sds, 0.3).items():
+        torch.testing.assert_close(fused[name].double(), value, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_an_exact_quantile_over_slices_keeps_exactly_the_count_and_the_first_ties() -> None:
+    from hf_fusion.methods.operations import drop_ties
+    from hf_fusion.methods.quantile import MagnitudeQuantile
+
+    values = torch.tensor([3.0, 1.0, 2.0, 2.0, 0.5, 2.0, 2.0, 4.0, 2.0, 0.0])  # six 2s tie at the threshold
+    slices = [values[:3], values[3:7], values[7:]]
+    q = MagnitudeQuantile(0.5, exact=True)  # keep 5: 4, 3 and the first three 2s
+    for part in slices:
+        q.count("g", part)
+    q.end_count("g")
+    for part in slices:
+        q.refine("g", part)
+    assert q.end_refine("g") == 2.0 and q.ties_kept("g") == 3
+    seen, kept = 0, []
+    for part in slices:
+        part = part.clone()
+        trimmed = part * (part >= 2.0)
+        ties = trimmed == 2.0
+        drop_ties(trimmed, ties, keep=q.ties_kept("g") - seen)
+        seen += int(ties.sum())
+        kept.append(trimmed)
+    assert torch.cat(kept).tolist() == [3.0, 0.0, 2.0, 2.0, 0.0, 2.0, 0.0, 4.0, 0.0, 0.0]
+    paper = MagnitudeQuantile(0.5)  # kthvalue's rule keeps every tie
+    paper.count("g", values)
+    paper.end_count("g")
+    paper.refine("g", values)
+    assert paper.end_refine("g") == 2.0 and paper.ties_kept("g") is None
