@@ -10,8 +10,10 @@ for candidate in (HERE, HERE.parent):  # a deployed Space carries the package be
         sys.path.insert(0, str(candidate))
         break
 
+from hf_fusion.allocator import keep_freed_memory  # noqa: E402
 from hf_fusion.space import build_app, in_a_space, launch  # noqa: E402
 
+keep_freed_memory()  # this process is the Space's own: merges reuse freed slice memory
 demo = build_app()
 
 if __name__ == "__main__":

@@ -75,6 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     _main_process_speaks(args)
     configure_logging(args)
+    from hf_fusion.allocator import keep_freed_memory
+
+    keep_freed_memory()
     signal.signal(signal.SIGTERM, _raise_interrupt)
     from hf_fusion.errors import FusionError
 

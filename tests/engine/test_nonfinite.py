@@ -243,3 +243,32 @@ def test_cli_reports_a_nan_input_as_an_error_line(nan_pool, tmp_path: Path, caps
         ]
     )
     assert code == 0 and (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_the_fast_finite_check_agrees_with_the_element_check() -> None:
+    from hf_fusion.engine.stream import _all_finite
+
+    big = torch.finfo(torch.float32).max
+    cases = [
+        torch.randn(1000),
+        torch.tensor([big, big, -big]),  # finite, but the sum overflows: the element check decides
+        torch.tensor([1.0, float("nan")]),
+        torch.tensor([float("inf"), 2.0]),
+        torch.tensor([float("inf"), float("-inf")]),
+        torch.tensor([1.0, float("-inf")], dtype=torch.bfloat16),
+        torch.tensor([torch.finfo(torch.bfloat16).max] * 4, dtype=torch.bfloat16),
+        torch.tensor([1e300, 1e300], dtype=torch.float64),
+        torch.tensor([], dtype=torch.float32),
+    ]
+    for values in cases:
+        assert _all_finite(values) == bool(torch.isfinite(values).all()), values
+    assert _all_finite(torch.tensor([1, 2, 3]))
+
+
+def test_freed_memory_is_kept_on_glibc() -> None:
+    import platform
+
+    from hf_fusion.allocator import keep_freed_memory
+
+    expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() is expected
