@@ -23,7 +23,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from hf_fusion.engine.stream import DEFAULT_BUDGET_ELEMENTS
 from hf_fusion.engine.writer import DEFAULT_MAX_SHARD_BYTES
 from hf_fusion.errors import FileSystemError, FusionError, RecipeError, describe_os_error
 from hf_fusion.fusion.evaluate import evaluate_fused
@@ -65,7 +64,7 @@ def merge(
     token: str | None = None,
     show_progress: bool = True,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    budget_elements: int = DEFAULT_BUDGET_ELEMENTS,
+    budget_elements: int | None = None,
     allow_nonfinite: bool | None = None,
     clamp_overflow: bool | None = None,
     mixed_precision: str = "no",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hf_fusion.engine.stream import DEFAULT_BUDGET_ELEMENTS
 from hf_fusion.engine.writer import DEFAULT_MAX_SHARD_BYTES
 
 
@@ -18,8 +17,9 @@ class FusionOptions:
     """Read ``.bin``/``.pt`` checkpoints (with ``weights_only``)."""
     show_progress: bool = True
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
-    budget_elements: int = DEFAULT_BUDGET_ELEMENTS
-    """Elements the streaming engine holds at once per input (memory stays flat in model size)."""
+    budget_elements: int | None = None
+    """Elements the streaming engine reads per slice across all inputs (memory stays flat in model size); None
+    picks the device's default (:func:`hf_fusion.engine.stream.default_budget_elements`)."""
     token: str | None = None
     """The Hugging Face token, already resolved (never logged)."""
     mixed_precision: str = "no"

@@ -12,7 +12,7 @@ from hf_fusion.engine.checkpoint import Checkpoint
 from hf_fusion.engine.layers import count_layers, layer_positions
 from hf_fusion.engine.plan import FusionPlan, build_plan
 from hf_fusion.engine.slices import LayerRun, output_positions, slice_checkpoints
-from hf_fusion.engine.stream import StreamingEngine
+from hf_fusion.engine.stream import GPU_BUDGET_ELEMENTS, StreamingEngine
 from hf_fusion.engine.writer import ShardedSafetensorsWriter
 from hf_fusion.errors import InsufficientResourcesError, ParameterError
 from hf_fusion.fusion.inputs import Inputs, fetch_inputs, pin, reference_index, resolve_inputs
@@ -199,13 +199,13 @@ def _model_folders(temp: Path, recipe: Recipe, per_model: bool) -> list[Path]:
     return [temp / name for name in output_names(recipe.models)] if per_model else [temp]
 
 
-def check_memory(headers: list[Checkpoint | None], elementwise: bool, budget_elements: int) -> None:
+def check_memory(headers: list[Checkpoint | None], elementwise: bool, budget_elements: int | None) -> None:
     """Refuses, from headers, a whole-tensor method whose largest tensor times the inputs cannot fit in memory.
 
     Element-wise methods stream fixed-size slices, so their need does not depend on the models.
     """
     if elementwise:
-        needed = 4 * budget_elements * 6
+        needed = 4 * (budget_elements or GPU_BUDGET_ELEMENTS) * 6
     else:
         known = [h for h in headers if h is not None]
         largest = max((e.numel for h in known for e in h.entries.values()), default=0)

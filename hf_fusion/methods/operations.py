@@ -112,29 +112,63 @@ def random_drop(
     return dropped
 
 
+# Masks as 0/1 floats: on CPUs torch's boolean-mask kernels (masked_fill, where, multiplying by a bool tensor) run
+# several times slower than sign, clamp, add and mul, and each of the formulas below gives exactly the same bits.
+
+
+def at_least(values: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
+    """1.0 where ``values >= threshold``, else 0.0 (a new tensor)."""
+    return torch.sub(values, threshold).sign_().add_(1.0).clamp_(max=1.0)
+
+
+def above(values: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
+    """1.0 where ``values > threshold``, else 0.0 (a new tensor)."""
+    return torch.sub(values, threshold).sign_().clamp_(min=0.0)
+
+
+def choose(where: torch.Tensor, if_one: torch.Tensor, if_zero: torch.Tensor) -> torch.Tensor:
+    """``if_one`` where the 0/1 mask ``where`` is 1, else ``if_zero``: exact, since x*1 + y*0 == x for finite y."""
+    return torch.addcmul(if_zero * (1.0 - where), if_one, where)
+
+
 def magnitude_trim_(delta: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
     """TIES' trim step, in place: zero the elements whose magnitude is below ``threshold`` (ties are kept).
 
     ``delta`` is ``(num_models, ...)``; ``threshold`` is a scalar or broadcasts against it (one value per model).
     In place because callers pass freshly stacked task vectors: trimming them allocates no second copy.
     """
-    return delta.mul_(delta.abs() >= threshold)
+    return delta.mul_(at_least(delta.abs(), threshold))
 
 
 def drop_ties(values: torch.Tensor, ties: torch.Tensor, keep: int) -> torch.Tensor:
-    """Zeroes, in place, the ``ties`` of ``values`` after the first ``keep`` of them (in flat order)."""
+    """Zeroes, in place, the ``ties`` (a boolean mask) of ``values`` after the first ``keep`` of them (flat order)."""
     if keep <= 0:
-        return values.masked_fill_(ties, 0.0)
+        return values.mul_(1.0 - ties.to(values.dtype))
     flat = ties.reshape(-1)
-    if int(flat.sum()) <= keep:
+    if int(torch.count_nonzero(flat)) <= keep:
         return values
     beyond = torch.cumsum(flat, 0, dtype=torch.int64) > keep
     return values.masked_fill_((flat & beyond).view_as(ties), 0.0)
 
 
-def _weight_sum(weights: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-    total = (weights * where).sum(dim=0)
-    return torch.where(total == 0, torch.ones_like(total), total)
+def sum_over_models(stacked: torch.Tensor) -> torch.Tensor:
+    """``stacked.sum(dim=0)`` for a few models, added row by row in model order: the same bits (torch reduces a
+    short leading dimension in that order too), several times faster on CPUs, where a reduction over the outer
+    dimension of a ``(n, N)`` tensor does not vectorise well.  Shapes: (n, ...) -> (...)."""
+    total = stacked[0].clone()
+    for row in stacked[1:]:
+        total.add_(row)
+    return total
+
+
+def _count_over_models(trimmed: torch.Tensor, positive: bool, weights: torch.Tensor | None) -> torch.Tensor:
+    """Per position, how many models (or how much of their weight) hold a positive (negative) value; a sum of 0
+    becomes 1, as it divides."""
+    total = torch.zeros(trimmed.shape[1:], dtype=trimmed.dtype, device=trimmed.device)
+    for i, row in enumerate(trimmed):
+        held = torch.sign(row).clamp_(min=0.0) if positive else torch.sign(row).clamp_(max=0.0).neg_()
+        total.add_(held, alpha=1.0 if weights is None else float(weights.reshape(-1)[i]))
+    return total.add_(1.0 - torch.sign(total).abs_())
 
 
 # Sign election and disjoint merge (TIES, DARE-TIES, DELLA) ------------------------------------------------------------
@@ -147,12 +181,12 @@ def elected_sign(trimmed: torch.Tensor) -> torch.Tensor:
 
     Electing by mass, not by count, lets a few large updates outvote many small ones that mostly cancel.
     """
-    return torch.sign(trimmed.sum(dim=0))
+    return torch.sign(sum_over_models(trimmed))
 
 
 def fill_zero_sign(sign: torch.Tensor, zero_sign: float) -> torch.Tensor:
     """Positions whose elected sum is exactly 0 take ``zero_sign`` (the paper's model-wide majority)."""
-    return torch.where(sign == 0, torch.tensor(zero_sign, dtype=sign.dtype, device=sign.device), sign)
+    return sign + zero_sign * (1.0 - sign.abs())
 
 
 def signed_sums(trimmed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,7 +194,12 @@ def signed_sums(trimmed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     Computed once so the caller can both spot exact cancellations and pass them on to :func:`disjoint_merge`.
     """
-    return trimmed.clamp(min=0).sum(dim=0), trimmed.clamp(max=0).sum(dim=0)
+    positive = trimmed[0].clamp(min=0)
+    negative = trimmed[0].clamp(max=0)
+    for row in trimmed[1:]:
+        positive.add_(row.clamp(min=0))
+        negative.add_(row.clamp(max=0))
+    return positive, negative
 
 
 def disjoint_merge(
@@ -184,12 +223,9 @@ def disjoint_merge(
         bottom = trimmed.amin(dim=0).clamp_(max=0)
         return torch.where(sign > 0, top, torch.where(sign < 0, bottom, torch.zeros_like(bottom)))
     positive, negative = sums if sums is not None else signed_sums(trimmed)
-    if merge_func == "mean" and weights is not None:
-        positive = positive / _weight_sum(weights, trimmed > 0)
-        negative = negative / _weight_sum(weights, trimmed < 0)
-    elif merge_func == "mean":
-        positive = positive / (trimmed > 0).sum(dim=0).clamp_(min=1)
-        negative = negative / (trimmed < 0).sum(dim=0).clamp_(min=1)
+    if merge_func == "mean":
+        positive = positive / _count_over_models(trimmed, True, weights)
+        negative = negative / _count_over_models(trimmed, False, weights)
     elif merge_func != "sum":
         raise ValueError(f"unknown merge_func {merge_func!r}")
-    return torch.where(sign > 0, positive, negative)
+    return choose(sign.clamp(min=0.0), positive, negative)

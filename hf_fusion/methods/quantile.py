@@ -3,8 +3,9 @@
 TIES keeps, per task vector, every element whose magnitude is at least the k-th smallest magnitude of the whole
 flattened vector (``k = D - int(D * keep)``, as ``torch.kthvalue`` in the paper's code). Sorting a model-sized
 vector needs memory proportional to the model; this selects the same value in two streaming passes with two
-fixed-size histograms. Pass 1 bins magnitudes by their bfloat16 rounding (a monotone map, 32,768 bins) and finds
-the bin holding the k-th value; pass 2 histograms the exact float32 bit patterns inside that bin (at most 65,537
+fixed-size histograms. A non-negative float32's bit pattern, read as an integer, grows with its value, so pass 1
+bins magnitudes by the top 16 bits of that pattern (32,768 bins for non-negative values, one shift per element) and
+finds the bin holding the k-th value; pass 2 histograms the low 16 bits of the elements inside that bin (65,536
 values), which pins the k-th value exactly.
 
 Magnitudes often tie at the threshold (bf16 fine-tunes differ from their base by a few ulps, so their task vectors
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 _COARSE_BINS = 1 << 15
-_FINE_BINS = (1 << 16) + 1
+_FINE_BINS = 1 << 16
 
 
 @dataclass
@@ -37,7 +38,13 @@ class _Group:
 
 
 def _coarse_bins(mags: torch.Tensor) -> torch.Tensor:
-    return mags.to(torch.bfloat16).view(torch.int16)
+    """The top 16 bits of each magnitude's float32 pattern (its value truncated to bfloat16), as int32."""
+    return torch.bitwise_right_shift(_bits(mags), 16)
+
+
+def _bits(mags: torch.Tensor) -> torch.Tensor:
+    """Float32 bit patterns as int32 (float64 inputs are rounded to float32 first: thresholds are float32)."""
+    return (mags if mags.dtype == torch.float32 else mags.float()).view(torch.int32)
 
 
 def keep_count_rank(total: int, keep_fraction: float, exact: bool = False) -> int:
@@ -65,7 +72,7 @@ class MagnitudeQuantile:
     def count(self, key: Hashable, mags: torch.Tensor) -> None:
         """Adds non-negative float32 magnitudes to the coarse histogram of ``key``."""
         group = self._groups.setdefault(key, _Group())
-        hist = torch.bincount(_coarse_bins(mags).reshape(-1).to(torch.int32), minlength=_COARSE_BINS).cpu()
+        hist = torch.bincount(_coarse_bins(mags).reshape(-1), minlength=_COARSE_BINS).cpu()
         group.coarse = hist if group.coarse is None else group.coarse.add_(hist)
         group.count += mags.numel()
 
@@ -89,11 +96,11 @@ class MagnitudeQuantile:
         group = self._groups[key]
         if group.threshold is not None:
             return
-        inside = mags[_coarse_bins(mags) == group.bin]
+        bits = _bits(mags).reshape(-1)
+        inside = bits[torch.bitwise_right_shift(bits, 16) == group.bin]
         if inside.numel() == 0:
             return
-        offsets = inside.view(torch.int32).to(torch.int64) - self._fine_base(group.bin)
-        hist = torch.bincount(offsets, minlength=_FINE_BINS).cpu()
+        hist = torch.bincount(torch.bitwise_and(inside, 0xFFFF), minlength=_FINE_BINS).cpu()
         group.fine = hist if group.fine is None else group.fine.add_(hist)
 
     def end_refine(self, key: Hashable) -> float:
@@ -104,7 +111,7 @@ class MagnitudeQuantile:
                 raise RuntimeError(f"no values reached the threshold bin of {key!r}: the passes saw different data")
             cumulative = torch.cumsum(group.fine, 0)
             offset = int(torch.searchsorted(cumulative, torch.tensor(group.rank, dtype=cumulative.dtype)).item())
-            bits = torch.tensor([self._fine_base(group.bin) + offset], dtype=torch.int64).to(torch.int32)
+            bits = torch.tensor([(group.bin << 16) + offset], dtype=torch.int64).to(torch.int32)
             group.threshold = float(bits.view(torch.float32).item())
             if self.exact:  # the threshold's rank among its ties: those below it are dropped, the rest kept
                 below_in_bin = int(cumulative[offset - 1]) if offset > 0 else 0
@@ -121,8 +128,3 @@ class MagnitudeQuantile:
         if value is None:
             raise RuntimeError(f"threshold of {key!r} is not known yet")
         return value
-
-    @staticmethod
-    def _fine_base(bf16_bits: int) -> int:
-        """Smallest float32 bit pattern that can round to the bfloat16 pattern ``bf16_bits``."""
-        return max(0, (bf16_bits << 16) - 0x8000)

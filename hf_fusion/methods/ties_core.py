@@ -33,6 +33,7 @@ from hf_fusion.methods.common import (
 )
 from hf_fusion.methods.operations import (
     MergeFunc,
+    at_least,
     disjoint_merge,
     drop_ties,
     elected_sign,
@@ -160,20 +161,21 @@ class TiesCore(TensorMerge[TiesParams]):
 
     def _trim_(self, vectors: torch.Tensor, inputs: TensorInputs) -> torch.Tensor:
         """Zeroes what the thresholds drop; with an exact count, also the ties at a threshold beyond the count."""
-        trimmed = magnitude_trim_(vectors, self._threshold_tensor(inputs))
         if not self._quantile.exact:
-            return trimmed
+            return magnitude_trim_(vectors, self._threshold_tensor(inputs))
+        magnitudes = vectors.abs()
+        trimmed = vectors.mul_(at_least(magnitudes, self._threshold_tensor(inputs)))
         for i in range(len(trimmed)):
             key = self._key(inputs.name, i)
             limit = self._quantile.ties_kept(key)
             if limit is None:
                 continue
-            ties = trimmed[i].abs() == self._quantile.threshold(key)
+            ties = magnitudes[i] == self._quantile.threshold(key)
             slice_id = (inputs.name, inputs.flat_offset, i)
             before = self._ties_before.get(slice_id)
             if before is None:  # first visit in engine order; tied copies and revisits reuse it
                 before = self._ties_before[slice_id] = self._ties_seen.get(key, 0)
-                self._ties_seen[key] = before + int(ties.sum())
+                self._ties_seen[key] = before + int(torch.count_nonzero(ties))
             drop_ties(trimmed[i], ties, keep=limit - before)
         return trimmed
 
