@@ -46,10 +46,7 @@ def simple_average(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def linear_interpolation(start: torch.Tensor, end: torch.Tensor, t: float) -> torch.Tensor:
-    """theta = (1 - t) theta_0 + t theta_1.
-
-    Shared because SLERP falls back to it where the two tensors are (nearly) colinear and the arc is undefined.
-    """
+    """theta = (1 - t) theta_0 + t theta_1."""
     return torch.add(start * (1.0 - t), end, alpha=t)
 
 
