@@ -158,14 +158,21 @@ def _model_row(role: str, ref: ModelRef) -> _Row:
     return _Row(role, link, ref.revision or "main")
 
 
-def reproduce_command(recipe: Recipe, output: str) -> str:
-    """The `hf-fusion merge` command line for a recipe, pinned to the recorded commits."""
+def reproduce_command(recipe: Recipe, output: str, *, repo_id: str | None = None, folder: str | None = None) -> str:
+    """The `hf-fusion merge` command line for a recipe, pinned to the recorded commits.
+
+    Layer slices have no flags: the command then runs the recipe file that sits next to the card, fetched from the
+    repo first (``repo_id``) or read from the output ``folder``."""
 
     def model_arg(ref: ModelRef) -> str:
         return f"{ref.path}@{ref.pinned}" if ref.pinned else ref.path
 
-    if recipe.slices:  # layer ranges have no flags: the recipe file this card sits next to carries them
-        return f"hf-fusion merge --config {RECIPE_FILENAME} --output {shlex.quote(output)}"
+    if recipe.slices:
+        merge = f"hf-fusion merge --config {{}} --output {shlex.quote(output)}"
+        if repo_id:
+            fetch = f"hf download {shlex.quote(repo_id)} {RECIPE_FILENAME} --local-dir ."
+            return f"{fetch} && {merge.format(RECIPE_FILENAME)}"
+        return merge.format(shlex.quote(str(Path(folder or ".") / RECIPE_FILENAME)))
     args = ["hf-fusion", "merge", "--repo-ids", *map(model_arg, recipe.models)]
     if recipe.base:
         args += ["--base", model_arg(recipe.base)]
@@ -297,7 +304,7 @@ def build_card(
             config, load_path=load_path, auto_class=auto_class, subfolders=subfolders, tokenizer=tokenizer
         ),
         install_hint=install_hint(),
-        command=reproduce_command(recipe, f"./{model_name}"),
+        command=reproduce_command(recipe, f"./{model_name}", repo_id=repo_id, folder=load_path),
         recipe_yaml=recipe.to_yaml().rstrip(),
         subfolders=[{"name": n, "model": r.path} for n, r in zip(subfolders, recipe.models)],
     )

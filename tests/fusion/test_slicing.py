@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -265,6 +267,42 @@ def test_cli_recipe_runs_and_its_saved_copy_reproduces_the_merge(llamas, tmp_pat
     first, second = _weights(tmp_path / "first"), _weights(tmp_path / "second")
     assert first.keys() == second.keys() and all(torch.equal(first[n], second[n]) for n in first)
     assert json.loads((tmp_path / "second" / "config.json").read_text())["num_hidden_layers"] == 5
+
+    # the card's Reproduce command, run as written from another directory, makes the same model
+    card = (tmp_path / "first" / "README.md").read_text()
+    command = re.findall(r"```bash\n(.*?)```", card.split("## Reproduce", 1)[1], flags=re.S)[0].strip()
+    assert str(tmp_path / "first" / RECIPE_FILENAME) in command
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    path_with_cli = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    done = subprocess.run(
+        command,
+        shell=True,
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PATH": path_with_cli},
+    )
+    assert done.returncode == 0, done.stderr
+    third = _weights(elsewhere / "first")
+    assert third.keys() == first.keys() and all(torch.equal(first[n], third[n]) for n in first)
+
+
+def test_a_pushed_sliced_card_fetches_its_recipe_before_merging() -> None:
+    from hf_fusion.cards import reproduce_command
+
+    recipe = Recipe.build(
+        method="passthrough",
+        slices=[
+            {"sources": [{"model": "org/a", "layer_range": [0, 2]}]},
+            {"sources": [{"model": "org/b", "layer_range": [1, 3]}]},
+        ],
+    )
+    command = reproduce_command(recipe, "./m", repo_id="you/frank", folder="you/frank")
+    assert command == (
+        f"hf download you/frank {RECIPE_FILENAME} --local-dir . && hf-fusion merge --config {RECIPE_FILENAME} --output ./m"
+    )
 
 
 def test_a_range_beyond_a_hub_model_is_refused_from_its_headers(llamas, hub, tmp_path: Path) -> None:
