@@ -20,12 +20,12 @@ class TaskArithmeticParams(pydantic.BaseModel):
 
 
 def task_vector_sum(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """sum_t (theta_t - theta_0), as sum_t theta_t - n theta_0 to touch each input once."""
-    total = experts[0] - base if len(experts) == 1 else experts[0] + experts[1]
-    for e in experts[2:]:
-        total.add_(e)
-    if len(experts) > 1:
-        total.sub_(base, alpha=len(experts))
+    """sum_t (theta_t - theta_0), each difference taken before summing: an entry no expert changed sums to exactly
+    zero, so the fused model keeps the base's value there bit for bit (sum_t theta_t - n theta_0 would not)."""
+    total = torch.sub(experts[0], base)
+    difference = torch.empty_like(total) if len(experts) > 1 else total
+    for expert in experts[1:]:
+        total.add_(torch.sub(expert, base, out=difference))
     return total
 
 

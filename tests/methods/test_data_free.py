@@ -174,3 +174,37 @@ def test_della_is_reproducible_under_any_slicing(bert_pool: tuple[Path, list[Pat
     )
     whole, rows = ref.load_state(tmp_path / "whole"), ref.load_state(tmp_path / "rows")
     assert all(torch.equal(whole[k], rows[k]) for k in whole)
+
+
+def test_task_arithmetic_leaves_entries_no_expert_changed_bit_identical(tmp_path: Path) -> None:
+    """Rows no fine-tune touched (embeddings of unseen tokens) stay the base's bits: differences are taken first."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    base = {"emb.weight": torch.randn(64, 16, generator=g) * 3.0, "lin.weight": torch.randn(8, 8, generator=g)}
+    (tmp_path / "base").mkdir()
+    save_file(base, tmp_path / "base" / "model.safetensors")
+    experts = []
+    for i in range(3):  # three: 3 x theta_0 is not exact in float32, so sum - n * base would move untouched entries
+        state = {k: v.clone() for k, v in base.items()}
+        state["emb.weight"][i * 4 : i * 4 + 4] += torch.randn(4, 16, generator=g) * 1e-3  # a few rows each
+        state["lin.weight"] += torch.randn(8, 8, generator=g) * 1e-3
+        folder = tmp_path / f"ft{i}"
+        folder.mkdir()
+        save_file(state, folder / "model.safetensors")
+        experts.append(str(folder))
+    for weights in (None, [0.5, 1.0, 2.0]):
+        out = tmp_path / f"out-{weights is None}"
+        extra = {} if weights is None else {"weights": weights}
+        hf_fusion.merge(
+            models=experts,
+            base=str(tmp_path / "base"),
+            method="task_arithmetic",
+            scaling_factor=0.7,
+            output=out,
+            show_progress=False,
+            **extra,
+        )
+        fused = ref.load_state(out)
+        assert torch.equal(fused["emb.weight"][16:], base["emb.weight"][16:])  # rows 16-63: no expert changed them
+        assert not torch.equal(fused["emb.weight"][:16], base["emb.weight"][:16])
