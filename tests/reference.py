@@ -205,6 +205,12 @@ def _polar(a: np.ndarray) -> np.ndarray:
     return scipy.linalg.polar(a)[0]
 
 
+def rank_cutoff(largest: float, shape: tuple[int, ...]) -> float:
+    """The subspace methods' default: singular values at or below max(shape) x float32 eps x the largest are zero
+    (the methods compute in float32; this reference, in float64, drops the same directions)."""
+    return largest * max(shape) * float(np.finfo(np.float32).eps)
+
+
 def tsv_matrix(tvs: np.ndarray) -> np.ndarray:
     n, rows, cols = tvs.shape
     r = min(rows, cols) // n
@@ -213,9 +219,9 @@ def tsv_matrix(tvs: np.ndarray) -> np.ndarray:
     us, ss, vs = [], [], []
     for tv in tvs:
         u, s, vt = np.linalg.svd(tv, full_matrices=False)
-        live = s[:r] > 0
+        live = (s[:r] > 0) & (s[:r] > rank_cutoff(s[0], (rows, cols)))
         us.append(u[:, :r] * live)
-        ss.append(s[:r])
+        ss.append(s[:r] * live)
         vs.append(vt[:r] * live[:, None])
     u_cat, s_cat, v_cat = np.concatenate(us, axis=1), np.concatenate(ss), np.concatenate(vs, axis=0)
     return _polar(u_cat) @ np.diag(s_cat) @ _polar(v_cat.T).T
@@ -227,7 +233,8 @@ def tsv(base: StateDict, experts: list[StateDict], alpha: float = 1.0) -> StateD
 
 def iso_c_matrix(tvs: np.ndarray) -> np.ndarray:
     u, s, vt = np.linalg.svd(tvs.sum(axis=0), full_matrices=False)
-    return u @ np.diag(np.full_like(s, s.mean())) @ vt
+    live = s > rank_cutoff(s[0], tvs.shape[1:])
+    return u @ np.diag(s.mean() * live) @ vt
 
 
 def iso_cts_matrix(tvs: np.ndarray, fraction: float) -> np.ndarray:
@@ -236,15 +243,20 @@ def iso_cts_matrix(tvs: np.ndarray, fraction: float) -> np.ndarray:
     common = k - round((k - int(k * fraction)) / n) * n
     per_task = (k - common) // n
     u, s, vt = np.linalg.svd(tvs.sum(axis=0), full_matrices=False)
-    uc = u[:, :common]
-    us, ss, vs = [uc], [s[:common]], [vt[:common]]
+    cutoff = rank_cutoff(s[0], tvs.shape[1:])
+    live_c = s[:common] > cutoff
+    uc = u[:, :common] * live_c
+    us, ss, vs, lives = [uc], [s[:common]], [vt[:common] * live_c[:, None]], [live_c]
     for tv in tvs:
         ut, st, vtt = np.linalg.svd(tv - uc @ uc.T @ tv, full_matrices=False)
-        us.append(ut[:, :per_task])
+        live = st[:per_task] > cutoff
+        us.append(ut[:, :per_task] * live)
         ss.append(st[:per_task])
-        vs.append(vtt[:per_task])
+        vs.append(vtt[:per_task] * live[:, None])
+        lives.append(live)
     level = np.concatenate(ss).mean()
-    return _polar(np.concatenate(us, axis=1)) * level @ _polar(np.concatenate(vs, axis=0).T).T
+    kept = np.diag(level * np.concatenate(lives))
+    return _polar(np.concatenate(us, axis=1)) @ kept @ _polar(np.concatenate(vs, axis=0).T).T
 
 
 def iso_c(base: StateDict, experts: list[StateDict], scale: float = 1.0) -> StateDict:

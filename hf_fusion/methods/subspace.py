@@ -3,10 +3,18 @@
 Each works on one weight matrix at a time, so the engine streams the model matrix by matrix. Tensors that are not
 matrices (biases, norms, embeddings of other ranks) are averaged, as in the papers' code. SVDs run in float32 or
 float64 (the engine's compute dtype) on the recipe's device, whatever the checkpoints' dtype.
+
+A task matrix of low rank (a LoRA update always is) has singular values that are float rounding noise, and their
+singular vectors are arbitrary: flattening the spectrum (Iso) or keeping a fixed number of directions (TSV) would
+give that noise real weight, so the result would change with a 1e-8 perturbation of the inputs or another BLAS.
+Singular values at or below ``rank_tolerance`` times the matrix's largest count as zero here, and their directions
+are dropped; by default the tolerance is ``max(rows, cols) * eps`` of the compute dtype (numpy's ``matrix_rank``
+rule). Where every task matrix is well above it (full rank), nothing changes.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pydantic
@@ -16,6 +24,8 @@ from hf_fusion.engine.contract import TensorInputs, TensorMerge
 from hf_fusion.methods.common import FROZEN, is_matrix, scaling_factor_field
 from hf_fusion.methods.operations import stacked_task_vectors
 from hf_fusion.registry import BaseUse, DataNeed, Family, MethodSpec, Paper, register
+
+log = logging.getLogger(__name__)
 
 
 def orthonormal_factor(matrix: torch.Tensor) -> torch.Tensor:
@@ -31,14 +41,27 @@ def _rank_budget(shape: tuple[int, ...], num_models: int) -> int:
     return min(shape) // num_models
 
 
-def tsv_merge(task_vectors: torch.Tensor) -> torch.Tensor:
+def rank_cutoff(
+    largest: torch.Tensor | float, shape: tuple[int, ...], dtype: torch.dtype, tolerance: float | None
+) -> float:
+    """Singular values at or below this are zero: ``tolerance`` (default ``max(shape) * eps``) times ``largest``."""
+    relative = max(shape) * torch.finfo(dtype).eps if tolerance is None else tolerance
+    return float(largest) * relative
+
+
+def _live(values: torch.Tensor, cutoff: float) -> torch.Tensor:
+    """1.0 for singular values above ``cutoff``, 0.0 for the rest (a mask the vectors and levels are scaled by)."""
+    return (values > cutoff).to(values.dtype)
+
+
+def tsv_merge(task_vectors: torch.Tensor, tolerance: float | None = None) -> torch.Tensor:
     """TSV-M of one task matrix per model, ``(n, out, in) -> (out, in)`` (Gargiulo et al. 2025, Alg. 1).
 
     Each task keeps its top ``min(out, in) // n`` singular triplets; the concatenated left and right singular
-    vectors are orthogonalised and recombined with the kept singular values. Singular values that are exactly zero
-    (a zero task vector) carry no direction, so their vectors are dropped before orthogonalising instead of
-    letting an arbitrary basis steer it. When a matrix has fewer singular values than tasks, the budget is zero and
-    the task vectors are averaged.
+    vectors are orthogonalised and recombined with the kept singular values. Singular values at or below the rank
+    cutoff of their task matrix (see the module docstring; exact zeros always) carry no direction, so their vectors
+    are dropped before orthogonalising instead of letting an arbitrary basis steer it. When a matrix has fewer
+    singular values than tasks, the budget is zero and the task vectors are averaged.
     """
     n = task_vectors.shape[0]
     rank = _rank_budget(tuple(task_vectors.shape[1:]), n)
@@ -50,28 +73,31 @@ def tsv_merge(task_vectors: torch.Tensor) -> torch.Tensor:
     values = task_vectors.new_empty(n * rank)
     for i, tau in enumerate(task_vectors):  # one task at a time: a single full set of singular vectors in memory
         u, s, vh = torch.linalg.svd(tau, full_matrices=False)
-        live = (s[:rank] > 0).to(u.dtype)
+        live = _live(s[:rank], rank_cutoff(s[0], (rows, cols), s.dtype, tolerance)) * (s[:rank] > 0)
         left[:, i * rank : (i + 1) * rank] = u[:, :rank] * live
         right[i * rank : (i + 1) * rank] = vh[:rank] * live[:, None]
-        values[i * rank : (i + 1) * rank] = s[:rank]
+        values[i * rank : (i + 1) * rank] = s[:rank] * live
         del u, s, vh
     return (orthonormal_factor(left) * values) @ orthonormal_factor(right)
 
 
-def iso_c(task_vectors: torch.Tensor) -> torch.Tensor:
+def iso_c(task_vectors: torch.Tensor, tolerance: float | None = None) -> torch.Tensor:
     """Iso-C: the sum of task matrices with its spectrum flattened to the mean singular value
-    (Marczak et al. 2025), ``(n, out, in) -> (out, in)``."""
+    (Marczak et al. 2025), ``(n, out, in) -> (out, in)``; directions at or below the rank cutoff stay zero."""
     u, s, vh = torch.linalg.svd(task_vectors.sum(dim=0), full_matrices=False)
-    return (u * s.mean()) @ vh
+    live = _live(s, rank_cutoff(s[0], tuple(task_vectors.shape[1:]), s.dtype, tolerance))
+    return (u * (s.mean() * live)) @ vh
 
 
-def iso_cts(task_vectors: torch.Tensor, common_space_fraction: float) -> torch.Tensor:
+def iso_cts(task_vectors: torch.Tensor, common_space_fraction: float, tolerance: float | None = None) -> torch.Tensor:
     """Iso-CTS: a common subspace from the sum plus task-specific directions orthogonal to it, with an isotropic
     spectrum (Marczak et al. 2025, Alg. 1), ``(n, out, in) -> (out, in)``.
 
     The common part keeps the top ``fraction`` of ``min(out, in)`` directions of the summed task matrices, adjusted
     so that the rest splits evenly between tasks; each task adds the top directions of its matrix with the common
-    left subspace projected out.
+    left subspace projected out. Directions whose singular value is at or below the rank cutoff of the summed
+    matrix (common or task-specific) are dropped; the level is the mean of all the kept positions' values, as in
+    the paper's code.
     """
     n = task_vectors.shape[0]
     k = min(task_vectors.shape[1:])
@@ -79,24 +105,46 @@ def iso_cts(task_vectors: torch.Tensor, common_space_fraction: float) -> torch.T
     common = k - round((k - common) / n) * n
     per_task = (k - common) // n
     u, s, vh = torch.linalg.svd(task_vectors.sum(dim=0), full_matrices=False)
-    u_common, s_common, vh_common = u[:, :common], s[:common], vh[:common]
+    cutoff = rank_cutoff(s[0], tuple(task_vectors.shape[1:]), s.dtype, tolerance)
+    live_common = _live(s[:common], cutoff)
+    u_common, s_common, vh_common = u[:, :common] * live_common, s[:common], vh[:common] * live_common[:, None]
     lefts: list[torch.Tensor] = []
     values: list[torch.Tensor] = []
     rights: list[torch.Tensor] = []
+    lives: list[torch.Tensor] = []
     for tau in task_vectors if per_task > 0 else ():  # one task at a time, to bound memory
         ut, st, vht = torch.linalg.svd(tau - u_common @ (u_common.T @ tau), full_matrices=False)
-        lefts.append(ut[:, :per_task].clone())
+        live = _live(st[:per_task], cutoff)
+        lefts.append(ut[:, :per_task] * live)
         values.append(st[:per_task].clone())
-        rights.append(vht[:per_task].clone())
+        rights.append(vht[:per_task] * live[:, None])
+        lives.append(live)
         del ut, st, vht
     left = orthonormal_factor(torch.cat([*lefts, u_common], dim=1))
     right = orthonormal_factor(torch.cat([*rights, vh_common], dim=0))
     level = torch.cat([*values, s_common]).mean()
-    return (left * level) @ right
+    return (left * (level * torch.cat([*lives, live_common]))) @ right
+
+
+def effective_rank(task_vectors: torch.Tensor, tolerance: float | None = None) -> int:
+    """The rank of the summed task matrix at the cutoff the methods use (for the log)."""
+    s = torch.linalg.svdvals(task_vectors.sum(dim=0))
+    return int((s > rank_cutoff(s[0], tuple(task_vectors.shape[1:]), s.dtype, tolerance)).sum())
+
+
+def rank_tolerance_field() -> Any:
+    return pydantic.Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description="singular values at or below this fraction of a matrix's largest count as zero (default: "
+        "max(rows, cols) x the compute dtype's machine epsilon)",
+    )
 
 
 class TsvParams(pydantic.BaseModel):
     model_config = FROZEN
+    rank_tolerance: float | None = rank_tolerance_field()
     alpha: float = pydantic.Field(
         1.0,
         ge=-10.0,
@@ -110,6 +158,7 @@ class TsvParams(pydantic.BaseModel):
 class IsoCParams(pydantic.BaseModel):
     model_config = FROZEN
     scaling_factor: float = scaling_factor_field(1.0)
+    rank_tolerance: float | None = rank_tolerance_field()
 
 
 class IsoCtsParams(IsoCParams):
@@ -137,6 +186,8 @@ class _MatrixMerge(TensorMerge):
         assert inputs.base is not None
         params = self.params_for(inputs)
         tvs = stacked_task_vectors(inputs)
+        if is_matrix(inputs) and log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: effective rank %d", inputs.name, effective_rank(tvs, params.rank_tolerance))
         merged = self.merge_matrix(tvs, params) if is_matrix(inputs) else tvs.mean(dim=0)
         return torch.add(inputs.base, merged, alpha=self.scale(params))
 
@@ -146,17 +197,17 @@ class TsvMerging(_MatrixMerge):
         return params.alpha
 
     def merge_matrix(self, task_vectors: torch.Tensor, params: Any) -> torch.Tensor:
-        return tsv_merge(task_vectors)
+        return tsv_merge(task_vectors, params.rank_tolerance)
 
 
 class IsoC(_MatrixMerge):
     def merge_matrix(self, task_vectors: torch.Tensor, params: Any) -> torch.Tensor:
-        return iso_c(task_vectors)
+        return iso_c(task_vectors, params.rank_tolerance)
 
 
 class IsoCts(_MatrixMerge):
     def merge_matrix(self, task_vectors: torch.Tensor, params: Any) -> torch.Tensor:
-        return iso_cts(task_vectors, params.common_space_fraction)
+        return iso_cts(task_vectors, params.common_space_fraction, params.rank_tolerance)
 
 
 ISO_PAPER = Paper(
