@@ -172,7 +172,7 @@ def reproduce_command(recipe: Recipe, output: str, *, repo_id: str | None = None
         if repo_id:
             fetch = f"hf download {shlex.quote(repo_id)} {RECIPE_FILENAME} --local-dir ."
             return f"{fetch} && {merge.format(RECIPE_FILENAME)}"
-        return merge.format(shlex.quote(str(Path(folder or ".") / RECIPE_FILENAME)))
+        return merge.format(shlex.quote(str(Path(folder or ".").expanduser().resolve() / RECIPE_FILENAME)))
     args = ["hf-fusion", "merge", "--repo-ids", *map(model_arg, recipe.models)]
     if recipe.base:
         args += ["--base", model_arg(recipe.base)]

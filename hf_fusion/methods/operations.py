@@ -110,7 +110,8 @@ def random_drop(
 
 
 # Masks as 0/1 floats: on CPUs torch's boolean-mask kernels (masked_fill, where, multiplying by a bool tensor) run
-# several times slower than sign, clamp, add and mul, and each of the formulas below gives exactly the same bits.
+# several times slower than sign, clamp, add and mul. Each formula below gives the same values for finite inputs
+# (a signed zero may come out as +0.0); ``choose`` needs both candidates finite.
 
 
 def at_least(values: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
@@ -118,23 +119,9 @@ def at_least(values: torch.Tensor, threshold: torch.Tensor | float) -> torch.Ten
     return torch.sub(values, threshold).sign_().add_(1.0).clamp_(max=1.0)
 
 
-def above(values: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
-    """1.0 where ``values > threshold``, else 0.0 (a new tensor)."""
-    return torch.sub(values, threshold).sign_().clamp_(min=0.0)
-
-
 def choose(where: torch.Tensor, if_one: torch.Tensor, if_zero: torch.Tensor) -> torch.Tensor:
     """``if_one`` where the 0/1 mask ``where`` is 1, else ``if_zero``: exact, since x*1 + y*0 == x for finite y."""
     return torch.addcmul(if_zero * (1.0 - where), if_one, where)
-
-
-def magnitude_trim_(delta: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
-    """TIES' trim step, in place: zero the elements whose magnitude is below ``threshold`` (ties are kept).
-
-    ``delta`` is ``(num_models, ...)``; ``threshold`` is a scalar or broadcasts against it (one value per model).
-    In place because callers pass freshly stacked task vectors: trimming them allocates no second copy.
-    """
-    return delta.mul_(at_least(delta.abs(), threshold))
 
 
 def drop_ties(values: torch.Tensor, ties: torch.Tensor, keep: int) -> torch.Tensor:
@@ -149,9 +136,10 @@ def drop_ties(values: torch.Tensor, ties: torch.Tensor, keep: int) -> torch.Tens
 
 
 def sum_over_models(stacked: torch.Tensor) -> torch.Tensor:
-    """``stacked.sum(dim=0)`` for a few models, added row by row in model order: the same bits (torch reduces a
-    short leading dimension in that order too), several times faster on CPUs, where a reduction over the outer
-    dimension of a ``(n, N)`` tensor does not vectorise well.  Shapes: (n, ...) -> (...)."""
+    """The sum over models, added row by row in model order, several times faster on CPUs than ``sum(dim=0)``
+    (a reduction over the outer dimension of an ``(n, N)`` tensor does not vectorise well). For up to 4 models it
+    gives the same bits as torch's reduction; beyond that torch regroups the additions and the last bit may differ.
+    Shapes: (n, ...) -> (...)."""
     total = stacked[0].clone()
     for row in stacked[1:]:
         total.add_(row)

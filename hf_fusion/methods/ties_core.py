@@ -38,7 +38,6 @@ from hf_fusion.methods.operations import (
     drop_ties,
     elected_sign,
     fill_zero_sign,
-    magnitude_trim_,
     signed_sums,
 )
 from hf_fusion.methods.quantile import MagnitudeQuantile
@@ -160,11 +159,16 @@ class TiesCore(TensorMerge[TiesParams]):
         return cached
 
     def _trim_(self, vectors: torch.Tensor, inputs: TensorInputs) -> torch.Tensor:
-        """Zeroes what the thresholds drop; with an exact count, also the ties at a threshold beyond the count."""
-        if not self._quantile.exact:
-            return magnitude_trim_(vectors, self._threshold_tensor(inputs))
+        """Zeroes what the thresholds drop; with an exact count, also the ties at a threshold beyond the count.
+
+        Thresholds are float32 (:mod:`hf_fusion.methods.quantile` ranks float32 magnitudes), so float64 task vectors
+        are compared through their float32 magnitudes too: the statistics passes and the trim see the same values."""
         magnitudes = vectors.abs()
+        if magnitudes.dtype != torch.float32:
+            magnitudes = magnitudes.float()
         trimmed = vectors.mul_(at_least(magnitudes, self._threshold_tensor(inputs)))
+        if not self._quantile.exact:
+            return trimmed
         for i in range(len(trimmed)):
             key = self._key(inputs.name, i)
             limit = self._quantile.ties_kept(key)

@@ -139,6 +139,8 @@ def per_layer_values(spec: MethodSpec, text: str | None) -> dict[str, Any]:
         data = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader without aliases
     except yaml.YAMLError as err:
         raise RecipeError(f"the per-layer values are not valid YAML: {err}") from None
+    except RecursionError:
+        raise RecipeError("the per-layer values nest too deeply.") from None
     if not isinstance(data, dict):
         raise RecipeError("the per-layer values must be a YAML mapping, e.g. `t: [0, 0.5, 1]`.")
     known = [p.name for p in spec.parameters()]
@@ -220,6 +222,8 @@ def parse_recipe_yaml(text: str) -> dict[str, Any]:
         data = yaml.load(text or "", Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader without aliases
     except yaml.YAMLError as err:
         raise RecipeError(f"the recipe is not valid YAML: {err}") from None
+    except RecursionError:
+        raise RecipeError("the recipe nests too deeply.") from None
     if not isinstance(data, dict):
         raise RecipeError("the recipe must be a YAML mapping with at least `method` and `models` (or `pool`).")
     data.pop("output", None)

@@ -177,3 +177,27 @@ def test_an_exact_quantile_over_slices_keeps_exactly_the_count_and_the_first_tie
     paper.end_count("g")
     paper.refine("g", values)
     assert paper.end_refine("g") == 2.0 and paper.ties_kept("g") is None
+
+
+@pytest.mark.parametrize("keep_count", ["paper", "exact"])
+def test_float64_task_vectors_keep_the_count_of_their_float32_ranking(tmp_path: Path, keep_count: str) -> None:
+    """With a float64 checkpoint the engine computes in float64; thresholds are float32, and the trim compares the
+    same float32 magnitudes the statistics passes ranked (all values equal: every one is a tie)."""
+    base = {"w": torch.zeros(50, 20, dtype=torch.float64)}
+    (tmp_path / "base").mkdir()
+    save_file(base, tmp_path / "base" / "model.safetensors")
+    (tmp_path / "ft").mkdir()
+    save_file({"w": torch.full((50, 20), -0.37, dtype=torch.float64)}, tmp_path / "ft" / "model.safetensors")
+    hf_fusion.merge(
+        models=[str(tmp_path / "ft")],
+        base=str(tmp_path / "base"),
+        method="ties_merging",
+        threshold=20,
+        threshold_scope="tensor",
+        keep_count=keep_count,
+        scaling_factor=1.0,
+        output=tmp_path / "out",
+        show_progress=False,
+    )
+    kept = int((ref.load_state(tmp_path / "out")["w"] != 0).sum())
+    assert kept == (200 if keep_count == "exact" else 1000)  # exact: floor(0.2 x 1000); paper keeps every tie

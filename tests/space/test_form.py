@@ -185,3 +185,13 @@ def test_the_space_form_reads_the_chosen_methods_per_layer_box(tmp_path: Path) -
     defaults = [s.info.default for s in app.slots]
     text = app.form_to_yaml(REPO_SOURCE, "", "org/a\norg/b", "org/base", "slerp", "auto", *defaults, *boxes.values())
     assert yaml.safe_load(text)["parameters"]["t"] == [0, 0.5, 0.3, 0.7, 1]
+
+
+def test_deeply_nested_yaml_is_a_recipe_error_not_a_crash() -> None:
+    from hf_fusion.space.form import parse_recipe_yaml, per_layer_values
+
+    deep = "[" * 20_000
+    with pytest.raises(RecipeError, match="nest"):
+        per_layer_values(get_method("task_arithmetic"), deep)
+    with pytest.raises(RecipeError, match="nest"):
+        parse_recipe_yaml("method: " + deep)
