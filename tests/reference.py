@@ -234,7 +234,7 @@ def tsv(base: StateDict, experts: list[StateDict], alpha: float = 1.0) -> StateD
 def iso_c_matrix(tvs: np.ndarray) -> np.ndarray:
     u, s, vt = np.linalg.svd(tvs.sum(axis=0), full_matrices=False)
     live = s > rank_cutoff(s[0], tvs.shape[1:])
-    return u @ np.diag(s.mean() * live) @ vt
+    return u @ np.diag(s[live].mean() * live) @ vt
 
 
 def iso_cts_matrix(tvs: np.ndarray, fraction: float) -> np.ndarray:
@@ -254,8 +254,8 @@ def iso_cts_matrix(tvs: np.ndarray, fraction: float) -> np.ndarray:
         ss.append(st[:per_task])
         vs.append(vtt[:per_task] * live[:, None])
         lives.append(live)
-    level = np.concatenate(ss).mean()
-    kept = np.diag(level * np.concatenate(lives))
+    alive = np.concatenate(lives)
+    kept = np.diag(np.concatenate(ss)[alive].mean() * alive)
     return _polar(np.concatenate(us, axis=1)) @ kept @ _polar(np.concatenate(vs, axis=0).T).T
 
 

@@ -83,10 +83,18 @@ def tsv_merge(task_vectors: torch.Tensor, tolerance: float | None = None) -> tor
 
 def iso_c(task_vectors: torch.Tensor, tolerance: float | None = None) -> torch.Tensor:
     """Iso-C: the sum of task matrices with its spectrum flattened to the mean singular value
-    (Marczak et al. 2025), ``(n, out, in) -> (out, in)``; directions at or below the rank cutoff stay zero."""
+    (Marczak et al. 2025), ``(n, out, in) -> (out, in)``. Directions at or below the rank cutoff stay zero, and
+    the level is the mean over the kept ones, so a low-rank sum keeps its total instead of spreading it over
+    directions that are rounding noise."""
     u, s, vh = torch.linalg.svd(task_vectors.sum(dim=0), full_matrices=False)
     live = _live(s, rank_cutoff(s[0], tuple(task_vectors.shape[1:]), s.dtype, tolerance))
-    return (u * (s.mean() * live)) @ vh
+    return (u * (_mean_over(s, live) * live)) @ vh
+
+
+def _mean_over(values: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """The mean singular value over the kept directions: the isotropic level keeps the spectrum's total (for a full
+    rank matrix, the mean of all, as in the paper's code)."""
+    return (values * live).sum() / live.sum().clamp(min=1.0)
 
 
 def iso_cts(task_vectors: torch.Tensor, common_space_fraction: float, tolerance: float | None = None) -> torch.Tensor:
@@ -96,8 +104,8 @@ def iso_cts(task_vectors: torch.Tensor, common_space_fraction: float, tolerance:
     The common part keeps the top ``fraction`` of ``min(out, in)`` directions of the summed task matrices, adjusted
     so that the rest splits evenly between tasks; each task adds the top directions of its matrix with the common
     left subspace projected out. Directions whose singular value is at or below the rank cutoff of the summed
-    matrix (common or task-specific) are dropped; the level is the mean of all the kept positions' values, as in
-    the paper's code.
+    matrix (common or task-specific) are dropped, and the level is the mean over the kept ones (over all of them
+    for full-rank matrices, as in the paper's code).
     """
     n = task_vectors.shape[0]
     k = min(task_vectors.shape[1:])
@@ -122,8 +130,8 @@ def iso_cts(task_vectors: torch.Tensor, common_space_fraction: float, tolerance:
         del ut, st, vht
     left = orthonormal_factor(torch.cat([*lefts, u_common], dim=1))
     right = orthonormal_factor(torch.cat([*rights, vh_common], dim=0))
-    level = torch.cat([*values, s_common]).mean()
-    return (left * (level * torch.cat([*lives, live_common]))) @ right
+    kept = torch.cat([*lives, live_common])
+    return (left * (_mean_over(torch.cat([*values, s_common]), kept) * kept)) @ right
 
 
 def effective_rank(task_vectors: torch.Tensor, tolerance: float | None = None) -> int:
