@@ -97,6 +97,10 @@ class TensorMerge(ABC, Generic[P]):
         """Returns the fused tensor for ``inputs`` (same shape as each expert, compute dtype); methods with
         ``outputs_per_model`` return one per model, stacked on a new first dimension."""
 
+    def notes(self) -> list[str]:
+        """What the method reports about the finished run (one line each), written under the recipe it fused."""
+        return []
+
     def revisit(self) -> set[tuple[str, int]]:
         """Slices, as (tensor name, flat offset), to fuse again once every tensor has been fused.
 

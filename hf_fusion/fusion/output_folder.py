@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from hf_fusion.cards import write_card
@@ -23,17 +24,29 @@ def write_side_files(reference: Path, others: list[Path], dest: Path, dtype: str
         set_config_dtype(dest, TORCH_NAMES[code])
 
 
-def write_recipe(recipe: Recipe, dest: Path) -> None:
+def write_recipe(recipe: Recipe, dest: Path, notes: Sequence[str] = ()) -> None:
+    """The recipe as run, with the method's ``notes`` on the run as comments after it (YAML readers skip them)."""
+    comments = "".join(f"# {line}\n" for line in notes)
     (dest / RECIPE_FILENAME).write_text(
         f"# Fused with hf-fusion {__version__}. Reproduce: hf-fusion merge --config {RECIPE_FILENAME} --output DIR\n"
         + recipe.replace(output=None).to_yaml()  # where it was written is not part of what was fused
+        + (f"# What the method reported:\n{comments}" if comments else "")
     )
 
 
-def seal(atomic: AtomicFolder, temp: Path, recipe: Recipe, *, target: Path, repo_id: str | None) -> list[str]:
-    """Writes the recipe and the card into the finished temporary folder and renames it into place at ``target``
-    (the card's usage snippet loads the repo id, else ``target`` as the user wrote it); returns the file names."""
-    write_recipe(recipe, temp)
+def seal(
+    atomic: AtomicFolder,
+    temp: Path,
+    recipe: Recipe,
+    *,
+    target: Path,
+    repo_id: str | None,
+    notes: Sequence[str] = (),
+) -> list[str]:
+    """Writes the recipe (with the method's notes) and the card into the finished temporary folder and renames it
+    into place at ``target`` (the card's usage snippet loads the repo id, else ``target`` as the user wrote it);
+    returns the file names."""
+    write_recipe(recipe, temp, notes)
     write_card(temp, repo_id=repo_id, load_path=repo_id or str(target))
     files = sorted(os.listdir(temp))
     atomic.commit()

@@ -59,7 +59,10 @@ def fuse_tensor_wise(
                 if recipe.slices:
                     write_layer_config(folder, _runs(recipe, inputs), [s.config for s in inputs.sources])
                 write_tokenizer(inputs.vocabulary, folder)
-            files = seal(atomic, temp, recipe, target=target, repo_id=repo_id)
+            notes = method.notes()
+            for line in notes:
+                log.info("%s: %s", checked.spec.name, line)
+            files = seal(atomic, temp, recipe, target=target, repo_id=repo_id, notes=notes)
     finally:
         for checkpoint in checkpoints:
             checkpoint.close()

@@ -54,14 +54,17 @@ def _live(values: torch.Tensor, cutoff: float) -> torch.Tensor:
     return (values > cutoff).to(values.dtype)
 
 
-def tsv_merge(task_vectors: torch.Tensor, tolerance: float | None = None) -> torch.Tensor:
+def tsv_merge(
+    task_vectors: torch.Tensor, tolerance: float | None = None, kept: list[int] | None = None
+) -> torch.Tensor:
     """TSV-M of one task matrix per model, ``(n, out, in) -> (out, in)`` (Gargiulo et al. 2025, Alg. 1).
 
     Each task keeps its top ``min(out, in) // n`` singular triplets; the concatenated left and right singular
     vectors are orthogonalised and recombined with the kept singular values. Singular values at or below the rank
     cutoff of their task matrix (see the module docstring; exact zeros always) carry no direction, so their vectors
     are dropped before orthogonalising instead of letting an arbitrary basis steer it. When a matrix has fewer
-    singular values than tasks, the budget is zero and the task vectors are averaged.
+    singular values than tasks, the budget is zero and the task vectors are averaged. ``kept`` receives the number
+    of directions kept.
     """
     n = task_vectors.shape[0]
     rank = _rank_budget(tuple(task_vectors.shape[1:]), n)
@@ -78,16 +81,20 @@ def tsv_merge(task_vectors: torch.Tensor, tolerance: float | None = None) -> tor
         right[i * rank : (i + 1) * rank] = vh[:rank] * live[:, None]
         values[i * rank : (i + 1) * rank] = s[:rank] * live
         del u, s, vh
+    if kept is not None:
+        kept.append(int(torch.count_nonzero(values)))
     return (orthonormal_factor(left) * values) @ orthonormal_factor(right)
 
 
-def iso_c(task_vectors: torch.Tensor, tolerance: float | None = None) -> torch.Tensor:
+def iso_c(task_vectors: torch.Tensor, tolerance: float | None = None, kept: list[int] | None = None) -> torch.Tensor:
     """Iso-C: the sum of task matrices with its spectrum flattened to the mean singular value
     (Marczak et al. 2025), ``(n, out, in) -> (out, in)``. Directions at or below the rank cutoff stay zero, and
     the level is the mean over the kept ones, so a low-rank sum keeps its total instead of spreading it over
     directions that are rounding noise."""
     u, s, vh = torch.linalg.svd(task_vectors.sum(dim=0), full_matrices=False)
     live = _live(s, rank_cutoff(s[0], tuple(task_vectors.shape[1:]), s.dtype, tolerance))
+    if kept is not None:
+        kept.append(int(live.sum()))
     return (u * (_mean_over(s, live) * live)) @ vh
 
 
@@ -97,7 +104,12 @@ def _mean_over(values: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
     return (values * live).sum() / live.sum().clamp(min=1.0)
 
 
-def iso_cts(task_vectors: torch.Tensor, common_space_fraction: float, tolerance: float | None = None) -> torch.Tensor:
+def iso_cts(
+    task_vectors: torch.Tensor,
+    common_space_fraction: float,
+    tolerance: float | None = None,
+    kept: list[int] | None = None,
+) -> torch.Tensor:
     """Iso-CTS: a common subspace from the sum plus task-specific directions orthogonal to it, with an isotropic
     spectrum (Marczak et al. 2025, Alg. 1), ``(n, out, in) -> (out, in)``.
 
@@ -130,14 +142,10 @@ def iso_cts(task_vectors: torch.Tensor, common_space_fraction: float, tolerance:
         del ut, st, vht
     left = orthonormal_factor(torch.cat([*lefts, u_common], dim=1))
     right = orthonormal_factor(torch.cat([*rights, vh_common], dim=0))
-    kept = torch.cat([*lives, live_common])
-    return (left * (_mean_over(torch.cat([*values, s_common]), kept) * kept)) @ right
-
-
-def effective_rank(task_vectors: torch.Tensor, tolerance: float | None = None) -> int:
-    """The rank of the summed task matrix at the cutoff the methods use (for the log)."""
-    s = torch.linalg.svdvals(task_vectors.sum(dim=0))
-    return int((s > rank_cutoff(s[0], tuple(task_vectors.shape[1:]), s.dtype, tolerance)).sum())
+    alive = torch.cat([*lives, live_common])
+    if kept is not None:
+        kept.append(int(alive.sum()))
+    return (left * (_mean_over(torch.cat([*values, s_common]), alive) * alive)) @ right
 
 
 def rank_tolerance_field() -> Any:
@@ -184,19 +192,42 @@ class _MatrixMerge(TensorMerge):
 
     elementwise = False
 
+    def __init__(self, params: Any, *, num_models: int, has_base: bool) -> None:
+        super().__init__(params, num_models=num_models, has_base=has_base)
+        self._kept: dict[str, tuple[int, int]] = {}
+
     def scale(self, params: Any) -> float:
         return params.scaling_factor
 
-    def merge_matrix(self, task_vectors: torch.Tensor, params: Any) -> torch.Tensor:
+    def merge_matrix(self, task_vectors: torch.Tensor, params: Any, kept: list[int]) -> torch.Tensor:
         raise NotImplementedError
+
+    def notes(self) -> list[str]:
+        """How many singular directions each matrix kept above the rank cutoff, summarised."""
+        if not self._kept:
+            return []
+        counts = sorted(k for k, _ in self._kept.values())
+        reduced = sorted(name for name, (k, full) in self._kept.items() if k < full)
+        line = (
+            f"directions kept above the rank cutoff, per matrix: min {counts[0]}, median "
+            f"{counts[len(counts) // 2]}, max {counts[-1]} over {len(counts)} matrices"
+        )
+        if reduced:
+            line += f"; {len(reduced)} kept fewer than their full rank (first: {reduced[0]})"
+        return [line]
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         assert inputs.base is not None
         params = self.params_for(inputs)
         tvs = stacked_task_vectors(inputs)
-        if is_matrix(inputs) and log.isEnabledFor(logging.DEBUG):
-            log.debug("%s: effective rank %d", inputs.name, effective_rank(tvs, params.rank_tolerance))
-        merged = self.merge_matrix(tvs, params) if is_matrix(inputs) else tvs.mean(dim=0)
+        if is_matrix(inputs):
+            kept: list[int] = []
+            merged = self.merge_matrix(tvs, params, kept)
+            if kept:
+                self._kept[inputs.name] = (kept[0], min(inputs.full_shape))
+                log.debug("%s: %d of %d directions kept", inputs.name, kept[0], min(inputs.full_shape))
+        else:
+            merged = tvs.mean(dim=0)
         return torch.add(inputs.base, merged, alpha=self.scale(params))
 
 
@@ -204,18 +235,18 @@ class TsvMerging(_MatrixMerge):
     def scale(self, params: Any) -> float:
         return params.alpha
 
-    def merge_matrix(self, task_vectors: torch.Tensor, params: Any) -> torch.Tensor:
-        return tsv_merge(task_vectors, params.rank_tolerance)
+    def merge_matrix(self, task_vectors: torch.Tensor, params: Any, kept: list[int]) -> torch.Tensor:
+        return tsv_merge(task_vectors, params.rank_tolerance, kept)
 
 
 class IsoC(_MatrixMerge):
-    def merge_matrix(self, task_vectors: torch.Tensor, params: Any) -> torch.Tensor:
-        return iso_c(task_vectors, params.rank_tolerance)
+    def merge_matrix(self, task_vectors: torch.Tensor, params: Any, kept: list[int]) -> torch.Tensor:
+        return iso_c(task_vectors, params.rank_tolerance, kept)
 
 
 class IsoCts(_MatrixMerge):
-    def merge_matrix(self, task_vectors: torch.Tensor, params: Any) -> torch.Tensor:
-        return iso_cts(task_vectors, params.common_space_fraction, params.rank_tolerance)
+    def merge_matrix(self, task_vectors: torch.Tensor, params: Any, kept: list[int]) -> torch.Tensor:
+        return iso_cts(task_vectors, params.common_space_fraction, params.rank_tolerance, kept)
 
 
 ISO_PAPER = Paper(

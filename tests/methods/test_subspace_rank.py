@@ -66,3 +66,32 @@ def test_a_tolerance_drops_directions_below_it() -> None:
     tvs = (u * torch.tensor([1.0, 0.5, 1e-3])) @ v.T
     kept = torch.linalg.matrix_rank(iso_c(tvs[None], 1e-2), atol=1e-6)
     assert int(kept) == 2 and int(torch.linalg.matrix_rank(iso_c(tvs[None]), atol=1e-6)) == 3
+
+
+def test_the_recipe_records_the_directions_each_matrix_kept(tmp_path) -> None:  # noqa: ANN001
+    """A LoRA-like pool: rank-2 updates of 16 x 12 matrices; Iso-C keeps at most 2 x 3 directions per matrix."""
+    from safetensors.torch import save_file
+
+    import hf_fusion
+    from hf_fusion.recipe import RECIPE_FILENAME, Recipe
+
+    g = torch.Generator().manual_seed(4)
+    base = {"a.weight": torch.randn(16, 12, generator=g), "b.weight": torch.randn(12, 16, generator=g)}
+    (tmp_path / "base").mkdir()
+    save_file(base, tmp_path / "base" / "model.safetensors")
+    experts = []
+    for i in range(3):
+        moved = {
+            k: v + torch.randn(v.shape[0], 2, generator=g) @ torch.randn(2, v.shape[1], generator=g)
+            for k, v in base.items()
+        }
+        (tmp_path / f"ft{i}").mkdir()
+        save_file(moved, tmp_path / f"ft{i}" / "model.safetensors")
+        experts.append(str(tmp_path / f"ft{i}"))
+    hf_fusion.merge(
+        models=experts, base=str(tmp_path / "base"), method="iso_c", output=tmp_path / "out", show_progress=False
+    )
+    text = (tmp_path / "out" / RECIPE_FILENAME).read_text()
+    assert "# directions kept above the rank cutoff, per matrix: min 6, median 6, max 6 over 2 matrices" in text
+    assert "2 kept fewer than their full rank" in text
+    assert Recipe.from_yaml(tmp_path / "out" / RECIPE_FILENAME).method == "iso_c"  # the notes are comments
