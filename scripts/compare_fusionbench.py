@@ -24,21 +24,12 @@ from pathlib import Path
 
 import torch
 import transformers
-from bench_merge import FUSION_BENCH_RUNNER
+from bench_merge import FUSION_BENCH_METHODS, FUSION_BENCH_RUNNER
 from safetensors.torch import load_file
 
 import hf_fusion
 
-METHODS = [
-    "task_arithmetic",
-    "ties_merging",
-    "tsv_merging",
-    "iso_c",
-    "iso_cts",
-    "magmax",
-    "model_stock",
-    "wudi_merging",
-]
+METHODS = sorted(FUSION_BENCH_METHODS - {"simple_average"}) + ["wudi_merging"]  # WUDI is quick at this size
 EXPERTS = 3
 LORA_RANK = 2
 

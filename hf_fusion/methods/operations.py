@@ -10,6 +10,7 @@ elements whether the engine reads a tensor whole or in slices, on any device.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -111,7 +112,7 @@ def random_drop(
 
 # Masks as 0/1 floats: on CPUs torch's boolean-mask kernels (masked_fill, where, multiplying by a bool tensor) run
 # several times slower than sign, clamp, add and mul. Each formula below gives the same values for finite inputs
-# (a signed zero may come out as +0.0); ``choose`` needs both candidates finite.
+# (a signed zero may come out as +0.0).
 
 
 def at_least(values: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
@@ -120,8 +121,11 @@ def at_least(values: torch.Tensor, threshold: torch.Tensor | float) -> torch.Ten
 
 
 def choose(where: torch.Tensor, if_one: torch.Tensor, if_zero: torch.Tensor) -> torch.Tensor:
-    """``if_one`` where the 0/1 mask ``where`` is 1, else ``if_zero``: exact, since x*1 + y*0 == x for finite y."""
-    return torch.addcmul(if_zero * (1.0 - where), if_one, where)
+    """``if_one`` where the 0/1 mask ``where`` is 1, else ``if_zero``: exact, since x*1 + y*0 == x for finite y.
+    Where a candidate is infinite (a sum that overflowed), ``torch.where`` decides instead, so inf stays inf."""
+    if math.isfinite(float(if_one.sum())) and math.isfinite(float(if_zero.sum())):
+        return torch.addcmul(if_zero * (1.0 - where), if_one, where)
+    return torch.where(where > 0, if_one, if_zero)
 
 
 def drop_ties(values: torch.Tensor, ties: torch.Tensor, keep: int) -> torch.Tensor:

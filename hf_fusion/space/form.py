@@ -38,6 +38,19 @@ class _NoAliasLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
+def load_visitor_yaml(text: str, what: str) -> Any:
+    """YAML a visitor typed: at most :data:`MAX_RECIPE_CHARS`, safe, without aliases; every failure a RecipeError
+    that names ``what`` was being read."""
+    if len(text) > MAX_RECIPE_CHARS:
+        raise RecipeError(f"{what}: {len(text):,} characters long; at most {MAX_RECIPE_CHARS:,} are accepted.")
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader without aliases
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{what} is not valid YAML: {err}") from None
+    except RecursionError:
+        raise RecipeError(f"{what} nests too deeply.") from None
+
+
 @dataclass(frozen=True)
 class ParamSlot:
     """Where one method parameter sits in the flat list of form widgets."""
@@ -133,14 +146,7 @@ def per_layer_values(spec: MethodSpec, text: str | None) -> dict[str, Any]:
     text = (text or "").strip()
     if not text:
         return {}
-    if len(text) > MAX_RECIPE_CHARS:
-        raise RecipeError(f"the per-layer values are {len(text):,} characters long; at most {MAX_RECIPE_CHARS:,}.")
-    try:
-        data = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader without aliases
-    except yaml.YAMLError as err:
-        raise RecipeError(f"the per-layer values are not valid YAML: {err}") from None
-    except RecursionError:
-        raise RecipeError("the per-layer values nest too deeply.") from None
+    data = load_visitor_yaml(text, "the per-layer values")
     if not isinstance(data, dict):
         raise RecipeError("the per-layer values must be a YAML mapping, e.g. `t: [0, 0.5, 1]`.")
     known = [p.name for p in spec.parameters()]
@@ -216,14 +222,7 @@ def to_yaml(fields: dict[str, Any]) -> str:
 
 def parse_recipe_yaml(text: str) -> dict[str, Any]:
     """The YAML box as a recipe mapping; the Space chooses the output folder, so ``output`` is dropped."""
-    if len(text or "") > MAX_RECIPE_CHARS:
-        raise RecipeError(f"the recipe is {len(text):,} characters long; at most {MAX_RECIPE_CHARS:,} are accepted.")
-    try:
-        data = yaml.load(text or "", Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader without aliases
-    except yaml.YAMLError as err:
-        raise RecipeError(f"the recipe is not valid YAML: {err}") from None
-    except RecursionError:
-        raise RecipeError("the recipe nests too deeply.") from None
+    data = load_visitor_yaml(text or "", "the recipe")
     if not isinstance(data, dict):
         raise RecipeError("the recipe must be a YAML mapping with at least `method` and `models` (or `pool`).")
     data.pop("output", None)

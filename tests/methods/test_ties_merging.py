@@ -201,3 +201,11 @@ def test_float64_task_vectors_keep_the_count_of_their_float32_ranking(tmp_path: 
     )
     kept = int((ref.load_state(tmp_path / "out")["w"] != 0).sum())
     assert kept == (200 if keep_count == "exact" else 1000)  # exact: floor(0.2 x 1000); paper keeps every tie
+
+
+def test_a_sum_that_overflows_stays_infinite_where_it_is_not_chosen() -> None:
+    """The float-mask selection must not turn inf x 0 into NaN: the engine would report NaN from finite inputs."""
+    trimmed = torch.tensor([[3e38], [3e38], [-3e38], [-3e38]])
+    sign = torch.tensor([1.0])
+    merged = disjoint_merge(trimmed, sign, "sum")
+    assert merged.tolist() == [float("inf")]

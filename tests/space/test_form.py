@@ -45,10 +45,10 @@ def test_every_parameter_gets_a_widget_matching_its_registry_entry() -> None:
             assert lo <= slot.info.default <= hi
 
 
-@pytest.mark.parametrize("method", [m.name for m in all_methods()])
-def test_the_default_form_is_a_valid_recipe_for_every_method(method: str) -> None:
+def _form(method: str, per_layer: dict[str, str] | None = None) -> dict:
+    """The recipe of the default form on the built-in pool, with the given per-layer boxes."""
     slots = param_slots(all_methods())
-    fields = recipe_fields(
+    return recipe_fields(
         source=POOL_SOURCE,
         pool=get_pool("minilm-text3"),
         models_text="",
@@ -57,7 +57,13 @@ def test_the_default_form_is_a_valid_recipe_for_every_method(method: str) -> Non
         dtype="auto",
         slots=slots,
         values=[s.info.default for s in slots],
+        per_layer=per_layer,
     )
+
+
+@pytest.mark.parametrize("method", [m.name for m in all_methods()])
+def test_the_default_form_is_a_valid_recipe_for_every_method(method: str) -> None:
+    fields = _form(method)
     recipe = as_recipe(yaml.safe_load(yaml.safe_dump(fields)), {})
     if method in TWO_MODEL_METHODS:  # a 3-expert pool is the wrong shape for them, and the form says so
         with pytest.raises(RecipeError, match="exactly two models"):
@@ -102,14 +108,18 @@ def test_repo_ids_form_and_typed_values() -> None:
         widget_value(slots[0], "[0.5, ")
 
 
-def test_a_shared_space_refuses_server_paths(tmp_path: Path) -> None:
-    app = SpaceApp(
+def _public_app(tmp_path: Path) -> SpaceApp:
+    return SpaceApp(
         root=tmp_path / "sessions",
         files_root=tmp_path / "files",
         in_space=True,
         allow_local_paths=False,
         limits=SpaceLimits(),
     )
+
+
+def test_a_shared_space_refuses_server_paths(tmp_path: Path) -> None:
+    app = _public_app(tmp_path)
     for recipe in (
         f"method: simple_average\nmodels: [{tmp_path}]\n",
         "method: simple_average\nmodels: [/etc]\n",
@@ -122,21 +132,6 @@ def test_a_shared_space_refuses_server_paths(tmp_path: Path) -> None:
     assert settings.metrics == "bundled"
     assert [m.path for m in recipe.models] == [f"builtin:minilm-text3/{t}" for t in tasks]
     assert not (tmp_path / "sessions").exists() and not (tmp_path / "files").exists()  # nothing made for checks
-
-
-def _form(method: str, per_layer: dict[str, str]) -> dict:
-    slots = param_slots(all_methods())
-    return recipe_fields(
-        source=POOL_SOURCE,
-        pool=get_pool("minilm-text3"),
-        models_text="",
-        base="",
-        method=method,
-        dtype="auto",
-        slots=slots,
-        values=[s.info.default for s in slots],
-        per_layer=per_layer,
-    )
 
 
 def test_the_per_layer_box_enters_gradients_and_conditions_that_resolve_per_tensor() -> None:
@@ -173,13 +168,7 @@ def test_the_per_layer_box_refuses_what_is_not_a_parameter_setting() -> None:
 
 
 def test_the_space_form_reads_the_chosen_methods_per_layer_box(tmp_path: Path) -> None:
-    app = SpaceApp(
-        root=tmp_path / "sessions",
-        files_root=tmp_path / "files",
-        in_space=True,
-        allow_local_paths=False,
-        limits=SpaceLimits(),
-    )
+    app = _public_app(tmp_path)
     boxes = {spec.name: "" for spec in app.per_layer_specs}
     boxes["slerp"] = "t: [0, 0.5, 0.3, 0.7, 1]"
     defaults = [s.info.default for s in app.slots]
