@@ -19,6 +19,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
 
 from hf_fusion.errors import FusionError
+from hf_fusion.pipeline_files import MODEL_INDEX
 from hf_fusion.recipe import RECIPE_FILENAME, ModelRef, Recipe
 from hf_fusion.registry import get_method
 from hf_fusion.reports.report import EvaluationReport
@@ -60,6 +61,34 @@ def task_of(config: dict[str, Any] | None) -> tuple[str | None, str]:
             if archs[0] in names:
                 return tag, auto_class
     return None, "AutoModel"
+
+
+COMPARISON_IMAGE = "comparison.png"
+"""A picture grid (prompts x models) that ``hf-fusion compare-images`` wrote into a fused pipeline's folder."""
+
+
+def pipeline_task(class_name: str) -> str:
+    """The Hub pipeline tag of a diffusers pipeline class."""
+    if "Img2Img" in class_name or "Inpaint" in class_name:
+        return "image-to-image"
+    return "text-to-image"
+
+
+def pipeline_usage(load_path: str) -> dict[str, str]:
+    """The card's Usage section for a pipeline folder: diffusers loads it as it is."""
+    code = "\n".join(
+        [
+            "from diffusers import DiffusionPipeline",
+            "",
+            f"pipe = DiffusionPipeline.from_pretrained({json.dumps(load_path)})",
+            'image = pipe("a photo of a cat").images[0]',
+            'image.save("cat.png")',
+        ]
+    )
+    return {
+        "install": "It needs diffusers, transformers and PyTorch only: `pip install diffusers transformers torch`.",
+        "code": code,
+    }
 
 
 def license_of(ref: ModelRef) -> str | None:
@@ -189,6 +218,8 @@ def reproduce_command(recipe: Recipe, output: str, *, repo_id: str | None = None
         args += ["--tokenizer", recipe.tokenizer]
     if recipe.chat_template:
         args += ["--chat-template", recipe.chat_template]
+    if recipe.components:
+        args += ["--components", ",".join(recipe.components)]
     args += ["--output", output]
     return " ".join(shlex.quote(a) for a in args)
 
@@ -260,12 +291,17 @@ def build_card(
     licenses: Sequence[str | None] = (),
     subfolders: Sequence[str] = (),
     tokenizer: bool = False,
+    pipeline: str | None = None,
+    comparison: bool = False,
 ) -> ModelCard:
     """Renders the card of a fused model; ``licenses`` are the inputs' licenses, in any order. ``subfolders`` name
     the models of a method that fuses one model per input (each loads with ``subfolder=``); ``tokenizer`` says the
     output holds a tokenizer, which the usage snippet then loads too."""
     spec = get_method(recipe.method)
     tag, auto_class = task_of(config)
+    library = "transformers" if tag is not None else None
+    if pipeline is not None:
+        tag, library = pipeline_task(pipeline), "diffusers"
     inputs = [r for r in [recipe.base, *recipe.models] if r is not None]
     hub_inputs = list(dict.fromkeys(r.path for r in inputs if not r.is_local))
     license_ = licenses[0] if licenses and all(lic and lic == licenses[0] for lic in licenses) else "unknown"
@@ -274,7 +310,7 @@ def build_card(
     evaluation = _evaluation_table(report) if report is not None else None
     data = ModelCardData(
         base_model=hub_inputs or None,
-        library_name="transformers" if tag is not None else None,
+        library_name=library,
         pipeline_tag=tag,
         license=license_,
         tags=["merge", "hf-fusion", spec.name],
@@ -300,9 +336,14 @@ def build_card(
         dtype=recipe.dtype,
         exclude=recipe.exclude,
         evaluation=evaluation,
-        usage=usage_snippet(
+        usage=pipeline_usage(load_path)
+        if pipeline is not None
+        else usage_snippet(
             config, load_path=load_path, auto_class=auto_class, subfolders=subfolders, tokenizer=tokenizer
         ),
+        pipeline=pipeline,
+        components=recipe.components,
+        comparison=COMPARISON_IMAGE if comparison else None,
         install_hint=install_hint(),
         command=reproduce_command(recipe, f"./{model_name}", repo_id=repo_id, folder=load_path),
         recipe_yaml=recipe.to_yaml().rstrip(),
@@ -333,7 +374,9 @@ def write_card(folder: Path, *, repo_id: str | None = None, load_path: str | Non
             f"{folder} has no {RECIPE_FILENAME}: it was not made by hf-fusion, so no card can be written."
         )
     recipe = Recipe.from_yaml(recipe_path)
-    subfolders = model_subfolders(folder)
+    index_path = folder / MODEL_INDEX
+    pipeline = json.loads(index_path.read_text()).get("_class_name") if index_path.is_file() else None
+    subfolders = model_subfolders(folder) if pipeline is None else []
     model_folder = folder / (subfolders[0] if subfolders else ".")
     config_path = model_folder / "config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else None
@@ -347,6 +390,8 @@ def write_card(folder: Path, *, repo_id: str | None = None, load_path: str | Non
         licenses=[license_of(r) for r in inputs],
         subfolders=subfolders,
         tokenizer=(model_folder / TOKENIZER_FILENAME).is_file(),
+        pipeline=pipeline,
+        comparison=(folder / COMPARISON_IMAGE).is_file(),
     )
     path = folder / CARD_FILENAME
     path.write_text(str(card) + ("\n" if not str(card).endswith("\n") else ""))

@@ -54,6 +54,10 @@ WRITTEN_FILES = (
     "merging_weights.json",
     "*.safetensors",
     "*.safetensors.index.json",
+    "model_index.json",  # a diffusers pipeline's index, and its scheduler (a component folder)
+    "scheduler_config.json",
+    "comparison.png",  # what `hf-fusion compare-images` drew for the card, and its scores
+    "comparison.json",
 )
 MODULE_CONFIG = "config.json"  # the only file copied from a sentence-transformers module folder (1_Pooling/...)
 

@@ -186,6 +186,9 @@ class Recipe(pydantic.BaseModel):
     chat_template: str | None = None
     """The output's chat template: ``auto`` (the inputs' most common), a model's reference, or a literal Jinja
     template; None keeps the reference model's."""
+    components: list[str] | None = None
+    """For diffusers pipelines: the components to fuse (``unet``, ``text_encoder``...); the others are copied from
+    the base (or the first model). None fuses every component that holds weights."""
     allow_nonfinite: bool = False
     """Fuse tensors holding NaN or infinities instead of refusing them (they are carried through to the output)."""
     clamp_overflow: bool = False
@@ -270,6 +273,8 @@ class Recipe(pydantic.BaseModel):
             data["tokenizer"] = self.tokenizer
         if self.chat_template:
             data["chat_template"] = self.chat_template
+        if self.components:
+            data["components"] = list(self.components)
         if self.device != "cpu":
             data["device"] = self.device
         if self.output:

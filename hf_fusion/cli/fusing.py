@@ -101,6 +101,12 @@ def register(sub: Any) -> None:
         "--max-shard-size", type=size_argument, default=None, metavar="SIZE", help="largest output shard (default 5GB)"
     )
     add_tokenizer_options(merge)
+    merge.add_argument(
+        "--components",
+        type=comma_list,
+        metavar="C1,C2",
+        help="diffusers pipelines: fuse only these components (unet,text_encoder...); the rest come from the base",
+    )
     merge.add_argument("--pool", help="a catalog pool (see `hf-fusion pools`) or pool file: its base, experts, heads")
     merge.add_argument(
         "--tasks", type=comma_list, metavar="T1,T2", help="only these tasks (and their experts) of the pool"
@@ -149,6 +155,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         tasks=args.tasks,
         tokenizer=args.tokenizer,
         chat_template=args.chat_template,
+        components=args.components,
         evaluate=eval_settings(args) if args.evaluate else False,
         overwrite=args.overwrite,
         allow_pickle=args.allow_pickle,

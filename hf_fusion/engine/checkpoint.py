@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import struct
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -277,7 +278,7 @@ def choose_weight_files(names: list[str]) -> tuple[str, list[str], str | None]:
     theirs differently), then pickles. With an index, ``files`` is empty: the index lists the shards. Only top-level
     files count.
     """
-    top = sorted(n for n in names if "/" not in n)
+    top = _without_variants(sorted(n for n in names if "/" not in n))
     for kind, suffix, preferred_index, preferred in (
         ("safetensors", ".safetensors", "model.safetensors.index.json", "model.safetensors"),
         ("pickle", ".bin", "pytorch_model.bin.index.json", "pytorch_model.bin"),
@@ -286,7 +287,7 @@ def choose_weight_files(names: list[str]) -> tuple[str, list[str], str | None]:
             return kind, [], preferred_index
         if preferred in top:
             return kind, [preferred], None
-        indexes = [n for n in top if n.endswith(f"{suffix}.index.json")]
+        indexes = [n for n in top if n.endswith(f"{suffix}.index.json") or f"{suffix}.index." in n]
         if len(indexes) == 1:
             return kind, [], indexes[0]
         suffixes = (suffix,) if kind == "safetensors" else PICKLE_SUFFIXES
@@ -298,6 +299,29 @@ def choose_weight_files(names: list[str]) -> tuple[str, list[str], str | None]:
                 f"several {kind} weight files and no index to tell them apart ({', '.join(indexes or files)})."
             )
     raise CheckpointError("no weights found (looked for *.safetensors and *.bin).")
+
+
+_VARIANT_FILE = re.compile(r"^[^.]+\.(?P<variant>[A-Za-z0-9_]+)(?:-\d+-of-\d+)?\.(?:safetensors|bin)$")
+_VARIANT_INDEX = re.compile(r"^[^.]+\.(?:safetensors|bin)\.index\.(?P<variant>[A-Za-z0-9_]+)\.json$")
+
+
+def weight_variant(name: str) -> str | None:
+    """The variant a weight file belongs to (``fp16`` for ``diffusion_pytorch_model.fp16.safetensors`` and
+    ``...safetensors.index.fp16.json``), or None for plain weights."""
+    match = _VARIANT_FILE.match(name) or _VARIANT_INDEX.match(name)
+    return match.group("variant") if match else None
+
+
+def _without_variants(names: list[str]) -> list[str]:
+    """The plain weights when a folder also holds variants (``fp16`` copies beside full precision, as diffusers
+    saves them); a folder holding only one variant is read from it."""
+    weights = [n for n in names if n.endswith((".safetensors", ".bin", ".json")) and weight_variant(n) is not None]
+    if not weights:
+        return names
+    plain = [n for n in names if weight_variant(n) is None and n.endswith((".safetensors", ".bin"))]
+    if plain or len({weight_variant(n) for n in weights}) > 1:
+        return [n for n in names if n not in weights]
+    return names
 
 
 def read_weight_map(index: Path) -> dict[str, str]:

@@ -29,6 +29,7 @@ from hf_fusion.fusion.evaluate import evaluate_fused
 from hf_fusion.fusion.inputs import check_output_is_not_an_input
 from hf_fusion.fusion.model_wise import fuse_model_wise
 from hf_fusion.fusion.options import FusionOptions
+from hf_fusion.fusion.pipelines import fuse_pipeline, is_pipeline, pipeline_ref
 from hf_fusion.fusion.result import MergeResult
 from hf_fusion.fusion.tensor_wise import fuse_tensor_wise
 from hf_fusion.fusion.validate import ValidatedRecipe, as_recipe, validate_recipe
@@ -57,6 +58,7 @@ def merge(
     tasks: list[str] | None = None,
     tokenizer: str | None = None,
     chat_template: str | None = None,
+    components: list[str] | None = None,
     evaluate: EvalSettings | bool = False,
     overwrite: bool = False,
     allow_pickle: bool = False,
@@ -76,7 +78,8 @@ def merge(
     ``merge(recipe)`` takes a :class:`Recipe`, a YAML path or a mapping; ``merge(models=[...], base=..., method=...,
     output=..., **params)`` builds one from keywords (keywords also override a given recipe). ``tokenizer`` (``base``,
     ``union`` or a model) and ``chat_template`` (``auto``, a model or a Jinja template) fuse models whose
-    vocabularies differ and choose the output's chat template. Models are local
+    vocabularies differ and choose the output's chat template. ``components`` limits which components of diffusers pipelines are fused
+    (the others come from the base). Models are local
     folders or Hub repo ids (``org/name@revision``). ``push`` is a repo id or a :class:`PushTarget`; without
     ``output`` the fused folder is then built in a temporary folder, removed after a successful push.
     ``mixed_precision`` (``no``, ``fp16``, ``bf16``) is the autocast dtype of test-time adaptation (AdaMerging,
@@ -96,6 +99,7 @@ def merge(
         "tasks": tasks,
         "tokenizer": tokenizer,
         "chat_template": chat_template,
+        "components": components,
         "parameters": parameters,
         "allow_nonfinite": allow_nonfinite,
         "clamp_overflow": clamp_overflow,
@@ -155,8 +159,16 @@ def run_fusion(
     the current one); or through the streaming engine, on the main process, whose result (or error) every process
     gets."""
     runtime = runtime or current()
+    pipeline = runtime.on_main(lambda: is_pipeline(pipeline_ref(checked), token=options.token))
     if checked.spec.kind is MethodKind.MODEL_WISE:
+        if pipeline:
+            raise RecipeError(
+                f"{checked.spec.name} works on whole transformers models; diffusers pipelines take the data-free "
+                "tensor-wise methods (see `hf-fusion methods`)."
+            )
         return fuse_model_wise(checked, target, options, repo_id=repo_id, runtime=runtime)
+    if pipeline:
+        return runtime.on_main(lambda: fuse_pipeline(checked, target, options, repo_id=repo_id))
     return runtime.on_main(lambda: fuse_tensor_wise(checked, target, options, repo_id=repo_id))
 
 

@@ -51,7 +51,7 @@ def fuse_tensor_wise(
         atomic = AtomicFolder(target, overwrite=options.overwrite)
         with atomic as temp:
             folders = _model_folders(temp, recipe, method.outputs_per_model)
-            _write_weights(engine, plan, folders, checked.spec.name, options)
+            write_weights(engine, plan, folders, checked.spec.name, options)
             sources = [s.folder for s in inputs.sources]
             others = [sources[i] for i in ([plan.base] if plan.base is not None else []) + plan.experts]
             for folder in folders:
@@ -164,7 +164,7 @@ def _engine(
     )
 
 
-def _write_weights(
+def write_weights(
     engine: StreamingEngine, plan: FusionPlan, folders: list[Path], method_name: str, options: FusionOptions
 ) -> None:
     """Runs the engine into one sharded writer per output folder; a failure leaves no partial shard."""
@@ -193,7 +193,7 @@ def _write_weights(
 def output_stem(plan: FusionPlan) -> str:
     """Output weights keep the reference's file stem (``diffusion_pytorch_model``...), but dense transformers
     weights are always ``model`` (inputs may be pickles or adapters)."""
-    stem = plan.checkpoints[plan.reference].weights_stem
+    stem = plan.checkpoints[plan.reference].weights_stem.split(".")[0]  # a variant (``.fp16``) is not kept
     return "model" if stem in ("pytorch_model", "adapter_model", "") else stem
 
 

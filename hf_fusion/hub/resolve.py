@@ -47,16 +47,20 @@ class HubModel:
     fetch_revision: str = "main"
     """What to download by: the user's branch or tag (so the cache learns the ref, for offline use), or the commit
     when the recipe pinned one."""
+    subfolder: str = ""
+    """The pipeline component this model is (``unet``), whose files live in that folder of the repo."""
 
     @property
     def download_files(self) -> list[str]:
-        """Weights, their index, config/tokenizer files and the card (read for the license, never copied)."""
+        """Weights, their index, config/tokenizer files and the card (read for the license, never copied); paths
+        in the repo."""
         wanted = set(self.weight_files) | {n for n in self.sizes if is_side_file(n)}
         if self.index_file:
             wanted.add(self.index_file)
-        if "README.md" in self.sizes:
+        if "README.md" in self.sizes and not self.subfolder:
             wanted.add("README.md")
-        return sorted(wanted)
+        prefix = f"{self.subfolder}/" if self.subfolder else ""
+        return sorted(prefix + n for n in wanted)
 
     def missing_bytes(self) -> int:
         """Bytes still to download: files of this commit that the cache does not hold yet."""
@@ -64,7 +68,7 @@ class HubModel:
         for name in self.download_files:
             cached = try_to_load_from_cache(self.ref.path, name, revision=self.ref.commit)
             if not isinstance(cached, str):
-                total += self.sizes.get(name) or 0
+                total += self.sizes.get(name[len(self.subfolder) + 1 :] if self.subfolder else name) or 0
         return total
 
 
@@ -80,15 +84,43 @@ def _with_retries(call: Callable[[], T], attempts: int = 4, first_wait: float = 
     raise AssertionError("unreachable")
 
 
-def resolve_hub_model(ref: ModelRef, *, token: str | None, allow_pickle: bool) -> HubModel:
-    """Pins ``ref`` to a commit and reads its config and weight headers; raises before any weight is downloaded."""
-    api = HfApi()
-    label = str(ref)
+@dataclass(frozen=True)
+class HubListing:
+    """A Hub repo pinned to a commit, with the size of every file: what one ``model_info`` call says."""
+
+    ref: ModelRef
+    sizes: dict[str, int]
+
+
+def list_hub_repo(ref: ModelRef, *, token: str | None) -> HubListing:
+    """Pins ``ref`` to a commit and lists its files (no file is read)."""
     with hub_errors(ref.path, ref.pinned, "read"):
-        info = api.model_info(ref.path, revision=ref.pinned, files_metadata=True, token=token)
-        sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
-        commit = info.sha
-        pinned = ref.model_copy(update={"commit": commit})
+        info = HfApi().model_info(ref.path, revision=ref.pinned, files_metadata=True, token=token)
+    sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
+    return HubListing(ref.model_copy(update={"commit": info.sha}), sizes)
+
+
+def resolve_hub_model(
+    ref: ModelRef,
+    *,
+    token: str | None,
+    allow_pickle: bool,
+    listing: HubListing | None = None,
+    subfolder: str = "",
+) -> HubModel:
+    """Pins ``ref`` to a commit and reads its config and weight headers; raises before any weight is downloaded.
+
+    ``subfolder`` reads one component of a diffusers pipeline (``unet``) as a model of its own, from the
+    ``listing`` of the whole repo when the caller has it already.
+    """
+    listing = listing or list_hub_repo(ref, token=token)
+    prefix = f"{subfolder}/" if subfolder else ""
+    label = f"{ref}:{subfolder}" if subfolder else str(ref)
+    with hub_errors(ref.path, ref.pinned, "read"):
+        api = HfApi()
+        sizes = {n[len(prefix) :]: size for n, size in listing.sizes.items() if n.startswith(prefix)}
+        pinned = listing.ref
+        commit = pinned.commit
         try:
             kind, files, index = choose_weight_files(list(sizes))
         except CheckpointError as err:
@@ -98,11 +130,15 @@ def resolve_hub_model(ref: ModelRef, *, token: str | None, allow_pickle: bool) -
                 f"{label}: weights are a pickle ({(files or [index])[0]}), which can run arbitrary code when loaded. "
                 "Use a safetensors revision of the model, or pass --allow-pickle (allow_pickle=True) if you trust it."
             )
-        config = _json_file(ref.path, "config.json", commit, token) if "config.json" in sizes else None
-        adapter = _json_file(ref.path, "adapter_config.json", commit, token) if "adapter_config.json" in sizes else None
+        config = _json_file(ref.path, prefix + "config.json", commit, token) if "config.json" in sizes else None
+        adapter = (
+            _json_file(ref.path, prefix + "adapter_config.json", commit, token)
+            if "adapter_config.json" in sizes
+            else None
+        )
         weight_map: dict[str, str] | None = None
         if index is not None:
-            index_path = hf_hub_download(ref.path, index, revision=commit, token=token)
+            index_path = hf_hub_download(ref.path, prefix + index, revision=commit, token=token)
             weight_map = json.loads(Path(index_path).read_text()).get("weight_map") or {}
             files = list(dict.fromkeys(weight_map.values()))
             missing = [f for f in files if f not in sizes]
@@ -114,7 +150,9 @@ def resolve_hub_model(ref: ModelRef, *, token: str | None, allow_pickle: bool) -
             for name in files:
                 try:
                     meta = _with_retries(
-                        lambda: api.parse_safetensors_file_metadata(ref.path, name, revision=commit, token=token)
+                        lambda: api.parse_safetensors_file_metadata(
+                            ref.path, prefix + name, revision=commit, token=token
+                        )
                     )
                 except SafetensorsParsingError as err:
                     raise CheckpointError(f"{label}: {name} is not a valid safetensors file ({err}).") from None
@@ -132,7 +170,7 @@ def resolve_hub_model(ref: ModelRef, *, token: str | None, allow_pickle: bool) -
                     )  # type: ignore[operator]
             headers = HeaderCheckpoint(label, entries, [Path(f) for f in files])
     fetch_revision = ref.commit or ref.revision or "main"
-    return HubModel(pinned, sizes, kind, files, index, config, headers, adapter, fetch_revision)
+    return HubModel(pinned, sizes, kind, files, index, config, headers, adapter, fetch_revision, subfolder)
 
 
 def _json_file(repo_id: str, filename: str, commit: str, token: str | None) -> dict[str, Any]:
@@ -150,8 +188,9 @@ def download_tokenizer(model: HubModel, *, token: str | None) -> Path | None:
         return Path(snapshot_download(model.ref.path, revision=model.ref.commit, allow_patterns=names, token=token))
 
 
-def download(model: HubModel, *, token: str | None, show_progress: bool) -> Path:
-    """Fetches exactly the files the fusion needs, at the pinned commit, into the shared Hugging Face cache."""
+def download(model: HubModel, *, token: str | None, show_progress: bool, extra_files: tuple[str, ...] = ()) -> Path:
+    """Fetches exactly the files the fusion needs (and ``extra_files``, repo paths), at the pinned commit, into
+    the shared Hugging Face cache; returns the snapshot folder (the repo's root, also for a component)."""
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     silence = not show_progress and not are_progress_bars_disabled()
@@ -161,7 +200,10 @@ def download(model: HubModel, *, token: str | None, show_progress: bool) -> Path
         try:
             folder = Path(
                 snapshot_download(
-                    model.ref.path, revision=model.fetch_revision, allow_patterns=model.download_files, token=token
+                    model.ref.path,
+                    revision=model.fetch_revision,
+                    allow_patterns=[*model.download_files, *extra_files],
+                    token=token,
                 )
             )
         finally:

@@ -74,7 +74,7 @@ SPEC = register(
         base=BaseUse.REQUIRED,
         implementation=TaskArithmetic,
         params_model=TaskArithmeticParams,
-        aliases=("ta", "task_vectors", "task_vector_arithmetic"),
+        aliases=("ta", "task_vectors", "task_vector_arithmetic", "add_difference"),
         check_pool=_check,
         paper=Paper("Editing models with task arithmetic (Ilharco et al., 2023)", "https://arxiv.org/abs/2212.04089"),
     )

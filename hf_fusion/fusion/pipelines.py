@@ -1,0 +1,465 @@
+"""Diffusers pipelines: each weight component fused by the streaming engine, the other parts copied, one folder.
+
+A pipeline input is a folder or Hub repo with ``model_index.json``. Its weight components (UNet or transformer,
+text encoders, VAE) are each a model of their own; every fused component gets its own plan and runs through the
+same engine, methods and per-tensor parameters as a transformers model (per-tensor filters and gradients see
+``component.tensor`` names, so ``down_blocks`` or ``text_encoder.`` pick blocks and components). Scheduler,
+tokenizers and components left out of ``components`` are copied from the reference pipeline: the base when the
+recipe names one, else the first model. LoRAs for the base pipeline (diffusers/peft or kohya files) are read as
+the dense components they make with the base, through diffusers' own format converters.
+
+Everything is checked from metadata before any weight moves: the pipeline classes, that every input has each fused
+component with the same class, and the components' tensor names and shapes (remote headers for Hub pipelines).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from huggingface_hub import hf_hub_download, snapshot_download
+
+from hf_fusion.catalog import BUILTIN_PREFIX
+from hf_fusion.engine.checkpoint import Checkpoint, open_checkpoint
+from hf_fusion.engine.dtypes import TORCH_NAMES
+from hf_fusion.engine.layers import layer_positions
+from hf_fusion.engine.plan import FusionPlan, build_plan, check_headers
+from hf_fusion.engine.stream import StreamingEngine
+from hf_fusion.errors import CheckpointError, IncompatibleModelsError, RecipeError
+from hf_fusion.fusion.options import FusionOptions
+from hf_fusion.fusion.output_folder import seal
+from hf_fusion.fusion.result import MergeResult
+from hf_fusion.fusion.tensor_wise import check_memory, write_weights
+from hf_fusion.fusion.validate import ValidatedRecipe
+from hf_fusion.hub.errors import hub_errors
+from hf_fusion.hub.resolve import HubListing, download, list_hub_repo, resolve_hub_model
+from hf_fusion.model_files import local_folder, read_config, set_config_dtype
+from hf_fusion.output import AtomicFolder, check_free_space
+from hf_fusion.pipeline_files import (
+    MODEL_INDEX,
+    PipelineIndex,
+    copy_component,
+    local_files,
+    parse_model_index,
+    read_model_index,
+    weight_components,
+    write_model_index,
+)
+from hf_fusion.recipe import OUTPUT_DTYPES, ModelRef
+from hf_fusion.sources import Source, is_offline
+
+if TYPE_CHECKING:
+    from hf_fusion.engine.diffusion_lora import LoraFactors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PipelineInput:
+    """One input pipeline: its index and weight components as sources (``folder`` set once it is local)."""
+
+    ref: ModelRef
+    label: str
+    index: PipelineIndex
+    components: dict[str, Source]
+    folder: Path | None = None
+    listing: HubListing | None = None
+
+
+@dataclass(frozen=True)
+class LoraInput:
+    """A LoRA for the base pipeline: its file (local once fetched) and its factors by component and tensor."""
+
+    ref: ModelRef
+    label: str
+    file: Path
+    factors: dict[str, dict[str, LoraFactors]] = field(default_factory=dict)
+
+
+PipelineMember = PipelineInput | LoraInput
+
+
+@dataclass(frozen=True)
+class PipelineInputs:
+    """The resolved inputs of a pipeline fusion: ``base`` (when there is one) and the models, in recipe order."""
+
+    base: PipelineInput | None
+    models: list[PipelineMember]
+    components: list[str]
+    """The components fused, in the reference's index order."""
+
+    @property
+    def reference(self) -> PipelineInput:
+        if self.base is not None:
+            return self.base
+        first = self.models[0]
+        assert isinstance(first, PipelineInput)
+        return first
+
+
+def pipeline_ref(checked: ValidatedRecipe) -> ModelRef:
+    """The model that says whether this is a pipeline fusion: the base, else the first model."""
+    return checked.recipe.base or checked.recipe.models[0]
+
+
+def is_pipeline(ref: ModelRef, *, token: str | None) -> bool:
+    """Whether ``ref`` is a diffusers pipeline (``model_index.json``), from a local stat or the repo's listing."""
+    if ref.path.startswith(BUILTIN_PREFIX):
+        return False
+    if ref.is_local:
+        return (local_folder(ref) / MODEL_INDEX).is_file()
+    if is_offline():
+        return _cached_pipeline_folder(ref) is not None
+    return MODEL_INDEX in list_hub_repo(ref, token=token).sizes
+
+
+def resolve_pipeline(ref: ModelRef, *, token: str | None, allow_pickle: bool) -> PipelineInput | None:
+    """Metadata only: the pipeline's index, and each weight component's config and tensor headers; None when
+    ``ref`` is not a pipeline."""
+    label = str(ref)
+    if ref.is_local or is_offline():
+        folder = local_folder(ref) if ref.is_local else _cached_pipeline_folder(ref)
+        if folder is None:
+            return None
+        index = read_model_index(folder, label)
+        if index is None:
+            return None
+        pinned = ref if ref.is_local else ref.model_copy(update={"commit": folder.name})
+        names = weight_components(index, local_files(folder))
+        sources = {c: Source(pinned, f"{label}:{c}", read_config(folder / c), folder / c) for c in names}
+        return PipelineInput(pinned, label, index, sources, folder=folder)
+    listing = list_hub_repo(ref, token=token)
+    if MODEL_INDEX not in listing.sizes:
+        return None
+    with hub_errors(ref.path, listing.ref.commit, "read"):
+        text = Path(hf_hub_download(ref.path, MODEL_INDEX, revision=listing.ref.commit, token=token)).read_text()
+    index = parse_model_index(text, label)
+    sources = {}
+    for name in weight_components(index, listing.sizes):
+        hub = resolve_hub_model(ref, token=token, allow_pickle=allow_pickle, listing=listing, subfolder=name)
+        sources[name] = Source(listing.ref, f"{label}:{name}", hub.config, hub=hub)
+    return PipelineInput(listing.ref, label, index, sources, listing=listing)
+
+
+def _cached_pipeline_folder(ref: ModelRef) -> Path | None:
+    """Offline: the cached snapshot of a pipeline repo, found by its ``model_index.json``."""
+    try:
+        folder = Path(
+            snapshot_download(
+                ref.path, revision=ref.pinned or "main", local_files_only=True, allow_patterns=[MODEL_INDEX]
+            )
+        )
+    except Exception:  # noqa: BLE001 - not in the cache: the regular resolver reports it in its own words
+        return None
+    return folder if (folder / MODEL_INDEX).is_file() else None
+
+
+def resolve_lora(ref: ModelRef, base: PipelineInput, *, token: str | None) -> LoraInput:
+    """A model of a pipeline fusion that is not a pipeline must be a LoRA for the base: its one safetensors file is
+    fetched (LoRAs are small) and converted with diffusers' converter for the base's pipeline class."""
+    from hf_fusion.engine.diffusion_lora import find_lora_file, read_pipeline_lora
+
+    label = str(ref)
+    if ref.is_local:
+        file = find_lora_file(local_folder(ref))
+    else:
+        listing = list_hub_repo(ref, token=token)
+        files = [n for n in listing.sizes if n.endswith(".safetensors") and "/" not in n]
+        if len(files) != 1:
+            raise RecipeError(
+                f"{label} is neither a diffusers pipeline (no {MODEL_INDEX}) nor a LoRA with one safetensors file "
+                f"(it has {len(files)}): every input of a pipeline fusion is a pipeline or a LoRA for the base."
+            )
+        with hub_errors(ref.path, listing.ref.commit, "download"):
+            file = Path(hf_hub_download(ref.path, files[0], revision=listing.ref.commit, token=token))
+        ref = listing.ref
+    if file is None:
+        raise RecipeError(
+            f"{label} is neither a diffusers pipeline (no {MODEL_INDEX}) nor a LoRA file: every input of a pipeline "
+            "fusion is a pipeline or a LoRA for the base."
+        )
+    factors = read_pipeline_lora(file, base.index.class_name, label)
+    unknown = sorted(set(factors) - set(base.components))
+    if unknown:
+        raise CheckpointError(
+            f"{label}: the LoRA adapts {unknown[0]!r}, which the base pipeline {base.label} does not have: "
+            "is it a LoRA for another base?"
+        )
+    return LoraInput(ref, label, file, factors)
+
+
+def resolve_pipelines(
+    checked: ValidatedRecipe, options: FusionOptions, base: PipelineInput | None = None
+) -> PipelineInputs:
+    """Resolves every input (metadata only) and checks them as pipelines: one class, each fused component in
+    every pipeline with the same class, LoRAs that fit the base."""
+    recipe = checked.recipe
+    _refuse_unsupported(checked)
+    token, pickle = options.token, options.allow_pickle
+    if recipe.base is not None and base is None:
+        base = resolve_pipeline(recipe.base, token=token, allow_pickle=pickle)
+        if base is None:
+            raise RecipeError(f"the base {recipe.base} is not a diffusers pipeline (no {MODEL_INDEX}).")
+    models: list[PipelineMember] = []
+    for ref in recipe.models:
+        found = resolve_pipeline(ref, token=token, allow_pickle=pickle)
+        if found is None:
+            if base is None:
+                raise RecipeError(f"{ref} is not a diffusers pipeline (no {MODEL_INDEX}), unlike {recipe.models[0]}.")
+            found = resolve_lora(ref, base, token=token)
+        models.append(found)
+    pipelines = [p for p in [base, *models] if isinstance(p, PipelineInput)]
+    reference = base or pipelines[0]
+    for other in pipelines:
+        if other.index.class_name != reference.index.class_name:
+            raise IncompatibleModelsError(
+                f"{other.label} is a {other.index.class_name} but {reference.label} is a "
+                f"{reference.index.class_name}: pipelines of different classes cannot be fused."
+            )
+    available = list(reference.components)
+    components = list(recipe.components) if recipe.components else available
+    for name in components:
+        if name not in available:
+            raise RecipeError(
+                f"{reference.label} has no weight component {name!r}; its components are {', '.join(available)}."
+            )
+    if any(isinstance(m, LoraInput) for m in models) and not recipe.components:
+        touched = {c for m in models if isinstance(m, LoraInput) for c in m.factors}
+        if all(isinstance(m, LoraInput) for m in models):
+            components = [c for c in components if c in touched]  # what no LoRA changes stays the base's
+    for pipeline in pipelines:
+        for name in components:
+            if name not in pipeline.components:
+                raise IncompatibleModelsError(
+                    f"{pipeline.label} has no {name!r} component, which {reference.label} has."
+                )
+            if pipeline.index.components.get(name) != reference.index.components.get(name):
+                raise IncompatibleModelsError(
+                    f"{pipeline.label}'s {name!r} is a {pipeline.index.components.get(name)[1]} but "  # type: ignore[index]
+                    f"{reference.label}'s is a {reference.index.components[name][1]}."
+                )
+    return PipelineInputs(base, models, components)
+
+
+def _refuse_unsupported(checked: ValidatedRecipe) -> None:
+    recipe = checked.recipe
+    unsupported = [
+        ("slices", bool(recipe.slices)),
+        ("tokenizer", recipe.tokenizer is not None),
+        ("chat_template", recipe.chat_template is not None),
+        ("heads", bool(recipe.heads)),
+    ]
+    for name, present in unsupported:
+        if present:
+            raise RecipeError(f"{name} applies to transformers models; diffusers pipelines do not take it.")
+
+
+def component_inputs(inputs: PipelineInputs, name: str, uses_base: bool) -> tuple[list[Source], list[int]]:
+    """The sources the fusion of one component reads, ``[base] + models`` (a LoRA is represented by the base's
+    component, which it is applied to), and the positions of the LoRAs among them."""
+    base = [inputs.base.components[name]] if inputs.base is not None else []
+    sources = list(base)
+    loras = []
+    for member in inputs.models:
+        if isinstance(member, LoraInput):
+            loras.append(len(sources))
+            sources.append(inputs.base.components[name])  # type: ignore[union-attr]
+        else:
+            sources.append(member.components[name])
+    return sources, loras
+
+
+def component_checkpoints(
+    inputs: PipelineInputs, name: str, opened: list[Checkpoint], loras: list[int]
+) -> list[Checkpoint]:
+    """``opened`` (base first) with each LoRA position replaced by the base component with the LoRA applied."""
+    if not loras:
+        return list(opened)
+    from hf_fusion.engine.diffusion_lora import LoraDeltaCheckpoint
+
+    lora_members = [m for m in inputs.models if isinstance(m, LoraInput)]
+    out = list(opened)
+    for position, member in zip(loras, lora_members):
+        factors = member.factors.get(name, {})
+        out[position] = LoraDeltaCheckpoint(f"{member.label}:{name}", opened[0], factors)
+    return out
+
+
+def check_components(
+    checked: ValidatedRecipe, inputs: PipelineInputs, options: FusionOptions, elementwise: bool
+) -> None:
+    """From headers, before any download: each component's tensor names and shapes agree, LoRAs fit the base, the
+    method fits in memory, and per-tensor parameters resolve (filters that match no tensor of any component are
+    reported once)."""
+    from hf_fusion.sources import header_checkpoint
+
+    schedule = checked.schedule
+    names: dict[str, float] = {}
+    has_base = inputs.base is not None
+    for name in inputs.components:
+        sources, loras = component_inputs(inputs, name, checked.uses_base)
+        headers = [header_checkpoint(s, allow_pickle=options.allow_pickle) for s in sources]
+        if any(h is None for h in headers):
+            continue
+        headers = component_checkpoints(inputs, name, headers, loras)  # type: ignore[arg-type]
+        read = headers if checked.uses_base or not has_base else headers[1:]
+        check_headers(
+            read,
+            base=0 if checked.uses_base else None,
+            experts=list(range(1 if checked.uses_base else 0, len(read))),
+            uses_base=checked.uses_base,
+            exclude=checked.recipe.exclude,
+            heads=[],
+        )
+        check_memory(headers, elementwise, options.budget_elements)  # type: ignore[arg-type]
+        positions = layer_positions(list(headers[-1].entries))  # type: ignore[union-attr]
+        names.update({f"{name}.{tensor}": at for tensor, at in positions.items()})
+    if schedule.varies:
+        schedule.resolve_all(names)
+
+
+def fetch_pipelines(inputs: PipelineInputs, options: FusionOptions) -> PipelineInputs:
+    """Downloads what each Hub pipeline contributes: every fused component, and for the reference also the parts
+    the output copies (model index, scheduler, tokenizers, components not fused)."""
+    reference = inputs.reference
+
+    def fetched(pipeline: PipelineInput) -> PipelineInput:
+        if pipeline.folder is not None:
+            return pipeline
+        assert pipeline.listing is not None
+        wanted = inputs.components if pipeline is not reference else list(pipeline.index.components)
+        files = [MODEL_INDEX] + (["README.md"] if "README.md" in pipeline.listing.sizes else [])  # its license
+        for name in wanted:
+            source = pipeline.components.get(name)
+            if source is not None and source.hub is not None:
+                files += source.hub.download_files
+            else:  # a part without weights: its small files
+                files += [
+                    n
+                    for n in pipeline.listing.sizes
+                    if n.startswith(f"{name}/")
+                    and n.count("/") == 1
+                    and not n.endswith((".safetensors", ".bin", ".ckpt", ".pt", ".pth"))
+                ]
+        first = next(iter(pipeline.components.values()))
+        assert first.hub is not None
+        root = download(first.hub, token=options.token, show_progress=options.show_progress, extra_files=tuple(files))
+        components = {c: replace(s, folder=root / c) for c, s in pipeline.components.items()}
+        return replace(pipeline, components=components, folder=root)
+
+    base = fetched(inputs.base) if inputs.base is not None else None
+    models = [fetched(m) if isinstance(m, PipelineInput) else m for m in inputs.models]
+    return PipelineInputs(base, models, inputs.components)
+
+
+def fuse_pipeline(
+    checked: ValidatedRecipe, target: Path, options: FusionOptions, *, repo_id: str | None
+) -> MergeResult:
+    """Resolves and checks the pipelines, downloads them, fuses each chosen component and writes the pipeline
+    folder (model index, copied parts, card) atomically."""
+    method = checked.spec.implementation(
+        checked.params, num_models=len(checked.recipe.models), has_base=checked.uses_base
+    )
+    if method.outputs_per_model:
+        raise RecipeError(f"{checked.spec.name} writes one model per input; pipelines take methods with one output.")
+    if method.needs_module_types:
+        raise RecipeError(
+            f"{checked.spec.name} with only_on_linear_weights reads transformers module types, which pipeline "
+            "components do not have: leave it off."
+        )
+    inputs = resolve_pipelines(checked, options)
+    check_components(checked, inputs, options, method.elementwise)
+    inputs = fetch_pipelines(inputs, options)
+    recipe = checked.recipe.replace(
+        models=[m.ref for m in inputs.models], base=inputs.base.ref if inputs.base is not None else None
+    )
+    reference = inputs.reference
+    assert reference.folder is not None
+    fused = copied = passes = output_bytes = 0
+    atomic = AtomicFolder(target, overwrite=options.overwrite)
+    with atomic as temp:
+        write_model_index(reference.folder, temp)
+        for name in inputs.components:
+            plan, stats = _fuse_component(checked, inputs, name, temp / name, options, method)
+            fused += len(plan.fused)
+            copied += len(plan.tensors) - len(plan.fused)
+            passes += stats
+            output_bytes += plan.output_bytes
+        for name in reference.index.components:
+            if name not in inputs.components:
+                copy_component(reference.folder / name, temp / name, weights=True)
+        notes = method.notes()
+        files = seal(atomic, temp, recipe, target=target, repo_id=repo_id, notes=notes)
+    return MergeResult(
+        output=target,
+        recipe=recipe,
+        files=files,
+        seconds=0.0,
+        fused_tensors=fused,
+        copied_tensors=copied,
+        statistics_passes=passes,
+        output_bytes=output_bytes,
+    )
+
+
+def _fuse_component(
+    checked: ValidatedRecipe,
+    inputs: PipelineInputs,
+    name: str,
+    dest: Path,
+    options: FusionOptions,
+    method: Any,
+) -> tuple[FusionPlan, int]:
+    """One component through the engine into ``dest``, with the reference's config beside its weights."""
+    sources, loras = component_inputs(inputs, name, checked.uses_base)
+    opened: list[Checkpoint] = []
+    try:
+        for source in sources:
+            assert source.folder is not None
+            opened.append(open_checkpoint(source.folder, source.label, allow_pickle=options.allow_pickle))
+        views = component_checkpoints(inputs, name, opened, loras)
+        has_base = inputs.base is not None
+        if has_base and not checked.uses_base:
+            views = views[1:]
+        plan = build_plan(
+            views,
+            base=0 if checked.uses_base else None,
+            experts=list(range(1 if checked.uses_base else 0, len(views))),
+            uses_base=checked.uses_base,
+            reference=0,
+            exclude=checked.recipe.exclude,
+            heads=[],
+            out_dtype=OUTPUT_DTYPES[checked.recipe.dtype],
+        )
+        check_free_space(dest.parent, plan.output_bytes)
+        engine = StreamingEngine(
+            plan,
+            method,
+            uses_base=checked.uses_base,
+            device=checked.recipe.device,
+            budget_elements=options.budget_elements,
+            show_progress=options.show_progress,
+            parameters=_component_parameters(checked, name, plan),
+            allow_nonfinite=checked.recipe.allow_nonfinite,
+            clamp_overflow=checked.recipe.clamp_overflow,
+        )
+        write_weights(engine, plan, [dest], checked.spec.name, options)
+        copy_component(inputs.reference.components[name].folder, dest, weights=False)  # type: ignore[arg-type]
+        code = OUTPUT_DTYPES[checked.recipe.dtype]
+        if code is not None and inputs.reference.index.components[name][0] == "transformers":
+            set_config_dtype(dest, TORCH_NAMES[code])
+        return plan, engine.passes
+    finally:
+        for checkpoint in opened:
+            checkpoint.close()
+
+
+def _component_parameters(checked: ValidatedRecipe, name: str, plan: FusionPlan) -> dict[str, Any]:
+    """Each fused tensor's parameters when the recipe varies them, resolved on ``component.tensor`` names, with
+    gradients over the component's own layers."""
+    if not checked.schedule.varies:
+        return {}
+    positions = layer_positions([t.name for t in plan.fused])
+    return {t.key: checked.schedule.resolve(f"{name}.{t.name}", positions[t.name]) for t in plan.fused}

@@ -1,0 +1,184 @@
+"""Tiny random diffusers pipelines for the tests (not shipped in the wheel): SD 1.x-shaped and SDXL-shaped.
+
+They are built from diffusers and transformers config classes, so they have the component folders, tensor names
+and ``model_index.json`` of real pipelines at a few hundred KB each, and generate a 32x32 image in milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+_VOCAB_WORDS = ["a", "photo", "of", "cat", "dog", "red", "blue", "house", "tree", "sky", "painting", "the"]
+
+
+def tiny_tokenizer(folder: Path) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer over a dozen whole words (each word is one token), written from vocab and merges."""
+    folder.mkdir(parents=True, exist_ok=True)
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    letters = sorted({c for w in _VOCAB_WORDS for c in w})
+    tokens = [*letters, *[c + "</w>" for c in letters]]
+    merges: list[str] = []
+    for word in _VOCAB_WORDS:
+        current = word[0]
+        for i, char in enumerate(word[1:], start=1):
+            nxt = char + "</w>" if i == len(word) - 1 else char
+            merges.append(f"{current} {nxt}")
+            current = current + nxt
+            tokens.append(current)
+        if len(word) == 1:
+            tokens.append(word + "</w>")
+    vocab = {t: i for i, t in enumerate(dict.fromkeys([*tokens, *specials]))}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+def _text_config(vocab_size: int, hidden: int = 16, projection: int = 16) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=projection,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+
+
+def _vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        block_out_channels=(8, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+    )
+
+
+def _scheduler() -> DDIMScheduler:
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def sd_pipeline(seed: int, scratch: Path) -> StableDiffusionPipeline:
+    """An SD 1.x-shaped pipeline: UNet2DConditionModel, one CLIP text encoder, AutoencoderKL, DDIM."""
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer(scratch / f"tok-{seed}")
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    )
+    text_encoder = CLIPTextModel(_text_config(len(tokenizer)))
+    pipe = StableDiffusionPipeline(
+        vae=_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return pipe
+
+
+def sdxl_pipeline(seed: int, scratch: Path) -> StableDiffusionXLPipeline:
+    """An SDXL-shaped pipeline: a UNet with text-time embeddings and two text encoders (the second projected)."""
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer(scratch / f"tok-xl-{seed}")
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=2,
+        norm_num_groups=4,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=16 + 6 * 4,
+        transformer_layers_per_block=(1, 1),
+    )
+    vocab = len(tokenizer)
+    pipe = StableDiffusionXLPipeline(
+        vae=_vae(),
+        text_encoder=CLIPTextModel(_text_config(vocab)),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(vocab)),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=_scheduler(),
+    )
+    return pipe
+
+
+def perturbed(pipe: StableDiffusionPipeline, seed: int, scale: float = 0.05) -> StableDiffusionPipeline:
+    """The pipeline with every weight of its UNet, text encoders and VAE moved by seeded noise: a "fine-tune"."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
+            module = getattr(pipe, name, None)
+            if module is None:
+                continue
+            for param in module.parameters():
+                param.add_(torch.randn(param.shape, generator=generator) * scale)
+    return pipe
+
+
+def make_sd_pool(root: Path, experts: int = 2, *, xl: bool = False) -> tuple[Path, list[Path]]:
+    """A base pipeline folder and ``experts`` perturbed copies, each saved with ``save_pretrained``."""
+    build = sdxl_pipeline if xl else sd_pipeline
+    kind = "sdxl" if xl else "sd"
+    base_dir = root / f"{kind}-base"
+    build(0, root).save_pretrained(base_dir)
+    expert_dirs = []
+    for i in range(experts):
+        folder = root / f"{kind}-expert-{i}"
+        perturbed(build(0, root), seed=100 + i).save_pretrained(folder)
+        expert_dirs.append(folder)
+    return base_dir, expert_dirs
+
+
+def generate(folder: Path | str, prompt: str = "a photo of a cat", seed: int = 0) -> torch.Tensor:
+    """A 32x32 image in two DDIM steps from a fixed seed, as a float tensor (for exact comparisons)."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(seed)
+    out = pipe(prompt, num_inference_steps=2, height=32, width=32, generator=generator, output_type="pt")
+    return out.images

@@ -1,0 +1,315 @@
+"""Diffusers pipelines through the one fusion path: each component fused by the engine, the rest copied, a folder
+``DiffusionPipeline.from_pretrained`` loads, from local folders and from the (loopback) Hub."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusion_models import generate, make_sd_pool
+from huggingface_hub import ModelCard, snapshot_download
+from safetensors.torch import load_file
+
+import hf_fusion
+from hf_fusion.errors import IncompatibleModelsError, RecipeError
+
+WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors"}
+
+
+def weights(folder: Path, component: str) -> dict[str, torch.Tensor]:
+    return load_file(folder / component / WEIGHTS.get(component, "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def sd_pool(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    return make_sd_pool(tmp_path_factory.mktemp("sd"), experts=2)
+
+
+@pytest.fixture(scope="module")
+def sdxl_pool(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    return make_sd_pool(tmp_path_factory.mktemp("sdxl"), experts=2, xl=True)
+
+
+def block_scale(component: str, name: str) -> float:
+    """The per-tensor scaling factor of the block-weighted recipe below, decided independently of hf-fusion."""
+    if component == "unet" and "down_blocks" in name:
+        return 0.2
+    if component == "unet" and "up_blocks" in name:
+        return 0.6
+    if component.startswith("text_encoder"):
+        return 0.5
+    return 1.0
+
+
+BLOCK_WEIGHTS = [
+    {"filter": "unet.down_blocks", "value": 0.2},  # filters see component.tensor: the VAE has up_blocks too
+    {"filter": "unet.up_blocks", "value": 0.6},
+    {"filter": "text_encoder.", "value": 0.5},
+    {"value": 1.0},
+]
+
+
+def test_block_weighted_task_arithmetic_equals_an_independent_computation(
+    sd_pool: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    base, experts = sd_pool
+    out = tmp_path / "merged"
+    result = hf_fusion.merge(
+        models=[str(e) for e in experts],
+        base=str(base),
+        method="task_arithmetic",
+        scaling_factor=BLOCK_WEIGHTS,
+        output=out,
+        show_progress=False,
+    )
+    assert result.fused_tensors > 0
+    expected: dict[str, dict[str, torch.Tensor]] = {}
+    for component in ("unet", "text_encoder", "vae"):
+        b = weights(base, component)
+        es = [weights(e, component) for e in experts]
+        got = weights(out, component)
+        assert set(got) == set(b)
+        expected[component] = {}
+        for name, value in b.items():
+            want = value + block_scale(component, name) * sum(e[name] - value for e in es)
+            expected[component][name] = want
+            torch.testing.assert_close(got[name], want, rtol=0, atol=1e-6, msg=f"{component}/{name}")
+    # scheduler, tokenizer and index come from the base, byte for byte
+    for name in ("model_index.json", "scheduler/scheduler_config.json", "tokenizer/tokenizer.json"):
+        assert (out / name).read_bytes() == (base / name).read_bytes()
+
+    # the folder loads and draws what a pipeline built from the independently computed weights draws
+    from diffusers import DiffusionPipeline
+
+    reference = DiffusionPipeline.from_pretrained(base)
+    for component, state in expected.items():
+        getattr(reference, component).load_state_dict(state, strict=False)
+    reference.save_pretrained(tmp_path / "reference")
+    torch.testing.assert_close(generate(out), generate(tmp_path / "reference"), rtol=0, atol=1e-5)
+    assert not torch.equal(generate(out), generate(base))
+
+
+def test_components_limits_what_is_fused_and_copies_the_rest_from_the_base(
+    sd_pool: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    base, experts = sd_pool
+    out = tmp_path / "unet-only"
+    hf_fusion.merge(
+        models=[str(e) for e in experts],
+        base=str(base),
+        method="weighted_average",
+        weights=[0.25, 0.75],
+        components=["unet"],
+        output=out,
+        show_progress=False,
+    )
+    a, b = (weights(e, "unet") for e in experts)
+    got = weights(out, "unet")
+    for name in got:
+        torch.testing.assert_close(got[name], 0.25 * a[name] + 0.75 * b[name], rtol=0, atol=1e-6)
+    for part in ("text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        assert (out / part).read_bytes() == (base / part).read_bytes()
+    recipe = (out / "fusion_recipe.yaml").read_text()
+    assert "components:\n- unet\n" in recipe
+    card = (out / "README.md").read_text()
+    assert "--components unet" in card and 'the "unet" component is fused' in card
+
+
+def test_add_difference_is_task_arithmetic_with_per_model_weights(
+    sd_pool: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    """A + alpha * (B - C), the checkpoint mergers' add-difference: C is the base, A and B the models, weights 1 and
+    alpha, scaling factor 1."""
+    base, (a_dir, b_dir) = sd_pool
+    hf_fusion.merge(
+        models=[str(a_dir), str(b_dir)],
+        base=str(base),
+        method="add_difference",
+        weights=[1.0, 0.7],
+        scaling_factor=1.0,
+        components=["unet"],
+        output=tmp_path / "ad",
+        show_progress=False,
+    )
+    a, b, c = (weights(f, "unet") for f in (a_dir, b_dir, base))
+    got = weights(tmp_path / "ad", "unet")
+    for name in got:
+        torch.testing.assert_close(got[name], a[name] + 0.7 * (b[name] - c[name]), rtol=0, atol=1e-6)
+
+
+def test_sdxl_two_text_encoders_fused_without_a_base(sdxl_pool: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    base, experts = sdxl_pool
+    out = tmp_path / "xl"
+    hf_fusion.merge(models=[str(e) for e in experts], method="simple_average", output=out, show_progress=False)
+    for component in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        a, b = (weights(e, component) for e in experts)
+        got = weights(out, component)
+        for name in got:
+            torch.testing.assert_close(got[name], (a[name] + b[name]) / 2, rtol=0, atol=1e-6)
+    # without a base, the parts that are not fused come from the first model
+    assert (out / "tokenizer_2/tokenizer.json").read_bytes() == (experts[0] / "tokenizer_2/tokenizer.json").read_bytes()
+    assert generate(out).shape == (1, 3, 32, 32)
+
+
+def test_fp16_variant_files_are_read_and_written_as_plain_weights(
+    sd_pool: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    from diffusers import DiffusionPipeline
+
+    base, experts = sd_pool
+    variants = []
+    for i, expert in enumerate(experts):
+        pipe = DiffusionPipeline.from_pretrained(expert, dtype=torch.float16)
+        pipe.save_pretrained(tmp_path / f"fp16-{i}", variant="fp16")
+        variants.append(tmp_path / f"fp16-{i}")
+    assert (variants[0] / "unet/diffusion_pytorch_model.fp16.safetensors").is_file()
+    out = tmp_path / "out"
+    hf_fusion.merge(models=[str(v) for v in variants], method="simple_average", output=out, show_progress=False)
+    got = load_file(out / "unet/diffusion_pytorch_model.safetensors")
+    a, b = (load_file(v / "unet/diffusion_pytorch_model.fp16.safetensors") for v in variants)
+    name = next(iter(got))
+    assert got[name].dtype == torch.float16
+    torch.testing.assert_close(got[name], ((a[name].float() + b[name].float()) / 2).half(), rtol=0, atol=1e-3)
+    assert DiffusionPipeline.from_pretrained(out) is not None
+
+
+def test_bad_pipelines_are_refused_before_anything_is_written(
+    sd_pool: tuple[Path, list[Path]], sdxl_pool: tuple[Path, list[Path]], bert_pool, tmp_path: Path
+) -> None:
+    import shutil
+
+    base, experts = sd_pool
+    out = tmp_path / "out"
+
+    def refused(error: type[Exception], match: str, **kwargs) -> None:
+        with pytest.raises(error, match=match):
+            hf_fusion.merge(output=out, show_progress=False, **kwargs)
+        assert not out.exists()
+
+    refused(
+        IncompatibleModelsError,
+        "StableDiffusionXLPipeline but .* StableDiffusionPipeline",
+        models=[str(experts[0]), str(sdxl_pool[1][0])],
+        base=str(base),
+        method="task_arithmetic",
+    )
+    lacking = tmp_path / "no-vae"
+    shutil.copytree(experts[1], lacking)
+    shutil.rmtree(lacking / "vae")
+    refused(
+        IncompatibleModelsError,
+        "no-vae has no 'vae' component",
+        models=[str(experts[0]), str(lacking)],
+        base=str(base),
+        method="task_arithmetic",
+    )
+    refused(
+        RecipeError,
+        "has no weight component 'transformer'",
+        models=[str(e) for e in experts],
+        base=str(base),
+        method="task_arithmetic",
+        components=["transformer"],
+    )
+    refused(
+        RecipeError,
+        "neither a diffusers pipeline .* nor a LoRA",
+        models=[str(experts[0]), str(bert_pool[0])],
+        base=str(base),
+        method="task_arithmetic",
+    )
+    refused(
+        RecipeError,
+        "diffusers pipelines take the data-free",
+        models=[str(e) for e in experts],
+        base=str(base),
+        method="simple_ensemble",
+    )
+    refused(
+        RecipeError,
+        "tokenizer applies to transformers models",
+        models=[str(e) for e in experts],
+        base=str(base),
+        method="task_arithmetic",
+        tokenizer="union",
+    )
+
+
+def _publish_pipeline(hub, repo_id: str, folder: Path) -> str:
+    hub.state.create(repo_id)
+    files = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    files["README.md"] = f"---\nlicense: openrail\n---\n# {repo_id}\n".encode()
+    return hub.state.upload(repo_id, files, title="upload pipeline")
+
+
+@pytest.mark.slow
+def test_hub_pipelines_merge_push_and_download_byte_for_byte(
+    hub, tokens, sd_pool: tuple[Path, list[Path]], repo_name: str, tmp_path: Path
+) -> None:
+    base, experts = sd_pool
+    names = {"base": f"alice/sd-base-{repo_name[-6:]}"} | {
+        f"e{i}": f"alice/sd-expert-{i}-{repo_name[-6:]}" for i in range(2)
+    }
+    commits = {name: _publish_pipeline(hub, name, folder) for name, folder in zip(names.values(), [base, *experts])}
+    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"} | {"HF_TOKEN": tokens["write"]}
+    command = [
+        sys.executable,
+        "-m",
+        "hf_fusion",
+        "merge",
+        "--repo-ids",
+        names["e0"],
+        names["e1"],
+        "--base",
+        names["base"],
+        "--method",
+        "task_arithmetic",
+        "--param-for",
+        "down_blocks",
+        "scaling_factor=0.2",
+        "--param-for",
+        "up_blocks",
+        "scaling_factor=0.6",
+        "--output",
+        str(tmp_path / "merged"),
+        "--push",
+        repo_name,
+    ]
+    out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr
+    local = {
+        str(p.relative_to(tmp_path / "merged")): p.read_bytes() for p in (tmp_path / "merged").rglob("*") if p.is_file()
+    }
+    assert {"model_index.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"} <= set(
+        local
+    )
+    downloaded = Path(snapshot_download(repo_name, cache_dir=tmp_path / "fresh"))
+    again = {str(p.relative_to(downloaded)): p.read_bytes() for p in downloaded.rglob("*") if p.is_file()}
+    assert {k: v for k, v in again.items() if not k.startswith(".")} == local
+
+    card = ModelCard.load(repo_name)
+    data = card.data.to_dict()
+    assert data["library_name"] == "diffusers" and data["pipeline_tag"] == "text-to-image"
+    assert data["base_model"] == [names["base"], names["e0"], names["e1"]]
+    assert data["base_model_relation"] == "merge" and data["license"] == "openrail"
+    for name, commit in commits.items():
+        assert f"{name}@{commit}" in card.text
+    assert tokens["write"] not in out.stdout + out.stderr + card.text
+
+    # the card's usage snippet runs as written, on diffusers alone
+    code = card.text.split("```python\n", 1)[1].split("```", 1)[0]
+    run = subprocess.run(
+        [sys.executable, "-c", code.replace('"cat.png"', json.dumps(str(tmp_path / "cat.png")))],
+        capture_output=True,
+        text=True,
+        env={**env, "HF_HUB_OFFLINE": "0"},
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "cat.png").is_file()
