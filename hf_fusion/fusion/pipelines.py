@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 from huggingface_hub import hf_hub_download, snapshot_download
 
 from hf_fusion.catalog import BUILTIN_PREFIX
+from hf_fusion.engine.blocks import component_positions
 from hf_fusion.engine.checkpoint import Checkpoint, open_checkpoint
 from hf_fusion.engine.dtypes import TORCH_NAMES
-from hf_fusion.engine.layers import layer_positions
 from hf_fusion.engine.plan import FusionPlan, build_plan, check_headers
 from hf_fusion.engine.stream import StreamingEngine
 from hf_fusion.errors import CheckpointError, IncompatibleModelsError, RecipeError
@@ -314,7 +314,7 @@ def check_components(
             heads=[],
         )
         check_memory(headers, elementwise, options.budget_elements)  # type: ignore[arg-type]
-        positions = layer_positions(list(headers[-1].entries))  # type: ignore[union-attr]
+        positions = component_positions(list(headers[-1].entries))  # type: ignore[union-attr]
         names.update({f"{name}.{tensor}": at for tensor, at in positions.items()})
     if schedule.varies:
         schedule.resolve_all(names)
@@ -458,8 +458,8 @@ def _fuse_component(
 
 def _component_parameters(checked: ValidatedRecipe, name: str, plan: FusionPlan) -> dict[str, Any]:
     """Each fused tensor's parameters when the recipe varies them, resolved on ``component.tensor`` names, with
-    gradients over the component's own layers."""
+    gradients over the component's blocks (UNet, Flux) or layers (text encoders)."""
     if not checked.schedule.varies:
         return {}
-    positions = layer_positions([t.name for t in plan.fused])
+    positions = component_positions([t.name for t in plan.fused])
     return {t.key: checked.schedule.resolve(f"{name}.{t.name}", positions[t.name]) for t in plan.fused}

@@ -94,6 +94,32 @@ def test_block_weighted_task_arithmetic_equals_an_independent_computation(
     assert not torch.equal(generate(out), generate(base))
 
 
+def test_a_block_gradient_gives_each_unet_block_its_value(sd_pool: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    """The tiny UNet has 9 blocks (IN00-IN03, M00, OUT00-OUT03): nine values, one per block, on the UNet only."""
+    from hf_fusion.engine.blocks import unet_blocks
+
+    base, experts = sd_pool
+    values = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+    hf_fusion.merge(
+        models=[str(e) for e in experts],
+        base=str(base),
+        method="task_arithmetic",
+        scaling_factor=[{"filter": "unet.", "value": values}, {"value": 0.0}],
+        output=tmp_path / "mbw",
+        show_progress=False,
+    )
+    b = weights(base, "unet")
+    es = [weights(e, "unet") for e in experts]
+    got = weights(tmp_path / "mbw", "unet")
+    blocks = unet_blocks(list(b))
+    assert sorted(set(blocks.values())) == list(range(9))
+    for name, value in b.items():
+        want = value + values[blocks[name]] * sum(e[name] - value for e in es)
+        torch.testing.assert_close(got[name], want, rtol=0, atol=1e-6, msg=name)
+    assert (tmp_path / "mbw/text_encoder/model.safetensors").is_file()
+    torch.testing.assert_close(weights(tmp_path / "mbw", "text_encoder"), weights(base, "text_encoder"))
+
+
 def test_components_limits_what_is_fused_and_copies_the_rest_from_the_base(
     sd_pool: tuple[Path, list[Path]], tmp_path: Path
 ) -> None:
