@@ -66,6 +66,8 @@ class PipelineInput:
     components: dict[str, Source]
     folder: Path | None = None
     listing: HubListing | None = None
+    metadata_folder: Path | None = None
+    """Where ``model_index.json`` and the component configs are on disk (the whole pipeline once fetched)."""
 
 
 @dataclass(frozen=True)
@@ -129,18 +131,19 @@ def resolve_pipeline(ref: ModelRef, *, token: str | None, allow_pickle: bool) ->
         pinned = ref if ref.is_local else ref.model_copy(update={"commit": folder.name})
         names = weight_components(index, local_files(folder))
         sources = {c: Source(pinned, f"{label}:{c}", read_config(folder / c), folder / c) for c in names}
-        return PipelineInput(pinned, label, index, sources, folder=folder)
+        return PipelineInput(pinned, label, index, sources, folder=folder, metadata_folder=folder)
     listing = list_hub_repo(ref, token=token)
     if MODEL_INDEX not in listing.sizes:
         return None
     with hub_errors(ref.path, listing.ref.commit, "read"):
-        text = Path(hf_hub_download(ref.path, MODEL_INDEX, revision=listing.ref.commit, token=token)).read_text()
-    index = parse_model_index(text, label)
+        index_file = Path(hf_hub_download(ref.path, MODEL_INDEX, revision=listing.ref.commit, token=token))
+    index = parse_model_index(index_file.read_text(), label)
     sources = {}
     for name in weight_components(index, listing.sizes):
         hub = resolve_hub_model(ref, token=token, allow_pickle=allow_pickle, listing=listing, subfolder=name)
         sources[name] = Source(listing.ref, f"{label}:{name}", hub.config, hub=hub)
-    return PipelineInput(listing.ref, label, index, sources, listing=listing)
+    # the component configs were fetched beside the index, into the same cached snapshot
+    return PipelineInput(listing.ref, label, index, sources, listing=listing, metadata_folder=index_file.parent)
 
 
 def _cached_pipeline_folder(ref: ModelRef) -> Path | None:
@@ -180,7 +183,7 @@ def resolve_lora(ref: ModelRef, base: PipelineInput, *, token: str | None) -> Lo
             f"{label} is neither a diffusers pipeline (no {MODEL_INDEX}) nor a LoRA file: every input of a pipeline "
             "fusion is a pipeline or a LoRA for the base."
         )
-    factors = read_pipeline_lora(file, base.index.class_name, label)
+    factors = read_pipeline_lora(file, base.index.class_name, label, base_folder=base.metadata_folder)
     unknown = sorted(set(factors) - set(base.components))
     if unknown:
         raise CheckpointError(

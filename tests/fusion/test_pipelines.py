@@ -339,3 +339,81 @@ def test_hub_pipelines_merge_push_and_download_byte_for_byte(
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert (tmp_path / "cat.png").is_file()
+
+
+def _peft_lora(base: Path, folder: Path, seed: int, *, xl: bool = False) -> Path:
+    """A LoRA for the UNet (attention and a convolution) and the text encoder(s), saved as diffusers saves
+    trained LoRAs (peft keys with their adapter metadata, so alpha 8 over rank 4 counts)."""
+    from diffusers import DiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = DiffusionPipeline.from_pretrained(base)
+    torch.manual_seed(seed)
+    options = {"r": 4, "lora_alpha": 8, "init_lora_weights": False}
+    pipe.unet.add_adapter(LoraConfig(target_modules=["to_q", "to_v", "conv1"], **options))
+    pipe.text_encoder.add_adapter(LoraConfig(target_modules=["q_proj", "fc1"], **options))
+    type(pipe).save_lora_weights(
+        folder,
+        unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder),
+        unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict(),
+        text_encoder_lora_adapter_metadata=pipe.text_encoder.peft_config["default"].to_dict(),
+    )
+    return folder
+
+
+def _fused_by_diffusers(base: Path, lora: Path) -> dict[str, dict[str, torch.Tensor]]:
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(base)
+    pipe.load_lora_weights(str(lora), weight_name="pytorch_lora_weights.safetensors")
+    pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=1.0)
+    pipe.unload_lora_weights()
+    return {name: getattr(pipe, name).state_dict() for name in ("unet", "text_encoder")}
+
+
+def test_loras_fused_into_the_base_equal_diffusers_fuse_lora(
+    sd_pool: tuple[Path, list[Path]], sdxl_pool: tuple[Path, list[Path]], tmp_path: Path, monkeypatch
+) -> None:
+    import transformers.integrations.peft as transformers_peft
+
+    # diffusers' text-encoder LoRA loading goes through transformers' adapter API, which asks for a newer peft
+    # than the registry has; the calls it makes work with the installed one (for the reference side only)
+    monkeypatch.setattr(transformers_peft, "check_peft_version", lambda min_version: None)
+    base = sd_pool[0]
+    loras = [_peft_lora(base, tmp_path / f"lora-{i}", seed=10 + i) for i in range(2)]
+    out = tmp_path / "with-loras"
+    result = hf_fusion.merge(
+        models=[str(f) for f in loras],
+        base=str(base),
+        method="task_arithmetic",
+        scaling_factor=0.5,
+        output=out,
+        show_progress=False,
+    )
+    assert result.recipe.components is None
+    dense = [_fused_by_diffusers(base, f) for f in loras]
+    for component in ("unet", "text_encoder"):
+        b = weights(base, component)
+        got = weights(out, component)
+        for name, value in b.items():
+            want = value + 0.5 * sum(d[component][name] - value for d in dense)
+            torch.testing.assert_close(got[name], want, rtol=1e-5, atol=1e-6, msg=f"{component}/{name}")
+    # the VAE no LoRA touches is the base's, byte for byte
+    assert (out / "vae/diffusion_pytorch_model.safetensors").read_bytes() == (
+        base / "vae/diffusion_pytorch_model.safetensors"
+    ).read_bytes()
+    assert generate(out).shape == (1, 3, 32, 32)
+
+    # a LoRA made for another base (SDXL-shaped) is refused before anything is written
+    xl_lora = _peft_lora(sdxl_pool[0], tmp_path / "xl-lora", seed=3, xl=True)
+    with pytest.raises(Exception, match="LoRA"):
+        hf_fusion.merge(
+            models=[str(loras[0]), str(xl_lora)],
+            base=str(base),
+            method="task_arithmetic",
+            output=tmp_path / "refused",
+            show_progress=False,
+        )
+    assert not (tmp_path / "refused").exists()
