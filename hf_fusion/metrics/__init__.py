@@ -12,9 +12,10 @@ from typing import Any, Literal
 from hf_fusion.errors import FusionError
 
 MetricSource = Literal["auto", "hub", "bundled"]
-BUNDLED = ("accuracy", "exact_match", "spearmanr", "perplexity")
-HUB_ONLY_INTERFACE = {"perplexity"}
-"""The Hub's perplexity reloads a model by id, so the bundled module (which takes log-likelihoods) is always used."""
+BUNDLED = ("accuracy", "exact_match", "spearmanr", "perplexity", "clip_score")
+HUB_ONLY_INTERFACE = {"perplexity", "clip_score"}
+"""Always the bundled module: the Hub's perplexity reloads a model by id (ours takes log-likelihoods), and the CLIP
+score is hf-fusion's own (it takes the CLIP model as an argument)."""
 
 
 class MetricError(FusionError):
