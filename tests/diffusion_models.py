@@ -182,3 +182,103 @@ def generate(folder: Path | str, prompt: str = "a photo of a cat", seed: int = 0
     generator = torch.Generator().manual_seed(seed)
     out = pipe(prompt, num_inference_steps=2, height=32, width=32, generator=generator, output_type="pt")
     return out.images
+
+
+_RESNET_TO_LDM = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_UNET_TOP_TO_LDM = {
+    "conv_in": "input_blocks.0.0",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+
+
+def _unet_key_to_ldm(name: str, per_block: int, up_attention: set[int]) -> str:
+    """A diffusers UNet tensor name in the original (LDM) checkpoint layout, for SD 1.x-shaped UNets."""
+    parts = name.split(".")
+    for top, ldm in _UNET_TOP_TO_LDM.items():
+        if name.startswith(top + "."):
+            return f"{ldm}.{name[len(top) + 1 :]}"
+    if parts[0] in ("down_blocks", "up_blocks"):
+        i, kind = int(parts[1]), parts[2]
+        if parts[0] == "down_blocks":
+            if kind == "downsamplers":
+                return f"input_blocks.{1 + i * (per_block + 1) + per_block}.0.op.{parts[-1]}"
+            index, slot = 1 + i * (per_block + 1) + int(parts[3]), "0" if kind == "resnets" else "1"
+            container = "input_blocks"
+        else:
+            if kind == "upsamplers":
+                slot = "2" if i in up_attention else "1"
+                return f"output_blocks.{i * (per_block + 1) + per_block}.{slot}.conv.{parts[-1]}"
+            index, slot = i * (per_block + 1) + int(parts[3]), "0" if kind == "resnets" else "1"
+            container = "output_blocks"
+        rest = parts[4:]
+    else:  # mid_block
+        kind = parts[1]
+        slot = {("resnets", "0"): "0", ("attentions", "0"): "1", ("resnets", "1"): "2"}[(kind, parts[2])]
+        container, index, rest = "middle_block", None, parts[3:]
+    if kind == "resnets":
+        rest = [_RESNET_TO_LDM.get(rest[0], rest[0]), *rest[1:]]
+    head = f"{container}.{index}.{slot}" if index is not None else f"{container}.{slot}"
+    return f"{head}.{'.'.join(rest)}"
+
+
+def _vae_key_to_ldm(name: str, blocks: int) -> str:
+    """A diffusers AutoencoderKL tensor name in the original layout."""
+    parts = name.split(".")
+    if parts[0] in ("quant_conv", "post_quant_conv"):
+        return name
+    side, rest = parts[0], parts[1:]
+    if rest[0] == "conv_norm_out":
+        return ".".join([side, "norm_out", *rest[1:]])
+    if rest[0] in ("conv_in", "conv_out"):
+        return name
+    if rest[0] == "mid_block":
+        if rest[1] == "resnets":
+            block = f"block_{int(rest[2]) + 1}"
+            tail = [{"conv_shortcut": "nin_shortcut"}.get(rest[3], rest[3]), *rest[4:]]
+            return ".".join([side, "mid", block, *tail])
+        mapping = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}
+        tail = rest[3:]
+        inner = mapping[tail[0]]
+        tail = tail[2:] if tail[0] == "to_out" else tail[1:]
+        return ".".join([side, "mid", "attn_1", inner, *tail])
+    kind = "down" if rest[0] == "down_blocks" else "up"
+    i = int(rest[1]) if kind == "down" else blocks - 1 - int(rest[1])
+    if rest[2] in ("downsamplers", "upsamplers"):
+        return ".".join([side, kind, str(i), "downsample" if kind == "down" else "upsample", *rest[4:]])
+    tail = [{"conv_shortcut": "nin_shortcut"}.get(rest[4], rest[4]), *rest[5:]]
+    return ".".join([side, kind, str(i), "block", rest[3], *tail])
+
+
+def to_single_file(pipeline: Path, path: Path) -> Path:
+    """The SD 1.x-shaped pipeline as one original-layout checkpoint (what A1111 and ComfyUI users share): UNet under
+    ``model.diffusion_model.``, VAE under ``first_stage_model.`` (attention as 1x1 convolutions), text encoder under
+    ``cond_stage_model.transformer.text_model.``. Test data for the single-file path, written from the layout's
+    published key names."""
+    from safetensors.torch import load_file, save_file
+
+    unet_config = json.loads((pipeline / "unet" / "config.json").read_text())
+    per_block = unet_config["layers_per_block"]
+    up_attention = {i for i, kind in enumerate(unet_config["up_block_types"]) if "CrossAttn" in kind}
+    blocks = len(json.loads((pipeline / "vae" / "config.json").read_text())["block_out_channels"])
+    out: dict[str, torch.Tensor] = {}
+    for name, value in load_file(pipeline / "unet" / "diffusion_pytorch_model.safetensors").items():
+        out["model.diffusion_model." + _unet_key_to_ldm(name, per_block, up_attention)] = value
+    for name, value in load_file(pipeline / "vae" / "diffusion_pytorch_model.safetensors").items():
+        key = _vae_key_to_ldm(name, blocks)
+        if ".mid.attn_1." in key and key.endswith(".weight") and value.dim() == 2:
+            value = value[:, :, None, None]
+        out["first_stage_model." + key] = value
+    for name, value in load_file(pipeline / "text_encoder" / "model.safetensors").items():
+        out["cond_stage_model.transformer.text_model." + name] = value
+    save_file({k: v.contiguous() for k, v in out.items()}, path)
+    return path

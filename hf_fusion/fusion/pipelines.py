@@ -31,6 +31,14 @@ from hf_fusion.errors import CheckpointError, IncompatibleModelsError, RecipeErr
 from hf_fusion.fusion.options import FusionOptions
 from hf_fusion.fusion.output_folder import seal
 from hf_fusion.fusion.result import MergeResult
+from hf_fusion.fusion.single_file import (
+    SingleFileInput,
+    check_fits_base,
+    converted_folder,
+    hub_header_shapes,
+    hub_single_file,
+    local_single_file,
+)
 from hf_fusion.fusion.tensor_wise import check_memory, write_weights
 from hf_fusion.fusion.validate import ValidatedRecipe
 from hf_fusion.hub.errors import hub_errors
@@ -80,7 +88,7 @@ class LoraInput:
     factors: dict[str, dict[str, LoraFactors]] = field(default_factory=dict)
 
 
-PipelineMember = PipelineInput | LoraInput
+PipelineMember = PipelineInput | LoraInput | SingleFileInput
 
 
 @dataclass(frozen=True)
@@ -159,30 +167,55 @@ def _cached_pipeline_folder(ref: ModelRef) -> Path | None:
     return folder if (folder / MODEL_INDEX).is_file() else None
 
 
-def resolve_lora(ref: ModelRef, base: PipelineInput, *, token: str | None) -> LoraInput:
-    """A model of a pipeline fusion that is not a pipeline must be a LoRA for the base: its one safetensors file is
-    fetched (LoRAs are small) and converted with diffusers' converter for the base's pipeline class."""
-    from hf_fusion.engine.diffusion_lora import find_lora_file, read_pipeline_lora
+_NEITHER = (
+    "{label} is neither a diffusers pipeline (no model_index.json), a LoRA for the base, nor a single-file "
+    "checkpoint{detail}: every input of a pipeline fusion is one of these."
+)
+
+
+def resolve_member(ref: ModelRef, base: PipelineInput | None, *, token: str | None) -> LoraInput | SingleFileInput:
+    """A model of a pipeline fusion that is not a pipeline: a LoRA for the base (its file fetched, LoRAs are small,
+    and converted by diffusers' converter for the base's class) or a single-file checkpoint (typed from its header,
+    converted after every check)."""
+    from hf_fusion.engine.diffusion_lora import find_lora_file
 
     label = str(ref)
+    if base is None:
+        raise RecipeError(
+            f"{label} is not a diffusers pipeline: LoRAs and single-file checkpoints need the pipeline they belong "
+            "to as --base (its configs and, for a LoRA, its weights)."
+        )
     if ref.is_local:
-        file = find_lora_file(local_folder(ref))
+        path = local_folder(ref)
+        lora = find_lora_file(path)
+        if lora is not None:
+            return _lora_input(ref, label, lora, base)
+        single = local_single_file(ref, path)
+        if single is None:
+            raise RecipeError(_NEITHER.format(label=label, detail=""))
     else:
         listing = list_hub_repo(ref, token=token)
         files = [n for n in listing.sizes if n.endswith(".safetensors") and "/" not in n]
         if len(files) != 1:
-            raise RecipeError(
-                f"{label} is neither a diffusers pipeline (no {MODEL_INDEX}) nor a LoRA with one safetensors file "
-                f"(it has {len(files)}): every input of a pipeline fusion is a pipeline or a LoRA for the base."
-            )
-        with hub_errors(ref.path, listing.ref.commit, "download"):
-            file = Path(hf_hub_download(ref.path, files[0], revision=listing.ref.commit, token=token))
-        ref = listing.ref
-    if file is None:
-        raise RecipeError(
-            f"{label} is neither a diffusers pipeline (no {MODEL_INDEX}) nor a LoRA file: every input of a pipeline "
-            "fusion is a pipeline or a LoRA for the base."
-        )
+            detail = f" (it has {len(files)} top-level safetensors files, not one)"
+            raise RecipeError(_NEITHER.format(label=label, detail=detail))
+        shapes = hub_header_shapes(ref, listing, files[0], token=token)
+        if not any("lora" in name for name in shapes):
+            single = hub_single_file(ref, listing, files[0], shapes)
+        else:  # a LoRA: small, fetched now to read its factors
+            with hub_errors(ref.path, listing.ref.commit, "download"):
+                file = Path(hf_hub_download(ref.path, files[0], revision=listing.ref.commit, token=token))
+            lora = find_lora_file(file)
+            if lora is None:
+                raise RecipeError(_NEITHER.format(label=label, detail=""))
+            return _lora_input(listing.ref, label, lora, base)
+    check_fits_base(single, base.index.class_name, base.label)
+    return single
+
+
+def _lora_input(ref: ModelRef, label: str, file: Path, base: PipelineInput) -> LoraInput:
+    from hf_fusion.engine.diffusion_lora import read_pipeline_lora
+
     factors = read_pipeline_lora(file, base.index.class_name, label, base_folder=base.metadata_folder)
     unknown = sorted(set(factors) - set(base.components))
     if unknown:
@@ -193,28 +226,35 @@ def resolve_lora(ref: ModelRef, base: PipelineInput, *, token: str | None) -> Lo
     return LoraInput(ref, label, file, factors)
 
 
-def resolve_pipelines(
-    checked: ValidatedRecipe, options: FusionOptions, base: PipelineInput | None = None
-) -> PipelineInputs:
+def resolve_pipelines(checked: ValidatedRecipe, options: FusionOptions) -> PipelineInputs:
     """Resolves every input (metadata only) and checks them as pipelines: one class, each fused component in
-    every pipeline with the same class, LoRAs that fit the base."""
+    every pipeline with the same class, LoRAs and single-file checkpoints that fit the base."""
     recipe = checked.recipe
     _refuse_unsupported(checked)
     token, pickle = options.token, options.allow_pickle
-    if recipe.base is not None and base is None:
+    base = None
+    if recipe.base is not None:
         base = resolve_pipeline(recipe.base, token=token, allow_pickle=pickle)
         if base is None:
             raise RecipeError(f"the base {recipe.base} is not a diffusers pipeline (no {MODEL_INDEX}).")
     models: list[PipelineMember] = []
     for ref in recipe.models:
         found = resolve_pipeline(ref, token=token, allow_pickle=pickle)
-        if found is None:
-            if base is None:
-                raise RecipeError(f"{ref} is not a diffusers pipeline (no {MODEL_INDEX}), unlike {recipe.models[0]}.")
-            found = resolve_lora(ref, base, token=token)
-        models.append(found)
-    pipelines = [p for p in [base, *models] if isinstance(p, PipelineInput)]
-    reference = base or pipelines[0]
+        models.append(found if found is not None else resolve_member(ref, base, token=token))
+    reference = base or next(m for m in models if isinstance(m, PipelineInput))
+    components = list(recipe.components) if recipe.components else list(reference.components)
+    if not recipe.components and all(isinstance(m, LoraInput) for m in models):
+        touched = {c for m in models if isinstance(m, LoraInput) for c in m.factors}
+        components = [c for c in components if c in touched]  # what no LoRA changes stays the base's
+    inputs = PipelineInputs(base, models, components)
+    check_structure(inputs)
+    return inputs
+
+
+def check_structure(inputs: PipelineInputs) -> None:
+    """One pipeline class, and every fused component in every pipeline with the reference's class."""
+    reference = inputs.reference
+    pipelines = [p for p in [inputs.base, *inputs.models] if isinstance(p, PipelineInput)]
     for other in pipelines:
         if other.index.class_name != reference.index.class_name:
             raise IncompatibleModelsError(
@@ -222,28 +262,23 @@ def resolve_pipelines(
                 f"{reference.index.class_name}: pipelines of different classes cannot be fused."
             )
     available = list(reference.components)
-    components = list(recipe.components) if recipe.components else available
-    for name in components:
+    for name in inputs.components:
         if name not in available:
             raise RecipeError(
                 f"{reference.label} has no weight component {name!r}; its components are {', '.join(available)}."
             )
-    if any(isinstance(m, LoraInput) for m in models) and not recipe.components:
-        touched = {c for m in models if isinstance(m, LoraInput) for c in m.factors}
-        if all(isinstance(m, LoraInput) for m in models):
-            components = [c for c in components if c in touched]  # what no LoRA changes stays the base's
     for pipeline in pipelines:
-        for name in components:
+        for name in inputs.components:
             if name not in pipeline.components:
                 raise IncompatibleModelsError(
                     f"{pipeline.label} has no {name!r} component, which {reference.label} has."
                 )
-            if pipeline.index.components.get(name) != reference.index.components.get(name):
+            theirs, ours = pipeline.index.components.get(name), reference.index.components[name]
+            if theirs != ours:
                 raise IncompatibleModelsError(
-                    f"{pipeline.label}'s {name!r} is a {pipeline.index.components.get(name)[1]} but "  # type: ignore[index]
-                    f"{reference.label}'s is a {reference.index.components[name][1]}."
+                    f"{pipeline.label}'s {name!r} is a {theirs[1] if theirs else None} but {reference.label}'s is a "
+                    f"{ours[1]}."
                 )
-    return PipelineInputs(base, models, components)
 
 
 def _refuse_unsupported(checked: ValidatedRecipe) -> None:
@@ -301,6 +336,10 @@ def check_components(
     schedule = checked.schedule
     names: dict[str, float] = {}
     has_base = inputs.base is not None
+    # single-file checkpoints are checked once converted, when their tensors have diffusers names
+    inputs = replace(inputs, models=[m for m in inputs.models if not isinstance(m, SingleFileInput)])
+    if not inputs.models:
+        return
     for name in inputs.components:
         sources, loras = component_inputs(inputs, name, checked.uses_base)
         headers = [header_checkpoint(s, allow_pickle=options.allow_pickle) for s in sources]
@@ -354,7 +393,21 @@ def fetch_pipelines(inputs: PipelineInputs, options: FusionOptions) -> PipelineI
 
     base = fetched(inputs.base) if inputs.base is not None else None
     models = [fetched(m) if isinstance(m, PipelineInput) else m for m in inputs.models]
-    return PipelineInputs(base, models, inputs.components)
+    done = PipelineInputs(base, models, inputs.components)
+    config = done.reference
+    assert config.folder is not None
+    converted = [_converted(m, config, options) if isinstance(m, SingleFileInput) else m for m in done.models]
+    return PipelineInputs(base, converted, inputs.components)
+
+
+def _converted(item: SingleFileInput, config: PipelineInput, options: FusionOptions) -> PipelineInput:
+    """A single-file checkpoint as the pipeline it converts to (configured from the reference pipeline), keeping
+    its own name and reference."""
+    folder = converted_folder(item, config.index.class_name, config.folder, token=options.token)  # type: ignore[arg-type]
+    pipeline = resolve_pipeline(ModelRef(path=str(folder)), token=options.token, allow_pickle=False)
+    assert pipeline is not None
+    components = {c: replace(s, label=f"{item.label}:{c}") for c, s in pipeline.components.items()}
+    return replace(pipeline, ref=item.ref, label=item.label, components=components)
 
 
 def fuse_pipeline(
@@ -374,7 +427,11 @@ def fuse_pipeline(
         )
     inputs = resolve_pipelines(checked, options)
     check_components(checked, inputs, options, method.elementwise)
+    checked_models = inputs.models
     inputs = fetch_pipelines(inputs, options)
+    if any(isinstance(m, SingleFileInput) for m in checked_models):
+        check_structure(inputs)
+        check_components(checked, inputs, options, method.elementwise)
     recipe = checked.recipe.replace(
         models=[m.ref for m in inputs.models], base=inputs.base.ref if inputs.base is not None else None
     )

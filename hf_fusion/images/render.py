@@ -211,7 +211,7 @@ def _loading_bars(show: bool) -> Iterator[None]:
             diffusers_logging.enable_progress_bar()
 
 
-def _dtype_keyword() -> str:
+def diffusers_dtype_keyword() -> str:
     """diffusers 0.42 renamed ``torch_dtype`` to ``dtype`` (the old name warns); older releases know only the old."""
     import diffusers
 
@@ -226,7 +226,7 @@ def load_pipeline(
     import torch
     from diffusers import DiffusionPipeline
 
-    dtype = {_dtype_keyword(): getattr(torch, settings.dtype)}
+    dtype = {diffusers_dtype_keyword(): getattr(torch, settings.dtype)}
     try:
         with _loading_bars(show_progress):
             pipe = DiffusionPipeline.from_pretrained(

@@ -417,3 +417,81 @@ def test_loras_fused_into_the_base_equal_diffusers_fuse_lora(
             show_progress=False,
         )
     assert not (tmp_path / "refused").exists()
+
+
+def test_single_file_checkpoints_convert_once_and_fuse_like_their_pipeline(
+    sd_pool: tuple[Path, list[Path]], sdxl_pool: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    from diffusion_models import to_single_file
+    from huggingface_hub import constants
+
+    from hf_fusion.errors import CheckpointError
+
+    base, experts = sd_pool
+    single = to_single_file(experts[0], tmp_path / "expert-0.safetensors")
+    kwargs = {"base": str(base), "method": "task_arithmetic", "scaling_factor": 0.4, "show_progress": False}
+    hf_fusion.merge(models=[str(single), str(experts[1])], output=tmp_path / "from-file", **kwargs)
+    hf_fusion.merge(models=[str(e) for e in experts], output=tmp_path / "from-folders", **kwargs)
+    for part in (
+        "unet/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    ):
+        assert (tmp_path / "from-file" / part).read_bytes() == (tmp_path / "from-folders" / part).read_bytes(), part
+    assert f"- {single}\n" in (tmp_path / "from-file/fusion_recipe.yaml").read_text()
+    cache = Path(constants.HF_HOME) / "hf-fusion" / "single-file"
+    converted = sorted(cache.iterdir())
+    hf_fusion.merge(models=[str(single), str(experts[1])], output=tmp_path / "again", **kwargs)
+    assert sorted(cache.iterdir()) == converted  # converted once, found again
+
+    def refused(error: type[Exception], match: str, models: list[str], **options) -> None:
+        out = tmp_path / "refused"
+        with pytest.raises(error, match=match):
+            settings = {k: v for k, v in {**kwargs, **options}.items() if v is not None}
+            hf_fusion.merge(models=models, output=out, **settings)
+        assert not out.exists()
+
+    from safetensors.torch import save_file
+
+    save_file({"encoder.weight": torch.zeros(2, 2)}, tmp_path / "other.safetensors")
+    refused(CheckpointError, "unknown layout", [str(tmp_path / "other.safetensors"), str(experts[1])])
+    refused(
+        IncompatibleModelsError,
+        "single-file 'v1' checkpoint, which does not fit the StableDiffusionXLPipeline",
+        [str(single), str(sdxl_pool[1][0])],
+        base=str(sdxl_pool[0]),
+    )
+    refused(
+        RecipeError,
+        "need the pipeline they belong to as --base",
+        [str(experts[1]), str(single)],
+        base=None,
+        method="simple_average",
+        scaling_factor=None,
+    )
+
+
+def test_hub_single_file_and_lora_repos_are_typed_from_their_headers(
+    hub, sd_pool: tuple[Path, list[Path]], repo_name: str, tmp_path: Path
+) -> None:
+    from diffusion_models import to_single_file
+
+    base, experts = sd_pool
+    single = to_single_file(experts[0], tmp_path / "model.safetensors")
+    repo = f"alice/single-{repo_name[-6:]}"
+    hub.state.create(repo)
+    commit = hub.state.upload(repo, {"sd-style.safetensors": single.read_bytes()})
+    out = tmp_path / "out"
+    hf_fusion.merge(
+        models=[repo, str(experts[1])], base=str(base), method="simple_average", output=out, show_progress=False
+    )
+    hf_fusion.merge(
+        models=[str(e) for e in experts],
+        base=str(base),
+        method="simple_average",
+        output=tmp_path / "ref",
+        show_progress=False,
+    )
+    part = "unet/diffusion_pytorch_model.safetensors"
+    assert (out / part).read_bytes() == (tmp_path / "ref" / part).read_bytes()
+    assert commit in (out / "fusion_recipe.yaml").read_text()  # pinned like any Hub input
