@@ -244,7 +244,7 @@ def test_bad_pipelines_are_refused_before_anything_is_written(
     )
     refused(
         RecipeError,
-        "neither a diffusers pipeline .* nor a LoRA",
+        "neither a diffusers pipeline .* a LoRA for the base, nor a single-file checkpoint",
         models=[str(experts[0]), str(bert_pool[0])],
         base=str(base),
         method="task_arithmetic",
