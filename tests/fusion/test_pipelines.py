@@ -144,6 +144,15 @@ def test_components_limits_what_is_fused_and_copies_the_rest_from_the_base(
     assert "components:\n- unet\n" in recipe
     card = (out / "README.md").read_text()
     assert "--components unet" in card and 'the "unet" component is fused' in card
+    assert "comparison.png" not in card
+    # a comparison grid written into the folder is shown by the card written again
+    from PIL import Image
+
+    from hf_fusion.cards import write_card
+
+    Image.new("RGB", (8, 8)).save(out / "comparison.png")
+    write_card(out)
+    assert "![The same prompts and seeds through each model](./comparison.png)" in (out / "README.md").read_text()
 
 
 def test_add_difference_is_task_arithmetic_with_per_model_weights(
