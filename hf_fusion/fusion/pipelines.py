@@ -56,7 +56,7 @@ from hf_fusion.pipeline_files import (
     write_model_index,
 )
 from hf_fusion.recipe import OUTPUT_DTYPES, ModelRef
-from hf_fusion.sources import Source, is_offline
+from hf_fusion.sources import Source, check_download_space, is_offline
 
 if TYPE_CHECKING:
     from hf_fusion.engine.diffusion_lora import LoraFactors
@@ -366,6 +366,10 @@ def fetch_pipelines(inputs: PipelineInputs, options: FusionOptions) -> PipelineI
     """Downloads what each Hub pipeline contributes: every fused component, and for the reference also the parts
     the output copies (model index, scheduler, tokenizers, components not fused)."""
     reference = inputs.reference
+    pipelines = [p for p in [inputs.base, *inputs.models] if isinstance(p, PipelineInput)]
+    check_download_space(
+        [s for p in pipelines for name, s in p.components.items() if name in inputs.components or p is reference]
+    )
 
     def fetched(pipeline: PipelineInput) -> PipelineInput:
         if pipeline.folder is not None:
