@@ -1,9 +1,11 @@
-"""The Gradio app: a Merge tab and a Compare tab over the same pipeline as the CLI.
+"""The Gradio app: Merge, Diffusion and Compare tabs over the same pipeline as the CLI.
 
 Merge runs :func:`hf_fusion.fusion.merge` on the recipe YAML the form writes (or the user edits), optionally
-scores it on its pool, offers the folder as a download, and pushes it with the signed-in user's token. Compare runs
-:func:`hf_fusion.bench.run_bench`. Both run as :class:`~hf_fusion.space.jobs.Job` s in the session's own thread,
-behind a queue with a concurrency limit, and the Stop button stops them at the next tensor or batch.
+scores it on its pool, offers the folder as a download, and pushes it with the signed-in user's token. Diffusion
+fuses diffusers pipelines the same way, then draws the visitor's prompts with the base, each input and the fused
+pipeline into one grid (see :mod:`hf_fusion.space.diffusion`). Compare runs :func:`hf_fusion.bench.run_bench`. All
+run as :class:`~hf_fusion.space.jobs.Job` s in the session's own thread, behind a queue with a concurrency limit,
+and the Stop button stops them at the next tensor, batch or picture.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import signal
 import socket
 import tempfile
 import threading
+import time
 import zipfile
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
@@ -27,10 +30,24 @@ from typing import Any, TypeVar
 from hf_fusion.errors import FusionError, RecipeError
 from hf_fusion.output import disk_reservation, nearest_existing
 from hf_fusion.sizes import parse_size
+from hf_fusion.space.block_presets import PRESETS, preset_yaml
+from hf_fusion.space.diffusion import (
+    COMPONENTS,
+    DEFAULT_PROMPTS,
+    DiffusionRequest,
+    RenderCaps,
+    check_pipeline_method,
+    check_pipeline_recipe,
+    check_pipelines,
+    diffusion_methods,
+    prepare_request,
+    render_columns,
+)
 from hf_fusion.space.form import (
     POOL_SOURCE,
     REPO_SOURCE,
     ParamSlot,
+    gradable_parameter,
     make_per_layer_widget,
     make_widget,
     param_slots,
@@ -51,6 +68,8 @@ T = TypeVar("T")
 
 DEFAULT_POOL = "minilm-text3"
 DEFAULT_METHOD = "ties_merging"
+DEFAULT_DIFFUSION_METHOD = "task_arithmetic"
+DIFFUSION_KEYS = "diffusion."
 DEFAULT_COMPARE = ["simple_average", "task_arithmetic", "ties_merging"]
 DEFAULT_LIMIT = 200
 SESSION_TTL_SECONDS = 6 * 3600
@@ -191,7 +210,14 @@ class SpaceApp:
     """Builds the Blocks and holds the handlers; one instance per server, never per-user data."""
 
     def __init__(
-        self, *, root: Path, files_root: Path, in_space: bool, allow_local_paths: bool, limits: SpaceLimits
+        self,
+        *,
+        root: Path,
+        files_root: Path,
+        in_space: bool,
+        allow_local_paths: bool,
+        limits: SpaceLimits,
+        render_caps: RenderCaps | None = None,
     ) -> None:
         from hf_fusion.catalog import pool_names
         from hf_fusion.registry import all_methods
@@ -205,6 +231,10 @@ class SpaceApp:
         self.slots: list[ParamSlot] = param_slots(self.specs)
         self.per_layer_specs = per_layer_methods(self.specs)
         self.pools = pool_names()
+        self.render_caps = render_caps or RenderCaps()
+        self.diffusion_specs = diffusion_methods(self.specs)
+        self.diffusion_slots: list[ParamSlot] = param_slots(self.diffusion_specs)
+        self.diffusion_per_layer_specs = per_layer_methods(self.diffusion_specs)
 
     @property
     def public(self) -> bool:
@@ -418,6 +448,136 @@ class SpaceApp:
         link = pushed.pr_url or pushed.url
         return f"Pushed to [{pushed.repo_id}]({link}) ({visibility})."
 
+    # Diffusion tab ----------------------------------------------------------------------------------------------
+    def form_to_diffusion_yaml(
+        self, models_text: str, base: str, method: str, dtype: str, components: list[str] | None, *values: Any
+    ) -> str:
+        """The Diffusion form as recipe YAML: repo ids, the method's widgets and per-layer box, the components."""
+        slots = self.diffusion_slots
+        widget_values, per_layer_texts = values[: len(slots)], values[len(slots) :]
+        per_layer = {spec.name: text for spec, text in zip(self.diffusion_per_layer_specs, per_layer_texts)}
+        return to_yaml(
+            recipe_fields(
+                source=REPO_SOURCE,
+                pool=None,
+                models_text=models_text or "",
+                base=base or "",
+                method=method,
+                dtype=dtype,
+                slots=slots,
+                values=widget_values,
+                per_layer=per_layer,
+                components=components or (),
+            )
+        )
+
+    def block_preset(self, preset: str | None, method: str, low: float, high: float, *values: Any) -> list[Any]:
+        """Fills the chosen method's per-layer box with ``preset`` for its first real-valued parameter; tensors the
+        preset does not cover keep that parameter's widget value."""
+        import gradio as gr
+
+        from hf_fusion.registry import get_method
+
+        boxes = self.diffusion_per_layer_specs
+        spec = get_method(method)
+        parameter = gradable_parameter(spec)
+        if not preset or spec not in boxes or parameter is None:
+            if preset:
+                gr.Warning(f"{method} has no real-valued parameter to weight by block; pick another method.")
+            return [gr.skip() for _ in boxes]
+        other = next(
+            (
+                v
+                for slot, v in zip(self.diffusion_slots, values)
+                if (slot.method, slot.info.name) == (method, parameter)
+            ),
+            None,
+        )
+        try:
+            text = preset_yaml(preset, parameter, low, high, other if isinstance(other, (int, float)) else None)
+        except FusionError as err:
+            raise self._error(err) from None
+        return [text if box.name == method else gr.skip() for box in boxes]
+
+    def _prepare_diffusion(
+        self, recipe_text: str, prompts_text: str, seeds_text: str, steps: Any, size: Any
+    ) -> DiffusionRequest:
+        """Everything checkable without weights, in the request: what the recipe may name, the method, the caps."""
+        from hf_fusion.fusion import as_recipe, validate_recipe
+
+        fields = parse_recipe_yaml(recipe_text)
+        if self.public:  # before anything reads a file or looks at a folder
+            check_visitor_recipe(fields)
+        check_pipeline_method(fields.get("method"), self.diffusion_specs)
+        recipe = validate_recipe(as_recipe(fields, {})).recipe
+        check_pipeline_recipe(recipe, self.diffusion_specs, self.render_caps)
+        return prepare_request(
+            recipe, prompts_text, seeds_text, steps, size, caps=self.render_caps, device=job_device()
+        )
+
+    def run_diffusion(
+        self,
+        recipe_text: str,
+        prompts_text: str,
+        seeds_text: str,
+        steps: Any,
+        size: Any,
+        session: Session | None,
+        token: str | None,
+        progress: Any,
+        visitor: str | None = None,
+    ) -> Iterator[tuple[Any, ...]]:
+        from hf_fusion.fusion import merge
+        from hf_fusion.images.comparison import write_png_atomically
+
+        try:
+            request = self._prepare_diffusion(recipe_text, prompts_text, seeds_text, steps, size)
+        except FusionError as err:  # refused in the request: nothing was created for it
+            raise self._error(err) from None
+        ticket = self._admit()
+        session = self.store.open(session, visitor)
+        folder = session.new_folder(request.recipe.method)
+
+        def work() -> tuple[Any, Path, Path, float]:
+            check_pipelines(request.recipe, token=token)
+            with disk_reservation(self._reserving(session, factor=2)):  # the folder, then its zip
+                result = merge(
+                    request.recipe.replace(output=str(folder), device=job_device()), token=token, show_progress=False
+                )
+            job.write(
+                f"fused {result.fused_tensors} tensors ({result.copied_tensors} copied) in "
+                f"{result.seconds:.1f} s; {result.output_bytes / 1e6:.0f} MB"
+            )
+            grid = session.served_file(f"{folder.name}-grid.png")
+            try:
+                started = time.perf_counter()
+                comparison = render_columns(request, result.recipe, result.output, token=token)
+                write_png_atomically(grid, comparison.grid())
+                for previous in session.filesdir.glob("*-grid.png"):  # only the newest grid is kept
+                    if previous != grid:
+                        previous.unlink(missing_ok=True)
+                seconds = time.perf_counter() - started
+                job.write(f"drew {request.pictures} pictures in {seconds:.1f} s")
+                archive = zip_folder(result.output, session.served_file(f"{folder.name}.zip"))
+            except BaseException:
+                shutil.rmtree(result.output, ignore_errors=True)
+                grid.unlink(missing_ok=True)
+                raise
+            return result, grid, archive, seconds
+
+        job: Job[tuple[Any, Path, Path, float]] = Job(with_gpu(work), "diffusion merge", ticket)
+        outcome = yield from self._run_job(session, job, progress, results=3)
+        if outcome is None:
+            return
+        result, grid, archive, seconds = outcome
+        session.keep_merged(result.output, archive)
+        status = (
+            f"Merged {len(result.recipe.models)} pipeline(s) with **{result.recipe.method}** in "
+            f"{result.seconds:.1f} s, then drew {request.rows} row(s) x {request.columns} columns in {seconds:.1f} s. "
+            "Download the fused pipeline below, or push it to the Hub."
+        )
+        yield session, status, job.log_text(), str(grid), str(archive), card_body(result.output)
+
     # Compare tab ------------------------------------------------------------------------------------------------
     def _prepare_compare(
         self, pool_name: str, methods: list[str], sweep_text: str, limit: float | None
@@ -512,9 +672,9 @@ class SpaceApp:
         with gr.Blocks(title="hf-fusion", fill_width=True, delete_cache=(1800, 7200)) as demo:
             session = gr.State(None, time_to_live=SESSION_TTL_SECONDS, delete_callback=self.store.close)
             gr.Markdown(
-                "# hf-fusion\nFuse fine-tuned models from the Hub, score them against their experts, and "
-                "push the result. Every method and parameter below comes from the same registry as the "
-                "`hf-fusion` command line."
+                "# hf-fusion\nFuse fine-tuned models from the Hub, score them against their experts (or draw "
+                "fused diffusion pipelines beside their inputs), and push the result. Every method and parameter "
+                "below comes from the same registry as the `hf-fusion` command line."
             )
             if self.in_space:
                 gr.LoginButton()
@@ -523,6 +683,8 @@ class SpaceApp:
             with gr.Tabs():
                 with gr.Tab("Merge", id="merge"):
                     self._merge_tab(session)
+                with gr.Tab("Diffusion", id="diffusion"):
+                    self._diffusion_tab(session)
                 with gr.Tab("Compare", id="compare"):
                     self._compare_tab(session)
             demo.unload(self._with_visitor(self.page_closed))
@@ -712,6 +874,161 @@ class SpaceApp:
             concurrency_id="push",
         )
 
+    def _diffusion_tab(self, session: Any) -> None:
+        import gradio as gr
+
+        caps = self.render_caps
+        with gr.Row():
+            with gr.Column(scale=1):
+                base = gr.Textbox(
+                    label="Base pipeline",
+                    placeholder="org/base-pipeline",
+                    info="a diffusers pipeline repo (with model_index.json): the first column, and what the others "
+                    "were fine-tuned from",
+                )
+                models = gr.Textbox(
+                    label="Pipelines to fuse",
+                    lines=3,
+                    placeholder="org/fine-tune-a\norg/fine-tune-b@revision",
+                    info=f"Hub repo ids of pipelines of the same kind, one per line (at most {caps.models})",
+                )
+                method = gr.Dropdown(
+                    [(f"{s.name} ({s.family.value})", s.name) for s in self.diffusion_specs],
+                    value=DEFAULT_DIFFUSION_METHOD,
+                    label="Method",
+                    info="the tensor-wise methods: each UNet, text encoder and VAE tensor fused on its own",
+                )
+                blurb = gr.Markdown(self.method_blurb(DEFAULT_DIFFUSION_METHOD))
+                groups, widgets, per_layer_boxes = [], [], []
+                with gr.Column(elem_id="diffusion-params"):
+                    for spec in self.diffusion_specs:
+                        with gr.Group(visible=spec.name == DEFAULT_DIFFUSION_METHOD) as group:
+                            if not spec.parameters():
+                                gr.Markdown(f"{spec.name} has no parameters.")
+                            for slot in self.diffusion_slots:
+                                if slot.method == spec.name:
+                                    widgets.append(make_widget(slot, DIFFUSION_KEYS))
+                            if spec in self.diffusion_per_layer_specs:
+                                per_layer_boxes.append(make_per_layer_widget(spec, DIFFUSION_KEYS))
+                        groups.append(group)
+                with gr.Group():
+                    preset = gr.Dropdown(
+                        list(PRESETS),
+                        value=None,
+                        label="Block weights preset",
+                        info="fills the per-layer box: one value per UNet block in block-merge order (IN00..M00.."
+                        "OUTxx: 25 for SD 1.x/2.x, 19 for SDXL), or one per down / mid / up group, between the "
+                        "two values below; other tensors keep the value above",
+                        elem_id="diffusion-preset",
+                    )
+                    with gr.Row():
+                        low = gr.Number(0.0, label="Preset low value")
+                        high = gr.Number(1.0, label="Preset high value")
+                components = gr.CheckboxGroup(
+                    COMPONENTS,
+                    label="Components to fuse",
+                    info="none ticked: every weight component; the others are copied from the base",
+                )
+                dtype = gr.Dropdown(DTYPES, value="auto", label="Output dtype")
+            with gr.Column(scale=1):
+                initial = self.form_to_diffusion_yaml(
+                    "",
+                    "",
+                    DEFAULT_DIFFUSION_METHOD,
+                    "auto",
+                    [],
+                    *[s.info.default for s in self.diffusion_slots],
+                    *[""] * len(per_layer_boxes),
+                )
+                recipe = gr.Code(
+                    initial,
+                    language="yaml",
+                    label="Recipe (editable; Merge and draw runs exactly this)",
+                    interactive=True,
+                    elem_id="diffusion-recipe",
+                )
+                prompts = gr.Textbox(
+                    DEFAULT_PROMPTS,
+                    lines=3,
+                    label="Prompts",
+                    info=f"one per line, at most {caps.prompts}; each is a row of the grid for every seed",
+                )
+                with gr.Row():
+                    seeds = gr.Textbox("0", label="Seeds", info=f"at most {caps.seeds}, e.g. 0, 1")
+                    steps = gr.Slider(1, caps.steps, value=min(caps.default_steps, caps.steps), step=1, label="Steps")
+                    size = gr.Slider(
+                        caps.min_size,
+                        caps.size,
+                        value=min(caps.default_size, caps.size),
+                        step=8,
+                        label="Size (pixels a side)",
+                    )
+                gr.Markdown(caps.summary(), elem_id="diffusion-caps")
+                with gr.Row():
+                    run_btn = gr.Button("Merge and draw", variant="primary", elem_id="diffusion-button")
+                    stop_btn = gr.Button("Stop", variant="stop", elem_id="diffusion-stop")
+                status = gr.Markdown(elem_id="diffusion-status")
+                grid = gr.Image(
+                    label="Rows: prompt x seed. Columns: the base, each input, the fused pipeline",
+                    type="filepath",
+                    format="png",
+                    interactive=False,
+                    elem_id="diffusion-grid",
+                )
+                download = gr.File(label="Fused pipeline (zip)", interactive=False)
+                with gr.Accordion("Log", open=False):
+                    log_box = gr.Textbox(lines=12, max_lines=20, show_label=False, autoscroll=True)
+                with gr.Accordion("Model card", open=False):
+                    card = gr.Markdown()
+                with gr.Group():
+                    repo = gr.Textbox(label="Push to repo", placeholder="name or namespace/name")
+                    with gr.Row():
+                        private = gr.Checkbox(True, label="Private")
+                        overwrite = gr.Checkbox(False, label="Replace files of an existing repo")
+                    push_btn = gr.Button("Push to the Hub")
+                    push_status = gr.Markdown()
+
+        method.change(
+            lambda m: [self.method_blurb(m), *(gr.update(visible=s.name == m) for s in self.diffusion_specs)],
+            method,
+            [blurb, *groups],
+            api_visibility="private",
+            queue=False,
+        )
+        form = [models, base, method, dtype, components, *widgets, *per_layer_boxes]
+        gr.on(
+            [c.change for c in form],
+            self.form_to_diffusion_yaml,
+            form,
+            recipe,
+            api_visibility="private",
+            queue=False,
+        )
+        gr.on(
+            [preset.change, low.change, high.change, method.change],
+            self.block_preset,
+            [preset, method, low, high, *widgets],
+            per_layer_boxes,
+            api_visibility="private",
+            queue=False,
+        )
+        run_btn.click(
+            self._with_token(self.run_diffusion, 6, generator=True),
+            [recipe, prompts, seeds, steps, size, session],
+            [session, status, log_box, grid, download, card],
+            api_name="merge_pipelines",
+            concurrency_limit=None,
+        )
+        stop_btn.click(self.stop, session, status, api_name="stop_diffusion", queue=False)
+        push_btn.click(
+            self._with_token(self.push, 4, generator=False),
+            [repo, private, overwrite, session],
+            push_status,
+            api_name="push_pipeline",
+            concurrency_limit=PUSH_CONCURRENCY,
+            concurrency_id="push",
+        )
+
     def _compare_tab(self, session: Any) -> None:
         import gradio as gr
 
@@ -761,10 +1078,12 @@ def create_app(
     allow_local_paths: bool | None = None,
     concurrency: int | None = None,
     limits: SpaceLimits | None = None,
+    render_caps: RenderCaps | None = None,
 ) -> SpaceApp:
     """The Space's handlers and its session store. Outside a Space, local folders may be fused and the local token
     pushes; inside one, only Hub ids, catalog pools and built-in models, and the signed-in user's OAuth token.
-    Limits come from ``limits`` or the environment (see :meth:`SpaceLimits.from_environment`)."""
+    Limits come from ``limits`` or the environment (see :meth:`SpaceLimits.from_environment`); the Diffusion tab's
+    pictures are bounded by ``render_caps`` (:class:`~hf_fusion.space.diffusion.RenderCaps` by default)."""
     from gradio.utils import get_upload_folder
 
     _quiet_network_defaults()
@@ -777,6 +1096,7 @@ def create_app(
         in_space=space,
         allow_local_paths=(not space) if allow_local_paths is None else allow_local_paths,
         limits=limits or SpaceLimits.from_environment(root, concurrency),
+        render_caps=render_caps,
     )
 
 

@@ -86,13 +86,14 @@ def slider_step(info: ParamInfo) -> float:
     return 10.0 ** math.floor(math.log10((hi - lo) / 100)) if hi > lo else 0.01
 
 
-def make_widget(slot: ParamSlot) -> Any:
-    """The gradio component for one parameter, labelled and described from the registry."""
+def make_widget(slot: ParamSlot, key_prefix: str = "") -> Any:
+    """The gradio component for one parameter, labelled and described from the registry (``key_prefix`` keeps
+    the keys of a second form apart)."""
     import gradio as gr
 
     info = slot.info
     kind = widget_kind(info)
-    common = {"label": info.name, "info": info.description or None, "key": f"{slot.method}.{info.name}"}
+    common = {"label": info.name, "info": info.description or None, "key": f"{key_prefix}{slot.method}.{info.name}"}
     if kind == "dropdown":
         return gr.Dropdown(choices=list(info.choices or ()), value=info.default, **common)
     if kind == "checkbox":
@@ -122,13 +123,18 @@ def per_layer_methods(specs: Sequence[MethodSpec]) -> list[MethodSpec]:
     return [s for s in specs if s.kind is MethodKind.TENSOR_WISE and any(_gradable(p) for p in s.parameters())]
 
 
+def gradable_parameter(spec: MethodSpec) -> str | None:
+    """The method's first real-valued parameter: the one a per-layer example or a block preset grades."""
+    return next((p.name for p in spec.parameters() if _gradable(p)), None)
+
+
 def per_layer_example(spec: MethodSpec) -> str:
     """A placeholder that shows both forms on one of the method's own real-valued parameters."""
-    name = next(p.name for p in spec.parameters() if _gradable(p))
+    name = gradable_parameter(spec)
     return f"{name}: [0.2, 0.5, 0.3]\n# or\n{name}:\n  - {{filter: self_attn, value: [0, 0.5, 1]}}\n  - {{value: 0.5}}"
 
 
-def make_per_layer_widget(spec: MethodSpec) -> Any:
+def make_per_layer_widget(spec: MethodSpec, key_prefix: str = "") -> Any:
     import gradio as gr
 
     return gr.Textbox(
@@ -137,7 +143,7 @@ def make_per_layer_widget(spec: MethodSpec) -> Any:
         label="Per layer or per tensor (YAML)",
         info="a gradient over the layers, or {filter, value} conditions on tensor names; replaces the values above",
         placeholder=per_layer_example(spec),
-        key=f"{spec.name}.__per_layer__",
+        key=f"{key_prefix}{spec.name}.__per_layer__",
     )
 
 
@@ -193,11 +199,13 @@ def recipe_fields(
     slots: Sequence[ParamSlot],
     values: Sequence[Any],
     per_layer: dict[str, str] | None = None,
+    components: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The recipe the form describes, as the mapping the YAML box shows (pools are expanded so they can be edited).
 
     ``per_layer`` holds each method's per-layer box (method name to its text); the chosen method's entries replace
-    the widget values they name."""
+    the widget values they name. ``components`` (diffusers pipelines) names the components to fuse; none means
+    every weight component."""
     from hf_fusion.registry import get_method
 
     parameters = {s.info.name: widget_value(s, v) for s, v in zip(slots, values) if s.method == method}
@@ -211,6 +219,8 @@ def recipe_fields(
         fields["models"] = split_models(models_text)
         if base.strip():
             fields["base"] = base.strip()
+    if components:
+        fields["components"] = list(components)
     fields["parameters"] = parameters
     fields["dtype"] = dtype
     return fields

@@ -1,4 +1,5 @@
-"""The Space in a real headless Chromium (Debian's, driven by playwright): fill the form, merge, see the scores.
+"""The Space in a real headless Chromium (Debian's, driven by playwright): fill the form, merge, see the scores; the
+Diffusion tab shows its caps and fills a block preset.
 
 Only loopback is reachable from the page: any other request is refused and fails the test.
 """
@@ -15,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
-from space_screenshots import CHROMIUM, browser_page, drive_compare, drive_merge, recipe_text  # noqa: E402
+from space_screenshots import CHROMIUM, browser_page, drive_compare, drive_merge, pick, recipe_text  # noqa: E402
 
 pytest.importorskip("playwright")
 pytestmark = [
@@ -52,6 +53,27 @@ def test_compare_in_the_browser_shows_leaderboard_and_plots(space_url: str, tmp_
         assert shown(board.get_by_text("task_arithmetic[scaling_factor=0.6]", exact=True))
         assert shown(board.get_by_text("simple_average", exact=True))
         page.screenshot(path=str(tmp_path / "compare.png"), full_page=True)
+    assert refused == []
+
+
+def test_the_diffusion_tab_shows_its_caps_and_fills_a_block_preset(space_url: str, tmp_path: Path) -> None:
+    import yaml
+
+    with browser_page() as (page, refused):
+        page.goto(space_url)
+        page.get_by_role("tab", name="Diffusion").click()
+        page.locator("#diffusion-caps").get_by_text("Limits on this Space", exact=False).wait_for()
+        assert shown(page.get_by_role("button", name="Merge and draw", exact=True))
+        pick(page, "Block weights preset", "SD 1.x / 2.x UNet, 25 blocks: ramp up, IN00 low to the last OUT high")
+        page.wait_for_function(
+            "() => document.querySelector('#diffusion-recipe .cm-content').innerText.includes('filter: unet.')"
+        )
+        box = page.get_by_label("Per layer or per tensor").filter(visible=True).first
+        conditions = yaml.safe_load(box.input_value())["scaling_factor"]
+        assert conditions[0]["filter"] == "unet." and len(conditions[0]["value"]) == 25
+        assert conditions[0]["value"][0] == 0 and conditions[0]["value"][-1] == 1
+        assert conditions[1] == {"value": 0.3}  # the other tensors keep the slider's value
+        page.screenshot(path=str(tmp_path / "diffusion.png"), full_page=True)
     assert refused == []
 
 
