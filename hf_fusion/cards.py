@@ -74,17 +74,19 @@ def pipeline_task(class_name: str) -> str:
     return "text-to-image"
 
 
-def pipeline_usage(load_path: str) -> dict[str, str]:
-    """The card's Usage section for a pipeline folder: diffusers loads it as it is."""
-    code = "\n".join(
-        [
-            "from diffusers import DiffusionPipeline",
-            "",
-            f"pipe = DiffusionPipeline.from_pretrained({json.dumps(load_path)})",
-            'image = pipe("a photo of a cat").images[0]',
-            'image.save("cat.png")',
-        ]
-    )
+def pipeline_usage(load_path: str, class_name: str) -> dict[str, str]:
+    """The card's Usage section for a pipeline folder: diffusers loads it as it is; a text-to-image pipeline also
+    draws a picture (the others need an input image of the user's)."""
+    lines = [
+        "from diffusers import DiffusionPipeline",
+        "",
+        f"pipe = DiffusionPipeline.from_pretrained({json.dumps(load_path)})",
+    ]
+    if pipeline_task(class_name) == "text-to-image":
+        lines += ['image = pipe("a photo of a cat").images[0]', 'image.save("cat.png")']
+    else:
+        lines.append(f"# a {class_name}: call pipe(prompt, image=...) with your own image")
+    code = "\n".join(lines)
     return {
         "install": "It needs diffusers, transformers and PyTorch only: `pip install diffusers transformers torch`.",
         "code": code,
@@ -336,7 +338,7 @@ def build_card(
         dtype=recipe.dtype,
         exclude=recipe.exclude,
         evaluation=evaluation,
-        usage=pipeline_usage(load_path)
+        usage=pipeline_usage(load_path, pipeline)
         if pipeline is not None
         else usage_snippet(
             config, load_path=load_path, auto_class=auto_class, subfolders=subfolders, tokenizer=tokenizer

@@ -156,12 +156,12 @@ def _module_folders(folder: Path) -> list[str]:
         name = module.get("path") if isinstance(module, dict) else None
         if isinstance(name, str) and name and "/" not in name and "\\" not in name and name not in (".", ".."):
             candidate = folder / name
-            if candidate.is_dir() and candidate.resolve().is_relative_to(_confinement(folder)):
+            if candidate.is_dir() and candidate.resolve().is_relative_to(confinement_root(folder)):
                 names.append(name)
     return names
 
 
-def _confinement(folder: Path) -> Path:
+def confinement_root(folder: Path) -> Path:
     """What a model folder's files may point into: the folder itself, or for a Hugging Face cache snapshot
     (``snapshots/<commit>/`` whose files link to ``../../blobs/``) the cached repo's own folder."""
     folder = folder.resolve()
@@ -188,7 +188,7 @@ def copy_side_files(reference: Path, others: Sequence[Path], dest: Path) -> list
     """
     copied: list[str] = []
     if reference.is_dir():
-        root = _confinement(reference)
+        root = confinement_root(reference)
         for path in sorted(reference.iterdir()):
             if is_side_file(path.name) and _copy_file(path, dest / path.name, root):
                 copied.append(path.name)
@@ -208,7 +208,7 @@ def copy_side_files(reference: Path, others: Sequence[Path], dest: Path) -> list
                 if other.is_dir()
                 else []
             )
-            extra = [p for p in extra if _copy_file(p, dest / p.name, _confinement(other))]
+            extra = [p for p in extra if _copy_file(p, dest / p.name, confinement_root(other))]
             if extra:
                 copied += [p.name for p in extra]
                 log.info("%s files taken from %s", kind, other)

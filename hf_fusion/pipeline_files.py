@@ -17,15 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hf_fusion.engine.checkpoint import choose_weight_files, read_weight_map
 from hf_fusion.errors import CheckpointError
-from hf_fusion.model_files import PROCESSOR_FILES, TOKENIZER_FILES
+from hf_fusion.model_files import PROCESSOR_FILES, TOKENIZER_FILES, confinement_root
 
 MODEL_INDEX = "model_index.json"
 
 COMPONENT_SIDE_FILES = ("config.json", "scheduler_config.json", *TOKENIZER_FILES, *PROCESSOR_FILES)
 """What a component subfolder may carry to the output besides weights."""
-COMPONENT_WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.safetensors.index.*.json")
-"""The weights of a component copied whole (one the fusion does not read): safetensors only, never pickles."""
 _COMPONENT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
 
@@ -95,26 +94,45 @@ def local_files(folder: Path) -> list[str]:
     return names
 
 
-def _confinement(folder: Path) -> Path:
-    folder = folder.resolve()
-    return folder.parent.parent if folder.parent.name == "snapshots" else folder
-
-
-def copy_component(source: Path, dest: Path, *, weights: bool) -> list[str]:
-    """Copies a component's allow-listed files (and its safetensors when ``weights``); links are followed only
-    inside the model's own folder or cache entry. Returns the copied names."""
-    root = _confinement(source.parent)
-    patterns = COMPONENT_SIDE_FILES + (COMPONENT_WEIGHT_FILES if weights else ())
-    copied = []
-    for path in sorted(source.iterdir()) if source.is_dir() else []:
-        if not path.is_file() or not any(fnmatch.fnmatchcase(path.name, p) for p in patterns):
-            continue
+def copy_component(source: Path, dest: Path, *, weights: bool, label: str) -> list[str]:
+    """Copies a component the fusion does not read: its allow-listed files and, for a weight component, the
+    safetensors weights it would load (plain files over a variant; a variant written under the plain name, so the
+    output loads without ``variant=``). Links are followed only inside the model's own folder or cache entry; a
+    missing folder, a link out, or pickle-only weights are refused rather than leaving a folder that does not load.
+    Returns the written names."""
+    root = confinement_root(source.parent)
+    if not source.is_dir():
+        raise CheckpointError(f"{label}: its {source.name}/ folder is missing, though {MODEL_INDEX} names it.")
+    if not source.resolve().is_relative_to(root):
+        raise CheckpointError(f"{label}: {source.name}/ links outside the model's folder; it is not copied.")
+    names = sorted(p.name for p in source.iterdir() if p.is_file())
+    wanted = {n: n for n in names if any(fnmatch.fnmatchcase(n, p) for p in COMPONENT_SIDE_FILES)}
+    if weights:
+        wanted.update(_weight_files(source, names, label))
+    for name, written in wanted.items():
+        path = source / name
         if path.is_symlink() and not path.resolve().is_relative_to(root):
-            continue
+            raise CheckpointError(f"{label}: {source.name}/{name} links outside the model's folder; it is not copied.")
         dest.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, dest / path.name)
-        copied.append(path.name)
-    return copied
+        shutil.copyfile(path, dest / written)
+    return sorted(wanted.values())
+
+
+def _weight_files(source: Path, names: list[str], label: str) -> dict[str, str]:
+    """The weights a loader reads from ``source``, each with the name it gets in the output."""
+    try:
+        kind, files, index = choose_weight_files(names)
+    except CheckpointError as err:
+        raise CheckpointError(f"{label}: {source.name}/: {err}") from None
+    if kind != "safetensors":
+        raise CheckpointError(
+            f"{label}: {source.name}/ holds pickle weights only, which an output does not carry; fuse it too "
+            "(--components) with --allow-pickle, or use a safetensors revision."
+        )
+    if index is None:
+        return {files[0]: f"{files[0].split('.')[0]}.safetensors"}
+    shards = dict.fromkeys(read_weight_map(source / index).values())
+    return {index: f"{index.split('.')[0]}.safetensors.index.json", **{shard: shard for shard in shards}}
 
 
 def write_model_index(reference: Path, dest: Path) -> dict[str, Any]:

@@ -326,7 +326,8 @@ def _has_text_model(loader: type, index: dict[str, Any] | None, component: str, 
     model_class = None
     if index is not None:
         library, class_name = _components(index)[component]
-        model_class = getattr(importlib.import_module(library), class_name, None)
+        if library in ("transformers", "diffusers"):  # the index is input data: no other module is imported
+            model_class = getattr(importlib.import_module(library), class_name, None)
     else:
         parameter = inspect.signature(loader.__init__).parameters.get(component)
         model_class = parameter.annotation if parameter is not None else None

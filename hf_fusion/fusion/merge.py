@@ -70,6 +70,7 @@ def merge(
     allow_nonfinite: bool | None = None,
     clamp_overflow: bool | None = None,
     mixed_precision: str = "no",
+    convert_single_files: bool = True,
     runtime: Runtime | None = None,
     **parameters: Any,
 ) -> MergeResult:
@@ -83,7 +84,8 @@ def merge(
     folders or Hub repo ids (``org/name@revision``). ``push`` is a repo id or a :class:`PushTarget`; without
     ``output`` the fused folder is then built in a temporary folder, removed after a successful push.
     ``mixed_precision`` (``no``, ``fp16``, ``bf16``) is the autocast dtype of test-time adaptation (AdaMerging,
-    WEMoE). ``runtime`` is the processes that run this merge together (default: every process of the run;
+    WEMoE). ``convert_single_files=False`` refuses single-file diffusion checkpoints instead of converting them in
+    memory (a shared server's choice). ``runtime`` is the processes that run this merge together (default: every process of the run;
     :data:`~hf_fusion.runtime.LOCAL` for a merge one process makes on its own, as a ``bench`` configuration).
     """
     overrides = {
@@ -114,6 +116,7 @@ def merge(
         max_shard_bytes=max_shard_bytes,
         budget_elements=budget_elements,
         mixed_precision=check_mixed_precision(mixed_precision, checked.recipe.device),
+        convert_single_files=convert_single_files,
     )
     runtime = runtime or current()
     scratch = None if checked.recipe.output else runtime.on_main(lambda: Path(tempfile.mkdtemp(prefix="hf-fusion-")))
@@ -169,6 +172,8 @@ def run_fusion(
         return fuse_model_wise(checked, target, options, repo_id=repo_id, runtime=runtime)
     if pipeline:
         return runtime.on_main(lambda: fuse_pipeline(checked, target, options, repo_id=repo_id))
+    if checked.recipe.components:
+        raise RecipeError("components applies to diffusers pipelines; these models are not one (no model_index.json).")
     return runtime.on_main(lambda: fuse_tensor_wise(checked, target, options, repo_id=repo_id))
 
 

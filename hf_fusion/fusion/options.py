@@ -24,3 +24,6 @@ class FusionOptions:
     """The Hugging Face token, already resolved (never logged)."""
     mixed_precision: str = "no"
     """Autocast dtype of test-time adaptation's forward passes (``no``, ``fp16``, ``bf16``)."""
+    convert_single_files: bool = True
+    """Convert single-file diffusion checkpoints to diffusers layout (the one step that holds a whole model in
+    memory); a shared server turns it off."""

@@ -34,6 +34,7 @@ from hf_fusion.fusion.result import MergeResult
 from hf_fusion.fusion.single_file import (
     SingleFileInput,
     check_fits_base,
+    check_fits_unet,
     converted_folder,
     hub_header_shapes,
     hub_single_file,
@@ -125,9 +126,12 @@ def is_pipeline(ref: ModelRef, *, token: str | None) -> bool:
     return MODEL_INDEX in list_hub_repo(ref, token=token).sizes
 
 
-def resolve_pipeline(ref: ModelRef, *, token: str | None, allow_pickle: bool) -> PipelineInput | None:
-    """Metadata only: the pipeline's index, and each weight component's config and tensor headers; None when
-    ``ref`` is not a pipeline."""
+def resolve_pipeline(
+    ref: ModelRef, *, token: str | None, allow_pickle: bool, only: list[str] | None = None
+) -> PipelineInput | None:
+    """Metadata only: the pipeline's index, and each weight component's config and tensor headers (of the ``only``
+    components when given: an input whose other parts are never read is not refused for them); None when ``ref``
+    is not a pipeline."""
     label = str(ref)
     if ref.is_local or is_offline():
         folder = local_folder(ref) if ref.is_local else _cached_pipeline_folder(ref)
@@ -137,7 +141,7 @@ def resolve_pipeline(ref: ModelRef, *, token: str | None, allow_pickle: bool) ->
         if index is None:
             return None
         pinned = ref if ref.is_local else ref.model_copy(update={"commit": folder.name})
-        names = weight_components(index, local_files(folder))
+        names = [c for c in weight_components(index, local_files(folder)) if only is None or c in only]
         sources = {c: Source(pinned, f"{label}:{c}", read_config(folder / c), folder / c) for c in names}
         return PipelineInput(pinned, label, index, sources, folder=folder, metadata_folder=folder)
     listing = list_hub_repo(ref, token=token)
@@ -147,7 +151,7 @@ def resolve_pipeline(ref: ModelRef, *, token: str | None, allow_pickle: bool) ->
         index_file = Path(hf_hub_download(ref.path, MODEL_INDEX, revision=listing.ref.commit, token=token))
     index = parse_model_index(index_file.read_text(), label)
     sources = {}
-    for name in weight_components(index, listing.sizes):
+    for name in [c for c in weight_components(index, listing.sizes) if only is None or c in only]:
         hub = resolve_hub_model(ref, token=token, allow_pickle=allow_pickle, listing=listing, subfolder=name)
         sources[name] = Source(listing.ref, f"{label}:{name}", hub.config, hub=hub)
     # the component configs were fetched beside the index, into the same cached snapshot
@@ -210,6 +214,8 @@ def resolve_member(ref: ModelRef, base: PipelineInput | None, *, token: str | No
                 raise RecipeError(_NEITHER.format(label=label, detail=""))
             return _lora_input(listing.ref, label, lora, base)
     check_fits_base(single, base.index.class_name, base.label)
+    unet = base.components.get("unet")
+    check_fits_unet(single, unet.config if unet is not None else None, base.label)
     return single
 
 
@@ -238,17 +244,42 @@ def resolve_pipelines(checked: ValidatedRecipe, options: FusionOptions) -> Pipel
         if base is None:
             raise RecipeError(f"the base {recipe.base} is not a diffusers pipeline (no {MODEL_INDEX}).")
     models: list[PipelineMember] = []
+    components: list[str] | None = None
     for ref in recipe.models:
-        found = resolve_pipeline(ref, token=token, allow_pickle=pickle)
-        models.append(found if found is not None else resolve_member(ref, base, token=token))
+        reference = base or next((m for m in models if isinstance(m, PipelineInput)), None)
+        if reference is not None and components is None:
+            components = default_components(reference, recipe.components)
+        found = resolve_pipeline(ref, token=token, allow_pickle=pickle, only=components)
+        member = found if found is not None else resolve_member(ref, base, token=token)
+        if isinstance(member, SingleFileInput) and not options.convert_single_files:
+            raise RecipeError(
+                f"{member.label} is a single-file checkpoint, which this server does not convert (conversion holds "
+                "the whole model in memory): give the diffusers pipeline repo instead."
+            )
+        models.append(member)
     reference = base or next(m for m in models if isinstance(m, PipelineInput))
-    components = list(recipe.components) if recipe.components else list(reference.components)
-    if not recipe.components and all(isinstance(m, LoraInput) for m in models):
-        touched = {c for m in models if isinstance(m, LoraInput) for c in m.factors}
+    components = components or default_components(reference, recipe.components)
+    loras = [m for m in models if isinstance(m, LoraInput)]
+    touched = {c for m in loras for c in m.factors}
+    if loras and len(loras) == len(models) and not recipe.components:
         components = [c for c in components if c in touched]  # what no LoRA changes stays the base's
+    elif loras and not touched & set(components):
+        log.warning("the LoRAs change %s, none of which is fused: the output is the base's", ", ".join(sorted(touched)))
     inputs = PipelineInputs(base, models, components)
     check_structure(inputs)
     return inputs
+
+
+NOT_FUSED_BY_DEFAULT = ("safety_checker", "image_encoder", "feature_extractor")
+"""Weight components that are not the generator: taken from the reference unless ``components`` names them."""
+
+
+def default_components(reference: PipelineInput, chosen: list[str] | None) -> list[str]:
+    """The components to fuse: the recipe's (in the order it gives, without repeats), else the reference's weight
+    components that generate (UNet or transformer, text encoders, VAE)."""
+    if chosen:
+        return list(dict.fromkeys(chosen))
+    return [c for c in reference.components if c not in NOT_FUSED_BY_DEFAULT]
 
 
 def check_structure(inputs: PipelineInputs) -> None:
@@ -267,6 +298,19 @@ def check_structure(inputs: PipelineInputs) -> None:
             raise RecipeError(
                 f"{reference.label} has no weight component {name!r}; its components are {', '.join(available)}."
             )
+    present = _component_folders(reference)
+    for name in reference.index.components:
+        if name not in present:
+            raise CheckpointError(
+                f"{reference.label}: {MODEL_INDEX} names {name!r}, but it has no {name}/ folder to take it from."
+            )
+        source = reference.components.get(name)
+        if name not in inputs.components and source is not None and source.hub is not None:
+            if source.hub.weight_kind != "safetensors":
+                raise CheckpointError(
+                    f"{reference.label}: {name}/ holds pickle weights only, which an output does not carry; fuse it "
+                    "too (--components) with --allow-pickle, or use a safetensors revision."
+                )
     for pipeline in pipelines:
         for name in inputs.components:
             if name not in pipeline.components:
@@ -279,6 +323,14 @@ def check_structure(inputs: PipelineInputs) -> None:
                     f"{pipeline.label}'s {name!r} is a {theirs[1] if theirs else None} but {reference.label}'s is a "
                     f"{ours[1]}."
                 )
+
+
+def _component_folders(pipeline: PipelineInput) -> set[str]:
+    """The subfolders a pipeline has, from its folder or its Hub listing."""
+    if pipeline.folder is not None:
+        return {p.name for p in pipeline.folder.iterdir() if p.is_dir()}
+    assert pipeline.listing is not None
+    return {n.split("/", 1)[0] for n in pipeline.listing.sizes if "/" in n}
 
 
 def _refuse_unsupported(checked: ValidatedRecipe) -> None:
@@ -352,7 +404,7 @@ def check_components(
             base=0 if checked.uses_base else None,
             experts=list(range(1 if checked.uses_base else 0, len(read))),
             uses_base=checked.uses_base,
-            exclude=checked.recipe.exclude,
+            exclude=component_excludes(checked.recipe.exclude, name, inputs.reference.index),
             heads=[],
         )
         check_memory(headers, elementwise, options.budget_elements)  # type: ignore[arg-type]
@@ -453,7 +505,8 @@ def fuse_pipeline(
             output_bytes += plan.output_bytes
         for name in reference.index.components:
             if name not in inputs.components:
-                copy_component(reference.folder / name, temp / name, weights=True)
+                weights = name in reference.components or name in _weight_names(reference)
+                copy_component(reference.folder / name, temp / name, weights=weights, label=reference.label)
         notes = method.notes()
         files = seal(atomic, temp, recipe, target=target, repo_id=repo_id, notes=notes)
     return MergeResult(
@@ -493,7 +546,7 @@ def _fuse_component(
             experts=list(range(1 if checked.uses_base else 0, len(views))),
             uses_base=checked.uses_base,
             reference=0,
-            exclude=checked.recipe.exclude,
+            exclude=component_excludes(checked.recipe.exclude, name, inputs.reference.index),
             heads=[],
             out_dtype=OUTPUT_DTYPES[checked.recipe.dtype],
         )
@@ -510,7 +563,8 @@ def _fuse_component(
             clamp_overflow=checked.recipe.clamp_overflow,
         )
         write_weights(engine, plan, [dest], checked.spec.name, options)
-        copy_component(inputs.reference.components[name].folder, dest, weights=False)  # type: ignore[arg-type]
+        reference = inputs.reference
+        copy_component(reference.components[name].folder, dest, weights=False, label=reference.label)  # type: ignore[arg-type]
         code = OUTPUT_DTYPES[checked.recipe.dtype]
         if code is not None and inputs.reference.index.components[name][0] == "transformers":
             set_config_dtype(dest, TORCH_NAMES[code])
@@ -525,5 +579,24 @@ def _component_parameters(checked: ValidatedRecipe, name: str, plan: FusionPlan)
     gradients over the component's blocks (UNet, Flux) or layers (text encoders)."""
     if not checked.schedule.varies:
         return {}
-    positions = component_positions([t.name for t in plan.fused])
+    positions = component_positions([t.name for t in plan.tensors])  # excluded tensors still count as blocks
     return {t.key: checked.schedule.resolve(f"{name}.{t.name}", positions[t.name]) for t in plan.fused}
+
+
+def _weight_names(pipeline: PipelineInput) -> list[str]:
+    """Every weight component of a local pipeline, also those not resolved (not fused)."""
+    assert pipeline.folder is not None
+    return weight_components(pipeline.index, local_files(pipeline.folder))
+
+
+def component_excludes(patterns: list[str], component: str, index: PipelineIndex) -> list[str]:
+    """``exclude`` patterns for one component: a pattern that starts with a component's name (``vae.*``,
+    ``unet.conv_in*``) applies to that component only, as per-tensor filters do; others apply to every one."""
+    out = []
+    for pattern in patterns:
+        owner = next((c for c in index.components if pattern.startswith(f"{c}.")), None)
+        if owner is None:
+            out.append(pattern)
+        elif owner == component:
+            out.append(pattern[len(component) + 1 :])
+    return out

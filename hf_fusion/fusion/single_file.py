@@ -70,6 +70,32 @@ def single_file_type(shapes: dict[str, tuple[int, ...]], label: str) -> str:
         raise CheckpointError(f"{label}: diffusers cannot tell which model this checkpoint is ({err}).") from None
 
 
+_UNET_SIGNATURES = {
+    "v1": {"cross_attention_dim": 768, "in_channels": 4},
+    "v2": {"cross_attention_dim": 1024, "in_channels": 4},
+    "inpainting": {"cross_attention_dim": 768, "in_channels": 9},
+    "inpainting_v2": {"cross_attention_dim": 1024, "in_channels": 9},
+    "xl_base": {"in_channels": 4},
+    "xl_inpaint": {"in_channels": 9},
+}
+"""UNet config values that tell Stable Diffusion checkpoint types apart, for refusing one that does not fit the base
+from headers (the base's UNet config), before its download and conversion."""
+
+
+def check_fits_unet(item: SingleFileInput, unet_config: dict | None, base_label: str) -> None:
+    """Refuses a checkpoint whose type needs another UNet than the base's (SD 2 text width, inpainting inputs)."""
+    expected = _UNET_SIGNATURES.get(item.model_type)
+    if not expected or not unet_config:
+        return
+    for key, value in expected.items():
+        known = {signature[key] for signature in _UNET_SIGNATURES.values() if key in signature}
+        if unet_config.get(key) in known and unet_config.get(key) != value:  # a base of another known type
+            raise IncompatibleModelsError(
+                f"{item.label} is a single-file {item.model_type!r} checkpoint ({key} {value}), but the UNet of "
+                f"{base_label} has {key} {unet_config.get(key)}: give the base it belongs to."
+            )
+
+
 def check_fits_base(item: SingleFileInput, pipeline_class: str, base_label: str) -> None:
     """Refuses a checkpoint whose type does not belong to the base pipeline's class."""
     for types, classes in _FAMILIES:
@@ -119,7 +145,7 @@ def converted_folder(item: SingleFileInput, pipeline_class: str, config_folder: 
         assert item.repo_file is not None and item.ref.commit is not None
         with hub_errors(item.ref.path, item.ref.commit, "download"):
             file = Path(hf_hub_download(item.ref.path, item.repo_file, revision=item.ref.commit, token=token))
-    destination = _cache_root() / _identity(item, file, pipeline_class)
+    destination = _cache_root() / _identity(item, file, pipeline_class, config_folder)
     if (destination / "model_index.json").is_file():
         log.info("%s: using its diffusers-layout copy at %s", item.label, destination)
         return destination
@@ -128,7 +154,12 @@ def converted_folder(item: SingleFileInput, pipeline_class: str, config_folder: 
     scratch = Path(tempfile.mkdtemp(prefix=".converting-", dir=destination.parent))
     try:
         _convert(file, pipeline_class, config_folder, scratch, item.label)
-        os.replace(scratch, destination)
+        try:
+            os.replace(scratch, destination)
+        except OSError:  # another run converted the same file meanwhile: its copy is as good
+            if not (destination / "model_index.json").is_file():
+                raise
+            shutil.rmtree(scratch, ignore_errors=True)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
@@ -146,7 +177,11 @@ def _convert(file: Path, pipeline_class: str, config_folder: Path, dest: Path, l
     dtype = _stored_dtype(file)
     try:
         pipe = loader.from_single_file(
-            str(file), config=str(config_folder), local_files_only=True, **{diffusers_dtype_keyword(): dtype}
+            str(file),
+            config=str(config_folder),
+            local_files_only=True,
+            use_safetensors=True,
+            **{diffusers_dtype_keyword(): dtype},
         )
     except (ValueError, KeyError, RuntimeError, OSError) as err:
         raise CheckpointError(f"{label}: diffusers could not convert this checkpoint ({err}).") from None
@@ -167,9 +202,15 @@ def _cache_root() -> Path:
     return Path(constants.HF_HOME) / "hf-fusion" / "single-file"
 
 
-def _identity(item: SingleFileInput, file: Path, pipeline_class: str) -> str:
-    """What names a conversion: the Hub commit and file, or a local file's path, size, time and header."""
-    digest = hashlib.sha256(pipeline_class.encode())
+def _identity(item: SingleFileInput, file: Path, pipeline_class: str, config_folder: Path) -> str:
+    """What names a conversion: the Hub commit and file (or a local file's path, size, time and first MB), the base
+    whose configs (and, for parts the file lacks, weights) complete it, and the diffusers that converts it."""
+    import diffusers
+
+    digest = hashlib.sha256(f"{pipeline_class}:{diffusers.__version__}".encode())
+    for config in sorted(config_folder.glob("*.json")) + sorted(config_folder.glob("*/*.json")):
+        digest.update(config.relative_to(config_folder).as_posix().encode() + config.read_bytes())
+    digest.update(str(config_folder.resolve()).encode())
     if item.file is None:
         digest.update(f"{item.ref.path}@{item.ref.commit}:{item.repo_file}".encode())
     else:

@@ -378,6 +378,7 @@ class SpaceApp:
                     tasks=tasks,
                     token=token,
                     show_progress=False,
+                    convert_single_files=not self.public,
                 )
             job.write(
                 f"fused {result.fused_tensors} tensors ({result.copied_tensors} copied) in "
@@ -539,7 +540,7 @@ class SpaceApp:
         folder = session.new_folder(request.recipe.method)
 
         def work() -> tuple[Any, Path, Path, float]:
-            check_pipelines(request.recipe, token=token)
+            check_pipelines(request.recipe, token=token, caps=self.render_caps)
             with disk_reservation(self._reserving(session, factor=2)):  # the folder, then its zip
                 result = merge(
                     request.recipe.replace(output=str(folder), device=job_device()), token=token, show_progress=False

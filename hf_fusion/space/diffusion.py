@@ -47,12 +47,15 @@ class RenderCaps:
     default_size: int = 256
     min_size: int = 32
     guidance_scale: float = 7.5
+    pipeline_bytes: int = 12_000_000_000
+    """The most safetensors bytes a pipeline repo may hold (every variant counted): each is loaded whole to draw."""
 
     def summary(self) -> str:
         """The caps in words, for the tab."""
         return (
             f"Limits on this Space: up to {self.prompts} prompts of {self.prompt_chars} characters, {self.seeds} "
-            f"seeds, {self.models} models besides the base, {self.steps} steps, {self.size}x{self.size} pixels; "
+            f"seeds, {self.models} models besides the base of up to {self.pipeline_bytes / 1e9:.0f} GB of weights "
+            f"each, {self.steps} steps, {self.size}x{self.size} pixels; "
             f"guidance scale {self.guidance_scale:g}. Every column is drawn with the base's scheduler, from the same "
             "seeds, so a row differs only by the weights."
         )
@@ -192,17 +195,29 @@ def input_refs(recipe: Recipe) -> list[ModelRef]:
     return [*([recipe.base] if recipe.base is not None else []), *recipe.models]
 
 
-def check_pipelines(recipe: Recipe, *, token: str | None) -> None:
+def check_pipelines(recipe: Recipe, *, token: str | None, caps: RenderCaps | None = None) -> None:
     """Every input is a diffusers pipeline (from its listing), so the merge does not start on models that cannot be
-    drawn; LoRAs and single-file checkpoints, which the Merge tab fuses, are not drawn here."""
+    drawn, and no larger than the caps allow (each is loaded whole to draw); LoRAs, which the Merge tab fuses, are
+    not drawn here."""
     from hf_fusion.fusion.pipelines import is_pipeline
+    from hf_fusion.hub.resolve import list_hub_repo
 
+    caps = caps or RenderCaps()
     for ref in input_refs(recipe):
         if not is_pipeline(ref, token=token):
             raise RecipeError(
                 f"{ref} is not a diffusers pipeline (no {MODEL_INDEX}); the Diffusion tab fuses and draws whole "
-                "pipelines (fuse a LoRA or a single-file checkpoint in the Merge tab)."
+                "pipelines (fuse a LoRA in the Merge tab)."
             )
+        if not ref.is_local:
+            weights = sum(
+                size for name, size in list_hub_repo(ref, token=token).sizes.items() if name.endswith(".safetensors")
+            )
+            if weights > caps.pipeline_bytes:
+                raise RecipeError(
+                    f"{ref} holds {weights / 1e9:.1f} GB of weights; this Space draws pipelines of up to "
+                    f"{caps.pipeline_bytes / 1e9:.0f} GB (run hf-fusion yourself for larger ones)."
+                )
 
 
 def _pinned(ref: ModelRef) -> str:

@@ -504,3 +504,100 @@ def test_hub_single_file_and_lora_repos_are_typed_from_their_headers(
     part = "unet/diffusion_pytorch_model.safetensors"
     assert (out / part).read_bytes() == (tmp_path / "ref" / part).read_bytes()
     assert commit in (out / "fusion_recipe.yaml").read_text()  # pinned like any Hub input
+
+
+def test_copied_variant_components_load_and_bad_references_are_refused(
+    sd_pool: tuple[Path, list[Path]], bert_pool, tmp_path: Path
+) -> None:
+    """Components taken whole from an fp16-only reference are written under plain names (the output loads without
+    ``variant=``); a reference missing a part its index names is refused before anything is written; components
+    and excludes follow the component.tensor naming."""
+    import shutil
+
+    from diffusers import DiffusionPipeline
+
+    base, experts = sd_pool
+    variants = []
+    for i, folder in enumerate([base, *experts]):
+        pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float16)
+        pipe.save_pretrained(tmp_path / f"fp16-{i}", variant="fp16")
+        variants.append(tmp_path / f"fp16-{i}")
+    out = tmp_path / "unet-only"
+    hf_fusion.merge(
+        models=[str(v) for v in variants[1:]],
+        base=str(variants[0]),
+        method="task_arithmetic",
+        components=["unet"],
+        exclude=["unet.conv_in.*"],
+        output=out,
+        show_progress=False,
+    )
+    assert (out / "vae/diffusion_pytorch_model.safetensors").read_bytes() == (
+        variants[0] / "vae/diffusion_pytorch_model.fp16.safetensors"
+    ).read_bytes()
+    assert not list(out.rglob("*.fp16.*"))
+    got, b = weights(out, "unet"), load_file(variants[0] / "unet/diffusion_pytorch_model.fp16.safetensors")
+    assert torch.equal(got["conv_in.weight"], b["conv_in.weight"])  # excluded: the base's
+    assert not torch.equal(got["conv_out.weight"], b["conv_out.weight"])
+    assert got["conv_out.weight"].dtype == torch.float16
+    assert DiffusionPipeline.from_pretrained(out).vae is not None  # loads without variant=
+
+    broken = tmp_path / "no-scheduler"
+    shutil.copytree(base, broken)
+    shutil.rmtree(broken / "scheduler")
+    with pytest.raises(Exception, match="names 'scheduler', but it has no scheduler/ folder"):
+        hf_fusion.merge(
+            models=[str(e) for e in experts],
+            base=str(broken),
+            method="task_arithmetic",
+            output=tmp_path / "o1",
+            show_progress=False,
+        )
+    assert not (tmp_path / "o1").exists()
+    with pytest.raises(RecipeError, match="components applies to diffusers pipelines"):
+        hf_fusion.merge(
+            models=[str(p) for p in bert_pool[1][:2]],
+            method="simple_average",
+            components=["unet"],
+            output=tmp_path / "o2",
+            show_progress=False,
+        )
+    assert not (tmp_path / "o2").exists()
+
+
+def test_single_file_conversions_are_kept_per_base_and_refused_when_turned_off(
+    sd_pool: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    import json as jsonlib
+    import shutil
+
+    from diffusion_models import to_single_file
+    from huggingface_hub import constants
+
+    base, experts = sd_pool
+    single = to_single_file(experts[0], tmp_path / "expert-0.safetensors")
+    other_base = tmp_path / "other-base"
+    shutil.copytree(base, other_base)
+    config = jsonlib.loads((other_base / "scheduler/scheduler_config.json").read_text())
+    (other_base / "scheduler/scheduler_config.json").write_text(jsonlib.dumps({**config, "steps_offset": 0}))
+    cache = Path(constants.HF_HOME) / "hf-fusion" / "single-file"
+    before = set(cache.iterdir()) if cache.exists() else set()
+    for i, b in enumerate([base, other_base]):
+        hf_fusion.merge(
+            models=[str(single), str(experts[1])],
+            base=str(b),
+            method="simple_average",
+            output=tmp_path / f"o{i}",
+            show_progress=False,
+        )
+    assert len(set(cache.iterdir()) - before) == 2  # one conversion per base: each completes it with its own parts
+    with pytest.raises(RecipeError, match="does not convert"):
+        hf_fusion.merge(
+            models=[str(single), str(experts[1])],
+            base=str(base),
+            method="simple_average",
+            output=tmp_path / "refused",
+            show_progress=False,
+            convert_single_files=False,
+        )
+    assert not (tmp_path / "refused").exists()

@@ -27,7 +27,7 @@ def _load(name, local_files_only):
     error = None
     for cached_only in attempts:
         try:
-            model = transformers.CLIPModel.from_pretrained(name, local_files_only=cached_only)
+            model = transformers.CLIPModel.from_pretrained(name, local_files_only=cached_only, use_safetensors=True)
             processor = transformers.CLIPProcessor.from_pretrained(name, local_files_only=cached_only)
             return model, processor
         except OSError as err:
