@@ -13,6 +13,10 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -146,11 +150,68 @@ def sdxl_pipeline(seed: int, scratch: Path) -> StableDiffusionXLPipeline:
     return pipe
 
 
+def flux_pipeline(seed: int, scratch: Path) -> FluxPipeline:
+    """A Flux-shaped pipeline reduced to what LoRAs adapt: one double and one single block, a CLIP text encoder."""
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        pooled_projection_dim=16,
+        axes_dims_rope=(2, 2, 4),
+    )
+    tokenizer = tiny_tokenizer(scratch / f"tok-flux-{seed}")
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=len(tokenizer) - 2,
+        eos_token_id=len(tokenizer) - 1,
+        pad_token_id=len(tokenizer) - 1,
+    )
+    return FluxPipeline(
+        scheduler=None,
+        vae=None,
+        text_encoder=CLIPTextModel(config),
+        tokenizer=tokenizer,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=transformer,
+    )
+
+
+def sd3_pipeline(seed: int, scratch: Path) -> StableDiffusion3Pipeline:
+    """An SD3-shaped pipeline reduced to its transformer (one joint block); LoRAs for SD3 mostly adapt only it."""
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_projection_dim=16,
+        joint_attention_dim=16,
+        pooled_projection_dim=16,
+    )
+    none = dict.fromkeys(
+        ["scheduler", "vae", *(f"{k}{i}" for k in ("text_encoder", "tokenizer") for i in ("", "_2", "_3"))]
+    )
+    return StableDiffusion3Pipeline(transformer=transformer, **none)
+
+
 def perturbed(pipe: StableDiffusionPipeline, seed: int, scale: float = 0.05) -> StableDiffusionPipeline:
     """The pipeline with every weight of its UNet, text encoders and VAE moved by seeded noise: a "fine-tune"."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        for name in ("unet", "transformer", "text_encoder", "text_encoder_2", "vae"):
             module = getattr(pipe, name, None)
             if module is None:
                 continue

@@ -9,19 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import (
-    FluxPipeline,
-    FluxTransformer2DModel,
-    SD3Transformer2DModel,
-    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
 from diffusers.utils import convert_state_dict_to_diffusers
-from diffusion_models import sd_pipeline, sdxl_pipeline, tiny_tokenizer
+from diffusion_models import flux_pipeline, sd3_pipeline, sd_pipeline, sdxl_pipeline
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from hf_fusion.engine.checkpoint import open_checkpoint
 from hf_fusion.engine.diffusion_lora import LoraDeltaCheckpoint, LoraFactors, find_lora_file, read_pipeline_lora
@@ -398,63 +393,6 @@ def test_find_lora_file(bases: dict[str, Path], tmp_path: Path) -> None:
         _write_kohya(sd_pipeline(0, tmp_path), dict(list(SD_KOHYA.items())[:1]), two / name)
     with pytest.raises(CheckpointError, match="holds 2 safetensors files .*exactly one"):
         find_lora_file(two)
-
-
-def flux_pipeline(seed: int, scratch: Path) -> FluxPipeline:
-    """A Flux-shaped pipeline reduced to what LoRAs adapt: one double and one single block, a CLIP text encoder."""
-    torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(
-        in_channels=4,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        pooled_projection_dim=16,
-        axes_dims_rope=(2, 2, 4),
-    )
-    tokenizer = tiny_tokenizer(scratch / f"tok-flux-{seed}")
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        bos_token_id=len(tokenizer) - 2,
-        eos_token_id=len(tokenizer) - 1,
-        pad_token_id=len(tokenizer) - 1,
-    )
-    return FluxPipeline(
-        scheduler=None,
-        vae=None,
-        text_encoder=CLIPTextModel(config),
-        tokenizer=tokenizer,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        transformer=transformer,
-    )
-
-
-def sd3_pipeline(seed: int, scratch: Path) -> StableDiffusion3Pipeline:
-    """An SD3-shaped pipeline reduced to its transformer (one joint block); LoRAs for SD3 mostly adapt only it."""
-    torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=1,
-        in_channels=4,
-        out_channels=4,
-        num_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        caption_projection_dim=16,
-        joint_attention_dim=16,
-        pooled_projection_dim=16,
-    )
-    none = dict.fromkeys(
-        ["scheduler", "vae", *(f"{k}{i}" for k in ("text_encoder", "tokenizer") for i in ("", "_2", "_3"))]
-    )
-    return StableDiffusion3Pipeline(transformer=transformer, **none)
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])

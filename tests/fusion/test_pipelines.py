@@ -601,3 +601,48 @@ def test_single_file_conversions_are_kept_per_base_and_refused_when_turned_off(
             convert_single_files=False,
         )
     assert not (tmp_path / "refused").exists()
+
+
+def test_flux_transformer_block_gradient_and_components(tmp_path: Path) -> None:
+    """A Flux-shaped pipeline (one double and one single block, a CLIP text encoder): a gradient of two values gives
+    the double-stream block (and the embedders) the first and the single-stream block (and the output layers) the
+    second; the text encoder takes the catch-all value."""
+    from diffusers import DiffusionPipeline
+    from diffusion_models import flux_pipeline, perturbed
+
+    folders = []
+    for i in range(3):
+        pipe = flux_pipeline(0, tmp_path)
+        if i:
+            perturbed(pipe, seed=200 + i)
+        pipe.save_pretrained(tmp_path / f"flux-{i}")
+        folders.append(tmp_path / f"flux-{i}")
+    out = tmp_path / "out"
+    hf_fusion.merge(
+        models=[str(f) for f in folders[1:]],
+        base=str(folders[0]),
+        method="task_arithmetic",
+        scaling_factor=[{"filter": "transformer.", "value": [0.25, 0.75]}, {"value": 0.5}],
+        output=out,
+        show_progress=False,
+    )
+
+    def scale(component: str, name: str) -> float:
+        if component == "text_encoder":
+            return 0.5
+        late = name.startswith(("single_transformer_blocks.", "norm_out.", "proj_out."))
+        return 0.75 if late else 0.25
+
+    for component, file in (
+        ("transformer", "diffusion_pytorch_model.safetensors"),
+        ("text_encoder", "model.safetensors"),
+    ):
+        b = load_file(folders[0] / component / file)
+        es = [load_file(f / component / file) for f in folders[1:]]
+        got = load_file(out / component / file)
+        for name, value in b.items():
+            want = value + scale(component, name) * sum(e[name] - value for e in es)
+            torch.testing.assert_close(got[name], want, rtol=0, atol=1e-6, msg=f"{component}/{name}")
+    # the reduced pipeline has no VAE, T5 or scheduler: diffusers loads it when told they are absent
+    absent = dict.fromkeys(["scheduler", "vae", "text_encoder_2", "tokenizer_2"])
+    assert type(DiffusionPipeline.from_pretrained(out, **absent)).__name__ == "FluxPipeline"
