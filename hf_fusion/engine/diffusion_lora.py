@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from hf_fusion.engine.checkpoint import PICKLE_SUFFIXES, Checkpoint, read_safetensors_entries
-from hf_fusion.engine.dtypes import SAFETENSORS_TO_TORCH
+from hf_fusion.engine.lora import add_scaled, rows_view
 from hf_fusion.engine.plan import align_names
 from hf_fusion.errors import CheckpointError, PickleCheckpointError
 
@@ -145,13 +145,9 @@ class LoraDeltaCheckpoint(Checkpoint):
         delta = self._deltas.get(name)
         if delta is None:
             return
-        entry = self.entries[name]
-        rows = row_stop - row_start
-        dtype = SAFETENSORS_TO_TORCH[entry.dtype]
-        weight = out[: entry.nbytes * rows // entry.rows].view(dtype).view(rows, *entry.shape[1:])
+        weight = rows_view(out, self.entries[name], row_stop - row_start)
         up, down, scale = delta
-        update = (up[row_start:row_stop] @ down).view(weight.shape)
-        weight.copy_((weight.float() + update * scale).to(dtype))
+        add_scaled(weight, up[row_start:row_stop] @ down, scale)
 
 
 def _check_fit(label: str, base_label: str, name: str, shape: tuple[int, ...], f: LoraFactors) -> None:

@@ -92,14 +92,21 @@ class LoraCheckpoint(Checkpoint):
         delta = self._deltas.get(name)
         if delta is None:
             return
-        entry = self.entries[name]
-        rows = row_stop - row_start
-        dtype = SAFETENSORS_TO_TORCH[entry.dtype]
-        nbytes = entry.nbytes * rows // entry.rows
-        weight = out[:nbytes].view(dtype).view(rows, *entry.shape[1:])
+        weight = rows_view(out, self.entries[name], row_stop - row_start)
         a, b, scale, transposed = delta
         update = a[:, row_start:row_stop].T @ b.T if transposed else b[row_start:row_stop] @ a
-        weight.copy_((weight.float() + update * scale).to(dtype))
+        add_scaled(weight, update, scale)
+
+
+def rows_view(out: torch.Tensor, entry: TensorEntry, rows: int) -> torch.Tensor:
+    """``rows`` rows of ``entry`` read into the raw byte buffer ``out``, viewed in the stored dtype and shape."""
+    dtype = SAFETENSORS_TO_TORCH[entry.dtype]
+    return out[: entry.nbytes * rows // entry.rows].view(dtype).view(rows, *entry.shape[1:])
+
+
+def add_scaled(weight: torch.Tensor, update: torch.Tensor, scale: float) -> None:
+    """``weight += scale * update`` computed in float32 and rounded once to the weight's dtype, in place."""
+    weight.copy_((weight.float() + update.view(weight.shape) * scale).to(weight.dtype))
 
 
 def _layout(

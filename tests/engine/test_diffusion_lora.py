@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_helpers import read_checkpoint
 from diffusers import (
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
@@ -20,7 +21,6 @@ from safetensors.torch import save_file
 
 from hf_fusion.engine.checkpoint import open_checkpoint
 from hf_fusion.engine.diffusion_lora import LoraDeltaCheckpoint, LoraFactors, find_lora_file, read_pipeline_lora
-from hf_fusion.engine.dtypes import SAFETENSORS_TO_TORCH
 from hf_fusion.errors import CheckpointError, PickleCheckpointError
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "ff.net.0.proj"]
@@ -117,21 +117,6 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"sd": root / "sd", "sdxl": root / "sdxl"}
 
 
-def _read_all(ckpt, rows_per_read: int) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, entry in ckpt.entries.items():
-        parts = []
-        for start in range(0, max(entry.rows, 1), rows_per_read):
-            stop = min(entry.rows, start + rows_per_read)
-            nbytes = entry.nbytes * (stop - start) // entry.rows if entry.rows else entry.nbytes
-            buf = torch.empty(nbytes, dtype=torch.uint8)
-            ckpt.read_rows(name, start, stop, buf)
-            shape = (stop - start, *entry.shape[1:]) if entry.shape else ()
-            parts.append(buf.view(SAFETENSORS_TO_TORCH[entry.dtype]).view(shape).clone())
-        out[name] = torch.cat(parts) if entry.shape else parts[0]
-    return out
-
-
 def _fused_by_diffusers(build: Callable, scratch: Path, lora_file: Path) -> dict[str, dict[str, torch.Tensor]]:
     """The base pipeline's component state dicts after diffusers loads and fuses the LoRA."""
     pipe = build(0, scratch)
@@ -149,8 +134,8 @@ def _assert_dense_equals_fused(
         base = open_checkpoint(base_dir / component, component)
         dense = LoraDeltaCheckpoint("lora", base, factors)
         assert dense.entries == base.entries
-        before = _read_all(base, 1000)
-        got = _read_all(dense, 3)
+        before = read_checkpoint(base, 1000)
+        got = read_checkpoint(dense, 3)
         expected = fused[component]
         adapted = {n for n in got if not torch.equal(got[n], before[n])}
         assert len(adapted) == len(factors), f"{component}: {len(adapted)} tensors changed, {len(factors)} adapted"

@@ -8,28 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_helpers import read_checkpoint
 from peft import LoraConfig, get_peft_model
 from toy import bert, gpt2
 
 from hf_fusion.engine.checkpoint import open_checkpoint
-from hf_fusion.engine.dtypes import SAFETENSORS_TO_TORCH
 from hf_fusion.engine.lora import LoraCheckpoint
 from hf_fusion.errors import CheckpointError
-
-
-def _read_all(ckpt, rows_per_read: int) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, entry in ckpt.entries.items():
-        parts = []
-        for start in range(0, max(entry.rows, 1), rows_per_read):
-            stop = min(entry.rows, start + rows_per_read)
-            nbytes = entry.nbytes * (stop - start) // entry.rows if entry.rows else entry.nbytes
-            buf = torch.empty(nbytes, dtype=torch.uint8)
-            ckpt.read_rows(name, start, stop, buf)
-            shape = (stop - start, *entry.shape[1:]) if entry.shape else ()
-            parts.append(buf.view(SAFETENSORS_TO_TORCH[entry.dtype]).view(shape).clone())
-        out[name] = torch.cat(parts) if entry.shape else parts[0]
-    return out
 
 
 def _train_a_little(model: torch.nn.Module) -> None:
@@ -76,7 +61,7 @@ def test_dense_view_equals_peft_merge(case: str, tmp_path: Path) -> None:
         expected_names.discard("lm_head.weight")  # tied to wte, stored once
     assert set(dense.entries) == expected_names
     for rows in (1000, 3):
-        got = _read_all(dense, rows)
+        got = read_checkpoint(dense, rows)
         for name in expected_names:
             torch.testing.assert_close(got[name], merged[name], rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
