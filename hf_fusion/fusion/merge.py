@@ -29,7 +29,7 @@ from hf_fusion.fusion.evaluate import evaluate_fused
 from hf_fusion.fusion.inputs import check_output_is_not_an_input
 from hf_fusion.fusion.model_wise import fuse_model_wise
 from hf_fusion.fusion.options import FusionOptions
-from hf_fusion.fusion.pipelines import fuse_pipeline, is_pipeline, pipeline_ref
+from hf_fusion.fusion.pipelines import fuse_pipeline, is_pipeline_fusion
 from hf_fusion.fusion.result import MergeResult
 from hf_fusion.fusion.tensor_wise import fuse_tensor_wise
 from hf_fusion.fusion.validate import ValidatedRecipe, as_recipe, validate_recipe
@@ -162,7 +162,7 @@ def run_fusion(
     the current one); or through the streaming engine, on the main process, whose result (or error) every process
     gets."""
     runtime = runtime or current()
-    pipeline = runtime.on_main(lambda: is_pipeline(pipeline_ref(checked), token=options.token))
+    pipeline = runtime.on_main(lambda: is_pipeline_fusion(checked, token=options.token))
     if checked.spec.kind is MethodKind.MODEL_WISE:
         if pipeline:
             raise RecipeError(

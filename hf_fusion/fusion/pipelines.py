@@ -110,9 +110,13 @@ class PipelineInputs:
         return first
 
 
-def pipeline_ref(checked: ValidatedRecipe) -> ModelRef:
-    """The model that says whether this is a pipeline fusion: the base, else the first model."""
-    return checked.recipe.base or checked.recipe.models[0]
+def is_pipeline_fusion(checked: ValidatedRecipe, *, token: str | None) -> bool:
+    """Whether the recipe fuses diffusers pipelines: its first model is one, or its base is (the models are then
+    LoRAs or single-file checkpoints for it). The first model is looked at first, so a missing one is named."""
+    recipe = checked.recipe
+    if is_pipeline(recipe.models[0], token=token):
+        return True
+    return recipe.base is not None and is_pipeline(recipe.base, token=token)
 
 
 def is_pipeline(ref: ModelRef, *, token: str | None) -> bool:

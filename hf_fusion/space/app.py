@@ -825,18 +825,7 @@ class SpaceApp:
                     elem_id="merge-scores",
                     headers=EMPTY_BOARD,
                 )
-                download = gr.File(label="Merged model (zip)", interactive=False)
-                with gr.Accordion("Log", open=False):
-                    log_box = gr.Textbox(lines=12, max_lines=20, show_label=False, autoscroll=True)
-                with gr.Accordion("Model card", open=False):
-                    card = gr.Markdown()
-                with gr.Group():
-                    repo = gr.Textbox(label="Push to repo", placeholder="name or namespace/name")
-                    with gr.Row():
-                        private = gr.Checkbox(True, label="Private")
-                        overwrite = gr.Checkbox(False, label="Replace files of an existing repo")
-                    push_btn = gr.Button("Push to the Hub")
-                    push_status = gr.Markdown()
+                download, log_box, card = self._result_panel("Merged model (zip)", session, "push")
 
         source.change(
             lambda s: (
@@ -866,14 +855,33 @@ class SpaceApp:
             concurrency_limit=None,
         )
         stop_btn.click(self.stop, session, status, api_name="stop", queue=False)
+
+    def _result_panel(self, label: str, session: Any, push_api: str) -> tuple[Any, Any, Any]:
+        """What a merge tab shows after a run: the zip, the log, the card, and pushing the session's last merge
+        (``push_api`` names its endpoint). Returns the download, log and card components."""
+        import gradio as gr
+
+        download = gr.File(label=label, interactive=False)
+        with gr.Accordion("Log", open=False):
+            log_box = gr.Textbox(lines=12, max_lines=20, show_label=False, autoscroll=True)
+        with gr.Accordion("Model card", open=False):
+            card = gr.Markdown()
+        with gr.Group():
+            repo = gr.Textbox(label="Push to repo", placeholder="name or namespace/name")
+            with gr.Row():
+                private = gr.Checkbox(True, label="Private")
+                overwrite = gr.Checkbox(False, label="Replace files of an existing repo")
+            push_btn = gr.Button("Push to the Hub")
+            push_status = gr.Markdown()
         push_btn.click(
             self._with_token(self.push, 4, generator=False),
             [repo, private, overwrite, session],
             push_status,
-            api_name="push",
+            api_name=push_api,
             concurrency_limit=PUSH_CONCURRENCY,
             concurrency_id="push",
         )
+        return download, log_box, card
 
     def _diffusion_tab(self, session: Any) -> None:
         import gradio as gr
@@ -976,18 +984,7 @@ class SpaceApp:
                     interactive=False,
                     elem_id="diffusion-grid",
                 )
-                download = gr.File(label="Fused pipeline (zip)", interactive=False)
-                with gr.Accordion("Log", open=False):
-                    log_box = gr.Textbox(lines=12, max_lines=20, show_label=False, autoscroll=True)
-                with gr.Accordion("Model card", open=False):
-                    card = gr.Markdown()
-                with gr.Group():
-                    repo = gr.Textbox(label="Push to repo", placeholder="name or namespace/name")
-                    with gr.Row():
-                        private = gr.Checkbox(True, label="Private")
-                        overwrite = gr.Checkbox(False, label="Replace files of an existing repo")
-                    push_btn = gr.Button("Push to the Hub")
-                    push_status = gr.Markdown()
+                download, log_box, card = self._result_panel("Fused pipeline (zip)", session, "push_pipeline")
 
         method.change(
             lambda m: [self.method_blurb(m), *(gr.update(visible=s.name == m) for s in self.diffusion_specs)],
@@ -1021,14 +1018,6 @@ class SpaceApp:
             concurrency_limit=None,
         )
         stop_btn.click(self.stop, session, status, api_name="stop_diffusion", queue=False)
-        push_btn.click(
-            self._with_token(self.push, 4, generator=False),
-            [repo, private, overwrite, session],
-            push_status,
-            api_name="push_pipeline",
-            concurrency_limit=PUSH_CONCURRENCY,
-            concurrency_id="push",
-        )
 
     def _compare_tab(self, session: Any) -> None:
         import gradio as gr
