@@ -164,8 +164,8 @@ def _check_fit(label: str, base_label: str, name: str, shape: tuple[int, ...], f
 
 def _pickle_error(path: Path) -> PickleCheckpointError:
     return PickleCheckpointError(
-        f"{path}: the LoRA is a pickle, which can run arbitrary code when loaded; "
-        "convert it to safetensors (e.g. save_lora_weights(..., safe_serialization=True)) and use that file."
+        f"{path}: a pickle ({path.suffix}), which can run arbitrary code when loaded, so it is not read as a LoRA "
+        "or a checkpoint; use its safetensors version (most checkpoints and LoRAs are published as .safetensors)."
     )
 
 

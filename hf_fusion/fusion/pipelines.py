@@ -43,7 +43,7 @@ from hf_fusion.fusion.single_file import (
 from hf_fusion.fusion.tensor_wise import check_memory, write_weights
 from hf_fusion.fusion.validate import ValidatedRecipe
 from hf_fusion.hub.errors import hub_errors
-from hf_fusion.hub.resolve import HubListing, download, list_hub_repo, resolve_hub_model
+from hf_fusion.hub.resolve import HubListing, download, download_file, list_hub_repo, resolve_hub_model
 from hf_fusion.model_files import local_folder, read_config, set_config_dtype
 from hf_fusion.output import AtomicFolder, check_free_space
 from hf_fusion.pipeline_files import (
@@ -193,8 +193,14 @@ def resolve_member(ref: ModelRef, base: PipelineInput | None, *, token: str | No
             f"{label} is not a diffusers pipeline: LoRAs and single-file checkpoints need the pipeline they belong "
             "to as --base (its configs and, for a LoRA, its weights)."
         )
-    if ref.is_local:
-        path = local_folder(ref)
+    if ref.is_local or is_offline():
+        if ref.is_local:
+            path = local_folder(ref)
+        else:  # offline: the cached snapshot's one safetensors file, pinned to its commit
+            folder = _cached_repo_folder(ref)
+            files = sorted(folder.glob("*.safetensors"))
+            path = files[0] if len(files) == 1 else folder
+            ref = ref.model_copy(update={"commit": folder.name})
         lora = find_lora_file(path)
         if lora is not None:
             return _lora_input(ref, label, lora, base)
@@ -211,8 +217,7 @@ def resolve_member(ref: ModelRef, base: PipelineInput | None, *, token: str | No
         if not any("lora" in name for name in shapes):
             single = hub_single_file(ref, listing, files[0], shapes)
         else:  # a LoRA: small, fetched now to read its factors
-            with hub_errors(ref.path, listing.ref.commit, "download"):
-                file = Path(hf_hub_download(ref.path, files[0], revision=listing.ref.commit, token=token))
+            file = download_file(listing, files[0], token=token)
             lora = find_lora_file(file)
             if lora is None:
                 raise RecipeError(_NEITHER.format(label=label, detail=""))
@@ -221,6 +226,16 @@ def resolve_member(ref: ModelRef, base: PipelineInput | None, *, token: str | No
     unet = base.components.get("unet")
     check_fits_unet(single, unet.config if unet is not None else None, base.label)
     return single
+
+
+def _cached_repo_folder(ref: ModelRef) -> Path:
+    """Offline: the cached snapshot of a LoRA or single-file repo (its safetensors file fetched before)."""
+    with hub_errors(ref.path, ref.pinned, "find in the cache"):
+        return Path(
+            snapshot_download(
+                ref.path, revision=ref.pinned or "main", local_files_only=True, allow_patterns=["*.safetensors"]
+            )
+        )
 
 
 def _lora_input(ref: ModelRef, label: str, file: Path, base: PipelineInput) -> LoraInput:

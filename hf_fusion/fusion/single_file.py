@@ -19,12 +19,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import HfApi, constants, hf_hub_download
+from huggingface_hub import HfApi, constants
 
 from hf_fusion.engine.checkpoint import read_safetensors_entries
 from hf_fusion.errors import CheckpointError, IncompatibleModelsError, RecipeError
 from hf_fusion.hub.errors import hub_errors
-from hf_fusion.hub.resolve import HubListing
+from hf_fusion.hub.resolve import HubListing, download_file
 from hf_fusion.recipe import ModelRef
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class SingleFileInput:
     file: Path | None
     repo_file: str | None = None
     size: int = 0
+    listing: HubListing | None = None
 
 
 def single_file_type(shapes: dict[str, tuple[int, ...]], label: str) -> str:
@@ -133,7 +134,7 @@ def hub_single_file(
     """A Hub repo's one top-level ``.safetensors`` file as a single-file checkpoint, typed from its header."""
     label = str(ref)
     return SingleFileInput(
-        listing.ref, label, single_file_type(shapes, label), None, repo_file, listing.sizes[repo_file]
+        listing.ref, label, single_file_type(shapes, label), None, repo_file, listing.sizes[repo_file], listing
     )
 
 
@@ -142,9 +143,8 @@ def converted_folder(item: SingleFileInput, pipeline_class: str, config_folder: 
     the Hugging Face home and found there again by the file's identity."""
     file = item.file
     if file is None:
-        assert item.repo_file is not None and item.ref.commit is not None
-        with hub_errors(item.ref.path, item.ref.commit, "download"):
-            file = Path(hf_hub_download(item.ref.path, item.repo_file, revision=item.ref.commit, token=token))
+        assert item.repo_file is not None and item.listing is not None
+        file = download_file(item.listing, item.repo_file, token=token)
     destination = _cache_root() / _identity(item, file, pipeline_class, config_folder)
     if (destination / "model_index.json").is_file():
         log.info("%s: using its diffusers-layout copy at %s", item.label, destination)

@@ -100,6 +100,21 @@ def list_hub_repo(ref: ModelRef, *, token: str | None) -> HubListing:
     return HubListing(ref.model_copy(update={"commit": info.sha}), sizes)
 
 
+def download_file(listing: HubListing, filename: str, *, token: str | None) -> Path:
+    """One file of a listed repo, fetched by the revision the user named (so the cache learns it, for offline use)
+    and checked to come from the listed commit."""
+    ref = listing.ref
+    with hub_errors(ref.path, ref.commit, "download"):
+        path = Path(hf_hub_download(ref.path, filename, revision=ref.revision or "main", token=token))
+    snapshot = path.parents[len(Path(filename).parts) - 1]
+    if snapshot.name != ref.commit:
+        raise HubAccessError(
+            f"{ref}: the revision moved from {ref.commit} to {snapshot.name} while the fusion was being prepared; "
+            "rerun, or pin the commit with @<commit id>."
+        )
+    return path
+
+
 def resolve_hub_model(
     ref: ModelRef,
     *,

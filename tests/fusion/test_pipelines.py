@@ -505,6 +505,33 @@ def test_hub_single_file_and_lora_repos_are_typed_from_their_headers(
     assert (out / part).read_bytes() == (tmp_path / "ref" / part).read_bytes()
     assert commit in (out / "fusion_recipe.yaml").read_text()  # pinned like any Hub input
 
+    # offline, the cached file is found again and pinned to the same commit
+    offline = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hf_fusion",
+            "merge",
+            "--quiet",
+            "--repo-ids",
+            repo,
+            str(experts[1]),
+            "--base",
+            str(base),
+            "--method",
+            "simple_average",
+            "--output",
+            str(tmp_path / "offline"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    assert offline.returncode == 0, offline.stderr
+    assert (tmp_path / "offline" / part).read_bytes() == (out / part).read_bytes()
+    assert commit in (tmp_path / "offline" / "fusion_recipe.yaml").read_text()
+
 
 def test_copied_variant_components_load_and_bad_references_are_refused(
     sd_pool: tuple[Path, list[Path]], bert_pool, tmp_path: Path
