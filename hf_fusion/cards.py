@@ -222,6 +222,8 @@ def reproduce_command(recipe: Recipe, output: str, *, repo_id: str | None = None
         args += ["--chat-template", recipe.chat_template]
     if recipe.components:
         args += ["--components", ",".join(recipe.components)]
+    if recipe.variant:
+        args += ["--variant", recipe.variant]
     args += ["--output", output]
     return " ".join(shlex.quote(a) for a in args)
 

@@ -94,7 +94,7 @@ def local_files(folder: Path) -> list[str]:
     return names
 
 
-def copy_component(source: Path, dest: Path, *, weights: bool, label: str) -> list[str]:
+def copy_component(source: Path, dest: Path, *, weights: bool, label: str, variant: str | None = None) -> list[str]:
     """Copies a component the fusion does not read: its allow-listed files and, for a weight component, the
     safetensors weights it would load (plain files over a variant; a variant written under the plain name, so the
     output loads without ``variant=``). Links are followed only inside the model's own folder or cache entry; a
@@ -108,7 +108,7 @@ def copy_component(source: Path, dest: Path, *, weights: bool, label: str) -> li
     names = sorted(p.name for p in source.iterdir() if p.is_file())
     wanted = {n: n for n in names if any(fnmatch.fnmatchcase(n, p) for p in COMPONENT_SIDE_FILES)}
     if weights:
-        wanted.update(_weight_files(source, names, label))
+        wanted.update(_weight_files(source, names, label, variant))
     for name, written in wanted.items():
         path = source / name
         if path.is_symlink() and not path.resolve().is_relative_to(root):
@@ -118,10 +118,10 @@ def copy_component(source: Path, dest: Path, *, weights: bool, label: str) -> li
     return sorted(wanted.values())
 
 
-def _weight_files(source: Path, names: list[str], label: str) -> dict[str, str]:
+def _weight_files(source: Path, names: list[str], label: str, variant: str | None) -> dict[str, str]:
     """The weights a loader reads from ``source``, each with the name it gets in the output."""
     try:
-        kind, files, index = choose_weight_files(names)
+        kind, files, index = choose_weight_files(names, variant)
     except CheckpointError as err:
         raise CheckpointError(f"{label}: {source.name}/: {err}") from None
     if kind != "safetensors":

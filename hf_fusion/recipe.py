@@ -189,6 +189,9 @@ class Recipe(pydantic.BaseModel):
     components: list[str] | None = None
     """For diffusers pipelines: the components to fuse (``unet``, ``text_encoder``...); the others are copied from
     the base (or the first model). None fuses every component that holds weights."""
+    variant: str | None = None
+    """For diffusers pipelines: read each component's weights of this variant (``fp16``) where it has them, as
+    ``from_pretrained(variant=...)`` does; the output is written as plain files either way."""
     allow_nonfinite: bool = False
     """Fuse tensors holding NaN or infinities instead of refusing them (they are carried through to the output)."""
     clamp_overflow: bool = False
@@ -275,6 +278,8 @@ class Recipe(pydantic.BaseModel):
             data["chat_template"] = self.chat_template
         if self.components:
             data["components"] = list(self.components)
+        if self.variant:
+            data["variant"] = self.variant
         if self.device != "cpu":
             data["device"] = self.device
         if self.output:

@@ -107,6 +107,11 @@ def register(sub: Any) -> None:
         metavar="C1,C2",
         help="diffusers pipelines: fuse only these components (unet,text_encoder...); the rest come from the base",
     )
+    merge.add_argument(
+        "--variant",
+        metavar="NAME",
+        help="diffusers pipelines: read the weights of this variant (fp16) where a component has them",
+    )
     merge.add_argument("--pool", help="a catalog pool (see `hf-fusion pools`) or pool file: its base, experts, heads")
     merge.add_argument(
         "--tasks", type=comma_list, metavar="T1,T2", help="only these tasks (and their experts) of the pool"
@@ -156,6 +161,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer,
         chat_template=args.chat_template,
         components=args.components,
+        variant=args.variant,
         evaluate=eval_settings(args) if args.evaluate else False,
         overwrite=args.overwrite,
         allow_pickle=args.allow_pickle,

@@ -271,14 +271,19 @@ def check_layout(label: str, entries: list[HeaderEntry], data_size: int | None) 
     return ordered
 
 
-def choose_weight_files(names: list[str]) -> tuple[str, list[str], str | None]:
+def choose_weight_files(names: list[str], variant: str | None = None) -> tuple[str, list[str], str | None]:
     """Picks a model's weights from its file names: ``("safetensors" | "pickle", files, index or None)``.
 
     Prefers ``model.safetensors[.index.json]``, then any single safetensors index or file (diffusers and peft name
     theirs differently), then pickles. With an index, ``files`` is empty: the index lists the shards. Only top-level
-    files count.
+    files count. ``variant`` (``fp16``) picks that variant's files where there are some, as diffusers does; else,
+    and without it, the plain files (or the only variant present).
     """
-    top = _without_variants(sorted(n for n in names if "/" not in n))
+    top = sorted(n for n in names if "/" not in n)
+    if variant is not None and any(weight_variant(n) == variant for n in top):  # as diffusers: else the plain files
+        top = [n for n in top if weight_variant(n) == variant or not _is_weight_name(n)]
+    else:
+        top = _without_variants(top)
     for kind, suffix, preferred_index, preferred in (
         ("safetensors", ".safetensors", "model.safetensors.index.json", "model.safetensors"),
         ("pickle", ".bin", "pytorch_model.bin.index.json", "pytorch_model.bin"),
@@ -312,6 +317,10 @@ def weight_variant(name: str) -> str | None:
     return match.group("variant") if match else None
 
 
+def _is_weight_name(name: str) -> bool:
+    return name.endswith((".safetensors", ".bin")) or (".index" in name and name.endswith(".json"))
+
+
 def _without_variants(names: list[str]) -> list[str]:
     """The plain weights when a folder also holds variants (``fp16`` copies beside full precision, as diffusers
     saves them); a folder holding only one variant is read from it."""
@@ -335,10 +344,11 @@ def read_weight_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
-def find_weight_files(folder: Path) -> tuple[str, list[Path], dict[str, str] | None]:
-    """A folder's weights: ``("safetensors" | "pickle", files, weight_map or None)``."""
+def find_weight_files(folder: Path, variant: str | None = None) -> tuple[str, list[Path], dict[str, str] | None]:
+    """A folder's weights (``variant``'s when it has them): ``("safetensors" | "pickle", files, weight_map or
+    None)``."""
     try:
-        kind, files, index = choose_weight_files([p.name for p in folder.iterdir() if p.is_file()])
+        kind, files, index = choose_weight_files([p.name for p in folder.iterdir() if p.is_file()], variant)
     except CheckpointError as err:
         raise CheckpointError(f"{folder}: {err}") from None
     if index is None:
@@ -353,14 +363,14 @@ def find_weight_files(folder: Path) -> tuple[str, list[Path], dict[str, str] | N
     return kind, shards, weight_map
 
 
-def open_checkpoint(path: Path, label: str, *, allow_pickle: bool = False) -> Checkpoint:
+def open_checkpoint(path: Path, label: str, *, allow_pickle: bool = False, variant: str | None = None) -> Checkpoint:
     """Opens a model folder (or a single weights file) for lazy reading; only headers are read here."""
     if not path.exists():
         raise CheckpointError(f"{label}: {path} does not exist.")
     if path.is_file():
         kind, files, weight_map = ("safetensors" if path.suffix == ".safetensors" else "pickle"), [path], None
     else:
-        kind, files, weight_map = find_weight_files(path)
+        kind, files, weight_map = find_weight_files(path, variant)
     if kind == "pickle":
         if not allow_pickle:
             raise PickleCheckpointError(

@@ -59,6 +59,7 @@ def merge(
     tokenizer: str | None = None,
     chat_template: str | None = None,
     components: list[str] | None = None,
+    variant: str | None = None,
     evaluate: EvalSettings | bool = False,
     overwrite: bool = False,
     allow_pickle: bool = False,
@@ -80,7 +81,7 @@ def merge(
     output=..., **params)`` builds one from keywords (keywords also override a given recipe). ``tokenizer`` (``base``,
     ``union`` or a model) and ``chat_template`` (``auto``, a model or a Jinja template) fuse models whose
     vocabularies differ and choose the output's chat template. ``components`` limits which components of diffusers pipelines are fused
-    (the others come from the base). Models are local
+    (the others come from the base); ``variant`` (``fp16``) reads their weights of that variant. Models are local
     folders or Hub repo ids (``org/name@revision``). ``push`` is a repo id or a :class:`PushTarget`; without
     ``output`` the fused folder is then built in a temporary folder, removed after a successful push.
     ``mixed_precision`` (``no``, ``fp16``, ``bf16``) is the autocast dtype of test-time adaptation (AdaMerging,
@@ -102,6 +103,7 @@ def merge(
         "tokenizer": tokenizer,
         "chat_template": chat_template,
         "components": components,
+        "variant": variant,
         "parameters": parameters,
         "allow_nonfinite": allow_nonfinite,
         "clamp_overflow": clamp_overflow,
@@ -172,8 +174,9 @@ def run_fusion(
         return fuse_model_wise(checked, target, options, repo_id=repo_id, runtime=runtime)
     if pipeline:
         return runtime.on_main(lambda: fuse_pipeline(checked, target, options, repo_id=repo_id))
-    if checked.recipe.components:
-        raise RecipeError("components applies to diffusers pipelines; these models are not one (no model_index.json).")
+    for name in ("components", "variant"):
+        if getattr(checked.recipe, name):
+            raise RecipeError(f"{name} applies to diffusers pipelines; these models are not one (no model_index.json).")
     return runtime.on_main(lambda: fuse_tensor_wise(checked, target, options, repo_id=repo_id))
 
 

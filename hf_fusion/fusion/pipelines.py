@@ -131,7 +131,12 @@ def is_pipeline(ref: ModelRef, *, token: str | None) -> bool:
 
 
 def resolve_pipeline(
-    ref: ModelRef, *, token: str | None, allow_pickle: bool, only: list[str] | None = None
+    ref: ModelRef,
+    *,
+    token: str | None,
+    allow_pickle: bool,
+    only: list[str] | None = None,
+    variant: str | None = None,
 ) -> PipelineInput | None:
     """Metadata only: the pipeline's index, and each weight component's config and tensor headers (of the ``only``
     components when given: an input whose other parts are never read is not refused for them); None when ``ref``
@@ -156,7 +161,9 @@ def resolve_pipeline(
     index = parse_model_index(index_file.read_text(), label)
     sources = {}
     for name in [c for c in weight_components(index, listing.sizes) if only is None or c in only]:
-        hub = resolve_hub_model(ref, token=token, allow_pickle=allow_pickle, listing=listing, subfolder=name)
+        hub = resolve_hub_model(
+            ref, token=token, allow_pickle=allow_pickle, listing=listing, subfolder=name, variant=variant
+        )
         sources[name] = Source(listing.ref, f"{label}:{name}", hub.config, hub=hub)
     # the component configs were fetched beside the index, into the same cached snapshot
     return PipelineInput(listing.ref, label, index, sources, listing=listing, metadata_folder=index_file.parent)
@@ -259,7 +266,7 @@ def resolve_pipelines(checked: ValidatedRecipe, options: FusionOptions) -> Pipel
     token, pickle = options.token, options.allow_pickle
     base = None
     if recipe.base is not None:
-        base = resolve_pipeline(recipe.base, token=token, allow_pickle=pickle)
+        base = resolve_pipeline(recipe.base, token=token, allow_pickle=pickle, variant=recipe.variant)
         if base is None:
             raise RecipeError(f"the base {recipe.base} is not a diffusers pipeline (no {MODEL_INDEX}).")
     models: list[PipelineMember] = []
@@ -268,7 +275,7 @@ def resolve_pipelines(checked: ValidatedRecipe, options: FusionOptions) -> Pipel
         reference = base or next((m for m in models if isinstance(m, PipelineInput)), None)
         if reference is not None and components is None:
             components = default_components(reference, recipe.components)
-        found = resolve_pipeline(ref, token=token, allow_pickle=pickle, only=components)
+        found = resolve_pipeline(ref, token=token, allow_pickle=pickle, only=components, variant=recipe.variant)
         member = found if found is not None else resolve_member(ref, base, token=token)
         if isinstance(member, SingleFileInput) and not options.convert_single_files:
             raise RecipeError(
@@ -402,8 +409,6 @@ def check_components(
     """From headers, before any download: each component's tensor names and shapes agree, LoRAs fit the base, the
     method fits in memory, and per-tensor parameters resolve (filters that match no tensor of any component are
     reported once)."""
-    from hf_fusion.sources import header_checkpoint
-
     schedule = checked.schedule
     names: dict[str, float] = {}
     has_base = inputs.base is not None
@@ -413,7 +418,7 @@ def check_components(
         return
     for name in inputs.components:
         sources, loras = component_inputs(inputs, name, checked.uses_base)
-        headers = [header_checkpoint(s, allow_pickle=options.allow_pickle) for s in sources]
+        headers = [_header(s, options, checked.recipe.variant) for s in sources]
         if any(h is None for h in headers):
             continue
         headers = component_checkpoints(inputs, name, headers, loras)  # type: ignore[arg-type]
@@ -525,7 +530,9 @@ def fuse_pipeline(
         for name in reference.index.components:
             if name not in inputs.components:
                 weights = name in reference.components or name in _weight_names(reference)
-                copy_component(reference.folder / name, temp / name, weights=weights, label=reference.label)
+                copy_component(
+                    reference.folder / name, temp / name, weights=weights, label=reference.label, variant=recipe.variant
+                )
         notes = method.notes()
         files = seal(atomic, temp, recipe, target=target, repo_id=repo_id, notes=notes)
     return MergeResult(
@@ -554,7 +561,11 @@ def _fuse_component(
     try:
         for source in sources:
             assert source.folder is not None
-            opened.append(open_checkpoint(source.folder, source.label, allow_pickle=options.allow_pickle))
+            opened.append(
+                open_checkpoint(
+                    source.folder, source.label, allow_pickle=options.allow_pickle, variant=checked.recipe.variant
+                )
+            )
         views = component_checkpoints(inputs, name, opened, loras)
         has_base = inputs.base is not None
         if has_base and not checked.uses_base:
@@ -619,3 +630,11 @@ def component_excludes(patterns: list[str], component: str, index: PipelineIndex
         elif owner == component:
             out.append(pattern[len(component) + 1 :])
     return out
+
+
+def _header(source: Source, options: FusionOptions, variant: str | None) -> Checkpoint | None:
+    """A component's tensor headers: read from its folder (the variant's files where it has them) or the Hub's."""
+    if source.folder is not None:
+        return open_checkpoint(source.folder, source.label, allow_pickle=options.allow_pickle, variant=variant)
+    assert source.hub is not None
+    return source.hub.headers

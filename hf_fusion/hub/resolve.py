@@ -122,11 +122,13 @@ def resolve_hub_model(
     allow_pickle: bool,
     listing: HubListing | None = None,
     subfolder: str = "",
+    variant: str | None = None,
 ) -> HubModel:
     """Pins ``ref`` to a commit and reads its config and weight headers; raises before any weight is downloaded.
 
     ``subfolder`` reads one component of a diffusers pipeline (``unet``) as a model of its own, from the
-    ``listing`` of the whole repo when the caller has it already.
+    ``listing`` of the whole repo when the caller has it already; ``variant`` (``fp16``) reads that variant's weights
+    where the component has them.
     """
     listing = listing or list_hub_repo(ref, token=token)
     prefix = f"{subfolder}/" if subfolder else ""
@@ -137,7 +139,7 @@ def resolve_hub_model(
         pinned = listing.ref
         commit = pinned.commit
         try:
-            kind, files, index = choose_weight_files(list(sizes))
+            kind, files, index = choose_weight_files(list(sizes), variant)
         except CheckpointError as err:
             raise CheckpointError(f"{label}: {err}") from None
         if kind == "pickle" and not allow_pickle:

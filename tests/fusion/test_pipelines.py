@@ -673,3 +673,48 @@ def test_flux_transformer_block_gradient_and_components(tmp_path: Path) -> None:
     # the reduced pipeline has no VAE, T5 or scheduler: diffusers loads it when told they are absent
     absent = dict.fromkeys(["scheduler", "vae", "text_encoder_2", "tokenizer_2"])
     assert type(DiffusionPipeline.from_pretrained(out, **absent)).__name__ == "FluxPipeline"
+
+
+def test_variant_picks_the_fp16_files_of_folders_that_hold_both(
+    sd_pool: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    from diffusers import DiffusionPipeline
+
+    base, experts = sd_pool
+    both = []
+    for i, folder in enumerate([base, *experts]):
+        shutil_copy = tmp_path / f"both-{i}"
+        pipe = DiffusionPipeline.from_pretrained(folder)
+        pipe.save_pretrained(shutil_copy)
+        pipe.to(torch.float16).save_pretrained(shutil_copy, variant="fp16")
+        both.append(shutil_copy)
+    out = tmp_path / "fp16"
+    hf_fusion.merge(
+        models=[str(f) for f in both[1:]],
+        base=str(both[0]),
+        method="task_arithmetic",
+        components=["unet"],
+        variant="fp16",
+        output=out,
+        show_progress=False,
+    )
+    fp16 = [load_file(f / "unet/diffusion_pytorch_model.fp16.safetensors") for f in both]
+    got = weights(out, "unet")
+    name = "conv_in.weight"
+    assert got[name].dtype == torch.float16
+    want = fp16[0][name].float() + 0.3 * sum(e[name].float() - fp16[0][name].float() for e in fp16[1:])
+    torch.testing.assert_close(got[name].float(), want, rtol=0, atol=2e-3)
+    assert (out / "vae/diffusion_pytorch_model.safetensors").read_bytes() == (
+        both[0] / "vae/diffusion_pytorch_model.fp16.safetensors"
+    ).read_bytes()
+    assert "--variant fp16" in (out / "README.md").read_text()
+    plain = tmp_path / "plain"
+    hf_fusion.merge(
+        models=[str(f) for f in both[1:]],
+        base=str(both[0]),
+        method="task_arithmetic",
+        components=["unet"],
+        output=plain,
+        show_progress=False,
+    )
+    assert weights(plain, "unet")[name].dtype == torch.float32
