@@ -92,14 +92,19 @@ def open_source(source: Source, *, allow_pickle: bool, lora_base: Checkpoint | N
 def check_download_space(sources: list[Source]) -> int:
     """Refuses early when the Hugging Face cache's disk cannot hold what is still to download; returns the bytes."""
     needed = sum(s.hub.missing_bytes() for s in sources if s.hub is not None and s.folder is None)
+    check_cache_space(needed, "the models")
+    return needed
+
+
+def check_cache_space(needed: int, what: str) -> None:
+    """Refuses ``needed`` bytes of downloads that the Hugging Face cache's disk cannot hold."""
     if needed:
         cache = Path(constants.HF_HUB_CACHE)
         free = shutil.disk_usage(nearest_existing(cache)).free
         if needed > free:
             raise InsufficientResourcesError(
-                f"the models need {needed / 1e9:.2f} GB of downloads but only {free / 1e9:.2f} GB is free at {cache}."
+                f"{what} need {needed / 1e9:.2f} GB of downloads but only {free / 1e9:.2f} GB is free at {cache}."
             )
-    return needed
 
 
 def fetch(source: Source, *, token: str | None, show_progress: bool) -> Source:

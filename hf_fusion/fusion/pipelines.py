@@ -57,7 +57,7 @@ from hf_fusion.pipeline_files import (
     write_model_index,
 )
 from hf_fusion.recipe import OUTPUT_DTYPES, ModelRef
-from hf_fusion.sources import Source, check_download_space, is_offline
+from hf_fusion.sources import Source, check_cache_space, check_download_space, is_offline
 
 if TYPE_CHECKING:
     from hf_fusion.engine.diffusion_lora import LoraFactors
@@ -224,6 +224,7 @@ def resolve_member(ref: ModelRef, base: PipelineInput | None, *, token: str | No
         if not any("lora" in name for name in shapes):
             single = hub_single_file(ref, listing, files[0], shapes)
         else:  # a LoRA: small, fetched now to read its factors
+            check_cache_space(listing.sizes.get(files[0], 0), label)
             file = download_file(listing, files[0], token=token)
             lora = find_lora_file(file)
             if lora is None:

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from hf_fusion.errors import CheckpointError, IncompatibleModelsError, RecipeErr
 from hf_fusion.hub.errors import hub_errors
 from hf_fusion.hub.resolve import HubListing, download_file
 from hf_fusion.recipe import ModelRef
+from hf_fusion.sources import check_cache_space
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +146,7 @@ def converted_folder(item: SingleFileInput, pipeline_class: str, config_folder: 
     file = item.file
     if file is None:
         assert item.repo_file is not None and item.listing is not None
+        check_cache_space(item.size, item.label)
         file = download_file(item.listing, item.repo_file, token=token)
     destination = _cache_root() / _identity(item, file, pipeline_class, config_folder)
     if (destination / "model_index.json").is_file():
@@ -151,6 +154,7 @@ def converted_folder(item: SingleFileInput, pipeline_class: str, config_folder: 
         return destination
     log.info("%s: converting the single-file checkpoint to diffusers layout (held in memory once)", item.label)
     destination.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_conversions(destination.parent)
     scratch = Path(tempfile.mkdtemp(prefix=".converting-", dir=destination.parent))
     try:
         _convert(file, pipeline_class, config_folder, scratch, item.label)
@@ -164,6 +168,20 @@ def converted_folder(item: SingleFileInput, pipeline_class: str, config_folder: 
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     return destination
+
+
+STALE_SECONDS = 24 * 3600
+"""A conversion folder untouched this long was left by a run that was killed; it is removed."""
+
+
+def _remove_stale_conversions(root: Path) -> None:
+    now = time.time()
+    for stale in root.glob(".converting-*"):
+        try:
+            if now - stale.stat().st_mtime > STALE_SECONDS:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def _convert(file: Path, pipeline_class: str, config_folder: Path, dest: Path, label: str) -> None:
