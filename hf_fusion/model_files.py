@@ -58,6 +58,8 @@ WRITTEN_FILES = (
     "scheduler_config.json",
     "comparison.png",  # what `hf-fusion compare-images` drew for the card, and its scores
     "comparison.json",
+    "adapter_config.json",  # an adapter `hf-fusion extract-lora` wrote, and its per-module energy report
+    "extraction.json",
 )
 MODULE_CONFIG = "config.json"  # the only file copied from a sentence-transformers module folder (1_Pooling/...)
 

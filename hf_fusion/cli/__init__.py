@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from hf_fusion.cli import fusing, images, listing, scoring, serving
+from hf_fusion.cli import extracting, fusing, images, listing, scoring, serving
 from hf_fusion.cli.listing import methods_markdown
 from hf_fusion.version import __version__
 
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"hf-fusion {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for group in (listing, fusing, scoring, images, serving):
+    for group in (listing, fusing, extracting, scoring, images, serving):
         group.register(sub)
     return parser
 

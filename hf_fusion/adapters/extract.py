@@ -1,0 +1,67 @@
+"""One weight difference as a LoRA pair: truncated SVD, rank chosen by the energy it keeps.
+
+For ``delta = U diag(S) Vh`` (``[out, in]``, singular values in decreasing order), the best rank-``r`` approximation in
+the Frobenius norm (Eckart-Young) is ``B @ A`` with ``B = U[:, :r] sqrt(S[:r])`` (``[out, r]``, peft's ``lora_B``) and
+``A = sqrt(S[:r]) Vh[:r]`` (``[r, in]``, peft's ``lora_A``); splitting ``sqrt(S)`` between the two keeps both factors
+on the same scale. The *energy kept* is ``sum(S[:r]^2) / sum(S^2)``, so ``||delta - B A||_F^2 / ||delta||_F^2`` is
+``1 - energy``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LowRankFactors:
+    """``b @ a`` approximates the delta: ``a`` is ``[rank, in]``, ``b`` is ``[out, rank]`` (float32)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    energy: float
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+
+def choose_rank(singular_values: torch.Tensor, max_rank: int, threshold: float | None = None) -> int:
+    """The rank to keep: ``max_rank``, or with ``threshold`` the smallest rank whose share of the squared singular
+    values reaches it, capped at ``max_rank``. Singular values in decreasing order; at least 1."""
+    if max_rank < 1:
+        raise ValueError(f"rank must be at least 1, got {max_rank}")
+    rank = min(max_rank, singular_values.numel())
+    if threshold is None:
+        return max(rank, 1)
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"the energy threshold must be in (0, 1], got {threshold}")
+    squares = singular_values.double().square()
+    total = squares.sum()
+    if total == 0:
+        return 1
+    shares = squares.cumsum(0) / total
+    reached = int(torch.searchsorted(shares, torch.tensor([threshold], dtype=shares.dtype)).item()) + 1
+    return max(1, min(rank, reached))
+
+
+def factorise(delta: torch.Tensor, max_rank: int, threshold: float | None = None) -> LowRankFactors:
+    """Factorises a 2-D ``delta`` (``[out, in]``) as ``b @ a`` of rank ``choose_rank(S, max_rank, threshold)``.
+
+    The SVD runs in float32 on ``delta``'s device; the energy kept is computed in float64. A zero delta gives
+    rank-1 zero factors and energy 1.
+    """
+    if delta.dim() != 2:
+        raise ValueError(f"expected a 2-D delta, got shape {list(delta.shape)}")
+    if max_rank > min(delta.shape):
+        raise ValueError(f"rank {max_rank} exceeds min(out, in) = {min(delta.shape)} of a {list(delta.shape)} delta")
+    u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
+    rank = choose_rank(s, max_rank, threshold)
+    squares = s.double().square()
+    total = float(squares.sum())
+    energy = float(squares[:rank].sum()) / total if total > 0 else 1.0
+    root = s[:rank].sqrt()
+    b = u[:, :rank] * root
+    a = root[:, None] * vh[:rank]
+    return LowRankFactors(a=a.contiguous(), b=b.contiguous(), energy=min(energy, 1.0))
