@@ -87,21 +87,28 @@ def _scheduler() -> DDIMScheduler:
     )
 
 
-def sd_pipeline(seed: int, scratch: Path) -> StableDiffusionPipeline:
-    """An SD 1.x-shaped pipeline: UNet2DConditionModel, one CLIP text encoder, AutoencoderKL, DDIM."""
-    torch.manual_seed(seed)
-    tokenizer = tiny_tokenizer(scratch / f"tok-{seed}")
-    unet = UNet2DConditionModel(
+def _unet(**options: object) -> UNet2DConditionModel:
+    """A two-block UNet of 8 and 16 channels, one layer per block; ``options`` set the family's blocks."""
+    return UNet2DConditionModel(
         block_out_channels=(8, 16),
         layers_per_block=1,
         sample_size=16,
         in_channels=4,
         out_channels=4,
+        attention_head_dim=2,
+        norm_num_groups=4,
+        **options,
+    )
+
+
+def sd_pipeline(seed: int, scratch: Path) -> StableDiffusionPipeline:
+    """An SD 1.x-shaped pipeline: UNet2DConditionModel, one CLIP text encoder, AutoencoderKL, DDIM."""
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer(scratch / f"tok-{seed}")
+    unet = _unet(
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=16,
-        attention_head_dim=2,
-        norm_num_groups=4,
     )
     text_encoder = CLIPTextModel(_text_config(len(tokenizer)))
     pipe = StableDiffusionPipeline(
@@ -121,17 +128,10 @@ def sdxl_pipeline(seed: int, scratch: Path) -> StableDiffusionXLPipeline:
     """An SDXL-shaped pipeline: a UNet with text-time embeddings and two text encoders (the second projected)."""
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer(scratch / f"tok-xl-{seed}")
-    unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
+    unet = _unet(
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32,
-        attention_head_dim=2,
-        norm_num_groups=4,
         addition_embed_type="text_time",
         addition_time_embed_dim=4,
         projection_class_embeddings_input_dim=16 + 6 * 4,

@@ -294,8 +294,24 @@ class SpaceApp:
         if source == POOL_SOURCE and pool_name and self.public:
             check_pool_name(pool_name)
         pool = get_pool(pool_name) if source == POOL_SOURCE and pool_name else None
-        widget_values, per_layer_texts = values[: len(self.slots)], values[len(self.slots) :]
-        per_layer = {spec.name: text for spec, text in zip(self.per_layer_specs, per_layer_texts)}
+        return self._form_yaml(source, pool, models_text, base, method, dtype, self.slots, self.per_layer_specs, values)
+
+    @staticmethod
+    def _form_yaml(
+        source: str,
+        pool: Any,
+        models_text: str,
+        base: str,
+        method: str,
+        dtype: str,
+        slots: list[ParamSlot],
+        per_layer_specs: list[Any],
+        values: tuple[Any, ...],
+        components: list[str] | tuple[str, ...] = (),
+    ) -> str:
+        """A form's recipe YAML: ``values`` are its widgets' values (one per slot) then its per-layer boxes'."""
+        widget_values, per_layer_texts = values[: len(slots)], values[len(slots) :]
+        per_layer = {spec.name: text for spec, text in zip(per_layer_specs, per_layer_texts)}
         return to_yaml(
             recipe_fields(
                 source=source,
@@ -304,9 +320,10 @@ class SpaceApp:
                 base=base or "",
                 method=method,
                 dtype=dtype,
-                slots=self.slots,
+                slots=slots,
                 values=widget_values,
                 per_layer=per_layer,
+                components=components,
             )
         )
 
@@ -454,22 +471,17 @@ class SpaceApp:
         self, models_text: str, base: str, method: str, dtype: str, components: list[str] | None, *values: Any
     ) -> str:
         """The Diffusion form as recipe YAML: repo ids, the method's widgets and per-layer box, the components."""
-        slots = self.diffusion_slots
-        widget_values, per_layer_texts = values[: len(slots)], values[len(slots) :]
-        per_layer = {spec.name: text for spec, text in zip(self.diffusion_per_layer_specs, per_layer_texts)}
-        return to_yaml(
-            recipe_fields(
-                source=REPO_SOURCE,
-                pool=None,
-                models_text=models_text or "",
-                base=base or "",
-                method=method,
-                dtype=dtype,
-                slots=slots,
-                values=widget_values,
-                per_layer=per_layer,
-                components=components or (),
-            )
+        return self._form_yaml(
+            REPO_SOURCE,
+            None,
+            models_text,
+            base,
+            method,
+            dtype,
+            self.diffusion_slots,
+            self.diffusion_per_layer_specs,
+            values,
+            components or (),
         )
 
     def block_preset(self, preset: str | None, method: str, low: float, high: float, *values: Any) -> list[Any]:
