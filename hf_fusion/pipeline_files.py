@@ -94,6 +94,12 @@ def local_files(folder: Path) -> list[str]:
     return names
 
 
+def is_component_side_file(path: str, component: str) -> bool:
+    """Whether ``path`` (relative to the pipeline) is a file of ``component`` the output carries besides weights."""
+    folder, _, name = path.partition("/")
+    return folder == component and "/" not in name and any(fnmatch.fnmatchcase(name, p) for p in COMPONENT_SIDE_FILES)
+
+
 def copy_component(source: Path, dest: Path, *, weights: bool, label: str, variant: str | None = None) -> list[str]:
     """Copies a component the fusion does not read: its allow-listed files and, for a weight component, the
     safetensors weights it would load (plain files over a variant; a variant written under the plain name, so the
@@ -106,7 +112,7 @@ def copy_component(source: Path, dest: Path, *, weights: bool, label: str, varia
     if not source.resolve().is_relative_to(root):
         raise CheckpointError(f"{label}: {source.name}/ links outside the model's folder; it is not copied.")
     names = sorted(p.name for p in source.iterdir() if p.is_file())
-    wanted = {n: n for n in names if any(fnmatch.fnmatchcase(n, p) for p in COMPONENT_SIDE_FILES)}
+    wanted = {n: n for n in names if is_component_side_file(f"{source.name}/{n}", source.name)}
     if weights:
         wanted.update(_weight_files(source, names, label, variant))
     for name, written in wanted.items():

@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,7 +63,11 @@ def find_lora_file(path: Path) -> Path | None:
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
             raise _pickle_error(path)
-        return path if path.suffix == ".safetensors" and _holds_lora_keys(path) else None
+        return (
+            path
+            if path.suffix == ".safetensors" and holds_lora_keys(e.name for e in read_safetensors_entries(path))
+            else None
+        )
     if not path.is_dir() or any((path / name).is_file() for name in _MODEL_FILES):
         return None
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix == ".safetensors")
@@ -77,7 +81,7 @@ def find_lora_file(path: Path) -> Path | None:
             f"{path}: holds {len(files)} safetensors files ({', '.join(p.name for p in files)}); "
             "a LoRA folder must hold exactly one. Give the LoRA file itself."
         )
-    return files[0] if _holds_lora_keys(files[0]) else None
+    return files[0] if holds_lora_keys(e.name for e in read_safetensors_entries(files[0])) else None
 
 
 def read_pipeline_lora(
@@ -169,8 +173,10 @@ def _pickle_error(path: Path) -> PickleCheckpointError:
     )
 
 
-def _holds_lora_keys(path: Path) -> bool:
-    return any("lora" in e.name for e in read_safetensors_entries(path))
+def holds_lora_keys(names: Iterable[str]) -> bool:
+    """Whether tensor names are a LoRA's (every format names its factors ``lora_...``): the rule that tells a LoRA
+    file from a checkpoint, for local files and Hub headers alike."""
+    return any("lora" in name for name in names)
 
 
 def _refuse_dora(label: str, keys: list[str]) -> None:

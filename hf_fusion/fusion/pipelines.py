@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from huggingface_hub import hf_hub_download, snapshot_download
+from huggingface_hub import hf_hub_download
 
 from hf_fusion.catalog import BUILTIN_PREFIX
 from hf_fusion.engine.blocks import component_positions
@@ -43,13 +43,21 @@ from hf_fusion.fusion.single_file import (
 from hf_fusion.fusion.tensor_wise import check_memory, write_weights
 from hf_fusion.fusion.validate import ValidatedRecipe
 from hf_fusion.hub.errors import hub_errors
-from hf_fusion.hub.resolve import HubListing, download, download_file, list_hub_repo, resolve_hub_model
+from hf_fusion.hub.resolve import (
+    HubListing,
+    cached_model,
+    download,
+    download_file,
+    list_hub_repo,
+    resolve_hub_model,
+)
 from hf_fusion.model_files import local_folder, read_config, set_config_dtype
 from hf_fusion.output import AtomicFolder, check_free_space
 from hf_fusion.pipeline_files import (
     MODEL_INDEX,
     PipelineIndex,
     copy_component,
+    is_component_side_file,
     local_files,
     parse_model_index,
     read_model_index,
@@ -172,11 +180,7 @@ def resolve_pipeline(
 def _cached_pipeline_folder(ref: ModelRef) -> Path | None:
     """Offline: the cached snapshot of a pipeline repo, found by its ``model_index.json``."""
     try:
-        folder = Path(
-            snapshot_download(
-                ref.path, revision=ref.pinned or "main", local_files_only=True, allow_patterns=[MODEL_INDEX]
-            )
-        )
+        _, folder = cached_model(ref, MODEL_INDEX)
     except Exception:  # noqa: BLE001 - not in the cache: the regular resolver reports it in its own words
         return None
     return folder if (folder / MODEL_INDEX).is_file() else None
@@ -192,7 +196,7 @@ def resolve_member(ref: ModelRef, base: PipelineInput | None, *, token: str | No
     """A model of a pipeline fusion that is not a pipeline: a LoRA for the base (its file fetched, LoRAs are small,
     and converted by diffusers' converter for the base's class) or a single-file checkpoint (typed from its header,
     converted after every check)."""
-    from hf_fusion.engine.diffusion_lora import find_lora_file
+    from hf_fusion.engine.diffusion_lora import find_lora_file, holds_lora_keys
 
     label = str(ref)
     if base is None:
@@ -204,10 +208,9 @@ def resolve_member(ref: ModelRef, base: PipelineInput | None, *, token: str | No
         if ref.is_local:
             path = local_folder(ref)
         else:  # offline: the cached snapshot's one safetensors file, pinned to its commit
-            folder = _cached_repo_folder(ref)
+            ref, folder = cached_model(ref, "*.safetensors")
             files = sorted(folder.glob("*.safetensors"))
             path = files[0] if len(files) == 1 else folder
-            ref = ref.model_copy(update={"commit": folder.name})
         lora = find_lora_file(path)
         if lora is not None:
             return _lora_input(ref, label, lora, base)
@@ -221,7 +224,7 @@ def resolve_member(ref: ModelRef, base: PipelineInput | None, *, token: str | No
             detail = f" (it has {len(files)} top-level safetensors files, not one)"
             raise RecipeError(_NEITHER.format(label=label, detail=detail))
         shapes = hub_header_shapes(ref, listing, files[0], token=token)
-        if not any("lora" in name for name in shapes):
+        if not holds_lora_keys(shapes):
             single = hub_single_file(ref, listing, files[0], shapes)
         else:  # a LoRA: small, fetched now to read its factors
             check_cache_space(listing.sizes.get(files[0], 0), label)
@@ -234,16 +237,6 @@ def resolve_member(ref: ModelRef, base: PipelineInput | None, *, token: str | No
     unet = base.components.get("unet")
     check_fits_unet(single, unet.config if unet is not None else None, base.label)
     return single
-
-
-def _cached_repo_folder(ref: ModelRef) -> Path:
-    """Offline: the cached snapshot of a LoRA or single-file repo (its safetensors file fetched before)."""
-    with hub_errors(ref.path, ref.pinned, "find in the cache"):
-        return Path(
-            snapshot_download(
-                ref.path, revision=ref.pinned or "main", local_files_only=True, allow_patterns=["*.safetensors"]
-            )
-        )
 
 
 def _lora_input(ref: ModelRef, label: str, file: Path, base: PipelineInput) -> LoraInput:
@@ -373,7 +366,7 @@ def _refuse_unsupported(checked: ValidatedRecipe) -> None:
             raise RecipeError(f"{name} applies to transformers models; diffusers pipelines do not take it.")
 
 
-def component_inputs(inputs: PipelineInputs, name: str, uses_base: bool) -> tuple[list[Source], list[int]]:
+def component_inputs(inputs: PipelineInputs, name: str) -> tuple[list[Source], list[int]]:
     """The sources the fusion of one component reads, ``[base] + models`` (a LoRA is represented by the base's
     component, which it is applied to), and the positions of the LoRAs among them."""
     base = [inputs.base.components[name]] if inputs.base is not None else []
@@ -418,19 +411,14 @@ def check_components(
     if not inputs.models:
         return
     for name in inputs.components:
-        sources, loras = component_inputs(inputs, name, checked.uses_base)
-        headers = [_header(s, options, checked.recipe.variant) for s in sources]
+        sources, loras = component_inputs(inputs, name)
+        headers = [_open_component(s, options, checked.recipe.variant) for s in sources]
         if any(h is None for h in headers):
             continue
         headers = component_checkpoints(inputs, name, headers, loras)  # type: ignore[arg-type]
-        read = headers if checked.uses_base or not has_base else headers[1:]
+        read, roles = _read_roles(headers, has_base=has_base, uses_base=checked.uses_base)  # type: ignore[arg-type]
         check_headers(
-            read,
-            base=0 if checked.uses_base else None,
-            experts=list(range(1 if checked.uses_base else 0, len(read))),
-            uses_base=checked.uses_base,
-            exclude=component_excludes(checked.recipe.exclude, name, inputs.reference.index),
-            heads=[],
+            read, **roles, exclude=component_excludes(checked.recipe.exclude, name, inputs.reference.index), heads=[]
         )
         check_memory(headers, elementwise, options.budget_elements)  # type: ignore[arg-type]
         positions = component_positions(list(headers[-1].entries))  # type: ignore[union-attr]
@@ -458,14 +446,8 @@ def fetch_pipelines(inputs: PipelineInputs, options: FusionOptions) -> PipelineI
             source = pipeline.components.get(name)
             if source is not None and source.hub is not None:
                 files += source.hub.download_files
-            else:  # a part without weights: its small files
-                files += [
-                    n
-                    for n in pipeline.listing.sizes
-                    if n.startswith(f"{name}/")
-                    and n.count("/") == 1
-                    and not n.endswith((".safetensors", ".bin", ".ckpt", ".pt", ".pth"))
-                ]
+            else:  # a part without weights: the files the output copies from it
+                files += [n for n in pipeline.listing.sizes if is_component_side_file(n, name)]
         first = next(iter(pipeline.components.values()))
         assert first.hub is not None
         root = download(first.hub, token=options.token, show_progress=options.show_progress, extra_files=tuple(files))
@@ -528,11 +510,15 @@ def fuse_pipeline(
             copied += len(plan.tensors) - len(plan.fused)
             passes += stats
             output_bytes += plan.output_bytes
+        with_weights = set(weight_components(reference.index, local_files(reference.folder)))
         for name in reference.index.components:
             if name not in inputs.components:
-                weights = name in reference.components or name in _weight_names(reference)
                 copy_component(
-                    reference.folder / name, temp / name, weights=weights, label=reference.label, variant=recipe.variant
+                    reference.folder / name,
+                    temp / name,
+                    weights=name in with_weights,
+                    label=reference.label,
+                    variant=recipe.variant,
                 )
         notes = method.notes()
         files = seal(atomic, temp, recipe, target=target, repo_id=repo_id, notes=notes)
@@ -557,25 +543,17 @@ def _fuse_component(
     method: Any,
 ) -> tuple[FusionPlan, int]:
     """One component through the engine into ``dest``, with the reference's config beside its weights."""
-    sources, loras = component_inputs(inputs, name, checked.uses_base)
+    sources, loras = component_inputs(inputs, name)
     opened: list[Checkpoint] = []
     try:
         for source in sources:
             assert source.folder is not None
-            opened.append(
-                open_checkpoint(
-                    source.folder, source.label, allow_pickle=options.allow_pickle, variant=checked.recipe.variant
-                )
-            )
+            opened.append(_open_component(source, options, checked.recipe.variant))  # type: ignore[arg-type]
         views = component_checkpoints(inputs, name, opened, loras)
-        has_base = inputs.base is not None
-        if has_base and not checked.uses_base:
-            views = views[1:]
+        views, roles = _read_roles(views, has_base=inputs.base is not None, uses_base=checked.uses_base)
         plan = build_plan(
             views,
-            base=0 if checked.uses_base else None,
-            experts=list(range(1 if checked.uses_base else 0, len(views))),
-            uses_base=checked.uses_base,
+            **roles,
             reference=0,
             exclude=component_excludes(checked.recipe.exclude, name, inputs.reference.index),
             heads=[],
@@ -614,12 +592,6 @@ def _component_parameters(checked: ValidatedRecipe, name: str, plan: FusionPlan)
     return {t.key: checked.schedule.resolve(f"{name}.{t.name}", positions[t.name]) for t in plan.fused}
 
 
-def _weight_names(pipeline: PipelineInput) -> list[str]:
-    """Every weight component of a local pipeline, also those not resolved (not fused)."""
-    assert pipeline.folder is not None
-    return weight_components(pipeline.index, local_files(pipeline.folder))
-
-
 def component_excludes(patterns: list[str], component: str, index: PipelineIndex) -> list[str]:
     """``exclude`` patterns for one component: a pattern that starts with a component's name (``vae.*``,
     ``unet.conv_in*``) applies to that component only, as per-tensor filters do; others apply to every one."""
@@ -633,9 +605,22 @@ def component_excludes(patterns: list[str], component: str, index: PipelineIndex
     return out
 
 
-def _header(source: Source, options: FusionOptions, variant: str | None) -> Checkpoint | None:
-    """A component's tensor headers: read from its folder (the variant's files where it has them) or the Hub's."""
+def _open_component(source: Source, options: FusionOptions, variant: str | None) -> Checkpoint | None:
+    """A component opened from its folder (the variant's files where it has them), or, before it is fetched, its
+    Hub headers."""
     if source.folder is not None:
         return open_checkpoint(source.folder, source.label, allow_pickle=options.allow_pickle, variant=variant)
     assert source.hub is not None
     return source.hub.headers
+
+
+def _read_roles(views: list[Checkpoint], *, has_base: bool, uses_base: bool) -> tuple[list[Checkpoint], dict[str, Any]]:
+    """The checkpoints a component's fusion reads (the base left out when the method does not use it, as it is
+    there only for LoRAs) and their roles, as ``check_headers`` and ``build_plan`` take them."""
+    read = views[1:] if has_base and not uses_base else views
+    roles = {
+        "base": 0 if uses_base else None,
+        "experts": list(range(1 if uses_base else 0, len(read))),
+        "uses_base": uses_base,
+    }
+    return read, roles

@@ -234,13 +234,12 @@ def download(model: HubModel, *, token: str | None, show_progress: bool, extra_f
     return folder
 
 
-def cached_model(ref: ModelRef) -> tuple[ModelRef, Path]:
-    """Offline mode: the cached snapshot of ``ref`` (its revision, or ``main``) and the commit it holds."""
+def cached_model(ref: ModelRef, pattern: str = "config.json") -> tuple[ModelRef, Path]:
+    """Offline mode: the cached snapshot of ``ref`` (its revision, or ``main``) and the commit it holds, looked up by
+    ``pattern`` (``model_index.json`` for a pipeline, ``*.safetensors`` for a LoRA or single file)."""
     with hub_errors(ref.path, ref.pinned, "find in the cache"):
         # A narrow pattern: fusions download a subset of each repo, which a full offline lookup calls incomplete.
         folder = Path(
-            snapshot_download(
-                ref.path, revision=ref.pinned or "main", local_files_only=True, allow_patterns=["config.json"]
-            )
+            snapshot_download(ref.path, revision=ref.pinned or "main", local_files_only=True, allow_patterns=[pattern])
         )
     return ref.model_copy(update={"commit": folder.name}), folder
