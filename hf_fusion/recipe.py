@@ -189,7 +189,7 @@ class Recipe(pydantic.BaseModel):
     components: list[str] | None = None
     """For diffusers pipelines: the components to fuse (``unet``, ``text_encoder``...); the others are copied from
     the base (or the first model). None fuses every component that holds weights."""
-    variant: str | None = None
+    variant: str | None = pydantic.Field(None, pattern=r"^[A-Za-z0-9_]+$")
     """For diffusers pipelines: read each component's weights of this variant (``fp16``) where it has them, as
     ``from_pretrained(variant=...)`` does; the output is written as plain files either way."""
     allow_nonfinite: bool = False

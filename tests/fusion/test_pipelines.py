@@ -718,3 +718,13 @@ def test_variant_picks_the_fp16_files_of_folders_that_hold_both(
         show_progress=False,
     )
     assert weights(plain, "unet")[name].dtype == torch.float32
+    with pytest.raises(RecipeError, match="variant"):  # a variant is a file-name part, never a path
+        hf_fusion.merge(
+            models=[str(f) for f in both[1:]],
+            base=str(both[0]),
+            method="task_arithmetic",
+            variant="../fp16",
+            output=tmp_path / "refused",
+            show_progress=False,
+        )
+    assert not (tmp_path / "refused").exists()
