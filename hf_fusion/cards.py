@@ -25,6 +25,15 @@ from hf_fusion.registry import get_method
 from hf_fusion.reports.report import EvaluationReport
 
 CARD_FILENAME = "README.md"
+ADAPTER_CONFIG_FILENAME = "adapter_config.json"
+ADAPTER_REPORT_FILENAME = "adapter_fusion.json"
+_PEFT_AUTO_CLASSES = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+}
 TOKENIZER_FILENAME = "tokenizer_config.json"
 CUSTOM_MODEL_TYPE_PREFIX = "hf_fusion_"  # model types of hf_fusion.models (ensembles, routed mixtures)
 
@@ -147,8 +156,9 @@ def usage_snippet(
     imported first (it registers them with the Auto classes); per-task outputs load one subfolder.
     """
     custom = needs_hf_fusion(config)
+    remote = custom and "auto_map" in (config or {})  # the architecture's code ships with the model
     lines = []
-    if custom:
+    if custom and not remote:
         lines.append(
             f"import hf_fusion.models  # registers the {config['model_type']} architecture "  # type: ignore[index]
             "with transformers"
@@ -159,15 +169,69 @@ def usage_snippet(
     if subfolders:
         lines.append(f"# one model per input model, one subfolder each: {', '.join(subfolders)}")
         where += f", subfolder={json.dumps(subfolders[0])}"
-    lines.append(f"model = {auto_class}.from_pretrained({where})")
+    lines.append(f"model = {auto_class}.from_pretrained({where}{', trust_remote_code=True' if remote else ''})")
     if tokenizer:
         lines.append(f"tokenizer = AutoTokenizer.from_pretrained({where})")
-    install = (
-        f"It needs {install_hint()}."
-        if custom
-        else "It needs transformers and PyTorch only: `pip install transformers torch`."
-    )
+    if remote:
+        files = sorted({v.split(".")[0] + ".py" for v in config["auto_map"].values()})  # type: ignore[index]
+        install = (
+            f"It needs transformers and PyTorch only (`pip install transformers torch`): the "
+            f"{config['model_type']} architecture is not a stock transformers class, and its code ships with the "  # type: ignore[index]
+            f"model ({', '.join(f'`{f}`' for f in files)} and the files they import, named in `config.json`'s "
+            f"`auto_map`), so `trust_remote_code=True` loads it; read those files before running them. With "
+            f"{install_hint()}, `import hf_fusion.models` first registers the same classes and it loads without "
+            "`trust_remote_code`."
+        )
+    elif custom:
+        install = f"It needs {install_hint()}."
+    else:
+        install = "It needs transformers and PyTorch only: `pip install transformers torch`."
     return {"install": install, "code": "\n".join(lines)}
+
+
+def adapter_usage(load_path: str, base: str, task_type: str | None) -> dict[str, str]:
+    """The Usage section of a peft LoRA adapter: the base loaded with the Auto class of the adapter's task type,
+    the adapter on top."""
+    auto_class = _PEFT_AUTO_CLASSES.get(task_type or "", "AutoModel")
+    code = "\n".join(
+        [
+            "from peft import PeftModel",
+            f"from transformers import {auto_class}",
+            "",
+            f"base = {auto_class}.from_pretrained({json.dumps(base)})",
+            f"model = PeftModel.from_pretrained(base, {json.dumps(load_path)})",
+        ]
+    )
+    return {"install": "It needs peft, transformers and PyTorch: `pip install peft transformers torch`.", "code": code}
+
+
+def adapter_summary(folder: Path) -> dict[str, Any] | None:
+    """What an adapter output's card says about it (the base it loads on, its task type, how it was made), from
+    its adapter config and report; None for other outputs."""
+    config_path, report_path = folder / ADAPTER_CONFIG_FILENAME, folder / ADAPTER_REPORT_FILENAME
+    if not config_path.is_file() or not report_path.is_file():
+        return None
+    config, report = json.loads(config_path.read_text()), json.loads(report_path.read_text())
+    energies = [m["energy"] for m in report.get("modules", {}).values()]
+    ranks = sorted({m["rank"] for m in report.get("modules", {}).values()})
+    rank = (str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]} to {ranks[-1]}") if ranks else "-"
+    mean = sum(energies) / len(energies) if energies else 1.0
+    kept = f"keeping {mean:.4f} of the squared Frobenius norm of each module's delta on average (lowest {min(energies or [1.0]):.4f})"
+    if report.get("route") == "exact" and min(energies or [1.0]) == 1.0:
+        how = f"the method is linear in the task vectors, so the adapters' factors are concatenated with their weights (rank {rank}): it equals the dense merge up to float rounding"
+    elif report.get("route") == "exact":
+        how = f"the method is linear in the task vectors: the adapters' factors, concatenated with their weights, are truncated to rank {rank}, {kept}"
+    else:
+        how = f"each adapted module's fused delta is factorised to rank {rank} by truncated SVD, {kept}"
+    saved = report.get("modules_to_save") or []
+    return {
+        "base": config.get("base_model_name_or_path"),
+        "task_type": config.get("task_type"),
+        "how": how,
+        "modules": len(report.get("modules", {})),
+        "saved_whole": len(saved),
+        "report": ADAPTER_REPORT_FILENAME,
+    }
 
 
 @dataclass(frozen=True)
@@ -224,6 +288,10 @@ def reproduce_command(recipe: Recipe, output: str, *, repo_id: str | None = None
         args += ["--components", ",".join(recipe.components)]
     if recipe.variant:
         args += ["--variant", recipe.variant]
+    if recipe.output_format != "dense":
+        args += ["--output-format", recipe.output_format]
+    if recipe.rank is not None:
+        args += ["--rank", str(recipe.rank)]
     args += ["--output", output]
     return " ".join(shlex.quote(a) for a in args)
 
@@ -297,6 +365,7 @@ def build_card(
     tokenizer: bool = False,
     pipeline: str | None = None,
     comparison: bool = False,
+    adapter: dict[str, Any] | None = None,
 ) -> ModelCard:
     """Renders the card of a fused model; ``licenses`` are the inputs' licenses, in any order. ``subfolders`` name
     the models of a method that fuses one model per input (each loads with ``subfolder=``); ``tokenizer`` says the
@@ -308,19 +377,23 @@ def build_card(
         tag, library = pipeline_task(pipeline), "diffusers"
     inputs = [r for r in [recipe.base, *recipe.models] if r is not None]
     hub_inputs = list(dict.fromkeys(r.path for r in inputs if not r.is_local))
+    relation = "merge"
+    if adapter is not None:  # a peft adapter on its base: the Hub lists it under the base's adapters
+        tag, library, relation = None, "peft", "adapter"
+        hub_inputs = [recipe.base.path] if recipe.base is not None and not recipe.base.is_local else []
     license_ = licenses[0] if licenses and all(lic and lic == licenses[0] for lic in licenses) else "unknown"
     model_name = (repo_id or Path(load_path).name).split("/")[-1]
     eval_results = _eval_results(report) if report is not None else None
     evaluation = _evaluation_table(report) if report is not None else None
     data = ModelCardData(
-        base_model=hub_inputs or None,
+        base_model=(hub_inputs[0] if adapter is not None else hub_inputs) if hub_inputs else None,
         library_name=library,
         pipeline_tag=tag,
         license=license_,
         tags=["merge", "hf-fusion", spec.name],
         model_name=model_name if eval_results else None,
         eval_results=eval_results,
-        **({"base_model_relation": "merge"} if hub_inputs else {}),
+        **({"base_model_relation": relation} if hub_inputs else {}),
     )
     rows = ([_model_row("base", recipe.base)] if recipe.base else []) + [_model_row("fused", m) for m in recipe.models]
     return ModelCard.from_template(
@@ -340,7 +413,10 @@ def build_card(
         dtype=recipe.dtype,
         exclude=recipe.exclude,
         evaluation=evaluation,
-        usage=pipeline_usage(load_path, pipeline)
+        adapter=adapter,
+        usage=adapter_usage(load_path, adapter["base"], adapter["task_type"])
+        if adapter is not None
+        else pipeline_usage(load_path, pipeline)
         if pipeline is not None
         else usage_snippet(
             config, load_path=load_path, auto_class=auto_class, subfolders=subfolders, tokenizer=tokenizer
@@ -396,6 +472,7 @@ def write_card(folder: Path, *, repo_id: str | None = None, load_path: str | Non
         tokenizer=(model_folder / TOKENIZER_FILENAME).is_file(),
         pipeline=pipeline,
         comparison=(folder / COMPARISON_IMAGE).is_file(),
+        adapter=adapter_summary(folder),
     )
     path = folder / CARD_FILENAME
     path.write_text(str(card) + ("\n" if not str(card).endswith("\n") else ""))

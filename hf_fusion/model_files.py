@@ -60,6 +60,10 @@ WRITTEN_FILES = (
     "comparison.json",
     "adapter_config.json",  # an adapter `hf-fusion extract-lora` wrote, and its per-module energy report
     "extraction.json",
+    "ensemble.py",  # the modeling code of hf-fusion's own architectures (hf_fusion.fusion.remote_code)
+    "upscaled.py",
+    "members.py",
+    "adapter_fusion.json",  # an adapter output's route and per-module rank and energy
 )
 MODULE_CONFIG = "config.json"  # the only file copied from a sentence-transformers module folder (1_Pooling/...)
 

@@ -192,6 +192,13 @@ class Recipe(pydantic.BaseModel):
     variant: str | None = pydantic.Field(None, pattern=r"^[A-Za-z0-9_]+$")
     """For diffusers pipelines: read each component's weights of this variant (``fp16``) where it has them, as
     ``from_pretrained(variant=...)`` does; the output is written as plain files either way."""
+    output_format: Literal["dense", "adapter"] = "dense"
+    """``adapter``: a pool of LoRA adapters fused into one peft LoRA adapter on the base instead of a dense model
+    (exact, concatenated ranks, for methods linear in the task vectors; else each adapted module's fused delta
+    factorised to ``rank``)."""
+    rank: int | None = pydantic.Field(None, ge=1)
+    """The adapter output's rank: a linear method's exact adapter truncated to it, or the rank of every other
+    method's factorised deltas (default there: the largest rank among the adapters)."""
     allow_nonfinite: bool = False
     """Fuse tensors holding NaN or infinities instead of refusing them (they are carried through to the output)."""
     clamp_overflow: bool = False
@@ -280,6 +287,10 @@ class Recipe(pydantic.BaseModel):
             data["components"] = list(self.components)
         if self.variant:
             data["variant"] = self.variant
+        if self.output_format != "dense":
+            data["output_format"] = self.output_format
+        if self.rank is not None:
+            data["rank"] = self.rank
         if self.device != "cpu":
             data["device"] = self.device
         if self.output:

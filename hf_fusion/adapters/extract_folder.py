@@ -35,6 +35,7 @@ import torch
 
 from hf_fusion.adapters.extract import factorise
 from hf_fusion.architecture import parameter_module_types
+from hf_fusion.cards import adapter_usage
 from hf_fusion.engine.checkpoint import Checkpoint, open_checkpoint
 from hf_fusion.engine.dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS, is_floating
 from hf_fusion.engine.writer import OutputTensor, ShardedSafetensorsWriter
@@ -134,6 +135,9 @@ def extract_lora(
     overwrite: bool = False,
     show_progress: bool = True,
     module_types: Mapping[str, str] | None = None,
+    card_load_path: str | None = None,
+    base_name: str | None = None,
+    model_name: str | None = None,
 ) -> ExtractionResult:
     """Writes the LoRA adapter of rank ``rank`` (at most) that turns ``base`` into ``model`` into ``output``.
 
@@ -143,7 +147,9 @@ def extract_lora(
     per module, the smallest rank whose share of the squared singular values reaches it (capped at ``rank``).
     ``exclude`` globs (tensor or module names) leave tensors as the base has them. Refused before any tensor data is
     read: mismatched tensor names or shapes, a rank above a factorised module's ``min(out, in)``, an output folder
-    that exists without ``overwrite``.
+    that exists without ``overwrite``. The card's snippet loads ``card_load_path`` (a repo id the adapter is pushed
+    to), else ``output``; ``base_name`` and ``model_name`` (Hub ids the folders were downloaded from) name them in
+    the config, report and card.
     """
     started = time.perf_counter()
     if rank < 1:
@@ -170,12 +176,12 @@ def extract_lora(
             )
             modules_done, saved_whole, bias_written, unchanged, left_out = report
             conv1d = any(module_types.get(f"{m.name}.weight") == "Conv1D" for m in modules_done)
-            _write_config(
+            write_adapter_config(
                 temp,
                 modules_done,
                 saved_whole,
                 rank=rank,
-                base=str(base),
+                base=base_name or str(base),
                 task_type=task_type,
                 bias="lora_only" if bias_written else "none",
                 fan_in_fan_out=conv1d,
@@ -191,9 +197,18 @@ def extract_lora(
                 seconds=time.perf_counter() - started,
                 adapter_bytes=(temp / ADAPTER_WEIGHTS).stat().st_size,
             )
-            _write_report(temp, result, model=str(model), base=str(base), threshold=rank_threshold)
+            _write_report(
+                temp, result, model=model_name or str(model), base=base_name or str(base), threshold=rank_threshold
+            )
             (temp / CARD_FILENAME).write_text(
-                adapter_card(str(base), str(model), result, threshold=rank_threshold, task_type=task_type)
+                adapter_card(
+                    base_name or str(base),
+                    model_name or str(model),
+                    result,
+                    threshold=rank_threshold,
+                    task_type=task_type,
+                    load_path=card_load_path,
+                )
             )
             atomic.commit()
     finally:
@@ -314,7 +329,7 @@ def _extract(
     unchanged: list[str] = []
     left_out: list[str] = []
     bias_written = False
-    spool = _Spool(folder)
+    spool = TensorSpool(folder)
     bar = progress_bar(total=len(modules), desc="extracting LoRA", unit="module", disable=not show)
     try:
         for module in modules:
@@ -366,7 +381,7 @@ def _pair(model: Checkpoint, base: Checkpoint, name: str) -> tuple[torch.Tensor,
     return read_tensor(model, name), read_tensor(base, name)
 
 
-class _Spool:
+class TensorSpool:
     """Tensors appended to a scratch file as they are made; :meth:`finish` writes them as one safetensors file.
 
     Ranks chosen by energy and modules skipped as unchanged are only known once each delta is read, so the header
@@ -417,7 +432,7 @@ def _chunks(file: object, size: int, chunk: int) -> Iterator[bytearray]:
         yield data
 
 
-def _write_config(
+def write_adapter_config(
     folder: Path,
     modules: Sequence[ModuleExtraction],
     saved_whole: Sequence[str],
@@ -465,18 +480,19 @@ def _write_report(folder: Path, result: ExtractionResult, *, model: str, base: s
 
 
 def adapter_card(
-    base: str, model: str, result: ExtractionResult, *, threshold: float | None, task_type: str | None
+    base: str,
+    model: str,
+    result: ExtractionResult,
+    *,
+    threshold: float | None,
+    task_type: str | None,
+    load_path: str | None = None,
 ) -> str:
     """A short model card: peft metadata, how the adapter was made and how to load it."""
     energies = [m.energy for m in result.modules]
     mean = sum(energies) / len(energies) if energies else 1.0
     rank_text = f"at most {result.rank}" + (f", the smallest keeping {threshold:g} of the energy" if threshold else "")
-    loader = {
-        "CAUSAL_LM": "AutoModelForCausalLM",
-        "SEQ_CLS": "AutoModelForSequenceClassification",
-        "TOKEN_CLS": "AutoModelForTokenClassification",
-        "QUESTION_ANS": "AutoModelForQuestionAnswering",
-    }.get(task_type or "", "AutoModel")
+    usage = adapter_usage(load_path or str(result.output), base, task_type)
     return f"""---
 library_name: peft
 base_model: {json.dumps(base)}
@@ -493,11 +509,9 @@ The difference between `{model}` and its base `{base}`, factorised into a LoRA a
 Frobenius norm of their weight difference on average; {len(result.saved_whole)} module(s) are saved whole.
 `{REPORT_FILENAME}` lists the rank and energy kept per module.
 
-```python
-from peft import PeftModel
-from transformers import {loader}
+{usage["install"]}
 
-base = {loader}.from_pretrained({json.dumps(base)})
-model = PeftModel.from_pretrained(base, "path/to/this/adapter")
+```python
+{usage["code"]}
 ```
 """

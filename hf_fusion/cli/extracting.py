@@ -28,8 +28,8 @@ def register(sub: Any) -> None:
         "LoRA adapter folder (adapter_model.safetensors, adapter_config.json, README.md, and extraction.json with "
         "the energy kept per module). Other changed modules (norms, heads) are saved whole (modules_to_save).",
     )
-    extract.add_argument("model", metavar="MODEL", help="the fine-tuned or merged model: a local folder")
-    extract.add_argument("--base", required=True, metavar="BASE", help="its base model: a local folder")
+    extract.add_argument("model", metavar="MODEL", help="the fine-tuned or merged model: a local folder or Hub repo id")
+    extract.add_argument("--base", required=True, metavar="BASE", help="its base model: a local folder or Hub repo id")
     extract.add_argument("--rank", required=True, type=positive_int, metavar="R", help="LoRA rank (the most kept)")
     extract.add_argument("--output", required=True, metavar="FOLDER", help="where to write the adapter")
     extract.add_argument(
@@ -63,25 +63,18 @@ def register(sub: Any) -> None:
 
 
 def cmd_extract_lora(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from hf_fusion.adapters import extract_lora
-    from hf_fusion.errors import CheckpointError
 
-    for role, path in (("MODEL", args.model), ("--base", args.base)):
-        if not Path(path).is_dir():
-            raise CheckpointError(
-                f"{role} {path!r} is not a local folder; extract-lora reads local folders only for now "
-                f"(download a Hub model first: hf download {path} --local-dir DIR)."
-            )
     target = push_target(args, args.push)
     if target is not None:
         from hf_fusion.hub.push import check_target
 
         target = check_target(target, args.token)  # before any tensor is read
+    model, base = (_local_folder(path, args) for path in (args.model, args.base))
     result = extract_lora(
-        args.model,
-        args.base,
+        model,
+        base,
         rank=args.rank,
         output=args.output,
         rank_threshold=args.rank_threshold,
@@ -89,6 +82,9 @@ def cmd_extract_lora(args: argparse.Namespace) -> int:
         embeddings=args.embeddings,
         overwrite=args.overwrite,
         show_progress=not args.quiet,
+        card_load_path=target.repo_id if target is not None else None,
+        base_name=args.base,
+        model_name=args.model,
     )
     print(result.summary())
     if target is not None:
@@ -102,3 +98,17 @@ def cmd_extract_lora(args: argparse.Namespace) -> int:
         )
         print_push(pushed)
     return 0
+
+
+def _local_folder(path: str, args: argparse.Namespace) -> str:
+    """A local folder as it is; a Hub repo id (``org/name@revision``) resolved and downloaded into the cache, with
+    the same checks as merge inputs (safetensors only unless pickles are allowed)."""
+    from pathlib import Path
+
+    if Path(path).expanduser().is_dir():
+        return path
+    from hf_fusion.recipe import ModelRef
+    from hf_fusion.sources import fetch, resolve
+
+    source = resolve(ModelRef.parse(path), token=args.token, allow_pickle=False)
+    return str(fetch(source, token=args.token, show_progress=not args.quiet).folder)

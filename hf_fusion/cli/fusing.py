@@ -112,6 +112,18 @@ def register(sub: Any) -> None:
         metavar="NAME",
         help="diffusers pipelines: read the weights of this variant (fp16) where a component has them",
     )
+    merge.add_argument(
+        "--output-format",
+        choices=["dense", "adapter"],
+        help="dense model (default), or for a pool of LoRA adapters one peft LoRA adapter on the base",
+    )
+    merge.add_argument(
+        "--rank",
+        type=int,
+        metavar="R",
+        help="adapter output: the rank of factorised (non-linear) merges, or a linear merge's exact adapter "
+        "truncated to it (default: the adapters' largest rank, resp. exact)",
+    )
     merge.add_argument("--pool", help="a catalog pool (see `hf-fusion pools`) or pool file: its base, experts, heads")
     merge.add_argument(
         "--tasks", type=comma_list, metavar="T1,T2", help="only these tasks (and their experts) of the pool"
@@ -162,6 +174,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         chat_template=args.chat_template,
         components=args.components,
         variant=args.variant,
+        output_format=args.output_format,
+        rank=args.rank,
         evaluate=eval_settings(args) if args.evaluate else False,
         overwrite=args.overwrite,
         allow_pickle=args.allow_pickle,

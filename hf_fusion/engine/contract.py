@@ -89,6 +89,12 @@ class TensorMerge(ABC, Generic[P]):
         """The parameters of the tensor being fused: its own when they vary by tensor, else the method's."""
         return inputs.params if inputs.params is not None else self.params  # type: ignore[return-value]
 
+    def task_vector_weights(self, params: P) -> list[float] | None:
+        """``w_t`` such that, under ``params``, the method returns exactly ``theta_0 + sum_t w_t (theta_t - theta_0)``
+        for models that share the base ``theta_0``; None when it is not of that form (the default). LoRA pools fused
+        into an adapter combine their factors exactly with these weights instead of factorising a dense delta."""
+        return None
+
     def prepare(self, scan: Scan) -> None:
         """Computes model-wide statistics before the merge pass; the default needs none."""
 

@@ -5,6 +5,10 @@ For every weight the adapter targets, rows of ``W + s * B @ A`` are computed whe
 whole (``modules_to_save`` heads such as ``classifier``, trained biases) replace the base's. Names follow the task
 model the adapter was trained on (``bert.encoder...`` for a ``BertForSequenceClassification`` adapter on a
 ``BertModel`` base), found by aligning the adapter's targets with the base's tensor names.
+
+With ``float32=True`` the adapted weights of a 16-bit base are presented in float32 (``W`` upcast, the update added,
+nothing rounded), so a fusion that subtracts the base again recovers the update itself rather than its rounding to
+the base's precision: adapter outputs fuse this way.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +31,23 @@ from hf_fusion.errors import CheckpointError
 ADAPTER_CONFIG = "adapter_config.json"
 _PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<kind>embedding_A|embedding_B|A|B)(?:\.[^.]+)?(?:\.weight)?$")
+
+
+@dataclass(frozen=True)
+class LoraFactorPair:
+    """One adapted weight's update ``scale * b @ a`` (``b`` ``[out, r]``, ``a`` ``[r, in]``, float32); the weight
+    stores its transpose when ``transposed`` (GPT-2's Conv1D, embeddings); ``embedding`` marks peft's
+    ``lora_embedding_A``/``_B`` keys."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+    transposed: bool
+    embedding: bool
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
 
 
 def is_lora_adapter(folder: Path) -> bool:
@@ -43,12 +65,13 @@ def _pattern_value(patterns: dict[str, float], module: str, default: float) -> f
 class LoraCheckpoint(Checkpoint):
     """The dense tensors of ``base`` with a LoRA adapter merged in, computed lazily row slice by row slice."""
 
-    def __init__(self, label: str, folder: Path, base: Checkpoint) -> None:
+    def __init__(self, label: str, folder: Path, base: Checkpoint, *, float32: bool = False) -> None:
         config = _adapter_config(label, folder)
+        self.config = config
         weights = folder / "adapter_model.safetensors"
         if not weights.is_file():
             raise CheckpointError(f"{label}: no adapter_model.safetensors (pickled adapters are not read).")
-        lora, whole = _split_adapter(label, load_file(weights))
+        lora, whole, embeddings = _split_adapter(label, load_file(weights))
         targets = {f"{m}.weight": m for m in lora}
         matched = align_names(sorted(targets), base.entries)
         missing = sorted(set(targets) - set(matched))
@@ -66,9 +89,10 @@ class LoraCheckpoint(Checkpoint):
             if task_name is None:
                 continue
             self._task_to_base[task_name] = base_name
-            entries[task_name] = TensorEntry(
-                task_name, base_entry.dtype, base_entry.shape, weights, 0, base_entry.nbytes
-            )
+            dtype, nbytes = base_entry.dtype, base_entry.nbytes
+            if float32 and task_name in targets and dtype in ("F16", "BF16"):
+                dtype, nbytes = "F32", base_entry.numel * 4
+            entries[task_name] = TensorEntry(task_name, dtype, base_entry.shape, weights, 0, nbytes)
         self._whole = whole
         for name, value in whole.items():
             code = TORCH_TO_SAFETENSORS.get(value.dtype)
@@ -78,7 +102,24 @@ class LoraCheckpoint(Checkpoint):
                 name, code, tuple(value.shape), weights, 0, value.numel() * value.element_size()
             )
         self._deltas = _deltas(label, config, lora, targets, {w: base.entries[matched[w]].shape for w in targets})
+        self._embeddings = {f"{m}.weight" for m in embeddings}
         super().__init__(label, entries, [weights])
+
+    def base_name(self, name: str) -> str | None:
+        """The base's name of this checkpoint's tensor ``name`` (None for a tensor only the adapter has)."""
+        return self._task_to_base.get(name)
+
+    @property
+    def saved_whole(self) -> list[str]:
+        """Tensors the adapter stores whole (``modules_to_save``, trained biases), by this checkpoint's names."""
+        return list(self._whole)
+
+    def factor_pairs(self) -> dict[str, LoraFactorPair]:
+        """The update of every adapted weight, by the base's tensor name."""
+        return {
+            self._task_to_base[name]: LoraFactorPair(a, b, scale, transposed, name in self._embeddings)
+            for name, (a, b, scale, transposed) in self._deltas.items()
+        }
 
     def read_rows(self, name: str, row_start: int, row_stop: int, out: torch.Tensor) -> None:
         whole = self._whole.get(name)
@@ -88,7 +129,14 @@ class LoraCheckpoint(Checkpoint):
             out[: raw.numel()].copy_(raw)
             return
         base_name = self._task_to_base[name]
-        self._base.read_rows(base_name, row_start, row_stop, out)
+        stored = self._base.entries[base_name]
+        if stored.dtype != self.entries[name].dtype:  # a 16-bit base weight presented in float32
+            raw = torch.empty(stored.nbytes * (row_stop - row_start) // stored.rows, dtype=torch.uint8)
+            self._base.read_rows(base_name, row_start, row_stop, raw)
+            upcast = rows_view(raw, stored, row_stop - row_start).float()
+            rows_view(out, self.entries[name], row_stop - row_start).copy_(upcast)
+        else:
+            self._base.read_rows(base_name, row_start, row_stop, out)
         delta = self._deltas.get(name)
         if delta is None:
             return
@@ -156,16 +204,20 @@ def _adapter_config(label: str, folder: Path) -> dict[str, Any]:
 
 def _split_adapter(
     label: str, stored: dict[str, torch.Tensor]
-) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """The adapter's tensors as LoRA factors per module ({"A", "B"}) and whole tensors (saved modules, heads)."""
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor], set[str]]:
+    """The adapter's tensors as LoRA factors per module ({"A", "B"}), whole tensors (saved modules, heads) and the
+    modules whose factors are embedding factors."""
     raw = {k[len(_PEFT_PREFIX) :] if k.startswith(_PEFT_PREFIX) else k: v for k, v in stored.items()}
     lora: dict[str, dict[str, torch.Tensor]] = {}
     whole: dict[str, torch.Tensor] = {}
+    embeddings: set[str] = set()
     for key, value in raw.items():
         match = _LORA_KEY.match(key)
         if match:
-            kind = match.group("kind").replace("embedding_", "")
-            lora.setdefault(match.group("module"), {})[kind] = value
+            kind = match.group("kind")
+            if kind.startswith("embedding_"):
+                embeddings.add(match.group("module"))
+            lora.setdefault(match.group("module"), {})[kind.replace("embedding_", "")] = value
         elif "lora_magnitude_vector" in key:
             raise CheckpointError(f"{label}: DoRA magnitude vectors are not supported.")
         else:
@@ -173,7 +225,7 @@ def _split_adapter(
     for module, parts in lora.items():
         if set(parts) != {"A", "B"}:
             raise CheckpointError(f"{label}: LoRA module {module!r} lacks its A or B matrix.")
-    return lora, whole
+    return lora, whole, embeddings
 
 
 def _deltas(

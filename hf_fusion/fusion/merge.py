@@ -25,6 +25,7 @@ from typing import Any
 
 from hf_fusion.engine.writer import DEFAULT_MAX_SHARD_BYTES
 from hf_fusion.errors import FileSystemError, FusionError, RecipeError, describe_os_error
+from hf_fusion.fusion.adapter_output import fuse_to_adapter
 from hf_fusion.fusion.evaluate import evaluate_fused
 from hf_fusion.fusion.inputs import check_output_is_not_an_input
 from hf_fusion.fusion.model_wise import fuse_model_wise
@@ -60,6 +61,8 @@ def merge(
     chat_template: str | None = None,
     components: list[str] | None = None,
     variant: str | None = None,
+    output_format: str | None = None,
+    rank: int | None = None,
     evaluate: EvalSettings | bool = False,
     overwrite: bool = False,
     allow_pickle: bool = False,
@@ -81,7 +84,8 @@ def merge(
     output=..., **params)`` builds one from keywords (keywords also override a given recipe). ``tokenizer`` (``base``,
     ``union`` or a model) and ``chat_template`` (``auto``, a model or a Jinja template) fuse models whose
     vocabularies differ and choose the output's chat template. ``components`` limits which components of diffusers pipelines are fused
-    (the others come from the base); ``variant`` (``fp16``) reads their weights of that variant. Models are local
+    (the others come from the base); ``variant`` (``fp16``) reads their weights of that variant. ``output_format="adapter"`` fuses a pool of LoRA adapters
+    into one peft LoRA adapter (of ``rank``, where the method is not linear) instead of a dense model. Models are local
     folders or Hub repo ids (``org/name@revision``). ``push`` is a repo id or a :class:`PushTarget`; without
     ``output`` the fused folder is then built in a temporary folder, removed after a successful push.
     ``mixed_precision`` (``no``, ``fp16``, ``bf16``) is the autocast dtype of test-time adaptation (AdaMerging,
@@ -104,6 +108,8 @@ def merge(
         "chat_template": chat_template,
         "components": components,
         "variant": variant,
+        "output_format": output_format,
+        "rank": rank,
         "parameters": parameters,
         "allow_nonfinite": allow_nonfinite,
         "clamp_overflow": clamp_overflow,
@@ -165,6 +171,13 @@ def run_fusion(
     gets."""
     runtime = runtime or current()
     pipeline = runtime.on_main(lambda: is_pipeline_fusion(checked, token=options.token))
+    if checked.recipe.output_format == "adapter":
+        if pipeline:
+            raise RecipeError(
+                "--output-format adapter writes peft adapters of transformers models; diffusers pipelines are "
+                "written dense (their LoRAs fuse into the pipeline's weights)."
+            )
+        return runtime.on_main(lambda: fuse_to_adapter(checked, target, options, repo_id=repo_id))
     if checked.spec.kind is MethodKind.MODEL_WISE:
         if pipeline:
             raise RecipeError(

@@ -33,6 +33,7 @@ from hf_fusion.fusion.inputs import (
 )
 from hf_fusion.fusion.options import FusionOptions
 from hf_fusion.fusion.output_folder import seal, write_side_files
+from hf_fusion.fusion.remote_code import ship_modeling_code
 from hf_fusion.fusion.result import MergeResult
 from hf_fusion.fusion.validate import ValidatedRecipe
 from hf_fusion.modelwise.base import ModelFusion, ModelwiseContext
@@ -108,6 +109,7 @@ def _write(
                 model.save_pretrained(temp, max_shard_size=options.max_shard_bytes)
         for name, text in method.extra_files.items():
             (temp / name).write_text(text)
+        ship_modeling_code(temp)
         files = seal(atomic, temp, recipe, target=target, repo_id=repo_id)
     output_bytes = sum((target / f).stat().st_size for f in files if (target / f).is_file())
     return MergeResult(

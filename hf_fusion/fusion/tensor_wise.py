@@ -47,7 +47,7 @@ def fuse_tensor_wise(
         plan = open_plan(checked, inputs, checkpoints, options)
         copies = len(recipe.models) if method.outputs_per_model else 1
         check_free_space(target, plan.output_bytes * copies)
-        engine = _engine(plan, method, checked, inputs, recipe, options)
+        engine = make_engine(plan, method, checked, inputs, recipe, options)
         atomic = AtomicFolder(target, overwrite=options.overwrite)
         with atomic as temp:
             folders = _model_folders(temp, recipe, method.outputs_per_model)
@@ -141,7 +141,7 @@ def _runs(recipe: Recipe, inputs: Inputs) -> list[LayerRun]:
     return layer_runs(recipe.slices or [], [s.ref for s in inputs.sources], inputs.read)
 
 
-def _engine(
+def make_engine(
     plan: FusionPlan, method: Any, checked: ValidatedRecipe, inputs: Inputs, recipe: Recipe, options: FusionOptions
 ) -> StreamingEngine:
     module_types = None

@@ -44,6 +44,7 @@ def validate_recipe(recipe: Recipe) -> ValidatedRecipe:
     check_slices(recipe, spec, uses_base)
     check_device(recipe.device)
     check_tokenizer_fields(recipe, model_wise=spec.kind is MethodKind.MODEL_WISE)
+    check_output_format(recipe, spec)
     canonical = recipe.replace(method=spec.name, parameters=schedule.recipe_parameters())
     return ValidatedRecipe(canonical, spec, params, uses_base, schedule)
 
@@ -53,6 +54,33 @@ def parameter_schedule(spec: MethodSpec, raw: Mapping[str, Any]) -> ParameterSch
     if spec.kind is MethodKind.TENSOR_WISE:
         return build_schedule(spec, raw, spec.implementation.fixed_for)
     return build_schedule(spec, raw)
+
+
+def check_output_format(recipe: Recipe, spec: MethodSpec) -> None:
+    """What an adapter output cannot be, known from the recipe alone: a model-wise method's architecture, one model
+    per input, re-sliced layers or a changed vocabulary; and a rank without an adapter to apply it to."""
+    if recipe.output_format == "dense":
+        if recipe.rank is not None:
+            raise RecipeError(
+                "--rank sets the rank of an adapter output: add --output-format adapter, or leave it out."
+            )
+        return
+    refusal = None
+    if spec.kind is MethodKind.MODEL_WISE:
+        refusal = f"{spec.name} builds a new architecture (or trains merging weights on data), not a weight delta"
+    elif spec.implementation.outputs_per_model:
+        refusal = f"{spec.name} fuses one model per input model"
+    elif recipe.slices:
+        refusal = "layer slices change the architecture"
+    elif recipe.tokenizer or recipe.chat_template:
+        refusal = "a fused tokenizer changes the embeddings' rows"
+    if refusal:
+        raise RecipeError(
+            f"--output-format adapter needs a weight delta on the base that a LoRA adapter can carry; {refusal}. "
+            "Write it dense (the default)."
+        )
+    if recipe.base is None:
+        raise RecipeError("--output-format adapter needs --base: the model the LoRA adapters were trained on.")
 
 
 def check_device(device: str) -> None:

@@ -24,6 +24,10 @@ class SimpleAverage(TensorMerge[SimpleAverageParams]):
         super().__init__(params, num_models=num_models, has_base=has_base)
         self.aligner = ScopeAligner([1.0] * num_models) if params.weight_scope_alignment else None
 
+    def task_vector_weights(self, params: SimpleAverageParams) -> list[float] | None:
+        """The mean of models sharing a base is the base plus the mean task vector (scope alignment rescales them)."""
+        return None if params.weight_scope_alignment else [1.0 / self.num_models] * self.num_models
+
     def prepare(self, scan: Scan) -> None:
         if self.aligner is not None:
             self.aligner.prepare(scan)

@@ -45,6 +45,11 @@ def weighted_task_vector_sum(
 
 
 class TaskArithmetic(TensorMerge[TaskArithmeticParams]):
+    def task_vector_weights(self, params: TaskArithmeticParams) -> list[float] | None:
+        weights = per_model(params.weights, 1.0, self.num_models)
+        scale = params.scaling_factor / _normaliser(weights) if params.normalize else params.scaling_factor
+        return [w * scale for w in weights]
+
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         assert inputs.base is not None
         p = self.params_for(inputs)

@@ -52,6 +52,17 @@ class WeightedAverage(TensorMerge[WeightedAverageParams]):
         """Scope alignment averages the models' scopes with the weights once for the model: they are fixed then."""
         return cls.fixed_parameters | ({"weights"} if params.weight_scope_alignment else set())
 
+    def task_vector_weights(self, params: WeightedAverageParams) -> list[float] | None:
+        """Normalised (or summing to 1), the weighted mean of models sharing a base is the base plus the weighted
+        task vectors; other weights also scale the base, which no adapter on it can express."""
+        if params.weight_scope_alignment:
+            return None
+        weights = list(params.weights) if params.weights is not None else [1.0] * self.num_models
+        if params.normalize:
+            total = sum(weights)
+            return [w / total for w in weights]
+        return weights if abs(sum(weights) - 1.0) <= 1e-9 else None
+
     def prepare(self, scan: Scan) -> None:
         if self.aligner is not None:
             self.aligner.prepare(scan)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from hf_fusion.models.members import build_member, combine_outputs, plain_config
+from .members import build_member, combine_outputs, plain_config
 
 Aggregation = Literal["mean", "weighted", "max"]
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from hf_fusion.models.members import build_member, plain_config
+from .members import build_member, plain_config
 
 
 class FusedUpscaledConfig(PretrainedConfig):

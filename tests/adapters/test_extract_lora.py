@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hub_helpers import publish
 from huggingface_hub import snapshot_download
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -201,7 +202,7 @@ def test_cli_writes_the_adapter_and_prints_a_summary(bert_pair, tmp_path: Path, 
     assert main(argv) == 1  # the folder exists now
     assert "--overwrite" in capsys.readouterr().err
     assert main(["extract-lora", "org/model", "--base", str(base), "--rank", "2", "--output", str(tmp_path / "x")]) == 1
-    assert "local folders only" in capsys.readouterr().err
+    assert "org/model was not found" in capsys.readouterr().err  # not a folder: a Hub id, looked up there
 
 
 def test_cli_push_uploads_a_loadable_adapter(bert_pair, hub, tokens, repo_name: str, tmp_path: Path, capsys) -> None:
@@ -218,4 +219,21 @@ def test_cli_push_uploads_a_loadable_adapter(bert_pair, hub, tokens, repo_name: 
     )
     expected = _logits(BertForSequenceClassification.from_pretrained(tuned).eval(), "bert")
     peft_model = PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(base), downloaded).eval()
+    assert torch.allclose(_logits(peft_model, "bert"), expected, atol=1e-5)
+    assert f'PeftModel.from_pretrained(base, "{repo_name}")' in (downloaded / "README.md").read_text()
+
+
+def test_cli_reads_hub_models(bert_pair, hub, tokens, tmp_path: Path, capsys) -> None:
+    """MODEL and --base may be Hub ids: downloaded like merge inputs, named by their ids in the adapter."""
+    tuned, base, _ = bert_pair
+    publish(hub, "fusion-lab/extract-tuned", tuned)
+    publish(hub, "fusion-lab/extract-base", base)
+    out = tmp_path / "from-hub"
+    argv = ["extract-lora", "fusion-lab/extract-tuned", "--base", "fusion-lab/extract-base", "--rank", "2"]
+    assert main([*argv, "--output", str(out), "-q"]) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "fusion-lab/extract-base"
+    assert 'base_model: "fusion-lab/extract-base"' in (out / "README.md").read_text()
+    expected = _logits(BertForSequenceClassification.from_pretrained(tuned).eval(), "bert")
+    peft_model = PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(base), out).eval()
     assert torch.allclose(_logits(peft_model, "bert"), expected, atol=1e-5)
