@@ -47,7 +47,12 @@ def choose_rank(singular_values: torch.Tensor, max_rank: int, threshold: float |
 
 
 RANDOMIZED_OVERSAMPLING = 8
+"""At least this many extra columns; the range finder samples twice the rank when that is more."""
 RANDOMIZED_ITERATIONS = 4
+RANDOMIZED_DECAY = 0.5
+"""The randomised factorisation is kept when the last singular value it estimates is at most this share of the r-th:
+its error in the kept directions then shrinks like that ratio to the power ``2 * iterations + 1`` (Halko et al.,
+2011, section 10). A flatter spectrum (a delta that is not low rank) falls back to the exact SVD."""
 
 
 def factorise(
@@ -57,24 +62,28 @@ def factorise(
 
     The SVD runs in float32 on ``delta``'s device; the energy kept is computed in float64. A zero delta gives
     rank-1 zero factors and energy 1. ``randomized`` (by default: for a fixed rank at most a quarter of the
-    smaller side, less the oversampling) uses Halko et al.'s randomised range finder (``torch.svd_lowrank``, 8
-    extra columns, 4 power iterations): ``b @ a`` is then the best rank-``r`` approximation of ``delta`` projected
+    smaller side, less the oversampling) uses Halko et al.'s randomised range finder (``torch.svd_lowrank``,
+    ``max(8, rank)`` extra columns, 4 power iterations): ``b @ a`` is then the best rank-``r`` approximation of ``delta`` projected
     on the range found, and ``energy`` stays exact for the factors returned, because the residual is orthogonal to
-    them (``||delta - b a||^2 = ||delta||^2 - sum(S[:r]^2)``).
+    them (``||delta - b a||^2 = ||delta||^2 - sum(S[:r]^2)``). Chosen by default, it falls back to the exact SVD
+    when the spectrum beyond the rank is too flat for it to be as accurate (:data:`RANDOMIZED_DECAY`).
     """
     if delta.dim() != 2:
         raise ValueError(f"expected a 2-D delta, got shape {list(delta.shape)}")
     if max_rank > min(delta.shape):
         raise ValueError(f"rank {max_rank} exceeds min(out, in) = {min(delta.shape)} of a {list(delta.shape)} delta")
+    values = delta.float()
+    chosen = randomized is None
     if randomized is None:
         randomized = threshold is None and 4 * (max_rank + RANDOMIZED_OVERSAMPLING) <= min(delta.shape)
-    values = delta.float()
     if randomized and threshold is None:
-        q = min(max_rank + RANDOMIZED_OVERSAMPLING, min(delta.shape))
+        q = min(max_rank + max(RANDOMIZED_OVERSAMPLING, max_rank), min(delta.shape))
         u, s, v = torch.svd_lowrank(values, q=q, niter=RANDOMIZED_ITERATIONS)
         vh = v.T
         total = float(values.double().square().sum())
-    else:
+        if chosen and float(s[-1]) > RANDOMIZED_DECAY * float(s[max_rank - 1]):
+            randomized = False  # flat beyond the rank: the exact SVD keeps measurably more
+    if not (randomized and threshold is None):
         u, s, vh = torch.linalg.svd(values, full_matrices=False)
         total = float(s.double().square().sum())
     rank = choose_rank(s, max_rank, threshold)

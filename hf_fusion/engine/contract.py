@@ -95,6 +95,11 @@ class TensorMerge(ABC, Generic[P]):
         into an adapter combine their factors exactly with these weights instead of factorising a dense delta."""
         return None
 
+    def reads_whole_model(self) -> bool:
+        """Whether a tensor's result depends on other tensors (a statistic over the model, a revisit pass), so that
+        fusing part of a model must still scan all of it. By default: when the method prepares or revisits."""
+        return type(self).prepare is not TensorMerge.prepare or type(self).revisit is not TensorMerge.revisit
+
     def prepare(self, scan: Scan) -> None:
         """Computes model-wide statistics before the merge pass; the default needs none."""
 

@@ -307,8 +307,7 @@ def _fuse_kept(
     """Runs the method on the engine and writes the kept tensors into ``folder``. A method with a model-wide
     statistic (TIES' threshold, a revisit pass) runs over every tensor of the model, as a dense merge does, so its
     statistic is the same; the tensors outside ``kept`` are computed and dropped. Other methods run on ``kept``."""
-    model_wide = type(method).prepare is not TensorMerge.prepare or type(method).revisit is not TensorMerge.revisit
-    plan = full if model_wide else kept
+    plan = full if method.reads_whole_model() else kept
     engine = make_engine(plan, method, checked, inputs, checked.recipe, options)
     folder.mkdir()
     writer = _KeptTensorsWriter(folder, kept.output_tensors(), plan.output_tensors())

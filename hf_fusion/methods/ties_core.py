@@ -120,6 +120,10 @@ class TiesCore(TensorMerge[TiesParams]):
     def _sign_key(self, name: str) -> Hashable:
         return None if self.params.threshold_scope == "model" else name
 
+    def reads_whole_model(self) -> bool:
+        """Within each tensor, thresholds and fallback signs are the tensor's own; over the model, they are not."""
+        return self.params.threshold_scope == "model"
+
     def prepare(self, scan: Scan) -> None:
         """Two read-only passes give each group's exact magnitude threshold."""
         q, per_tensor = self._quantile, self.params.threshold_scope == "tensor"

@@ -97,6 +97,24 @@ def test_factorise_recovers_a_low_rank_delta_and_reports_the_energy() -> None:
     assert choose_rank(values, 2, 1.0) == 2
 
 
+def test_randomised_factorisation_is_used_only_where_it_is_as_accurate() -> None:
+    """On a decaying spectrum the randomised range finder keeps the exact SVD's energy and best approximation; on a
+    flat one (a delta that is not low rank) the default falls back to the exact SVD, while forcing it loses energy."""
+    generator = torch.Generator().manual_seed(0)
+    decaying = sum(
+        torch.randn(200, 4, generator=generator) @ torch.randn(4, 300, generator=generator) * 0.2**i for i in range(6)
+    )
+    flat = torch.randn(200, 300, generator=generator)
+    exact, fast = factorise(decaying, 4, randomized=False), factorise(decaying, 4, randomized=True)
+    assert fast.energy == pytest.approx(exact.energy, abs=1e-6)
+    assert torch.allclose(fast.b @ fast.a, exact.b @ exact.a, atol=1e-4)
+    kept = 1 - float((decaying - fast.b @ fast.a).square().sum() / decaying.square().sum())
+    assert kept == pytest.approx(fast.energy, abs=1e-5)  # the reported energy is that of the factors returned
+    forced, default, full = (factorise(flat, 4, randomized=r) for r in (True, None, False))
+    assert forced.energy < full.energy - 1e-3
+    assert default.energy == full.energy
+
+
 def test_rank_2_extraction_of_a_bert_classifier_loads_back_as_the_fine_tune(bert_pair, tmp_path: Path) -> None:
     tuned, base, deltas = bert_pair
     out = tmp_path / "lora"
