@@ -189,10 +189,15 @@ def usage_snippet(
     return {"install": install, "code": "\n".join(lines)}
 
 
-def adapter_usage(load_path: str, base: str, task_type: str | None) -> dict[str, str]:
-    """The Usage section of a peft LoRA adapter: the base loaded with the Auto class of the adapter's task type,
-    the adapter on top."""
+def adapter_usage(load_path: str, base: str, task_type: str | None, architecture: str | None = None) -> dict[str, str]:
+    """The Usage section of a peft LoRA adapter: the base loaded with its own class (``architecture``, when
+    transformers has it: the adapter's module names are that class's), else the Auto class of the adapter's task
+    type, and the adapter on top."""
+    import transformers
+
     auto_class = _PEFT_AUTO_CLASSES.get(task_type or "", "AutoModel")
+    if architecture and architecture.isidentifier() and hasattr(transformers, architecture):
+        auto_class = architecture
     code = "\n".join(
         [
             "from peft import PeftModel",
@@ -227,6 +232,7 @@ def adapter_summary(folder: Path) -> dict[str, Any] | None:
     return {
         "base": config.get("base_model_name_or_path"),
         "task_type": config.get("task_type"),
+        "architecture": report.get("base_architecture"),
         "how": how,
         "modules": len(report.get("modules", {})),
         "saved_whole": len(saved),
@@ -414,7 +420,7 @@ def build_card(
         exclude=recipe.exclude,
         evaluation=evaluation,
         adapter=adapter,
-        usage=adapter_usage(load_path, adapter["base"], adapter["task_type"])
+        usage=adapter_usage(load_path, adapter["base"], adapter["task_type"], adapter["architecture"])
         if adapter is not None
         else pipeline_usage(load_path, pipeline)
         if pipeline is not None

@@ -208,6 +208,7 @@ def extract_lora(
                     threshold=rank_threshold,
                     task_type=task_type,
                     load_path=card_load_path,
+                    architecture=architecture,
                 )
             )
             atomic.commit()
@@ -487,12 +488,13 @@ def adapter_card(
     threshold: float | None,
     task_type: str | None,
     load_path: str | None = None,
+    architecture: str | None = None,
 ) -> str:
     """A short model card: peft metadata, how the adapter was made and how to load it."""
     energies = [m.energy for m in result.modules]
     mean = sum(energies) / len(energies) if energies else 1.0
     rank_text = f"at most {result.rank}" + (f", the smallest keeping {threshold:g} of the energy" if threshold else "")
-    usage = adapter_usage(load_path or str(result.output), base, task_type)
+    usage = adapter_usage(load_path or str(result.output), base, task_type, architecture)
     return f"""---
 library_name: peft
 base_model: {json.dumps(base)}

@@ -71,6 +71,11 @@ def cmd_extract_lora(args: argparse.Namespace) -> int:
         from hf_fusion.hub.push import check_target
 
         target = check_target(target, args.token)  # before any tensor is read
+    from pathlib import Path
+
+    from hf_fusion.output import check_output_folder
+
+    check_output_folder(Path(args.output), overwrite=args.overwrite)  # before any download
     model, base = (_local_folder(path, args) for path in (args.model, args.base))
     result = extract_lora(
         model,
@@ -83,8 +88,8 @@ def cmd_extract_lora(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         show_progress=not args.quiet,
         card_load_path=target.repo_id if target is not None else None,
-        base_name=args.base,
-        model_name=args.model,
+        base_name=_name(args.base),
+        model_name=_name(args.model),
     )
     print(result.summary())
     if target is not None:
@@ -112,3 +117,13 @@ def _local_folder(path: str, args: argparse.Namespace) -> str:
 
     source = resolve(ModelRef.parse(path), token=args.token, allow_pickle=False)
     return str(fetch(source, token=args.token, show_progress=not args.quiet).folder)
+
+
+def _name(path: str) -> str:
+    """How the adapter names a model: a local folder as given, a Hub id without its ``@revision`` (peft and the
+    Hub's ``base_model`` take a repo id)."""
+    from pathlib import Path
+
+    from hf_fusion.recipe import ModelRef
+
+    return path if Path(path).expanduser().is_dir() else ModelRef.parse(path).path

@@ -95,6 +95,11 @@ class TensorMerge(ABC, Generic[P]):
         into an adapter combine their factors exactly with these weights instead of factorising a dense delta."""
         return None
 
+    def keeps_shared_values(self, params: P) -> bool:
+        """Whether, under ``params``, a tensor every model holds unchanged from the base stays the base's value (True
+        for methods on task vectors and for averages). An adapter on the base can only carry fusions that do."""
+        return True
+
     def reads_whole_model(self) -> bool:
         """Whether a tensor's result depends on other tensors (a statistic over the model, a revisit pass), so that
         fusing part of a model must still scan all of it. By default: when the method prepares or revisits."""

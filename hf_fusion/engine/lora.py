@@ -101,7 +101,8 @@ class LoraCheckpoint(Checkpoint):
             entries[name] = TensorEntry(
                 name, code, tuple(value.shape), weights, 0, value.numel() * value.element_size()
             )
-        self._deltas = _deltas(label, config, lora, targets, {w: base.entries[matched[w]].shape for w in targets})
+        shapes = {w: base.entries[matched[w]].shape for w in targets}
+        self._deltas = _deltas(label, config, lora, targets, shapes, embeddings)
         self._embeddings = {f"{m}.weight" for m in embeddings}
         super().__init__(label, entries, [weights])
 
@@ -160,7 +161,9 @@ def add_scaled(weight: torch.Tensor, update: torch.Tensor, scale: float) -> None
 def _layout(
     name: str, shape: tuple[int, ...], a: torch.Tensor, b: torch.Tensor, fan_in_fan_out: bool, label: str
 ) -> bool:
-    """Whether the weight stores ``(B @ A).T`` (Conv1D, embeddings) rather than ``B @ A`` (Linear)."""
+    """Whether the weight stores ``(B @ A).T`` (Conv1D, embeddings) rather than ``B @ A`` (Linear). Embedding
+    factors are always transposed (peft's ``lora_embedding_A`` is ``[r, num_embeddings]``), also when the table is
+    square; ``fan_in_fan_out`` arrives here as True for them."""
     straight = shape == (b.shape[0], a.shape[1])
     transposed = shape == (a.shape[1], b.shape[0])
     if not straight and not transposed:
@@ -234,6 +237,7 @@ def _deltas(
     lora: dict[str, dict[str, torch.Tensor]],
     targets: dict[str, str],
     shapes: dict[str, tuple[int, ...]],
+    embeddings: set[str],
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]]:
     """Each adapted weight's factors, scale (alpha / rank, or / sqrt(rank) with rsLoRA, per-module patterns
     applied) and layout."""
@@ -245,6 +249,7 @@ def _deltas(
         rank = _pattern_value(config.get("rank_pattern") or {}, module, a.shape[0])
         alpha = _pattern_value(config.get("alpha_pattern") or {}, module, alpha_default)
         scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-        transposed = _layout(weight_name, shapes[weight_name], a, b, bool(config.get("fan_in_fan_out")), label)
+        fan_in_fan_out = bool(config.get("fan_in_fan_out")) or module in embeddings
+        transposed = _layout(weight_name, shapes[weight_name], a, b, fan_in_fan_out, label)
         deltas[weight_name] = (a, b, scale, transposed)
     return deltas

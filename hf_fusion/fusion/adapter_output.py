@@ -25,7 +25,7 @@ import logging
 import re
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,12 @@ def fuse_to_adapter(
     (with its card) atomically."""
     recipe = checked.recipe
     method = checked.spec.implementation(checked.params, num_models=len(recipe.models), has_base=checked.uses_base)
+    if not method.keeps_shared_values(checked.params):
+        raise RecipeError(
+            f"{checked.spec.name} with these parameters also changes the tensors no adapter trains (weights that do "
+            "not sum to 1 scale the whole base), which no adapter on the base can carry: normalise the weights, or "
+            "write the merge dense."
+        )
     inputs, headers = resolve_inputs(checked, options)
     configs = check_lora_pool(inputs)
     weights = None if checked.schedule.varies else method.task_vector_weights(checked.params)
@@ -101,6 +107,9 @@ def fuse_to_adapter(
         if rank is not None:
             _check_rank_exactly(pool, rank)
         full = _full_plan(checked, inputs, pool)
+        left_out = [n for n in pool.targets if n not in _fused_by_base_name(full, pool, fused_only=True)]
+        for name in left_out:
+            log.info("%s matches exclude/heads: left out of the adapter (the base's weight)", name)
         plan = _kept_plan(full, inputs, pool, with_targets=weights is None)
         scratch_bytes = sum(t.output.nbytes for t in plan.tensors) if plan is not None else 0
         check_free_space(target, scratch_bytes + _adapter_bytes(pool, rank))
@@ -120,6 +129,8 @@ def fuse_to_adapter(
                     rank=rank,
                     dtype=OUTPUT_DTYPES[recipe.dtype],
                     show=options.show_progress,
+                    device=recipe.device,
+                    left_out=set(left_out),
                 )
             finally:
                 if fused is not None:
@@ -137,7 +148,14 @@ def fuse_to_adapter(
                 bias="lora_only" if written.biases else "none",
                 fan_in_fan_out=written.fan_in_fan_out,
             )
-            _write_report(temp, written, method=checked.spec.name, exact=weights is not None, rank=rank)
+            _write_report(
+                temp,
+                written,
+                method=checked.spec.name,
+                exact=weights is not None,
+                rank=rank,
+                architecture=_architecture(base_folder),
+            )
             notes = [written.summary(exact=weights is not None)]
             log.info("%s: %s", checked.spec.name, notes[0])
             files = seal(atomic, temp, recipe, target=target, repo_id=repo_id, notes=notes)
@@ -176,7 +194,16 @@ def check_lora_pool(inputs: Inputs) -> list[dict[str, Any]]:
             f"{lora} is an adapter: fuse them dense (the default), or give only adapters."
         )
     checked: list[dict[str, Any]] = [c for c in configs if c is not None]
-    _check_same("base models", [(s.label, c.get("base_model_name_or_path")) for s, c in zip(experts, checked)])
+    for source, config in zip(experts, checked):
+        kind = "DoRA" if config.get("use_dora") else config.get("peft_type", "LORA")
+        if kind != "LORA":
+            raise RecipeError(
+                f"{source.label} is a {kind} adapter; adapter outputs fuse plain LoRA adapters (merge it into its "
+                "base with peft's merge_and_unload and fuse the dense models)."
+            )
+    _check_same(
+        "base models", [(s.label, _model_name(c.get("base_model_name_or_path"))) for s, c in zip(experts, checked)]
+    )
     _check_same("target modules", [(s.label, _targets_key(c.get("target_modules"))) for s, c in zip(experts, checked)])
     return checked
 
@@ -190,6 +217,11 @@ def _check_same(what: str, values: Sequence[tuple[str, Any]]) -> None:
                 f"{_shown(value)}; one adapter output needs adapters trained on one base with the same targets "
                 "(fuse them dense instead)."
             )
+
+
+def _model_name(path: Any) -> str | None:
+    """A base as an adapter config names it, compared by its last path part (a local copy and its repo id agree)."""
+    return str(path).rstrip("/").rsplit("/", 1)[-1].lower() if path else None
 
 
 def _shown(value: Any) -> str:
@@ -349,6 +381,7 @@ class _Written:
     unchanged: list[str]
     biases: bool = False
     fan_in_fan_out: bool = False
+    excluded: list[str] = field(default_factory=list)
 
     def summary(self, *, exact: bool) -> str:
         ranks = sorted({m.rank for m in self.modules})
@@ -376,16 +409,19 @@ def _write_adapter(
     rank: int | None,
     dtype: str | None,
     show: bool,
+    device: str = "cpu",
+    left_out: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> _Written:
     """Writes ``adapter_model.safetensors``: one module at a time, factors (exact or factorised) for the adapted
     weights, then the tensors saved whole."""
     out_dtype = SAFETENSORS_TO_TORCH[dtype] if dtype else torch.float32
     by_base = _fused_by_base_name(plan, pool) if plan is not None else {}
-    written = _Written([], [], [])
+    written = _Written([], [], [], excluded=sorted(n.rpartition(".")[0] for n in left_out))
+    targets = [n for n in pool.targets if n not in left_out]
     spool = TensorSpool(folder)
-    bar = progress_bar(total=len(pool.targets), desc="writing adapter", unit="module", disable=not show)
+    bar = progress_bar(total=len(targets), desc="writing adapter", unit="module", disable=not show)
     try:
-        for name in pool.targets:
+        for name in targets:
             bar.update(1)
             module = name.rpartition(".")[0]
             first = pool.factors[0][name]
@@ -393,12 +429,14 @@ def _write_adapter(
                 parts = [(f[name].a, f[name].b, w * f[name].scale) for f, w in zip(pool.factors, weights)]
                 a, b = concatenate(parts)
                 energy = 1.0
-                if rank is not None and rank < a.shape[0]:
-                    factors = truncate(a, b, rank)
+                limit = rank if rank is not None else min(pool.base.entries[name].shape)  # beyond it: no loss
+                if limit < a.shape[0]:
+                    factors = truncate(a, b, limit)
                     a, b, energy = factors.a, factors.b, factors.energy
             else:
                 assert fused is not None and rank is not None
-                delta = read_tensor(fused, by_base[name]).float() - read_tensor(pool.base, name).float()
+                delta = read_tensor(fused, by_base[name]).to(device, torch.float32)
+                delta -= read_tensor(pool.base, name).to(device, torch.float32)
                 if not torch.any(delta):
                     written.unchanged.append(module)
                     continue
@@ -418,11 +456,14 @@ def _write_adapter(
     return written
 
 
-def _fused_by_base_name(plan: FusionPlan, pool: _Pool) -> dict[str, str]:
-    """Base tensor name -> the fused tensor's name in the scratch file."""
+def _fused_by_base_name(plan: FusionPlan, pool: _Pool, *, fused_only: bool = False) -> dict[str, str]:
+    """Base tensor name -> the planned tensor's name (in the scratch file); ``fused_only`` leaves out tensors the
+    plan copies (``exclude``)."""
     first = plan.experts[0]
     mapped: dict[str, str] = {}
     for t in plan.tensors:
+        if fused_only and not t.fuse:
+            continue
         read = t.reads.get(first, t.name)
         base_name = read if read in pool.base.entries else pool.experts[0].base_name(read)
         mapped[base_name or t.name] = t.name
@@ -493,7 +534,9 @@ def _architecture(folder: Path) -> str | None:
     return architectures[0] if architectures and isinstance(architectures[0], str) else None
 
 
-def _write_report(folder: Path, written: _Written, *, method: str, exact: bool, rank: int | None) -> None:
+def _write_report(
+    folder: Path, written: _Written, *, method: str, exact: bool, rank: int | None, architecture: str | None
+) -> None:
     report = {
         "method": method,
         "route": "exact" if exact else "factorised",
@@ -501,5 +544,7 @@ def _write_report(folder: Path, written: _Written, *, method: str, exact: bool, 
         "modules": {m.name: {"shape": list(m.shape), "rank": m.rank, "energy": m.energy} for m in written.modules},
         "modules_to_save": written.saved_whole,
         "unchanged": written.unchanged,
+        "excluded": written.excluded,
+        "base_architecture": architecture,
     }
     (folder / REPORT_FILENAME).write_text(json.dumps(report, indent=2) + "\n")

@@ -29,6 +29,8 @@ def ship_modeling_code(folder: Path) -> list[str]:
     import hf_fusion.models as models
 
     config_path = folder / "config.json"
+    if not config_path.is_file():
+        return []
     config = json.loads(config_path.read_text())
     classes = {
         config_class.model_type: (config_class, model_class)

@@ -18,6 +18,7 @@ from hf_fusion.errors import InsufficientResourcesError, ParameterError
 from hf_fusion.fusion.inputs import Inputs, fetch_inputs, pin, reference_index, resolve_inputs
 from hf_fusion.fusion.options import FusionOptions
 from hf_fusion.fusion.output_folder import output_names, seal, write_side_files
+from hf_fusion.fusion.remote_code import ship_modeling_code
 from hf_fusion.fusion.result import MergeResult
 from hf_fusion.fusion.slicing import layer_runs, write_layer_config
 from hf_fusion.fusion.tokenizer_output import write_tokenizer
@@ -56,6 +57,7 @@ def fuse_tensor_wise(
             others = [sources[i] for i in ([plan.base] if plan.base is not None else []) + plan.experts]
             for folder in folders:
                 write_side_files(sources[plan.reference], others, folder, recipe.dtype)  # type: ignore[arg-type]
+                ship_modeling_code(folder)  # a fused ensemble or mixture keeps its code beside its auto_map
                 if recipe.slices:
                     write_layer_config(folder, _runs(recipe, inputs), [s.config for s in inputs.sources])
                 write_tokenizer(inputs.vocabulary, folder)

@@ -63,6 +63,11 @@ class WeightedAverage(TensorMerge[WeightedAverageParams]):
             return [w / total for w in weights]
         return weights if abs(sum(weights) - 1.0) <= 1e-9 else None
 
+    def keeps_shared_values(self, params: WeightedAverageParams) -> bool:
+        """Unnormalised weights that do not sum to 1 scale every tensor, the ones no model changed included."""
+        weights = list(params.weights) if params.weights is not None else [1.0] * self.num_models
+        return params.normalize or abs(sum(weights) - 1.0) <= 1e-9
+
     def prepare(self, scan: Scan) -> None:
         if self.aligner is not None:
             self.aligner.prepare(scan)

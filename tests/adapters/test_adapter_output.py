@@ -239,6 +239,18 @@ def test_bad_requests_are_refused_before_any_fusion(
             heads=["classifier.*"],
             **adapter,
         )
+    dora = tmp_path / "dora"
+    shutil.copytree(Path(resolve_builtin(EXPERTS[1])), dora)
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(RecipeError, match="is a DoRA adapter"):
+        merge(
+            models=[EXPERTS[0], str(dora)],
+            base="builtin:all-MiniLM-L6-v2",
+            method="task_arithmetic",
+            heads=["classifier.*"],
+            **adapter,
+        )
     with pytest.raises(ParameterError, match="--rank 1000 is larger than module"):
         merge(pool=POOL, method="ties_merging", rank=1000, **adapter)
     with pytest.raises(RecipeError, match="one model per input model"):
@@ -251,8 +263,8 @@ def test_bad_requests_are_refused_before_any_fusion(
 
 
 def test_averages_are_exact_only_when_affine(tmp_path: Path, base_folder: Path) -> None:
-    """The mean of models sharing a base is the base plus the mean task vector: exact. Weights that do not sum to
-    one also scale the base, which no adapter carries: the fused delta is factorised instead."""
+    """The mean of models sharing a base is the base plus the mean task vector: exact, as are weights summing to 1.
+    Other unnormalised weights also scale the base, which no adapter carries: refused."""
     merge(pool=POOL, method="simple_average", output=tmp_path / "dense", show_progress=False)
     merge(pool=POOL, method="simple_average", output=tmp_path / "mean", output_format="adapter", show_progress=False)
     assert json.loads((tmp_path / "mean" / "adapter_fusion.json").read_text())["route"] == "exact"
@@ -264,9 +276,103 @@ def test_averages_are_exact_only_when_affine(tmp_path: Path, base_folder: Path) 
     merge(
         pool=POOL,
         method="weighted_average",
+        weights=[0.2, 0.3, 0.5],
         normalize=False,
         output=tmp_path / "sum",
         output_format="adapter",
         show_progress=False,
     )
-    assert json.loads((tmp_path / "sum" / "adapter_fusion.json").read_text())["route"] == "factorised"
+    assert json.loads((tmp_path / "sum" / "adapter_fusion.json").read_text())["route"] == "exact"
+    with pytest.raises(RecipeError, match="scale the whole base"):
+        merge(
+            pool=POOL,
+            method="weighted_average",
+            normalize=False,
+            output=tmp_path / "scaled",
+            output_format="adapter",
+            show_progress=False,
+        )
+
+
+def test_excluded_modules_are_left_out_of_the_adapter(tmp_path: Path, base_folder: Path) -> None:
+    """``exclude`` keeps the base's weights in a dense merge; the adapter then carries no factors there."""
+    fields = {"pool": POOL, "method": "task_arithmetic", "exclude": ["*.query.weight"], "show_progress": False}
+    merge(output=tmp_path / "dense", **fields)
+    merge(output=tmp_path / "adapter", output_format="adapter", **fields)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] and not [m for m in config["target_modules"] if m.endswith(".query")]
+    report = json.loads((tmp_path / "adapter" / "adapter_fusion.json").read_text())
+    assert len(report["excluded"]) == 6 and all(m.endswith("attention.self.query") for m in report["excluded"])
+    peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(base_folder), tmp_path / "adapter").eval()
+    expected = _hidden(AutoModel.from_pretrained(tmp_path / "dense").eval(), base_folder)
+    assert torch.allclose(_hidden(peft_model, base_folder), expected, atol=2e-5)
+
+
+def test_a_16_bit_base_does_not_round_the_fused_deltas(tmp_path: Path, base_folder: Path) -> None:
+    """The factorised route reads the adapters' updates in float32 over a bfloat16 base, so the fused deltas are
+    those of the float32 base (the task vectors do not depend on the base's precision), not rounded to bfloat16."""
+    half = tmp_path / "base-bf16"
+    shutil.copytree(base_folder, half)
+    state = load_file(base_folder / "model.safetensors")
+    save_file(
+        {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}, half / "model.safetensors"
+    )
+    fields = {"models": EXPERTS, "heads": ["classifier.*"], "method": "ties_merging", "show_progress": False}
+    for name, base in (("full", str(base_folder)), ("half", str(half))):
+        merge(base=base, output=tmp_path / name, output_format="adapter", rank=16, **fields)
+    full, half_deltas = _deltas(tmp_path / "full"), _deltas(tmp_path / "half")
+    for module, delta in full.items():
+        # rounding the updates to the base's bfloat16 spacing would move them by about their own size
+        assert float((half_deltas[module] - delta).norm() / delta.norm()) < 1e-3, module
+
+
+@pytest.fixture
+def adapters_with_saved_norm(tmp_path: Path, base_folder: Path) -> list[Path]:
+    """The pool's adapters, each also training the embeddings' LayerNorm (saved whole, as ``modules_to_save``)."""
+    base = load_file(base_folder / "model.safetensors")
+    folders = []
+    for index, ref in enumerate(EXPERTS):
+        folder = tmp_path / f"norm-{index}"
+        shutil.copytree(Path(resolve_builtin(ref)), folder)
+        config = json.loads((folder / "adapter_config.json").read_text())
+        config["modules_to_save"] = [*config["modules_to_save"], "embeddings.LayerNorm"]
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        state = load_file(folder / "adapter_model.safetensors")
+        generator = torch.Generator().manual_seed(index)
+        for param in ("weight", "bias"):
+            value = base[f"embeddings.LayerNorm.{param}"]
+            state[f"{PREFIX}bert.embeddings.LayerNorm.{param}"] = value + 0.05 * torch.randn(
+                value.shape, generator=generator
+            )
+        save_file(state, folder / "adapter_model.safetensors")
+        folders.append(folder)
+    return folders
+
+
+@pytest.mark.parametrize("method,rank", [("task_arithmetic", None), ("ties_merging", 16)])
+def test_modules_the_adapters_save_whole_are_fused_and_saved_whole(
+    adapters_with_saved_norm: list[Path], base_folder: Path, tmp_path: Path, method: str, rank: int | None
+) -> None:
+    """A module every adapter trains whole is fused by the method like any tensor and saved whole
+    (``modules_to_save``); the exact adapter then gives the dense merge's outputs."""
+    fields = {
+        "models": [str(f) for f in adapters_with_saved_norm],
+        "base": "builtin:all-MiniLM-L6-v2",
+        "heads": ["classifier.*"],
+        "method": method,
+        "show_progress": False,
+    }
+    merge(output=tmp_path / "dense", **fields)
+    merge(output=tmp_path / "adapter", output_format="adapter", rank=rank, **fields)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["embeddings.LayerNorm"]
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    dense = load_file(tmp_path / "dense" / "model.safetensors")
+    for param in ("weight", "bias"):
+        assert torch.allclose(saved[f"{PREFIX}embeddings.LayerNorm.{param}"], dense[f"embeddings.LayerNorm.{param}"])
+    peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(base_folder), tmp_path / "adapter").eval()
+    if rank is None:
+        expected = _hidden(AutoModel.from_pretrained(tmp_path / "dense").eval(), base_folder)
+        assert torch.allclose(_hidden(peft_model, base_folder), expected, atol=2e-5)
+    norm = peft_model.base_model.model.embeddings.LayerNorm  # peft's wrapper holds the saved copy
+    assert torch.equal(norm.modules_to_save["default"].weight, saved[f"{PREFIX}embeddings.LayerNorm.weight"])

@@ -247,7 +247,7 @@ def test_cli_reads_hub_models(bert_pair, hub, tokens, tmp_path: Path, capsys) ->
     publish(hub, "fusion-lab/extract-tuned", tuned)
     publish(hub, "fusion-lab/extract-base", base)
     out = tmp_path / "from-hub"
-    argv = ["extract-lora", "fusion-lab/extract-tuned", "--base", "fusion-lab/extract-base", "--rank", "2"]
+    argv = ["extract-lora", "fusion-lab/extract-tuned", "--base", "fusion-lab/extract-base@main", "--rank", "2"]
     assert main([*argv, "--output", str(out), "-q"]) == 0
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "fusion-lab/extract-base"
