@@ -158,7 +158,7 @@ def extract_lora(
         raise ParameterError(f"--rank-threshold must be in (0, 1], got {rank_threshold}.")
     model_path, base_path, output = Path(model), Path(base), Path(output)
     check_output_folder(output, overwrite=overwrite)
-    architecture = _architecture(base_path)
+    architecture = architecture_of(base_path)
     task_type = task_type_of(architecture)
     heads = _TASK_HEADS.get(task_type or "", ())
     tuned = open_checkpoint(model_path, "model")
@@ -250,7 +250,8 @@ def task_type_of(architecture: str | None) -> str | None:
     return None
 
 
-def _architecture(folder: Path) -> str | None:
+def architecture_of(folder: Path) -> str | None:
+    """The first class named in a model folder's ``config.json`` ``architectures``, or None."""
     try:
         architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
     except (OSError, ValueError, AttributeError):

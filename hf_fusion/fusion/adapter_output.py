@@ -38,6 +38,7 @@ from hf_fusion.adapters.extract_folder import (
     PEFT_PREFIX,
     ModuleExtraction,
     TensorSpool,
+    architecture_of,
     read_tensor,
     task_type_of,
     write_adapter_config,
@@ -144,7 +145,7 @@ def fuse_to_adapter(
                 written.saved_whole,
                 rank=_common_rank(written.modules, rank),
                 base=recipe.base.path if recipe.base and not recipe.base.is_local else str(base_folder),
-                task_type=task_type_of(_architecture(base_folder)),
+                task_type=task_type_of(architecture_of(base_folder)),
                 bias="lora_only" if written.biases else "none",
                 fan_in_fan_out=written.fan_in_fan_out,
             )
@@ -154,7 +155,7 @@ def fuse_to_adapter(
                 method=checked.spec.name,
                 exact=weights is not None,
                 rank=rank,
-                architecture=_architecture(base_folder),
+                architecture=architecture_of(base_folder),
             )
             notes = [written.summary(exact=weights is not None)]
             log.info("%s: %s", checked.spec.name, notes[0])
@@ -524,14 +525,6 @@ def _adapter_bytes(pool: _Pool, rank: int | None) -> int:
         r = rank if rank is not None else sum(f[name].rank for f in pool.factors)
         total += 4 * (shape[0] + shape[-1]) * r
     return total
-
-
-def _architecture(folder: Path) -> str | None:
-    try:
-        architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
-    except (OSError, ValueError, AttributeError):
-        return None
-    return architectures[0] if architectures and isinstance(architectures[0], str) else None
 
 
 def _write_report(

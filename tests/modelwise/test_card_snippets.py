@@ -1,6 +1,6 @@
 """Every Usage snippet of a generated card runs as written, in a fresh interpreter, on what its install line names:
-a stock merge with transformers and torch only (hf_fusion cannot even be imported), an ensemble with hf-fusion,
-and a per-task output through ``subfolder=``."""
+a stock merge and an ensemble (whose code ships with it) with transformers and torch only (hf_fusion cannot even be
+imported), and a per-task output through ``subfolder=``."""
 
 from __future__ import annotations
 
@@ -80,16 +80,22 @@ def test_per_task_snippet_loads_a_subfolder(bert_pool: tuple[Path, list[Path]], 
     )
 
 
-def test_ensemble_snippet_imports_hf_fusion_models(cls_pool: Path, tmp_path: Path) -> None:
+def test_ensemble_snippet_runs_without_hf_fusion(
+    cls_pool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ensemble's code ships with it: the snippet loads it with trust_remote_code and stock transformers, and
+    the text names the way without remote code (hf-fusion installed from its source)."""
     hf_fusion.merge(
         pool=str(cls_pool / "pool.yaml"), method="simple_ensemble", output=tmp_path / "ens", show_progress=False
     )
     card = (tmp_path / "ens" / "README.md").read_text()
     section, blocks = usage(card)
-    assert "import hf_fusion.models" in blocks[0] and "not on PyPI" in section and "pip install ./hf-fusion" in section
+    assert "trust_remote_code=True" in blocks[0] and "hf_fusion" not in blocks[0]
+    assert "import hf_fusion.models" in section and "not on PyPI" in section and "pip install ./hf-fusion" in section
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
     run_snippet(
         blocks[0],
-        hf_fusion_installed=True,
+        hf_fusion_installed=False,
         check=("assert type(model).__name__ == 'FusedEnsembleModel' and len(model.members) == 3\nprint('ok')"),
     )
 

@@ -51,7 +51,9 @@ LOADER = textwrap.dedent(
 )
 
 
-def _load_without_hf_fusion(folder: Path, inputs: dict[str, torch.Tensor], tmp_path: Path) -> tuple[dict, torch.Tensor]:
+def _load_without_hf_fusion(
+    folder: Path | str, inputs: dict[str, torch.Tensor], tmp_path: Path
+) -> tuple[dict, torch.Tensor]:
     save_file(inputs, tmp_path / "inputs.safetensors")
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
     done = subprocess.run(
@@ -108,3 +110,26 @@ def test_stock_architectures_ship_no_code(cls_pool: Path, tmp_path: Path) -> Non
     )
     assert not [f for f in result.files if f.endswith(".py")]
     assert "auto_map" not in json.loads((tmp_path / "ta" / "config.json").read_text())
+
+
+def test_pushed_ensemble_loads_from_the_hub_without_hf_fusion(
+    cls_pool: Path, hub, tokens, repo_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The repo a push makes holds the modeling files too: stock transformers loads it by repo id."""
+    out = tmp_path / "ensemble"
+    hf_fusion.merge(
+        pool=str(cls_pool / "pool.yaml"),
+        method="simple_ensemble",
+        output=out,
+        push=repo_name,
+        token=tokens["write"],
+        show_progress=False,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(cls_pool / "base")
+    inputs = dict(tokenizer(["good movie review"], return_tensors="pt"))
+    with torch.no_grad():
+        expected = AutoModel.from_pretrained(out).eval()(**inputs).last_hidden_state
+    monkeypatch.setenv("HF_TOKEN", tokens["read"])  # the child reads the loopback Hub (HF_ENDPOINT) with it
+    seen, remote = _load_without_hf_fusion(repo_name, inputs, tmp_path)
+    assert seen["class"] == "FusedEnsembleModel" and not seen["hf_fusion_loaded"]
+    torch.testing.assert_close(remote, expected, atol=1e-6, rtol=1e-5)
