@@ -114,6 +114,10 @@ class TiesCore(TensorMerge[TiesParams]):
     def _keep_fractions(self, params: TiesParams) -> list[float]:
         return [t / 100.0 for t in per_model(params.thresholds, params.threshold, self.num_models)]
 
+    def _keeps_all(self, params: TiesParams) -> bool:
+        """Whether every model keeps all of its task vector (a threshold of 100%): nothing to rank or trim."""
+        return all(f >= 1.0 for f in self._keep_fractions(params))
+
     def _key(self, name: str, model: int) -> Hashable:
         return model if self.params.threshold_scope == "model" else (name, model)
 
@@ -127,8 +131,12 @@ class TiesCore(TensorMerge[TiesParams]):
     def prepare(self, scan: Scan) -> None:
         """Two read-only passes give each group's exact magnitude threshold."""
         q, per_tensor = self._quantile, self.params.threshold_scope == "tensor"
+        if not per_tensor and self._keeps_all(self.params):
+            return  # the thresholds are the model's own and keep everything: no pass is needed
 
         def count(inputs: TensorInputs) -> None:
+            if per_tensor and self._keeps_all(self.params_for(inputs)):
+                return
             mags = self.task_vectors(inputs).abs_()
             for i in range(len(mags)):
                 q.count(self._key(inputs.name, i), mags[i])
@@ -136,6 +144,8 @@ class TiesCore(TensorMerge[TiesParams]):
                     q.end_count(self._key(inputs.name, i), self._keep_fractions(self.params_for(inputs))[i])
 
         def refine(inputs: TensorInputs) -> None:
+            if per_tensor and self._keeps_all(self.params_for(inputs)):
+                return
             mags = self.task_vectors(inputs).abs_()
             for i in range(len(mags)):
                 q.refine(self._key(inputs.name, i), mags[i])
@@ -167,6 +177,8 @@ class TiesCore(TensorMerge[TiesParams]):
 
         Thresholds are float32 (:mod:`hf_fusion.methods.quantile` ranks float32 magnitudes), so float64 task vectors
         are compared through their float32 magnitudes too: the statistics passes and the trim see the same values."""
+        if self._keeps_all(self.params_for(inputs)):
+            return vectors
         magnitudes = vectors.abs()
         if magnitudes.dtype != torch.float32:
             magnitudes = magnitudes.float()

@@ -77,6 +77,32 @@ def test_cancellations_and_threshold_ties_match_reference(
     assert result.statistics_passes in (2, 3)
 
 
+@pytest.mark.parametrize("scope", ["model", "tensor"])
+def test_keeping_everything_needs_no_statistics(tmp_path: Path, scope: str) -> None:
+    """At a threshold of 100% nothing is ranked or trimmed: the result is the reference's, with no statistics pass
+    over the model when the threshold is the model's."""
+    base, experts = _crafted_pool(tmp_path, negative_majority=True, seed=3)
+    base_sd, expert_sds = ref.load_state(base), [ref.load_state(e) for e in experts]
+    result = hf_fusion.merge(
+        models=[str(e) for e in experts],
+        base=str(base),
+        method="ties_merging",
+        output=tmp_path / "out",
+        threshold=100,
+        merge_func="mean",
+        threshold_scope=scope,
+        scaling_factor=1.0,
+        show_progress=False,
+        budget_elements=50,
+    )
+    expected = ref.ties(base_sd, expert_sds, 1.0, 100, "mean", scope=scope)
+    fused = ref.load_state(tmp_path / "out")
+    for name, value in expected.items():
+        torch.testing.assert_close(fused[name].double(), value, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    if scope == "model":
+        assert result.statistics_passes == 0
+
+
 def test_two_passes_and_revisits_only_when_the_vote_is_negative(tmp_path: Path, monkeypatch) -> None:
     from hf_fusion.methods.ties_merging import TiesMerging
 
