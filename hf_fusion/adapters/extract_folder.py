@@ -42,6 +42,7 @@ from hf_fusion.engine.writer import OutputTensor, ShardedSafetensorsWriter
 from hf_fusion.errors import IncompatibleModelsError, ParameterError
 from hf_fusion.output import AtomicFolder, check_output_folder
 from hf_fusion.progress import progress_bar
+from hf_fusion.runtime import LOCAL
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ def extract_lora(
     rank: int,
     output: str | Path,
     rank_threshold: float | None = None,
+    device: str = "cpu",
     exclude: Sequence[str] = (),
     embeddings: bool = False,
     overwrite: bool = False,
@@ -148,12 +150,13 @@ def extract_lora(
     ``exclude`` globs (tensor or module names) leave tensors as the base has them. Refused before any tensor data is
     read: mismatched tensor names or shapes, a rank above a factorised module's ``min(out, in)``, an output folder
     that exists without ``overwrite``. The card's snippet loads ``card_load_path`` (a repo id the adapter is pushed
-    to), else ``output``; ``base_name`` and ``model_name`` (Hub ids the folders were downloaded from) name them in
+    to), else ``output``; ``device`` (``cuda:N``) runs the SVDs there; ``base_name`` and ``model_name`` (Hub ids the folders were downloaded from) name them in
     the config, report and card.
     """
     started = time.perf_counter()
     if rank < 1:
         raise ParameterError(f"--rank must be at least 1, got {rank}.")
+    device = LOCAL.device(device)  # a GPU that is not there is refused before anything is read
     if rank_threshold is not None and not 0.0 < rank_threshold <= 1.0:
         raise ParameterError(f"--rank-threshold must be in (0, 1], got {rank_threshold}.")
     model_path, base_path, output = Path(model), Path(base), Path(output)
@@ -172,7 +175,15 @@ def extract_lora(
         atomic = AtomicFolder(output, overwrite=overwrite)
         with atomic as temp:
             report = _extract(
-                tuned, original, modules, module_types, temp, rank=rank, threshold=rank_threshold, show=show_progress
+                tuned,
+                original,
+                modules,
+                module_types,
+                temp,
+                rank=rank,
+                threshold=rank_threshold,
+                show=show_progress,
+                device=device,
             )
             modules_done, saved_whole, bias_written, unchanged, left_out = report
             conv1d = any(module_types.get(f"{m.name}.weight") == "Conv1D" for m in modules_done)
@@ -325,6 +336,7 @@ def _extract(
     rank: int,
     threshold: float | None,
     show: bool,
+    device: str = "cpu",
 ) -> tuple[list[ModuleExtraction], list[str], bool, list[str], list[str]]:
     done: list[ModuleExtraction] = []
     saved_whole: list[str] = []
@@ -348,7 +360,7 @@ def _extract(
                 continue
             weight = module.params["weight"]
             tuned, original = pairs.pop("weight")
-            delta = tuned.float() - original.float()
+            delta = tuned.to(device, torch.float32) - original.to(device, torch.float32)
             del tuned, original
             kind = module_types[weight]
             factors = factorise(delta.T if kind in STORED_TRANSPOSED else delta, rank, threshold)

@@ -32,6 +32,7 @@ def register(sub: Any) -> None:
     extract.add_argument("--base", required=True, metavar="BASE", help="its base model: a local folder or Hub repo id")
     extract.add_argument("--rank", required=True, type=positive_int, metavar="R", help="LoRA rank (the most kept)")
     extract.add_argument("--output", required=True, metavar="FOLDER", help="where to write the adapter")
+    extract.add_argument("--device", default="cpu", help="where the SVDs run: cpu (default), cuda, cuda:N")
     extract.add_argument(
         "--rank-threshold",
         type=fraction,
@@ -83,6 +84,7 @@ def cmd_extract_lora(args: argparse.Namespace) -> int:
         rank=args.rank,
         output=args.output,
         rank_threshold=args.rank_threshold,
+        device=args.device,
         exclude=args.exclude,
         embeddings=args.embeddings,
         overwrite=args.overwrite,

@@ -17,7 +17,7 @@ from transformers.pytorch_utils import Conv1D
 
 from hf_fusion.adapters import ExtractionResult, choose_rank, extract_lora, factorise
 from hf_fusion.cli import main
-from hf_fusion.errors import IncompatibleModelsError, OutputExistsError, ParameterError
+from hf_fusion.errors import IncompatibleModelsError, OutputExistsError, ParameterError, RecipeError
 
 PREFIX = "base_model.model."
 
@@ -255,3 +255,25 @@ def test_cli_reads_hub_models(bert_pair, hub, tokens, tmp_path: Path, capsys) ->
     expected = _logits(BertForSequenceClassification.from_pretrained(tuned).eval(), "bert")
     peft_model = PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(base), out).eval()
     assert torch.allclose(_logits(peft_model, "bert"), expected, atol=1e-5)
+
+
+def test_a_missing_gpu_is_refused_before_anything_is_written(bert_pair, tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    tuned, base, _ = bert_pair
+    with pytest.raises(RecipeError, match="no CUDA device is available"):
+        _extract(tuned, base, tmp_path / "gpu", 2, device="cuda")
+    assert not (tmp_path / "gpu").exists()
+
+
+@pytest.mark.gpu
+def test_extraction_on_a_gpu_matches_the_cpu(bert_pair, tmp_path: Path) -> None:
+    tuned, base, _ = bert_pair
+    on_cpu = _extract(tuned, base, tmp_path / "cpu", 2)
+    on_gpu = _extract(tuned, base, tmp_path / "gpu", 2, device="cuda")
+    assert [m.rank for m in on_gpu.modules] == [m.rank for m in on_cpu.modules]
+    for cpu, gpu in zip(on_cpu.modules, on_gpu.modules):
+        assert gpu.energy == pytest.approx(cpu.energy, abs=1e-5)
+    expected = _logits(BertForSequenceClassification.from_pretrained(tuned).eval(), "bert")
+    peft_model = PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(base), tmp_path / "gpu").eval()
+    assert torch.allclose(_logits(peft_model, "bert"), expected, atol=1e-4)
