@@ -15,6 +15,7 @@ from hf_fusion.cli.arguments import (
     common_method_params,
     eval_settings,
     parse_param,
+    positive_int,
     print_push,
     push_target,
     repo_id,
@@ -119,7 +120,7 @@ def register(sub: Any) -> None:
     )
     merge.add_argument(
         "--rank",
-        type=int,
+        type=positive_int,
         metavar="R",
         help="adapter output: the rank of factorised (non-linear) merges, or a linear merge's exact adapter "
         "truncated to it (default: the adapters' largest rank, resp. exact)",
