@@ -74,16 +74,18 @@ def factorise(
         raise ValueError(f"rank {max_rank} exceeds min(out, in) = {min(delta.shape)} of a {list(delta.shape)} delta")
     values = delta.float()
     chosen = randomized is None
-    if randomized is None:
-        randomized = threshold is None and 4 * (max_rank + RANDOMIZED_OVERSAMPLING) <= min(delta.shape)
-    if randomized and threshold is None:
+    if threshold is not None:  # a rank by energy needs the whole spectrum
+        randomized = False
+    elif randomized is None:
+        randomized = 4 * (max_rank + RANDOMIZED_OVERSAMPLING) <= min(delta.shape)
+    if randomized:
         q = min(max_rank + max(RANDOMIZED_OVERSAMPLING, max_rank), min(delta.shape))
         u, s, v = torch.svd_lowrank(values, q=q, niter=RANDOMIZED_ITERATIONS)
         vh = v.T
         total = float(values.double().square().sum())
         if chosen and float(s[-1]) > RANDOMIZED_DECAY * float(s[max_rank - 1]):
             randomized = False  # flat beyond the rank: the exact SVD keeps measurably more
-    if not (randomized and threshold is None):
+    if not randomized:
         u, s, vh = torch.linalg.svd(values, full_matrices=False)
         total = float(s.double().square().sum())
     rank = choose_rank(s, max_rank, threshold)

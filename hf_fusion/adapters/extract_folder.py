@@ -101,11 +101,7 @@ class ExtractionResult:
     def summary(self) -> str:
         """One line: modules factorised, energy kept (mean and lowest), modules saved whole, modules unchanged."""
         if self.modules:
-            worst = min(self.modules, key=lambda m: m.energy)
-            mean = sum(m.energy for m in self.modules) / len(self.modules)
-            ranks = sorted({m.rank for m in self.modules})
-            rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
-            energy = f"energy kept: mean {mean:.4f}, lowest {worst.energy:.4f} ({worst.name})"
+            rank_text, energy = describe_modules(self.modules)
             head = f"Extracted {len(self.modules)} LoRA module(s) at rank {rank_text} ({energy})"
         else:
             head = "Extracted no LoRA module"
@@ -113,6 +109,16 @@ class ExtractionResult:
             f"{head}; {len(self.saved_whole)} module(s) saved whole, {len(self.unchanged)} unchanged; "
             f"{self.adapter_bytes / 1e6:.1f} MB in {self.output} ({self.seconds:.1f} s)"
         )
+
+
+def describe_modules(modules: Sequence[ModuleExtraction]) -> tuple[str, str]:
+    """Factorised modules in words: their rank (or range of ranks) and the energy kept, mean and lowest (with the
+    module). ``modules`` is not empty."""
+    ranks = sorted({m.rank for m in modules})
+    worst = min(modules, key=lambda m: m.energy)
+    mean = sum(m.energy for m in modules) / len(modules)
+    rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
+    return rank_text, f"energy kept: mean {mean:.4f}, lowest {worst.energy:.4f} ({worst.name})"
 
 
 @dataclass

@@ -75,8 +75,10 @@ def cmd_extract_lora(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from hf_fusion.output import check_output_folder
+    from hf_fusion.runtime import LOCAL
 
     check_output_folder(Path(args.output), overwrite=args.overwrite)  # before any download
+    device = LOCAL.device(args.device)  # a GPU that is not there, too
     model, base = (_local_folder(path, args) for path in (args.model, args.base))
     result = extract_lora(
         model,
@@ -84,7 +86,7 @@ def cmd_extract_lora(args: argparse.Namespace) -> int:
         rank=args.rank,
         output=args.output,
         rank_threshold=args.rank_threshold,
-        device=args.device,
+        device=device,
         exclude=args.exclude,
         embeddings=args.embeddings,
         overwrite=args.overwrite,
@@ -109,7 +111,7 @@ def cmd_extract_lora(args: argparse.Namespace) -> int:
 
 def _local_folder(path: str, args: argparse.Namespace) -> str:
     """A local folder as it is; a Hub repo id (``org/name@revision``) resolved and downloaded into the cache, with
-    the same checks as merge inputs (safetensors only unless pickles are allowed)."""
+    the same checks as merge inputs (safetensors only)."""
     from pathlib import Path
 
     if Path(path).expanduser().is_dir():

@@ -103,7 +103,6 @@ class LoraCheckpoint(Checkpoint):
             )
         shapes = {w: base.entries[matched[w]].shape for w in targets}
         self._deltas = _deltas(label, config, lora, targets, shapes, embeddings)
-        self._embeddings = {f"{m}.weight" for m in embeddings}
         super().__init__(label, entries, [weights])
 
     def base_name(self, name: str) -> str | None:
@@ -117,10 +116,7 @@ class LoraCheckpoint(Checkpoint):
 
     def factor_pairs(self) -> dict[str, LoraFactorPair]:
         """The update of every adapted weight, by the base's tensor name."""
-        return {
-            self._task_to_base[name]: LoraFactorPair(a, b, scale, transposed, name in self._embeddings)
-            for name, (a, b, scale, transposed) in self._deltas.items()
-        }
+        return {self._task_to_base[name]: pair for name, pair in self._deltas.items()}
 
     def read_rows(self, name: str, row_start: int, row_stop: int, out: torch.Tensor) -> None:
         whole = self._whole.get(name)
@@ -138,13 +134,13 @@ class LoraCheckpoint(Checkpoint):
             rows_view(out, self.entries[name], row_stop - row_start).copy_(upcast)
         else:
             self._base.read_rows(base_name, row_start, row_stop, out)
-        delta = self._deltas.get(name)
-        if delta is None:
+        pair = self._deltas.get(name)
+        if pair is None:
             return
         weight = rows_view(out, self.entries[name], row_stop - row_start)
-        a, b, scale, transposed = delta
-        update = a[:, row_start:row_stop].T @ b.T if transposed else b[row_start:row_stop] @ a
-        add_scaled(weight, update, scale)
+        a, b = pair.a, pair.b
+        update = a[:, row_start:row_stop].T @ b.T if pair.transposed else b[row_start:row_stop] @ a
+        add_scaled(weight, update, pair.scale)
 
 
 def rows_view(out: torch.Tensor, entry: TensorEntry, rows: int) -> torch.Tensor:
@@ -238,12 +234,12 @@ def _deltas(
     targets: dict[str, str],
     shapes: dict[str, tuple[int, ...]],
     embeddings: set[str],
-) -> dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]]:
+) -> dict[str, LoraFactorPair]:
     """Each adapted weight's factors, scale (alpha / rank, or / sqrt(rank) with rsLoRA, per-module patterns
     applied) and layout."""
     r_default = config.get("r", 8)
     alpha_default = config.get("lora_alpha", r_default)
-    deltas: dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]] = {}
+    deltas: dict[str, LoraFactorPair] = {}
     for weight_name, module in targets.items():
         a, b = lora[module]["A"].float(), lora[module]["B"].float()
         rank = _pattern_value(config.get("rank_pattern") or {}, module, a.shape[0])
@@ -251,5 +247,5 @@ def _deltas(
         scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
         fan_in_fan_out = bool(config.get("fan_in_fan_out")) or module in embeddings
         transposed = _layout(weight_name, shapes[weight_name], a, b, fan_in_fan_out, label)
-        deltas[weight_name] = (a, b, scale, transposed)
+        deltas[weight_name] = LoraFactorPair(a, b, scale, transposed, module in embeddings)
     return deltas

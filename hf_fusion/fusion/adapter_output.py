@@ -24,6 +24,7 @@ import json
 import logging
 import re
 import shutil
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,6 +40,7 @@ from hf_fusion.adapters.extract_folder import (
     ModuleExtraction,
     TensorSpool,
     architecture_of,
+    describe_modules,
     read_tensor,
     task_type_of,
     write_adapter_config,
@@ -108,7 +110,8 @@ def fuse_to_adapter(
         if rank is not None:
             _check_rank_exactly(pool, rank)
         full = _full_plan(checked, inputs, pool)
-        left_out = [n for n in pool.targets if n not in _fused_by_base_name(full, pool, fused_only=True)]
+        fused_targets = _fused_by_base_name(full, pool, fused_only=True)
+        left_out = [n for n in pool.targets if n not in fused_targets]
         for name in left_out:
             log.info("%s matches exclude/heads: left out of the adapter (the base's weight)", name)
         plan = _kept_plan(full, inputs, pool, with_targets=weights is None)
@@ -139,13 +142,14 @@ def fuse_to_adapter(
                 shutil.rmtree(temp / _SCRATCH, ignore_errors=True)
             base_folder = inputs.sources[0].folder
             assert base_folder is not None
+            architecture = architecture_of(base_folder)
             write_adapter_config(
                 temp,
                 written.modules,
                 written.saved_whole,
                 rank=_common_rank(written.modules, rank),
                 base=recipe.base.path if recipe.base and not recipe.base.is_local else str(base_folder),
-                task_type=task_type_of(architecture_of(base_folder)),
+                task_type=task_type_of(architecture),
                 bias="lora_only" if written.biases else "none",
                 fan_in_fan_out=written.fan_in_fan_out,
             )
@@ -155,7 +159,7 @@ def fuse_to_adapter(
                 method=checked.spec.name,
                 exact=weights is not None,
                 rank=rank,
-                architecture=architecture_of(base_folder),
+                architecture=architecture,
             )
             notes = [written.summary(exact=weights is not None)]
             log.info("%s: %s", checked.spec.name, notes[0])
@@ -251,16 +255,22 @@ def check_rank_fits(base: Checkpoint, targets: Any, rank: int) -> None:
     """Refuses, from the base's headers, a rank larger than a targeted weight's ``min(out, in)``."""
     for name, entry in base.entries.items():
         module, _, param = name.rpartition(".")
-        if param == "weight" and len(entry.shape) == 2 and _targeted(module, targets) and rank > min(entry.shape):
-            raise ParameterError(
-                f"--rank {rank} is larger than module {module!r} allows (weight {list(entry.shape)}, so at most "
-                f"{min(entry.shape)}): choose a smaller rank."
-            )
+        if param == "weight" and len(entry.shape) == 2 and _targeted(module, targets):
+            _check_rank(module, entry.shape, rank)
 
 
 def _check_rank_exactly(pool: _Pool, rank: int) -> None:
+    """The same check on the weights the adapters turned out to adapt (a regex target may name none up front)."""
     for name in pool.targets:
-        check_rank_fits(pool.base, [name.rpartition(".")[0]], rank)
+        _check_rank(name.rpartition(".")[0], pool.base.entries[name].shape, rank)
+
+
+def _check_rank(module: str, shape: tuple[int, ...], rank: int) -> None:
+    if rank > min(shape):
+        raise ParameterError(
+            f"--rank {rank} is larger than module {module!r} allows (weight {list(shape)}, so at most "
+            f"{min(shape)}): choose a smaller rank."
+        )
 
 
 def _open_pool(inputs: Inputs, options: FusionOptions) -> _Pool:
@@ -385,14 +395,7 @@ class _Written:
     excluded: list[str] = field(default_factory=list)
 
     def summary(self, *, exact: bool) -> str:
-        ranks = sorted({m.rank for m in self.modules})
-        rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}" if ranks else "-"
-        if self.modules:
-            worst = min(self.modules, key=lambda m: m.energy)
-            mean = sum(m.energy for m in self.modules) / len(self.modules)
-            energy = f"energy kept: mean {mean:.4f}, lowest {worst.energy:.4f} ({worst.name})"
-        else:
-            energy = "no module changed"
+        rank_text, energy = describe_modules(self.modules) if self.modules else ("-", "no module changed")
         how = "exact concatenation" if exact else "factorised fused deltas"
         return (
             f"LoRA adapter of rank {rank_text} ({how}; {energy}); {len(self.saved_whole)} module(s) saved whole, "
@@ -510,9 +513,7 @@ def _common_rank(modules: Sequence[ModuleExtraction], rank: int | None) -> int:
     """The config's ``r``: the most common rank among the modules (the others go to ``rank_pattern``)."""
     if not modules:
         return rank or 8
-    counts: dict[int, int] = {}
-    for m in modules:
-        counts[m.rank] = counts.get(m.rank, 0) + 1
+    counts = Counter(m.rank for m in modules)
     return max(counts, key=lambda r: (counts[r], r))
 
 

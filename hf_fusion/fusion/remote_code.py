@@ -13,6 +13,7 @@ set is the one its loader will look for.
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 from pathlib import Path
@@ -43,7 +44,7 @@ def ship_modeling_code(folder: Path) -> list[str]:
     if entry is None:
         return []
     config_class, model_class = entry
-    source = Path(__import__(model_class.__module__, fromlist=["_"]).__file__)
+    source = Path(inspect.getfile(model_class))
     files = [source, *map(Path, get_relative_import_files(str(source)))]
     for file in files:
         if file.name not in MODELING_FILES:

@@ -44,8 +44,7 @@ class WeightedAverage(TensorMerge[WeightedAverageParams]):
 
     def __init__(self, params: WeightedAverageParams, *, num_models: int, has_base: bool) -> None:
         super().__init__(params, num_models=num_models, has_base=has_base)
-        weights = list(params.weights) if params.weights is not None else [1.0] * num_models
-        self.aligner = ScopeAligner(weights) if params.weight_scope_alignment else None
+        self.aligner = ScopeAligner(self._weights(params)) if params.weight_scope_alignment else None
 
     @classmethod
     def fixed_for(cls, params: WeightedAverageParams) -> frozenset[str]:
@@ -55,18 +54,19 @@ class WeightedAverage(TensorMerge[WeightedAverageParams]):
     def task_vector_weights(self, params: WeightedAverageParams) -> list[float] | None:
         """Normalised (or summing to 1), the weighted mean of models sharing a base is the base plus the weighted
         task vectors; other weights also scale the base, which no adapter on it can express."""
-        if params.weight_scope_alignment:
+        if params.weight_scope_alignment or not self.keeps_shared_values(params):
             return None
-        weights = list(params.weights) if params.weights is not None else [1.0] * self.num_models
-        if params.normalize:
-            total = sum(weights)
-            return [w / total for w in weights]
-        return weights if abs(sum(weights) - 1.0) <= 1e-9 else None
+        weights = self._weights(params)
+        total = sum(weights) if params.normalize else 1.0
+        return [w / total for w in weights]
 
     def keeps_shared_values(self, params: WeightedAverageParams) -> bool:
         """Unnormalised weights that do not sum to 1 scale every tensor, the ones no model changed included."""
-        weights = list(params.weights) if params.weights is not None else [1.0] * self.num_models
-        return params.normalize or abs(sum(weights) - 1.0) <= 1e-9
+        return params.normalize or abs(sum(self._weights(params)) - 1.0) <= 1e-9
+
+    def _weights(self, params: WeightedAverageParams) -> list[float]:
+        """One weight per model; without weights, every model weighs 1."""
+        return list(params.weights) if params.weights is not None else [1.0] * self.num_models
 
     def prepare(self, scan: Scan) -> None:
         if self.aligner is not None:
@@ -74,9 +74,8 @@ class WeightedAverage(TensorMerge[WeightedAverageParams]):
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         p = self.params_for(inputs)
-        weights = list(p.weights) if p.weights is not None else [1.0] * self.num_models
         tensors = self.aligner.align(inputs) if self.aligner is not None else inputs.experts
-        return weighted_average(tensors, weights, p.normalize)
+        return weighted_average(tensors, self._weights(p), p.normalize)
 
 
 def _check_weights(params: Any, num_models: int, has_base: bool) -> None:
